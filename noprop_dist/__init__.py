@@ -1,0 +1,1 @@
+"""noprop_dist: layer-parallel NoProp training on Ray."""

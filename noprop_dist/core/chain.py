@@ -1,0 +1,105 @@
+"""The assembled NoProp-DT inference chain (Eq. 3): runs without Ray, saves and loads as one file.
+
+Inference never sees a label: z_0 is noise, each block refines it, the head reads z_T.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocks import DTBlock, ModelSpec
+from .objectives import class_logits, denoised_estimate
+from .schedule import DTSchedule
+from .shared import SharedState
+
+CHAIN_FORMAT = 1
+
+
+class DTChain(nn.Module):
+    """T blocks + shared state. ``forward(x)`` -> class log-probabilities (B, m)."""
+
+    def __init__(self, spec: ModelSpec, blocks: list[DTBlock], shared: SharedState) -> None:
+        super().__init__()
+        if len(blocks) != spec.num_blocks:
+            raise ValueError(f"chain needs {spec.num_blocks} blocks, got {len(blocks)}")
+        self.spec = spec
+        self.blocks = nn.ModuleList(blocks)
+        self.shared = shared
+        self.schedule = DTSchedule.cosine(spec.num_blocks, spec.abar_max)
+        self.coefficients = [self.schedule.posterior_coefficients(t) for t in range(1, spec.num_blocks + 1)]
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) normalised images -> log p(y | z_T), (B, m)."""
+        embed = self.shared.embed
+        z = torch.randn((x.shape[0], embed.shape[1]), generator=generator, device=x.device)
+        for block, (a, b, c) in zip(self.blocks, self.coefficients):
+            u_hat = denoised_estimate(block(z, x), embed)
+            eps = torch.randn(z.shape, generator=generator, device=x.device)
+            z = a * u_hat + b * z + math.sqrt(c) * eps
+        logits = class_logits(self.shared, z, self.spec.class_prob, self.spec.radial_sigma)
+        return torch.log_softmax(logits, dim=1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> predicted classes (B,)."""
+        return self.forward(x, generator).argmax(dim=1)
+
+    def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
+        """One file: spec, block and shared weights (plain tensors: loads with weights_only=True)."""
+        payload = {
+            "format": CHAIN_FORMAT,
+            "spec": self.spec.to_dict(),
+            "blocks": [b.state_dict() for b in self.blocks],
+            "shared": self.shared.state_dict(),
+            "extra": extra or {},
+        }
+        tmp = f"{path}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str, map_location: str = "cpu") -> tuple["DTChain", dict[str, Any]]:
+        """Rebuild a saved chain in eval mode; returns (chain, extra)."""
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        if payload.get("format") != CHAIN_FORMAT:
+            raise ValueError(f"{path}: unsupported chain format {payload.get('format')!r}")
+        spec = ModelSpec.from_dict(payload["spec"])
+        return cls.from_states(spec, payload["blocks"], payload["shared"]), payload["extra"]
+
+    @classmethod
+    def from_states(
+        cls, spec: ModelSpec, block_states: list[dict[str, torch.Tensor]], shared_state: dict[str, torch.Tensor]
+    ) -> "DTChain":
+        """Assemble from state dicts (blocks in order t = 1..T); returned in eval mode on the CPU."""
+        blocks = [DTBlock(spec) for _ in range(spec.num_blocks)]
+        for block, state in zip(blocks, block_states, strict=True):
+            block.load_state_dict(state)
+        shared = SharedState(spec)
+        shared.load_state_dict(shared_state)
+        return cls(spec, blocks, shared).eval()
+
+
+@torch.no_grad()
+def evaluate_chain(
+    chain: DTChain,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    normalize: Any,
+) -> tuple[float, torch.Tensor]:
+    """Accuracy of the chain on uint8 images (N, C, H, W); labels only score, never feed, the chain.
+
+    ``normalize(uint8 batch) -> float batch``. Returns (accuracy in [0, 1], predictions (N,)).
+    """
+    chain.eval()
+    gen = torch.Generator().manual_seed(seed)
+    preds = torch.cat([
+        chain.predict(normalize(images[i : i + batch_size]), gen) for i in range(0, images.shape[0], batch_size)
+    ])
+    return float((preds == labels).float().mean()), preds

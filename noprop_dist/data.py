@@ -1,0 +1,253 @@
+"""Image datasets as plain numpy arrays: loaders for digits, (Fashion-)MNIST and CIFAR-10/100.
+
+Every loader returns an :class:`ImageDataset` whose images are uint8 NCHW, C-contiguous arrays:
+they go into Ray's object store once and every block worker reads them zero-copy, converting a
+batch to float only on its device with :func:`normalize`.
+
+The file formats (IDX for MNIST, python pickles for CIFAR) are parsed here rather than through
+torchvision's dataset classes, so no md5 check or network is needed for files already on disk;
+torchvision is only used to fetch missing files when ``download=True``.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DATASET_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100")
+
+# Used when ``root`` is None (relative to the working directory; ignored by git).
+DEFAULT_ROOT = "data"
+# Where Debian's `apt-get install dataset-fashion-mnist` puts the four gzipped IDX files.
+# Module-level so tests can point it elsewhere.
+FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # ubyte data, 3 dims (images) / 1 dim (labels)
+_TV_NAMES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST",
+             "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+_CIFAR = {  # name -> (directory, train files, test files, label key, classes)
+    "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
+                ("test_batch",), b"labels", 10),
+    "cifar100": ("cifar-100-python", ("train",), ("test",), b"fine_labels", 100),
+}
+
+
+class DatasetNotFoundError(Exception):
+    """Raised when the files are missing; the message names every expected file and the directories searched."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing/hashing arrays element-wise makes no sense
+class ImageDataset:
+    """A train/test split held in memory.
+
+    ``train_x``: uint8 (N_train, C, H, W); ``train_y``: int64 (N_train,); same for ``test_*``.
+    ``mean``/``std``: per-channel statistics of ``train_x / 255`` (length C).
+    """
+
+    name: str
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        c, h, w = self.train_x.shape[1:]
+        return int(c), int(h), int(w)
+
+
+def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    """(B, C, H, W) uint8 -> float32 ``(x/255 - mean) / std`` per channel, on ``x``'s device."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x_uint8.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x_uint8.device).view(1, -1, 1, 1)
+    return (x_uint8.to(torch.float32) / 255.0 - m) / s
+
+
+def load_dataset(name: str, root: str | None = None, download: bool = False,
+                 train_limit: int | None = None, test_limit: int | None = None) -> ImageDataset:
+    """Load ``name`` (one of :data:`DATASET_NAMES`) as uint8 NCHW arrays.
+
+    ``root``: directory holding the files (None: :data:`DEFAULT_ROOT`; ignored for ``digits``).
+    ``download``: fetch missing files through torchvision into ``root`` (needs a network).
+    ``train_limit``/``test_limit``: keep a deterministic subset of k examples, the first k of a
+    ``np.random.default_rng(0)`` permutation, so that small subsets still hold every class.
+    mean/std are computed on the (possibly limited) training set.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASET_NAMES)}")
+    for key, lim in (("train_limit", train_limit), ("test_limit", test_limit)):
+        if lim is not None and lim <= 0:
+            raise ValueError(f"{key} must be a positive integer or None, got {lim}")
+    root = DEFAULT_ROOT if root is None else os.fspath(root)
+    if name == "digits":
+        (trx, try_), (tex, tey), classes = _load_digits()
+    elif name in ("mnist", "fashion_mnist"):
+        (trx, try_), (tex, tey), classes = _load_mnist_like(name, root, download)
+    else:
+        (trx, try_), (tex, tey), classes = _load_cifar(name, root, download)
+    trx, try_ = _subset(trx, try_, train_limit)
+    tex, tey = _subset(tex, tey, test_limit)
+    scaled = trx.astype(np.float64) / 255.0  # float64: sums over ~1e8 pixels stay exact enough
+    mean = tuple(float(v) for v in scaled.mean(axis=(0, 2, 3)))
+    std = tuple(float(v) for v in scaled.std(axis=(0, 2, 3)))
+    return ImageDataset(name, trx, try_, tex, tey, classes, mean, std)
+
+
+def _subset(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the first ``limit`` of a fixed-seed permutation; always return C-contiguous arrays."""
+    if limit is not None and limit < len(y):
+        idx = np.random.default_rng(0).permutation(len(y))[:limit]
+        x, y = x[idx], y[idx]
+    return np.ascontiguousarray(x, dtype=np.uint8), np.ascontiguousarray(y, dtype=np.int64)
+
+
+def _load_digits():
+    """scikit-learn's bundled 8x8 digits (1797 images, values 0..16), as uint8 (N, 1, 8, 8).
+
+    Fixed stratified split: for each class c, its indices are permuted with
+    ``np.random.default_rng(0)`` (one generator, classes in ascending order) and the first
+    ``round(0.2 * n_c)`` go to test, the rest to train; both sides keep ascending index order.
+    """
+    from sklearn.datasets import load_digits  # local import: only this dataset needs sklearn
+
+    bunch = load_digits()
+    x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 1, 8, 8)
+    y = bunch.target.astype(np.int64)
+    rng = np.random.default_rng(0)
+    is_test = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        is_test[idx[: int(round(0.2 * len(idx)))]] = True
+    return (x[~is_test], y[~is_test]), (x[is_test], y[is_test]), 10
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+    """Parse one IDX file (plain or ``.gz``) of unsigned bytes with ``ndim`` dimensions.
+
+    Layout: big-endian magic (0x00000803 for 3-dim images, 0x00000801 for labels), then ``ndim``
+    big-endian uint32 sizes, then the data. Raises ValueError naming the file on any mismatch.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes)")
+    (magic,) = struct.unpack(">I", raw[:4])
+    if magic != _IDX_MAGIC[ndim]:
+        raise ValueError(f"{path}: bad IDX magic number 0x{magic:08x}, expected 0x{_IDX_MAGIC[ndim]:08x}")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise ValueError(f"{path}: IDX size mismatch: header says {dims} ({expected} bytes), "
+                         f"file holds {len(raw) - header} bytes of data")
+    # copy: a view of the bytes object would be read-only (torch.from_numpy warns on those)
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def _find_idx_dir(dirs: list[str]) -> dict[str, str] | None:
+    """First directory holding all four IDX files (each plain or .gz): base name -> path."""
+    for d in dirs:
+        found = {}
+        for base in IDX_FILES:
+            for cand in (os.path.join(d, base), os.path.join(d, base + ".gz")):
+                if os.path.isfile(cand):
+                    found[base] = cand
+                    break
+        if len(found) == len(IDX_FILES):
+            return found
+    return None
+
+
+def _load_mnist_like(name: str, root: str, download: bool):
+    """MNIST / Fashion-MNIST from IDX files: images (N, 1, 28, 28), labels (N,).
+
+    Search order: ``root``, ``root/<MNIST|FashionMNIST>/raw`` (torchvision's layout), and for
+    fashion_mnist :data:`FASHION_MNIST_DEBIAN_DIR` (Debian's ``dataset-fashion-mnist`` package).
+    """
+    raw_dir = os.path.join(root, _TV_NAMES[name], "raw")
+    dirs = [root, raw_dir]
+    if name == "fashion_mnist":
+        dirs.append(FASHION_MNIST_DEBIAN_DIR)
+    files = _find_idx_dir(dirs)
+    if files is None and download:
+        _torchvision_download(name, root)
+        files = _find_idx_dir([raw_dir])
+    if files is None:
+        hint = " or `apt-get install dataset-fashion-mnist`" if name == "fashion_mnist" else ""
+        raise DatasetNotFoundError(
+            f"{name}: files not found. Expected {', '.join(IDX_FILES)} (each plain or .gz) "
+            f"in one of: {', '.join(dirs)}. Set data.root to their directory, set "
+            f"`data.download: true` to fetch them through torchvision{hint}.")
+    split = []
+    for prefix in ("train", "t10k"):
+        x = read_idx(files[f"{prefix}-images-idx3-ubyte"], 3)
+        y = read_idx(files[f"{prefix}-labels-idx1-ubyte"], 1)
+        if len(x) != len(y):
+            raise ValueError(f"{files[f'{prefix}-labels-idx1-ubyte']}: {len(y)} labels "
+                             f"for {len(x)} images")
+        split.append((x[:, None, :, :], y.astype(np.int64)))
+    return split[0], split[1], 10
+
+
+def _load_cifar(name: str, root: str, download: bool):
+    """CIFAR-10/100 from the python-pickle batches: images (N, 3, 32, 32), labels (N,).
+
+    Each batch is a dict with ``b"data"`` uint8 (N, 3072) -- row-major 32x32 R, G, B planes --
+    and ``b"labels"`` (CIFAR-10) or ``b"fine_labels"`` (CIFAR-100). Searched in
+    ``root/<cifar dir>`` and then ``root`` itself.
+    """
+    sub, train_files, test_files, label_key, classes = _CIFAR[name]
+    dirs = [os.path.join(root, sub), root]
+    needed = train_files + test_files
+
+    def find() -> str | None:
+        return next((d for d in dirs if all(os.path.isfile(os.path.join(d, f)) for f in needed)), None)
+
+    found = find()
+    if found is None and download:
+        _torchvision_download(name, root)
+        found = find()
+    if found is None:
+        raise DatasetNotFoundError(
+            f"{name}: files not found. Expected {', '.join(needed)} in one of: {', '.join(dirs)}. "
+            f"Set data.root to the directory holding {sub}/, or set `data.download: true` "
+            f"to fetch them through torchvision.")
+
+    def read(files: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for f in files:
+            path = os.path.join(found, f)
+            with open(path, "rb") as fh:
+                batch = pickle.load(fh, encoding="bytes")
+            data = np.asarray(batch[b"data"], dtype=np.uint8)
+            labels = np.asarray(batch[label_key], dtype=np.int64)
+            if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+                raise ValueError(f"{path}: expected data (N, 3072) and N labels, "
+                                 f"got data {data.shape} and {len(labels)} labels")
+            xs.append(data.reshape(-1, 3, 32, 32))
+            ys.append(labels)
+        return np.concatenate(xs), np.concatenate(ys)
+
+    return read(train_files), read(test_files), classes
+
+
+def _torchvision_download(name: str, root: str) -> None:
+    """Fetch both splits of ``name`` into ``root`` with torchvision (network needed)."""
+    import torchvision  # local import: only the download path needs it
+
+    cls = getattr(torchvision.datasets, _TV_NAMES[name])
+    os.makedirs(root, exist_ok=True)
+    for train in (True, False):
+        cls(root, train=train, download=True)

@@ -1,0 +1,46 @@
+"""Joining a Ray cluster, or starting a local one on loopback."""
+from __future__ import annotations
+
+import os
+
+import ray
+
+LOOPBACK = "127.0.0.1"
+
+
+def existing_cluster_address() -> str | None:
+    """The address ray.init() would join: RAY_ADDRESS (set by `ray job submit`) or a `ray start` head here."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    try:  # Ray records the running local head in a file; `ray.init()` joins it too.
+        from ray._private.services import get_ray_address_from_environment
+
+        address = get_ray_address_from_environment("auto", None)
+        return address or None
+    except Exception:  # noqa: BLE001 - no cluster or an internal API change: start a local one
+        return None
+
+
+def connect(num_cpus_needed: float, quiet: bool = False) -> bool:
+    """Join the running cluster, else start a local one on loopback. Returns True when we started it.
+
+    Token authentication stays as Ray sets it (on for new clusters). A local cluster gets at least the
+    CPUs the run asks for: oversubscribing a laptop is better than a placement group that never fits.
+    """
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+    if existing_cluster_address():
+        ray.init(runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING" if quiet else "INFO")
+        return False
+    # Without this Ray rewrites a loopback node address to the routable one and listens on all interfaces.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(
+        address="local",
+        _node_ip_address=LOOPBACK,
+        num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999)),
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        logging_level="WARNING" if quiet else "INFO",
+    )
+    return True

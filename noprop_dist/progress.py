@@ -1,0 +1,72 @@
+"""Per-block progress on the driver: live lines on a terminal, periodic plain lines elsewhere (CI, job logs)."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import TextIO
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class ProgressDisplay:
+    """Renders one line per block from the workers' counters (``BlockStats.as_dict()``).
+
+    On a terminal the lines are redrawn in place; otherwise a block of lines is printed every
+    ``interval`` seconds, so `ray job logs` and CI logs stay readable.
+    """
+
+    def __init__(self, total_epochs: int, stream: TextIO | None = None, interval: float = 5.0,
+                 tty: bool | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.total_epochs = total_epochs
+        self.interval = interval
+        self.last_print = -math.inf
+        self.drawn = 0
+        self.first: dict[int, tuple[float, int]] = {}  # block -> (time, total_steps) when first seen
+
+    def line(self, b: dict, worker: int | None, now: float) -> str:
+        t = b["block"]
+        t0, steps0 = self.first.setdefault(t, (now, b["total_steps"]))
+        rate = (b["total_steps"] - steps0) / (now - t0) if now > t0 else 0.0
+        epoch_in_progress = min(b["epoch"], self.total_epochs - 1) if b["step"] < b["steps_per_epoch"] else b["epoch"]
+        remaining = (self.total_epochs - b["epoch"]) * b["steps_per_epoch"] - b["step"] if b["steps_per_epoch"] else 0
+        if b["step"] >= b["steps_per_epoch"]:
+            remaining = (self.total_epochs - b["epoch"]) * b["steps_per_epoch"]
+        eta = remaining / rate if rate > 0 else (0.0 if remaining <= 0 else math.inf)
+        who = f" w{worker}" if worker is not None else ""
+        return (
+            f"block {t:2d}{who} | epoch {min(epoch_in_progress + 1, self.total_epochs)}/{self.total_epochs}"
+            f" step {b['step']}/{b['steps_per_epoch']} | loss {b['loss_ema']:.4g}"
+            f" | {b['samples_per_second']:.0f} samples/s | ETA {_duration(eta)}"
+        )
+
+    def update(self, blocks: dict[int, dict], workers: dict[int, int] | None = None, force: bool = False) -> None:
+        """blocks: block -> stats dict; workers: block -> worker rank (optional)."""
+        now = time.monotonic()
+        lines = [self.line(blocks[t], (workers or {}).get(t), now) for t in sorted(blocks)]
+        if self.tty:
+            if self.drawn:
+                self.stream.write(f"\x1b[{self.drawn}F")
+            self.stream.write("".join(f"\x1b[2K{ln}\n" for ln in lines))
+            self.drawn = len(lines)
+            self.stream.flush()
+        elif force or now - self.last_print >= self.interval:
+            stamp = time.strftime("%H:%M:%S")
+            self.stream.write("".join(f"[{stamp}] {ln}\n" for ln in lines))
+            self.stream.flush()
+            self.last_print = now
+
+    def message(self, text: str) -> None:
+        """A line that stays above the live block (tty) or just a line (plain)."""
+        self.drawn = 0
+        self.stream.write(text + "\n")
+        self.stream.flush()

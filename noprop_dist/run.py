@@ -1,0 +1,43 @@
+"""Entry point: ``python -m noprop_dist.run [--config FILE] [--set KEY=VALUE ...]``.
+
+With no --config it runs the quickstart default (configs/quickstart.yaml's values are the defaults).
+Config and data errors end with one line on stderr and exit code 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, load_config
+from .data import DatasetNotFoundError
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m noprop_dist.run", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML config (see configs/); default: the quickstart")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one key, e.g. --set train.epochs=3 (repeatable)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from .distributed.driver import run_training  # imports Ray: only once the config is known good
+
+        summary = run_training(cfg)
+    except (ConfigError, DatasetNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"test accuracy of the assembled chain: {summary['test_accuracy']:.4f} "
+          f"({summary['dataset']}, {summary['num_blocks']} blocks, {summary['num_workers']} workers, "
+          f"{summary['train_seconds']:.1f}s training)")
+    print(f"run saved in {summary['run_dir']} (summary.json, chain.pt); "
+          f"evaluate again with: python -m noprop_dist.evaluate {summary['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Training of one process's shards, the same code for a Ray worker and for the in-process reference run.
+
+A *shard group* is the set of blocks one process trains; it visits them in turn on every mini-batch
+(round-robin), so all its blocks progress together and the shared state hears from each of them.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import Config, TrainConfig, worker_threads
+from .core import (
+    DTChain, DTSchedule, ModelSpec, SharedState, build_block, evaluate_chain, prototype_embedding, shard_loss,
+)
+from .data import ImageDataset, normalize
+from .shared_server import LocalClient, SharedStateClient, SharedStateServer, TensorDict
+
+
+def model_spec(cfg: Config, image_shape: tuple[int, int, int], num_classes: int) -> ModelSpec:
+    """The ModelSpec a config asks for on a dataset of this shape."""
+    m = cfg.model
+    c, h, w = image_shape
+    embed_dim = {"one_hot": num_classes, "learned": m.embedding_dim, "prototype": c * h * w}[m.embedding]
+    return ModelSpec(
+        image_shape=tuple(image_shape), num_classes=num_classes, num_blocks=m.num_blocks, embedding=m.embedding,
+        embed_dim=embed_dim, dropout=m.dropout, class_prob=m.class_prob, radial_sigma=m.radial_sigma,
+        eta=m.eta, abar_max=m.abar_max,
+    )
+
+
+def initial_prototypes(spec: ModelSpec, dataset: ImageDataset, seed: int) -> torch.Tensor | None:
+    """(m, C*H*W) prototype initialisation for the prototype embedding, else None."""
+    if spec.embedding != "prototype":
+        return None
+    images = normalize(torch.from_numpy(np.ascontiguousarray(dataset.train_x)), dataset.mean, dataset.std)
+    return prototype_embedding(images, torch.from_numpy(dataset.train_y), spec.num_classes, seed=seed)
+
+
+def assign_blocks(num_blocks: int, num_workers: int) -> list[list[int]]:
+    """Blocks 1..T in contiguous, balanced groups: T=10, W=3 -> [[1,2,3,4],[5,6,7],[8,9,10]]."""
+    if not 1 <= num_workers <= num_blocks:
+        raise ValueError(f"num_workers must be in [1, {num_blocks}], got {num_workers}")
+    base, extra = divmod(num_blocks, num_workers)
+    groups, start = [], 1
+    for w in range(num_workers):
+        size = base + (1 if w < extra else 0)
+        groups.append(list(range(start, start + size)))
+        start += size
+    return groups
+
+
+class BlockTrainer:
+    """Block t's network, its own AdamW and its own noise generator: everything the block owns."""
+
+    def __init__(self, spec: ModelSpec, schedule: DTSchedule, t: int, train: TrainConfig, device: torch.device) -> None:
+        self.spec, self.schedule, self.t, self.device = spec, schedule, t, device
+        self.block = build_block(spec, t, train.seed).to(device)
+        self.optimizer = torch.optim.AdamW(self.block.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        self.generator = torch.Generator(device=device).manual_seed(train.seed * 1_000 + t)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, shared: SharedState) -> tuple[float, TensorDict]:
+        """One optimizer step of the block on (x (B,C,H,W), y (B,)); returns (loss, shared-state gradients)."""
+        self.block.train()
+        shared.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, _ = shard_loss(self.block, shared, self.spec, self.schedule, self.t, x, y, self.generator)
+        total.backward()
+        self.optimizer.step()
+        return float(total.detach()), {k: v.cpu() for k, v in shared.grads().items()}
+
+    def state_dict(self) -> dict:
+        return {
+            "block": {k: v.cpu() for k, v in self.block.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.block.load_state_dict(state["block"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+
+
+@dataclass
+class BlockStats:
+    """Counters of one block, cumulated over the run (compute vs parameter-server time)."""
+
+    block: int
+    epoch: int = 0
+    step: int = 0  # steps within the current epoch
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    samples: int = 0
+    compute_seconds: float = 0.0
+    sync_seconds: float = 0.0
+    loss: float = float("nan")
+    loss_ema: float = float("nan")
+    epoch_loss_sum: float = 0.0
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.compute_seconds if self.compute_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["samples_per_second"] = self.samples_per_second
+        d["epoch_mean_loss"] = self.epoch_loss_sum / self.step if self.step else float("nan")
+        return d
+
+
+@dataclass
+class ShardGroup:
+    """The blocks one process trains, with a local replica of the shared state.
+
+    train_x: uint8 (N, C, H, W) (read-only, possibly a zero-copy view of Ray's object store), train_y: (N,).
+    """
+
+    spec: ModelSpec
+    block_ids: list[int]
+    train: TrainConfig
+    train_x: np.ndarray
+    train_y: np.ndarray
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    client: SharedStateClient
+    device: torch.device = torch.device("cpu")
+    trainers: dict[int, BlockTrainer] = field(init=False)
+    stats: dict[int, BlockStats] = field(init=False)
+
+    def __post_init__(self) -> None:
+        schedule = DTSchedule.cosine(self.spec.num_blocks, self.spec.abar_max)
+        self.trainers = {t: BlockTrainer(self.spec, schedule, t, self.train, self.device) for t in self.block_ids}
+        self.stats = {t: BlockStats(block=t) for t in self.block_ids}
+        self.shared = SharedState(self.spec).to(self.device)
+        self.shared_version = -1
+        self.pushes = 0
+
+    # --- state ---------------------------------------------------------------------------
+    def state_dicts(self) -> dict[int, dict]:
+        return {t: tr.state_dict() for t, tr in self.trainers.items()}
+
+    def load_state_dicts(self, states: dict[int, dict]) -> None:
+        for t, state in states.items():
+            self.trainers[int(t)].load_state_dict(state)
+
+    def pull(self) -> None:
+        version, state = self.client.pull()
+        self.shared.load_state_dict({k: v.to(self.device) for k, v in state.items()})
+        self.shared_version = version
+
+    # --- training ------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The same sample order for every block and worker in an epoch (seeded by seed and epoch)."""
+        gen = torch.Generator().manual_seed(self.train.seed * 7_919 + epoch)
+        return torch.randperm(self.train_x.shape[0], generator=gen)
+
+    def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[int, dict]:
+        """Train every owned block for one epoch; returns per-block stats (dicts)."""
+        # Dropout draws from the global RNG: seed it per (epoch, group) so runs and resumes repeat.
+        torch.manual_seed(self.train.seed * 1_000_003 + epoch * 1_009 + self.block_ids[0])
+        order = self.epoch_order(epoch)
+        n, bs = order.numel(), self.train.batch_size
+        # BatchNorm cannot train on a batch of one: a trailing singleton batch is dropped.
+        starts = [s for s in range(0, n, bs) if min(bs, n - s) > 1]
+        for st in self.stats.values():
+            st.epoch, st.step, st.steps_per_epoch, st.epoch_loss_sum = epoch, 0, len(starts), 0.0
+        self.pull()
+        for start in starts:
+            idx = order[start : start + bs].numpy()
+            x = normalize(torch.from_numpy(self.train_x[idx]), self.mean, self.std).to(self.device)
+            y = torch.from_numpy(self.train_y[idx]).long().to(self.device)
+            for t, trainer in self.trainers.items():
+                t0 = time.perf_counter()
+                loss, grads = trainer.step(x, y, self.shared)
+                t1 = time.perf_counter()
+                self.client.push(grads)
+                self.pushes += 1
+                if self.pushes % self.train.sync_every == 0:
+                    self.pull()
+                t2 = time.perf_counter()
+                st = self.stats[t]
+                st.step += 1
+                st.total_steps += 1
+                st.samples += len(idx)
+                st.compute_seconds += t1 - t0
+                st.sync_seconds += t2 - t1
+                st.loss = loss
+                st.epoch_loss_sum += loss
+                st.loss_ema = loss if math.isnan(st.loss_ema) else 0.9 * st.loss_ema + 0.1 * loss
+            if on_step is not None:
+                on_step()
+        for st in self.stats.values():
+            st.epoch = epoch + 1
+        return {t: st.as_dict() for t, st in self.stats.items()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def evaluate_states(
+    spec: ModelSpec, dataset: ImageDataset, block_states: dict[int, dict], shared_state: dict,
+    batch_size: int, seed: int,
+) -> tuple[DTChain, float]:
+    """Assemble the chain from block and shared states (t = 1..T) and measure its test accuracy."""
+    chain = DTChain.from_states(
+        spec, [block_states[t]["block"] for t in range(1, spec.num_blocks + 1)], shared_state["shared"]
+    )
+    acc, _ = evaluate_chain(
+        chain, torch.from_numpy(np.ascontiguousarray(dataset.test_x)), torch.from_numpy(dataset.test_y),
+        batch_size, seed, lambda xb: normalize(xb, dataset.mean, dataset.std),
+    )
+    return chain, acc
+
+
+def train_in_process(
+    cfg: Config, dataset: ImageDataset, on_epoch: Callable[[int, dict[int, dict]], None] | None = None
+) -> tuple[dict[int, dict], dict, ShardGroup]:
+    """The reference run: every block and the shared-state server in this process, no Ray.
+
+    Runs exactly the code a single Ray worker runs (same ShardGroup, same server logic, same seeds).
+    Returns (block states, server state, the group with its stats).
+    """
+    torch.set_num_threads(worker_threads(cfg.cluster))
+    spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
+    server = SharedStateServer(
+        spec, cfg.train.lr, cfg.train.weight_decay, cfg.train.seed, initial_prototypes(spec, dataset, cfg.train.seed)
+    )
+    group = ShardGroup(
+        spec, list(range(1, spec.num_blocks + 1)), cfg.train, dataset.train_x, dataset.train_y,
+        dataset.mean, dataset.std, LocalClient(server),
+    )
+    for epoch in range(cfg.train.epochs):
+        stats = group.train_epoch(epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, stats)
+    return group.state_dicts(), server.state_dict(), group

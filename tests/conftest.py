@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny model specs, the real digits data, and one real local Ray cluster per session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from noprop_dist.core import ModelSpec
+
+
+def make_spec(embedding: str = "learned", num_blocks: int = 4, class_prob: str = "softmax",
+              image_shape: tuple[int, int, int] = (1, 8, 8), num_classes: int = 10) -> ModelSpec:
+    c, h, w = image_shape
+    d = {"one_hot": num_classes, "learned": 20, "prototype": c * h * w}[embedding]
+    return ModelSpec(image_shape=image_shape, num_classes=num_classes, num_blocks=num_blocks, embedding=embedding,
+                     embed_dim=d, dropout=0.1, class_prob=class_prob, radial_sigma=1.0, eta=0.1, abar_max=0.999)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from noprop_dist.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real Ray cluster started in this process, on loopback, with Ray's token authentication as it sets it."""
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
+             logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    torch.set_num_threads(1)
+    yield

@@ -1,0 +1,123 @@
+"""Losses: direction of the noise levels, gradient isolation between blocks, one softmax before the CE."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from noprop_dist.core import (
+    DTBlock, DTSchedule, block_loss, build_block, build_shared, class_logits, shard_loss, shared_loss,
+)
+from noprop_dist.training import BlockTrainer
+from noprop_dist.config import TrainConfig
+
+from conftest import make_spec
+
+
+def _batch(spec, n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *spec.image_shape), generator=g)
+    y = torch.randint(0, spec.num_classes, (n,), generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("embedding", ["one_hot", "learned", "prototype"])
+def test_block_loss_reaches_only_its_block_and_shared_state(embedding):
+    spec = make_spec(embedding, num_blocks=3)
+    proto = torch.randn(spec.num_classes, spec.embed_dim) if embedding == "prototype" else None
+    shared = build_shared(spec, 0, proto)
+    blocks = [build_block(spec, t, 0) for t in (1, 2, 3)]
+    schedule = DTSchedule.cosine(3)
+    x, y = _batch(spec)
+    total, _ = shard_loss(blocks[1], shared, spec, schedule, 2, x, y, torch.Generator().manual_seed(0))
+    total.backward()
+    for other in (blocks[0], blocks[2]):
+        assert all(p.grad is None for p in other.parameters()), "another block received a gradient"
+    own = [p.grad for p in blocks[1].parameters()]
+    assert all(g is not None for g in own)
+    assert sum(float(g.abs().sum()) for g in own) > 0
+    shared_grads = {n: p.grad for n, p in shared.named_parameters()}
+    assert shared_grads["head.weight"] is not None and float(shared_grads["head.weight"].abs().sum()) > 0
+    if embedding != "one_hot":
+        assert float(shared_grads["embed"].abs().sum()) > 0
+    else:
+        assert "embed" not in shared_grads  # the fixed identity is a buffer
+
+
+def test_trainer_step_changes_only_its_own_block():
+    spec = make_spec("learned", num_blocks=2)
+    train = TrainConfig(seed=0)
+    sched = DTSchedule.cosine(2)
+    t1, t2 = (BlockTrainer(spec, sched, t, train, torch.device("cpu")) for t in (1, 2))
+    shared = build_shared(spec, 0)
+    before2 = copy.deepcopy(t2.block.state_dict())
+    before_shared = copy.deepcopy(shared.state_dict())
+    x, y = _batch(spec)
+    loss, grads = t1.step(x, y, shared)
+    assert loss > 0 and set(grads) == {"embed", "head.weight", "head.bias"}
+    for k, v in t2.block.state_dict().items():
+        assert torch.equal(v, before2[k]), f"block 2's {k} changed while block 1 trained"
+    # The shared state is only changed by the parameter server, never in place by a block.
+    for k, v in shared.state_dict().items():
+        assert torch.equal(v, before_shared[k])
+
+
+class _Probe(DTBlock):
+    """A block that records the noisy label it is given."""
+
+    def forward(self, z, x):
+        self.seen = z.detach().clone()
+        return super().forward(z, x)
+
+
+def test_block_t_trains_at_noise_level_abar_t_minus_1():
+    """Block 1 sees pure noise (abar_0 = 0); block T sees z_{T-1}, close to the clean u_y (pitfall 1)."""
+    spec = make_spec("one_hot", num_blocks=10)
+    shared = build_shared(spec, 0)
+    schedule = DTSchedule.cosine(10)
+    x = torch.zeros((4000, *spec.image_shape))
+    y = torch.randint(0, 10, (4000,), generator=torch.Generator().manual_seed(1))
+    u = shared.embed[y]
+    probe = _Probe(spec).eval()
+    for t in (1, 10):
+        block_loss(probe, shared, schedule, t, x, y, spec.eta, torch.Generator().manual_seed(t))
+        z = probe.seen
+        corr = float(F.cosine_similarity(z.flatten(), u.flatten(), dim=0))
+        ab = float(schedule.abar[t - 1])
+        # E[z . u] / (|z||u|) for z = sqrt(ab) u + sqrt(1 - ab) e with one-hot u (|u| = 1) and d = 10.
+        expected = ab**0.5 / (ab + (1 - ab) * 10) ** 0.5
+        assert corr == pytest.approx(expected, abs=0.03), (t, corr, expected)
+    assert expected > 0.85  # block T really sees a nearly clean label
+
+
+@pytest.mark.parametrize("class_prob", ["softmax", "radial"])
+def test_cross_entropy_applies_softmax_once(class_prob):
+    """The CE equals -log of ONE softmax of the class scores (pitfall 5: no softmax before the CE)."""
+    spec = make_spec("learned", class_prob=class_prob)
+    shared = build_shared(spec, 0)
+    z = torch.randn(32, spec.embed_dim)
+    y = torch.randint(0, 10, (32,))
+    scores = class_logits(shared, z, class_prob, spec.radial_sigma)
+    manual = -(scores.exp() / scores.exp().sum(1, keepdim=True))[torch.arange(32), y].log().mean()
+    assert float(F.cross_entropy(scores, y)) == pytest.approx(float(manual), rel=1e-5)
+    double = F.cross_entropy(torch.softmax(scores, 1), y)
+    assert float(double) != pytest.approx(float(manual), rel=1e-3)
+
+
+def test_radial_probability_favours_nearest_embedding():
+    spec = make_spec("learned", class_prob="radial")
+    shared = build_shared(spec, 0)
+    with torch.no_grad():  # a head that outputs a large logit for class 3 whatever z is
+        shared.head.weight.zero_()
+        shared.head.bias.zero_()
+        shared.head.bias[3] = 50.0
+    scores = class_logits(shared, torch.randn(5, spec.embed_dim), "radial", 1.0)
+    assert (scores.argmax(1) == 3).all()
+
+
+def test_kl_term_uses_abar_0_and_shared_loss_is_finite():
+    spec = make_spec("learned")
+    shared = build_shared(spec, 0)
+    y = torch.arange(10)
+    loss = shared_loss(shared, DTSchedule.cosine(4), y, "softmax", 1.0, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and float(loss) > 0
