@@ -34,20 +34,21 @@ class ProgressDisplay:
         self.first: dict[int, tuple[float, int]] = {}  # block -> (time, total_steps) when first seen
 
     def line(self, b: dict, worker: int | None, now: float) -> str:
-        t = b["block"]
-        t0, steps0 = self.first.setdefault(t, (now, b["total_steps"]))
-        rate = (b["total_steps"] - steps0) / (now - t0) if now > t0 else 0.0
-        epoch_in_progress = min(b["epoch"], self.total_epochs - 1) if b["step"] < b["steps_per_epoch"] else b["epoch"]
-        remaining = (self.total_epochs - b["epoch"]) * b["steps_per_epoch"] - b["step"] if b["steps_per_epoch"] else 0
-        if b["step"] >= b["steps_per_epoch"]:
-            remaining = (self.total_epochs - b["epoch"]) * b["steps_per_epoch"]
-        eta = remaining / rate if rate > 0 else (0.0 if remaining <= 0 else math.inf)
+        """One block's line from its ``BlockStats.as_dict()``; ETA from the steps/s seen since its first step."""
+        t, spe, total = b["block"], b["steps_per_epoch"], self.total_epochs
+        done = b["epochs_done"] * spe + b["step"]
         who = f" w{worker}" if worker is not None else ""
-        return (
-            f"block {t:2d}{who} | epoch {min(epoch_in_progress + 1, self.total_epochs)}/{self.total_epochs}"
-            f" step {b['step']}/{b['steps_per_epoch']} | loss {b['loss_ema']:.4g}"
-            f" | {b['samples_per_second']:.0f} samples/s | ETA {_duration(eta)}"
-        )
+        if spe == 0:
+            return f"block {t:2d}{who} | starting"
+        if b["total_steps"] > 0:
+            self.first.setdefault(t, (now, b["total_steps"]))
+        t0, steps0 = self.first.get(t, (now, b["total_steps"]))
+        rate = (b["total_steps"] - steps0) / (now - t0) if now > t0 else 0.0
+        left = total * spe - done
+        eta = 0.0 if left <= 0 else (left / rate if rate > 0 else math.inf)
+        where = "done" if b["epochs_done"] >= total else f"epoch {b['epochs_done'] + 1}/{total} step {b['step']}/{spe}"
+        return (f"block {t:2d}{who} | {where} | loss {b['loss_ema']:.4g} | "
+                f"{b['samples_per_second']:.0f} samples/s | ETA {_duration(eta)}")
 
     def update(self, blocks: dict[int, dict], workers: dict[int, int] | None = None, force: bool = False) -> None:
         """blocks: block -> stats dict; workers: block -> worker rank (optional)."""

@@ -59,7 +59,9 @@ class SharedStateClient(Protocol):
 
     def push(self, grads: TensorDict) -> None: ...
 
-    def pull(self) -> tuple[int, TensorDict]: ...
+    def pull(self) -> tuple[int, TensorDict] | None:
+        """The server's (version, state), or None when nothing newer is available yet (async)."""
+        ...
 
 
 class LocalClient:

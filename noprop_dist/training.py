@@ -89,11 +89,11 @@ class BlockTrainer:
 
 @dataclass
 class BlockStats:
-    """Counters of one block, cumulated over the run (compute vs parameter-server time)."""
+    """Counters of one block over the run: progress, throughput, compute vs parameter-server time."""
 
     block: int
-    epoch: int = 0
-    step: int = 0  # steps within the current epoch
+    epochs_done: int = 0
+    step: int = 0  # steps done in the epoch under way (0 between epochs)
     steps_per_epoch: int = 0
     total_steps: int = 0
     samples: int = 0
@@ -102,16 +102,32 @@ class BlockStats:
     loss: float = float("nan")
     loss_ema: float = float("nan")
     epoch_loss_sum: float = 0.0
+    last_epoch_mean_loss: float = float("nan")
 
     @property
     def samples_per_second(self) -> float:
         return self.samples / self.compute_seconds if self.compute_seconds > 0 else 0.0
 
+    def record(self, loss: float, batch: int, compute_s: float, sync_s: float) -> None:
+        self.step += 1
+        self.total_steps += 1
+        self.samples += batch
+        self.compute_seconds += compute_s
+        self.sync_seconds += sync_s
+        self.loss = loss
+        self.epoch_loss_sum += loss
+        self.loss_ema = loss if math.isnan(self.loss_ema) else 0.9 * self.loss_ema + 0.1 * loss
+
+    def start_epoch(self, steps: int) -> None:
+        self.step, self.steps_per_epoch, self.epoch_loss_sum = 0, steps, 0.0
+
+    def end_epoch(self) -> None:
+        self.last_epoch_mean_loss = self.epoch_loss_sum / self.step if self.step else float("nan")
+        self.epochs_done += 1
+        self.step = 0
+
     def as_dict(self) -> dict:
-        d = asdict(self)
-        d["samples_per_second"] = self.samples_per_second
-        d["epoch_mean_loss"] = self.epoch_loss_sum / self.step if self.step else float("nan")
-        return d
+        return asdict(self) | {"samples_per_second": self.samples_per_second}
 
 
 @dataclass
@@ -150,7 +166,10 @@ class ShardGroup:
             self.trainers[int(t)].load_state_dict(state)
 
     def pull(self) -> None:
-        version, state = self.client.pull()
+        fresh = self.client.pull()
+        if fresh is None:  # async: nothing new has arrived; keep training on the replica we have
+            return
+        version, state = fresh
         self.shared.load_state_dict({k: v.to(self.device) for k, v in state.items()})
         self.shared_version = version
 
@@ -169,7 +188,8 @@ class ShardGroup:
         # BatchNorm cannot train on a batch of one: a trailing singleton batch is dropped.
         starts = [s for s in range(0, n, bs) if min(bs, n - s) > 1]
         for st in self.stats.values():
-            st.epoch, st.step, st.steps_per_epoch, st.epoch_loss_sum = epoch, 0, len(starts), 0.0
+            st.epochs_done = epoch  # also right after a resume
+            st.start_epoch(len(starts))
         self.pull()
         for start in starts:
             idx = order[start : start + bs].numpy()
@@ -183,20 +203,11 @@ class ShardGroup:
                 self.pushes += 1
                 if self.pushes % self.train.sync_every == 0:
                     self.pull()
-                t2 = time.perf_counter()
-                st = self.stats[t]
-                st.step += 1
-                st.total_steps += 1
-                st.samples += len(idx)
-                st.compute_seconds += t1 - t0
-                st.sync_seconds += t2 - t1
-                st.loss = loss
-                st.epoch_loss_sum += loss
-                st.loss_ema = loss if math.isnan(st.loss_ema) else 0.9 * st.loss_ema + 0.1 * loss
+                self.stats[t].record(loss, len(idx), t1 - t0, time.perf_counter() - t1)
             if on_step is not None:
                 on_step()
         for st in self.stats.values():
-            st.epoch = epoch + 1
+            st.end_epoch()
         return {t: st.as_dict() for t, st in self.stats.items()}
 
 

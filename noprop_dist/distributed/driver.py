@@ -152,7 +152,7 @@ def _summary(cfg: Config, accuracy: float, train_seconds: float, reports: list[d
             old = {}
     blocks = [
         {"block": int(t), "worker": r["rank"], "samples_per_second": b["samples_per_second"],
-         "final_loss": b["loss"], "last_epoch_mean_loss": b["epoch_mean_loss"], "steps": b["total_steps"],
+         "final_loss": b["loss"], "last_epoch_mean_loss": b["last_epoch_mean_loss"], "steps": b["total_steps"],
          "compute_seconds": b["compute_seconds"], "sync_seconds": b["sync_seconds"]}
         for r in reports for t, b in r["blocks"].items()
     ]

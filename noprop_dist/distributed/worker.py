@@ -15,38 +15,54 @@ from ..training import ShardGroup, peak_rss_mb
 
 
 class RayClient:
-    """Parameter-server access from a worker.
+    """Parameter-server access from a worker; one Ray round trip per pull, none per push.
 
-    sync: a push returns once the server applied it (the worker never runs ahead of its own updates);
-    async: a push is sent and not waited for (Ray keeps the calls of one caller in order).
-    Pulls always wait: the replica must be a real version of the server's state.
+    Ray runs one caller's calls on an actor in the order they were sent, so a pull sent after a push
+    sees that push applied without waiting for the push itself.
+
+    sync: ``pull`` waits for the server's current state (which includes every push this worker sent),
+    so with one worker the updates are exactly those of the in-process reference run.
+    async: ``pull`` never waits: it takes the state of a pull sent earlier if that has arrived (else the
+    replica stays as it is) and sends the next one; the replica lags by up to one pull.
     """
+
+    MAX_PENDING_PUSHES = 64  # bounds held references and surfaces server errors early
 
     def __init__(self, server: "ray.actor.ActorHandle", mode: str) -> None:
         self.server, self.mode = server, mode
         self.pending: list[ray.ObjectRef] = []
+        self.prefetch: ray.ObjectRef | None = None
         self.push_seconds = 0.0
         self.pull_seconds = 0.0
 
     def push(self, grads: TensorDict) -> None:
         t0 = time.perf_counter()
-        ref = self.server.push.remote(grads)
-        if self.mode == "sync":
-            ray.get(ref)
-        else:
-            self.pending.append(ref)
-            if len(self.pending) >= 64:  # bound the refs we hold; surfaces server errors too
-                ready, self.pending = ray.wait(self.pending, num_returns=len(self.pending) - 16, timeout=None)
-                ray.get(ready)
+        self.pending.append(self.server.push.remote(grads))
+        if len(self.pending) >= self.MAX_PENDING_PUSHES:
+            self.flush()
         self.push_seconds += time.perf_counter() - t0
 
-    def pull(self) -> tuple[int, TensorDict]:
+    def pull(self) -> tuple[int, TensorDict] | None:
         t0 = time.perf_counter()
-        out = ray.get(self.server.pull.remote())
-        self.pull_seconds += time.perf_counter() - t0
-        return out
+        try:
+            if self.mode == "sync" or self.prefetch is None:
+                out = ray.get(self.server.pull.remote())
+                if self.mode == "sync":  # applied before the pull ran: collect them (and any error)
+                    self.flush()
+                else:
+                    self.prefetch = self.server.pull.remote()
+                return out
+            ready, _ = ray.wait([self.prefetch], timeout=0)
+            if not ready:
+                return None
+            out = ray.get(self.prefetch)
+            self.prefetch = self.server.pull.remote()
+            return out
+        finally:
+            self.pull_seconds += time.perf_counter() - t0
 
     def flush(self) -> None:
+        """Wait until every push sent so far is applied (raises the server's error, if any)."""
         ray.get(self.pending)
         self.pending = []
 
