@@ -40,8 +40,8 @@ def _bundle(cfg: Config) -> dict[str, float]:
     return bundle
 
 
-def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Any, display: ProgressDisplay,
-                  log: Callable[[str], None]) -> tuple[dict[int, dict], dict, list[dict], float]:
+def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Any,
+                  display: ProgressDisplay) -> tuple[dict[int, dict], dict, list[dict], float]:
     """Train the remaining epochs; returns (block states, server state, worker reports, train seconds)."""
     spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
     c = cfg.cluster
@@ -75,6 +75,7 @@ def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: An
     train_seconds = resume.train_seconds if resume else 0.0
     start_epoch = resume.epochs_done if resume else 0
     reports: list[dict] = []
+    epoch_seconds: list[float] = []
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             t0 = time.perf_counter()
@@ -87,7 +88,8 @@ def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: An
                     progress.update(p)
                 display.update(progress, owner)
             reports = ray.get(pending)
-            train_seconds += time.perf_counter() - t0
+            epoch_seconds.append(time.perf_counter() - t0)
+            train_seconds += epoch_seconds[-1]
             done = epoch + 1
             display.update({t: b for r in reports for t, b in r["blocks"].items()}, owner, force=True)
             if done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs:
@@ -96,6 +98,8 @@ def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: An
                 rundir.save_epoch(done, states, shared_state, train_seconds)
                 display.message(f"epoch {done}/{cfg.train.epochs} done in {time.perf_counter() - t0:.1f}s; "
                                 f"checkpoint saved to {rundir.ckpt_dir}")
+        for r in reports:
+            r["epoch_wall_seconds"] = epoch_seconds
         return states, shared_state, reports, train_seconds
     finally:
         for w in workers:
@@ -124,7 +128,7 @@ def run_training(cfg: Config, log: Callable[[str], None] = print) -> dict[str, A
         started = connect(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker)
         try:
             _check_resources(cfg)
-            states, shared_state, reports, train_seconds = _train_on_ray(cfg, dataset, rundir, resume, display, log)
+            states, shared_state, reports, train_seconds = _train_on_ray(cfg, dataset, rundir, resume, display)
         finally:
             if started:
                 ray.shutdown()
@@ -171,6 +175,8 @@ def _summary(cfg: Config, accuracy: float, train_seconds: float, reports: list[d
         "shared_state_version": int(shared_state["version"]),
         "blocks": blocks or old.get("blocks", []),
         "sync_fraction_of_step_time": (sync_s / step_s) if step_s else old.get("sync_fraction_of_step_time"),
+        # Wall time of each epoch trained in this invocation; the first includes starting the actors.
+        "epoch_seconds": reports[0]["epoch_wall_seconds"] if reports else old.get("epoch_seconds", []),
         "workers": [
             {k: r[k] for k in ("rank", "pid", "device", "peak_rss_mb", "push_seconds", "pull_seconds",
                                "epoch_seconds", "zero_copy_data")}

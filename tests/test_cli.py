@@ -1,0 +1,68 @@
+"""The entry points as a user runs them: the default command end to end, and config errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from noprop_dist.config import load_config
+
+ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+@pytest.mark.ray
+def test_default_command_end_to_end(tmp_path):
+    """`python -m noprop_dist.run` with only the run directory moved: the README's quickstart."""
+    run_dir = tmp_path / "quickstart"
+    p = _run("noprop_dist.run", "--set", f"run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "test accuracy of the assembled chain" in p.stdout
+    assert f"run saved in {run_dir}" in p.stdout
+    assert "block 10" in p.stdout and "samples/s" in p.stdout  # per-block progress was shown
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.9, summary["test_accuracy"]  # README states ~0.98
+    assert summary["num_workers"] == 2 and len(summary["blocks"]) == 10
+    assert all(b["samples_per_second"] > 0 for b in summary["blocks"])
+    for name in ("config.yaml", "manifest.json", "chain.pt"):
+        assert (run_dir / name).exists()
+    ev = _run("noprop_dist.evaluate", str(run_dir))
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["test_accuracy"] == summary["test_accuracy"]
+
+
+@pytest.mark.parametrize("args,key", [
+    (["--set", "train.epoch=3"], "train.epoch"),
+    (["--set", "model.num_blocks=abc"], "model.num_blocks"),
+    (["--set", "cluster.num_workers=12"], "cluster.num_workers"),
+    (["--config", "does/not/exist.yaml"], "does/not/exist.yaml"),
+    (["--set", "data.name=mnist", "--set", "data.root=/nonexistent/mnist"], "train-images-idx3-ubyte"),
+])
+def test_config_errors_are_one_line_exit_2(tmp_path, args, key):
+    run_dir = tmp_path / "run"
+    p = _run("noprop_dist.run", *args, "--set", f"run.dir={run_dir}", timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+    assert not run_dir.exists(), "a failed config must not write a run directory"
+
+
+def test_run_dir_of_another_config_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    other = load_config(None, ["model.embedding=one_hot", f"run.dir={run_dir}"])
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(other.to_dict()))
+    p = _run("noprop_dist.run", "--set", f"run.dir={run_dir}", timeout=120)
+    assert p.returncode == 2 and "model.embedding='one_hot'" in p.stderr and "Traceback" not in p.stderr
+    assert sorted(os.listdir(run_dir)) == ["config.yaml"], "the refused run wrote into the directory"
+
+
+def test_evaluate_without_chain_is_a_clear_error(tmp_path):
+    p = _run("noprop_dist.evaluate", str(tmp_path), timeout=120)
+    assert p.returncode == 2 and "no chain.pt" in p.stderr

@@ -1,0 +1,64 @@
+"""Config loading: defaults, YAML, --set overrides, and errors that name the key."""
+import pytest
+
+from noprop_dist.config import ConfigError, load_config, config_from_dict
+
+
+def test_defaults_are_the_quickstart():
+    cfg = load_config()
+    assert (cfg.data.name, cfg.model.num_blocks, cfg.cluster.num_workers) == ("digits", 10, 2)
+    assert load_config("configs/quickstart.yaml").to_dict() == cfg.to_dict()
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(None, ["train.epochs=3", "cluster.gpus_per_worker=0.5", "data.root=null",
+                             "data.download=true", "run.dir=/x/y"])
+    assert cfg.train.epochs == 3 and cfg.cluster.gpus_per_worker == 0.5
+    assert cfg.data.root is None and cfg.data.download is True and cfg.run.dir == "/x/y"
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(None, ["model.embedding=one_hot"])
+    assert config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("override,names", [
+    ("train.epoch=3", ["train.epoch", "unknown key", "epochs"]),
+    ("trian.epochs=3", ["trian", "unknown section", "train"]),
+    ("train.epochs=three", ["train.epochs", "integer"]),
+    ("train.epochs=0", ["train.epochs", "> 0"]),
+    ("train.lr=-1", ["train.lr", "> 0"]),
+    ("train.lr=nan", ["train.lr", "finite"]),
+    ("model.embedding=onehot", ["model.embedding", "one_hot, learned, prototype"]),
+    ("model.class_prob=sigmoid", ["model.class_prob", "softmax, radial"]),
+    ("data.name=imagenet", ["data.name", "digits", "cifar100"]),
+    ("train.sync_mode=maybe", ["train.sync_mode", "sync, async"]),
+    ("cluster.num_workers=11", ["cluster.num_workers", "model.num_blocks = 10"]),
+    ("cluster.num_workers=0", ["cluster.num_workers"]),
+    ("cluster.gpus_per_worker=-0.5", ["cluster.gpus_per_worker", ">= 0"]),
+    ("cluster.gpus_per_worker=1.5", ["cluster.gpus_per_worker", "whole number"]),
+    ("data.download=perhaps", ["data.download", "true or false"]),
+    ("model.abar_max=1.0", ["model.abar_max", "(0.5, 1)"]),
+    ("train.epochs", ["KEY=VALUE"]),
+    ("epochs=3", ["section.name"]),
+])
+def test_bad_values_name_the_key_and_allowed_values(override, names):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert "\n" not in msg
+    for name in names:
+        assert name in msg, (name, msg)
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="train: must be a mapping"):
+        load_config(str(scalar))
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(str(tmp_path / "missing.yaml"))
