@@ -29,9 +29,9 @@ def connect(num_cpus_needed: float, quiet: bool = False) -> bool:
     """
     if ray.is_initialized():
         return False
-    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     if existing_cluster_address():
-        ray.init(runtime_env=runtime_env, log_to_driver=True, logging_level="WARNING" if quiet else "INFO")
+        # No runtime_env here: under `ray job submit` the job's own (its working_dir) must apply.
+        ray.init(logging_level="WARNING" if quiet else "INFO")
         return False
     # Without this Ray rewrites a loopback node address to the routable one and listens on all interfaces.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -40,7 +40,6 @@ def connect(num_cpus_needed: float, quiet: bool = False) -> bool:
         _node_ip_address=LOOPBACK,
         num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999)),
         include_dashboard=False,
-        runtime_env=runtime_env,
         logging_level="WARNING" if quiet else "INFO",
     )
     return True
