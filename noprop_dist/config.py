@@ -39,7 +39,7 @@ class ModelConfig:
     embedding: str = "learned"  # one_hot | learned | prototype
     embedding_dim: int = 20  # used by `learned` only; one_hot has d = m, prototype d = C*H*W
     class_prob: str = "softmax"  # softmax (Eq. 14) | radial (Eq. 15-16)
-    radial_sigma: float = 1.0
+    radial_sigma: float = 0.1  # radial width; 1.0 left the head untrained (README, "Method")
     eta: float = 0.1
     abar_max: float = 0.999  # cap of the cosine schedule at t = T (keeps the last SNR finite)
     dropout: float = 0.2

@@ -70,6 +70,10 @@ def prototype_embedding(
         if idx.numel() > max_per_class:
             idx = idx[torch.randperm(idx.numel(), generator=gen)[:max_per_class]]
         members = flat[idx]
-        median = torch.cdist(members, members).median(dim=1).values
-        protos.append(members[int(median.argmin())])
+        if members.shape[0] == 1:
+            protos.append(members[0])
+            continue
+        # Sorted rows start with each image's zero distance to itself: drop it, keep the others'.
+        others = torch.cdist(members, members).sort(dim=1).values[:, 1:]
+        protos.append(members[int(others.median(dim=1).values.argmin())])
     return torch.stack(protos)
