@@ -13,48 +13,19 @@ files are kept until the next manifest lands.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
 
+from .atomic_io import atomic_torch_save, atomic_write_bytes, atomic_write_json, sha256_file
+
 from .config import Config, ConfigError
 
 MANIFEST_FORMAT = 1
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_torch_save(obj: Any, path: str) -> str:
-    """Save with torch.save atomically; returns the file's sha256."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
-    return digest
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class CheckpointError(RuntimeError):
@@ -120,9 +91,12 @@ class RunDir:
         name = f"shared.e{epochs_done:04d}.pt"
         files["shared"] = {"file": name, "sha256": atomic_torch_save(shared_state, os.path.join(self.ckpt_dir, name))}
         old = self.read_manifest()
+        previous = None
+        if old is not None:  # the last complete epoch stays loadable until this one is
+            previous = {k: old[k] for k in ("epochs_done", "train_seconds", "files")}
         atomic_write_json(self.file("manifest.json"), {
             "format": MANIFEST_FORMAT, "epochs_done": epochs_done, "train_seconds": train_seconds, "files": files,
-            "previous": old.get("files") if old else None,
+            "previous": previous,
         })
         self._prune(keep={f["file"] for f in files.values()} | {f["file"] for f in (old or {}).get("files", {}).values()})
 
@@ -135,8 +109,14 @@ class RunDir:
         path = self.file("manifest.json")
         if not os.path.exists(path):
             return None
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                manifest = json.load(f)
+            if manifest.get("format") != MANIFEST_FORMAT or "files" not in manifest:
+                raise ValueError(f"format {manifest.get('format')!r}")
+            return manifest
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"manifest unreadable ({e.__class__.__name__}: {e}): {path}") from None
 
     def _load_checked(self, entry: dict[str, str]) -> Any:
         path = os.path.join(self.ckpt_dir, entry["file"])
@@ -144,16 +124,41 @@ class RunDir:
             raise CheckpointError(f"checkpoint missing: {path}")
         if sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"checkpoint corrupted (sha256 differs from manifest): {path}")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:  # weights_only: a checkpoint is data; it must never run code when loaded.
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means an unusable file
+            first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+            raise CheckpointError(f"checkpoint cannot be loaded with weights_only=True ({first}): {path}") from None
 
-    def load_resume(self, num_blocks: int) -> Resume | None:
-        """The last complete epoch's states, checksums verified; None for a fresh directory."""
+    def load_resume(self, num_blocks: int, warn: Callable[[str], None] = print) -> Resume | None:
+        """The last complete epoch's states, checksums verified; None for a fresh directory.
+
+        A checkpoint that is missing or fails its checksum is reported (``warn``, with its path) and the
+        whole run falls back to the previous complete epoch, whose files the manifest still lists: the
+        blocks share an epoch counter, and one epoch lost beats loading garbage. Both epochs bad: error.
+        """
         manifest = self.read_manifest()
         if manifest is None:
             return None
-        files = manifest["files"]
+        try:
+            return self._load_epoch(manifest, num_blocks)
+        except CheckpointError as e:
+            previous = manifest.get("previous")
+            if not previous:
+                raise
+            warn(f"{e}; falling back to the checkpoints of epoch {previous['epochs_done']}")
+            try:
+                return self._load_epoch(previous, num_blocks)
+            except CheckpointError as e2:
+                raise CheckpointError(f"{e}; and the previous epoch's too: {e2}") from None
+
+    def _load_epoch(self, entry: dict, num_blocks: int) -> Resume:
+        files = entry["files"]
+        missing = [t for t in range(1, num_blocks + 1) if f"block_{t}" not in files]
+        if missing:
+            raise CheckpointError(f"manifest lists no checkpoint for blocks {missing}: {self.file('manifest.json')}")
         blocks = {t: self._load_checked(files[f"block_{t}"]) for t in range(1, num_blocks + 1)}
         return Resume(
-            epochs_done=int(manifest["epochs_done"]), block_states=blocks,
-            shared_state=self._load_checked(files["shared"]), train_seconds=float(manifest["train_seconds"]),
+            epochs_done=int(entry["epochs_done"]), block_states=blocks,
+            shared_state=self._load_checked(files["shared"]), train_seconds=float(entry["train_seconds"]),
         )

@@ -5,12 +5,12 @@ Inference never sees a label: z_0 is noise, each block refines it, the head read
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..atomic_io import atomic_torch_save
 from .blocks import DTBlock, ModelSpec
 from .objectives import class_logits, denoised_estimate
 from .schedule import DTSchedule
@@ -58,9 +58,7 @@ class DTChain(nn.Module):
             "shared": self.shared.state_dict(),
             "extra": extra or {},
         }
-        tmp = f"{path}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(payload, path)
 
     @classmethod
     def load(cls, path: str, map_location: str = "cpu") -> tuple["DTChain", dict[str, Any]]:

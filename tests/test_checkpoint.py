@@ -1,0 +1,127 @@
+"""Run directory: atomic writes, checksums in the manifest, fallback to the previous epoch, resume data."""
+import json
+import os
+
+import pytest
+import torch
+
+from noprop_dist.checkpoint import CheckpointError, RunDir, atomic_torch_save, sha256_file
+
+
+def _states(value: float, blocks=(1, 2)):
+    return ({t: {"block": {"w": torch.full((3,), value + t)}} for t in blocks},
+            {"shared": {"embed": torch.full((2,), value)}, "version": int(value)})
+
+
+def _save(rd: RunDir, epoch: int):
+    blocks, shared = _states(float(epoch))
+    rd.save_epoch(epoch, blocks, shared, train_seconds=10.0 * epoch)
+
+
+@pytest.fixture
+def rundir(tmp_path):
+    rd = RunDir(str(tmp_path))
+    os.makedirs(rd.ckpt_dir)
+    return rd
+
+
+def test_round_trip_and_manifest_checksums(rundir):
+    _save(rundir, 1)
+    _save(rundir, 2)
+    m = rundir.read_manifest()
+    assert m["epochs_done"] == 2 and m["previous"]["epochs_done"] == 1
+    for entry in m["files"].values():
+        assert sha256_file(os.path.join(rundir.ckpt_dir, entry["file"])) == entry["sha256"]
+    r = rundir.load_resume(2)
+    assert r.epochs_done == 2 and r.train_seconds == 20.0
+    assert torch.equal(r.block_states[2]["block"]["w"], torch.full((3,), 4.0))
+    assert r.shared_state["version"] == 2
+
+
+def test_only_the_last_two_epochs_are_kept(rundir):
+    for e in (1, 2, 3):
+        _save(rundir, e)
+    names = sorted(os.listdir(rundir.ckpt_dir))
+    assert all(".e0002." in n or ".e0003." in n for n in names), names
+    assert len(names) == 6
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_corrupt_checkpoint_is_reported_and_previous_epoch_used(rundir, damage):
+    _save(rundir, 1)
+    _save(rundir, 2)
+    path = os.path.join(rundir.ckpt_dir, rundir.read_manifest()["files"]["block_2"]["file"])
+    if damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif damage == "flip":
+        data = bytearray(open(path, "rb").read())
+        data[len(data) // 2] ^= 0xFF
+        open(path, "wb").write(bytes(data))
+    else:
+        os.remove(path)
+    warnings: list[str] = []
+    r = rundir.load_resume(2, warn=warnings.append)
+    assert r.epochs_done == 1 and r.shared_state["version"] == 1
+    assert torch.equal(r.block_states[2]["block"]["w"], torch.full((3,), 3.0))
+    assert len(warnings) == 1 and path in warnings[0] and "epoch 1" in warnings[0]
+
+
+def test_both_epochs_corrupt_is_an_error_naming_the_files(rundir):
+    _save(rundir, 1)
+    _save(rundir, 2)
+    m = rundir.read_manifest()
+    for entry in (m["files"]["shared"], m["previous"]["files"]["shared"]):
+        with open(os.path.join(rundir.ckpt_dir, entry["file"]), "ab") as f:
+            f.write(b"garbage")
+    with pytest.raises(CheckpointError) as e:
+        rundir.load_resume(2, warn=lambda s: None)
+    assert "shared.e0002.pt" in str(e.value) and "shared.e0001.pt" in str(e.value)
+
+
+def test_first_epoch_corrupt_has_no_fallback(rundir):
+    _save(rundir, 1)
+    path = os.path.join(rundir.ckpt_dir, rundir.read_manifest()["files"]["block_1"]["file"])
+    open(path, "wb").write(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        rundir.load_resume(2)
+
+
+def test_unreadable_manifest_names_its_path(rundir):
+    _save(rundir, 1)
+    with open(rundir.file("manifest.json"), "w") as f:
+        f.write('{"epochs_done": 1, "fil')
+    with pytest.raises(CheckpointError, match="manifest.json"):
+        rundir.load_resume(2)
+
+
+def test_interrupted_write_leaves_previous_file_intact(tmp_path):
+    """A crash between writing the temporary file and the rename leaves the old file as it was."""
+    path = str(tmp_path / "x.pt")
+    atomic_torch_save({"v": torch.ones(2)}, path)
+    before = open(path, "rb").read()
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError, match="crash mid-write"):
+        atomic_torch_save({"v": Boom()}, path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["x.pt"], "the half-written temporary file was left behind"
+    assert torch.load(path, weights_only=True)["v"].sum() == 2
+
+
+def test_checkpoints_load_weights_only(rundir):
+    """A checkpoint that would run code when unpickled is refused by torch.load(weights_only=True)."""
+    _save(rundir, 1)
+    m = rundir.read_manifest()
+    entry = m["files"]["shared"]
+    path = os.path.join(rundir.ckpt_dir, entry["file"])
+    torch.save({"evil": os.system}, path)  # a pickled callable, not tensors
+    entry["sha256"] = sha256_file(path)
+    with open(rundir.file("manifest.json"), "w") as f:
+        json.dump(m, f)
+    with pytest.raises(CheckpointError, match="weights_only=True") as e:
+        rundir.load_resume(2)
+    assert path in str(e.value)
