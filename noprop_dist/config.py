@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
@@ -17,6 +18,7 @@ DATASET_NAMES = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100")
 EMBEDDINGS = ("one_hot", "learned", "prototype")
 CLASS_PROBS = ("softmax", "radial")
 SYNC_MODES = ("sync", "async")
+NONFINITE_POLICIES = ("rollback", "stop")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -55,6 +57,12 @@ class TrainConfig:
     sync_mode: str = "sync"  # sync: a push returns after it is applied; async: fire and forget
     sync_every: int = 1  # pull fresh shared state every this many steps of a shard
     log_every_seconds: float = 5.0  # progress lines when the output is not a terminal
+    # A block whose loss or gradients become NaN/inf applies nothing, rolls back to its state at the
+    # start of the epoch and multiplies its learning rate by `nonfinite_lr_factor` (rollback), or stops
+    # (stop); after `max_nonfinite` rollbacks it stops too. The other blocks go on either way.
+    on_nonfinite: str = "rollback"
+    nonfinite_lr_factor: float = 0.5
+    max_nonfinite: int = 3
 
 
 @dataclass
@@ -79,6 +87,13 @@ class EvalConfig:
 
 
 @dataclass
+class MetricsConfig:
+    enabled: bool = True  # workers and the parameter server export Prometheus metrics through Ray
+    run_id: str | None = None  # the `run` label; None: <run.dir name>-<hash of the run's config>
+    write_every_seconds: float = 5.0  # <run.dir>/metrics.jsonl gets a line per block this often (and per epoch)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -86,6 +101,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -247,6 +263,10 @@ def validate(cfg: Config) -> None:
     _choice("train.sync_mode", t.sync_mode, SYNC_MODES)
     _positive("train.sync_every", t.sync_every)
     _positive("train.log_every_seconds", t.log_every_seconds)
+    _choice("train.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
+    if not 0.0 < t.nonfinite_lr_factor < 1.0:
+        raise ConfigError(f"train.nonfinite_lr_factor: must be in (0, 1), got {t.nonfinite_lr_factor}")
+    _positive("train.max_nonfinite", t.max_nonfinite, strict=False)
     c = cfg.cluster
     if c.num_workers < 1 or c.num_workers > m.num_blocks:
         raise ConfigError(
@@ -264,6 +284,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("run.dir: must be a non-empty path")
     _positive("run.checkpoint_every", cfg.run.checkpoint_every)
     _positive("eval.batch_size", cfg.eval.batch_size)
+    run_id = cfg.metrics.run_id
+    # It becomes a Prometheus label value and a Grafana variable: keep it to characters that need no quoting.
+    if run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]*", run_id):
+        raise ConfigError(f"metrics.run_id: {run_id!r} is not allowed; allowed: letters, digits and _ . : - "
+                          "(starting with a letter or digit)")
+    _positive("metrics.write_every_seconds", cfg.metrics.write_every_seconds)
 
 
 def worker_threads(c: ClusterConfig) -> int:

@@ -5,6 +5,7 @@ A *shard group* is the set of blocks one process trains; it visits them in turn 
 """
 from __future__ import annotations
 
+import copy
 import math
 import resource
 import time
@@ -64,15 +65,32 @@ class BlockTrainer:
         self.optimizer = torch.optim.AdamW(self.block.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         self.generator = torch.Generator(device=device).manual_seed(train.seed * 1_000 + t)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, shared: SharedState) -> tuple[float, TensorDict]:
-        """One optimizer step of the block on (x (B,C,H,W), y (B,)); returns (loss, shared-state gradients)."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, shared: SharedState) -> tuple[float, TensorDict | None]:
+        """One optimizer step of the block on (x (B,C,H,W), y (B,)); returns (loss, shared-state gradients).
+
+        When the loss or any gradient is not finite nothing is applied and the gradients are None:
+        a NaN must reach neither this block's weights nor, through a push, the shared state.
+        """
         self.block.train()
         shared.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
         total, _ = shard_loss(self.block, shared, self.spec, self.schedule, self.t, x, y, self.generator)
         total.backward()
+        loss = float(total.detach())
+        grads = shared.grads()
+        finite = math.isfinite(loss) and all(
+            bool(torch.isfinite(g).all()) for g in [*grads.values(), *(p.grad for p in self.block.parameters())]
+            if g is not None
+        )
+        if not finite:
+            return loss, None
         self.optimizer.step()
-        return float(total.detach()), {k: v.cpu() for k, v in shared.grads().items()}
+        return loss, {k: v.cpu() for k, v in grads.items()}
+
+    def scale_lr(self, factor: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
         return {
@@ -103,6 +121,8 @@ class BlockStats:
     loss_ema: float = float("nan")
     epoch_loss_sum: float = 0.0
     last_epoch_mean_loss: float = float("nan")
+    nonfinite_events: int = 0
+    stopped: str = ""  # why the block stopped training (empty while it trains)
 
     @property
     def samples_per_second(self) -> float:
@@ -122,6 +142,8 @@ class BlockStats:
         self.step, self.steps_per_epoch, self.epoch_loss_sum = 0, steps, 0.0
 
     def end_epoch(self) -> None:
+        if self.stopped:  # its steps stopped counting; report the epoch as gone through
+            self.step = self.steps_per_epoch
         self.last_epoch_mean_loss = self.epoch_loss_sum / self.step if self.step else float("nan")
         self.epochs_done += 1
         self.step = 0
@@ -146,6 +168,7 @@ class ShardGroup:
     std: tuple[float, ...]
     client: SharedStateClient
     device: torch.device = torch.device("cpu")
+    log: Callable[[str], None] = print  # in a Ray worker, print reaches the driver's log
     trainers: dict[int, BlockTrainer] = field(init=False)
     stats: dict[int, BlockStats] = field(init=False)
 
@@ -164,6 +187,23 @@ class ShardGroup:
     def load_state_dicts(self, states: dict[int, dict]) -> None:
         for t, state in states.items():
             self.trainers[int(t)].load_state_dict(state)
+
+    def _nonfinite(self, t: int, loss: float, epoch: int, good: dict) -> None:
+        """Block t produced a NaN/inf: roll it back to ``good`` (its state at the epoch start), lower its
+        learning rate, or stop it, as train.on_nonfinite says. Nothing of the bad step was applied."""
+        st, trainer = self.stats[t], self.trainers[t]
+        st.nonfinite_events += 1
+        where = f"block {t}: loss {loss} (non-finite) at epoch {epoch + 1} step {st.step + 1}"
+        if self.train.on_nonfinite == "stop" or st.nonfinite_events > self.train.max_nonfinite:
+            reason = ("train.on_nonfinite=stop" if self.train.on_nonfinite == "stop"
+                      else f"more than train.max_nonfinite={self.train.max_nonfinite} non-finite losses")
+            st.stopped = f"{where}; stopped ({reason}); it keeps its weights from the start of that epoch"
+            trainer.load_state_dict(copy.deepcopy(good))
+            self.log(st.stopped)
+            return
+        trainer.load_state_dict(copy.deepcopy(good))
+        lr = trainer.scale_lr(self.train.nonfinite_lr_factor ** st.nonfinite_events)
+        self.log(f"{where}; rolled back to the start of epoch {epoch + 1}, learning rate now {lr:.3g}")
 
     def pull(self) -> None:
         fresh = self.client.pull()
@@ -191,14 +231,21 @@ class ShardGroup:
             st.epochs_done = epoch  # also right after a resume
             st.start_epoch(len(starts))
         self.pull()
+        # Last good state of each block, for a rollback after a non-finite loss (copied only once per epoch).
+        good = {t: copy.deepcopy(tr.state_dict()) for t, tr in self.trainers.items() if not self.stats[t].stopped}
         for start in starts:
             idx = order[start : start + bs].numpy()
             x = normalize(torch.from_numpy(self.train_x[idx]), self.mean, self.std).to(self.device)
             y = torch.from_numpy(self.train_y[idx]).long().to(self.device)
             for t, trainer in self.trainers.items():
+                if self.stats[t].stopped:
+                    continue
                 t0 = time.perf_counter()
                 loss, grads = trainer.step(x, y, self.shared)
                 t1 = time.perf_counter()
+                if grads is None:
+                    self._nonfinite(t, loss, epoch, good[t])
+                    continue
                 self.client.push(grads)
                 self.pushes += 1
                 if self.pushes % self.train.sync_every == 0:

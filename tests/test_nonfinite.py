@@ -1,0 +1,82 @@
+"""A block whose loss turns NaN: nothing of it reaches the shared state, it rolls back or stops, others go on."""
+import math
+
+import pytest
+import torch
+
+from noprop_dist.config import load_config
+from noprop_dist.data import load_dataset
+from noprop_dist.shared_server import LocalClient, SharedStateServer
+from noprop_dist.training import ShardGroup, model_spec
+
+
+def _group(policy: str, max_nonfinite: int = 3):
+    cfg = load_config(None, ["model.num_blocks=3", "cluster.num_workers=1", f"train.on_nonfinite={policy}",
+                             f"train.max_nonfinite={max_nonfinite}", "train.batch_size=64"])
+    data = load_dataset("digits", train_limit=640)
+    spec = model_spec(cfg, data.image_shape, data.num_classes)
+    server = SharedStateServer(spec, cfg.train.lr, cfg.train.weight_decay, cfg.train.seed)
+    logs: list[str] = []
+    group = ShardGroup(spec, [1, 2, 3], cfg.train, data.train_x, data.train_y, data.mean, data.std,
+                       LocalClient(server), log=logs.append)
+    return group, server, logs, cfg
+
+
+def _poison(group: ShardGroup, t: int, at_batch: int):
+    """on_step callback that fills block t's weights with NaN after batch `at_batch`."""
+    seen = {"n": 0}
+
+    def on_step():
+        seen["n"] += 1
+        if seen["n"] == at_batch:
+            with torch.no_grad():
+                for p in group.trainers[t].block.parameters():
+                    p.fill_(float("nan"))
+    return on_step
+
+
+def _all_finite(state: dict) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def test_rollback_restores_epoch_start_lowers_lr_and_keeps_others_going():
+    group, server, logs, cfg = _group("rollback")
+    group.train_epoch(0)
+    start_of_epoch_1 = {k: v.clone() for k, v in group.trainers[2].block.state_dict().items()}
+    stats = group.train_epoch(1, on_step=_poison(group, 2, at_batch=4))
+    assert stats[2]["nonfinite_events"] == 1 and not stats[2]["stopped"]
+    assert stats[1]["nonfinite_events"] == stats[3]["nonfinite_events"] == 0
+    assert stats[1]["total_steps"] == stats[3]["total_steps"] == 20  # 2 epochs x 10 batches, none lost
+    assert stats[2]["total_steps"] == 19  # the poisoned step was not applied
+    assert group.trainers[2].optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.lr * 0.5)
+    assert _all_finite(group.trainers[2].block.state_dict())
+    # It trained on after the rollback: its weights moved away from the start-of-epoch copy.
+    assert any(not torch.equal(v, start_of_epoch_1[k]) for k, v in group.trainers[2].block.state_dict().items()
+               if v.is_floating_point())
+    _, shared = server.pull()
+    assert _all_finite(shared), "a NaN reached the shared state"
+    assert server.version == sum(s["total_steps"] for s in stats.values())
+    assert len(logs) == 1 and "block 2" in logs[0] and "rolled back" in logs[0] and "epoch 2" in logs[0]
+
+
+def test_stop_policy_names_the_block_and_the_others_finish():
+    group, server, logs, _ = _group("stop")
+    stats = group.train_epoch(0, on_step=_poison(group, 3, at_batch=2))
+    stats = group.train_epoch(1)
+    assert "block 3" in stats[3]["stopped"] and "train.on_nonfinite=stop" in stats[3]["stopped"]
+    assert stats[3]["total_steps"] == 2
+    assert stats[1]["total_steps"] == stats[2]["total_steps"] == 20
+    assert _all_finite(group.trainers[3].block.state_dict())
+    assert logs == [stats[3]["stopped"]]
+    _, shared = server.pull()
+    assert _all_finite(shared)
+
+
+def test_too_many_rollbacks_stop_the_block():
+    group, _, logs, _ = _group("rollback", max_nonfinite=1)
+    group.train_epoch(0, on_step=_poison(group, 1, at_batch=1))
+    stats = group.train_epoch(1, on_step=_poison(group, 1, at_batch=1))
+    assert stats[1]["nonfinite_events"] == 2
+    assert "train.max_nonfinite=1" in stats[1]["stopped"]
+    assert "rolled back" in logs[0] and "stopped" in logs[1]
+    assert not math.isnan(stats[2]["loss"])
