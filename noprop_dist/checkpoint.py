@@ -57,27 +57,38 @@ class RunDir:
 
     # --- config snapshot -----------------------------------------------------------------
     def prepare(self, cfg: Config) -> None:
-        """Create the directory and snapshot the config; refuse a directory made by an incompatible config."""
+        """Create the directory and snapshot the config. A directory made by an incompatible config is
+        refused, or with ``run.overwrite: true`` cleared of that run's files (nothing else is touched)."""
         snapshot = self.file("config.yaml")
         if os.path.exists(snapshot):
             with open(snapshot, encoding="utf-8") as f:
                 old = yaml.safe_load(f) or {}
-            new = cfg.to_dict()
-            for section in _IDENTITY_SECTIONS:
-                for key, value in new[section].items():
-                    if old.get(section, {}).get(key) != value:
-                        raise ConfigError(
-                            f"run.dir: {self.path} holds a run with {section}.{key}={old.get(section, {}).get(key)!r}, "
-                            f"this config has {value!r}; use another run.dir"
-                        )
-            for key in _IDENTITY_TRAIN_KEYS:
-                if old.get("train", {}).get(key) != new["train"][key]:
-                    raise ConfigError(
-                        f"run.dir: {self.path} holds a run with train.{key}={old.get('train', {}).get(key)!r}, "
-                        f"this config has {new['train'][key]!r}; use another run.dir"
-                    )
+            conflict = self._conflict(old, cfg.to_dict())
+            if conflict and not cfg.run.overwrite:
+                raise ConfigError(f"{conflict}; use another run.dir or set run.overwrite=true")
+            if conflict:
+                self.clear()
         os.makedirs(self.ckpt_dir, exist_ok=True)
         atomic_write_bytes(snapshot, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+    def _conflict(self, old: dict, new: dict) -> str | None:
+        """The first setting that differs between the directory's run and this config, if any."""
+        keys = [(s, k) for s in _IDENTITY_SECTIONS for k in new[s]] + [("train", k) for k in _IDENTITY_TRAIN_KEYS]
+        for section, key in keys:
+            before = old.get(section, {}).get(key)
+            if before != new[section][key]:
+                return (f"run.dir: {self.path} holds a run with {section}.{key}={before!r}, "
+                        f"this config has {new[section][key]!r}")
+        return None
+
+    def clear(self) -> None:
+        """Remove this run's files (snapshot, manifest, checkpoints, chain, summary); leave anything else."""
+        for name in ("config.yaml", "manifest.json", "chain.pt", "summary.json"):
+            if os.path.exists(self.file(name)):
+                os.remove(self.file(name))
+        if os.path.isdir(self.ckpt_dir):
+            for name in os.listdir(self.ckpt_dir):
+                os.remove(os.path.join(self.ckpt_dir, name))
 
     # --- checkpoints ---------------------------------------------------------------------
     def save_epoch(

@@ -78,6 +78,7 @@ class ClusterConfig:
 class RunConfig:
     dir: str = "runs/quickstart"
     checkpoint_every: int = 1  # epochs between checkpoints
+    overwrite: bool = False  # true: a run.dir written by another config is cleared and started afresh
 
 
 @dataclass

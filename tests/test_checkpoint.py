@@ -125,3 +125,21 @@ def test_checkpoints_load_weights_only(rundir):
     with pytest.raises(CheckpointError, match="weights_only=True") as e:
         rundir.load_resume(2)
     assert path in str(e.value)
+
+
+def test_other_config_refused_unless_overwrite(tmp_path):
+    from noprop_dist.config import ConfigError, load_config
+
+    rd = RunDir(str(tmp_path))
+    rd.prepare(load_config(None, [f"run.dir={tmp_path}"]))
+    _save(rd, 1)
+    (tmp_path / "notes.txt").write_text("mine")
+    other = load_config(None, [f"run.dir={tmp_path}", "model.embedding=one_hot"])
+    with pytest.raises(ConfigError, match="model.embedding='learned'.*run.overwrite=true"):
+        rd.prepare(other)
+    assert rd.read_manifest()["epochs_done"] == 1, "a refused run must leave the directory as it was"
+    rd.prepare(load_config(None, [f"run.dir={tmp_path}", "model.embedding=one_hot", "run.overwrite=true"]))
+    assert rd.read_manifest() is None and os.listdir(rd.ckpt_dir) == []
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    # The same config (more epochs, say) is a resume, never a conflict.
+    rd.prepare(load_config(None, [f"run.dir={tmp_path}", "model.embedding=one_hot", "train.epochs=50"]))
