@@ -71,3 +71,21 @@ def test_driver_killed_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_p
     # Once more: a finished run is reported as finished, not retrained.
     third = subprocess.run(_cmd(run_dir), env=ENV, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0 and "already finished" in third.stdout
+
+
+def test_corrupted_checkpoint_is_reported_and_the_run_resumes_from_the_previous_epoch(tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.run([*_cmd(run_dir), "--set", "train.epochs=2"], env=ENV, capture_output=True,
+                           text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    bad = run_dir / "checkpoints" / manifest["files"]["block_1"]["file"]
+    with open(bad, "r+b") as f:  # a torn write: the file is cut in half
+        f.truncate(bad.stat().st_size // 2)
+    again = subprocess.run([*_cmd(run_dir), "--set", "train.epochs=3"], env=ENV, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = again.stdout
+    assert str(bad) in out and "corrupted" in out and "falling back to the checkpoints of epoch 1" in out
+    assert "resuming from epoch 1" in out
+    assert json.loads((run_dir / "manifest.json").read_text())["epochs_done"] == 3
