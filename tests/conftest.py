@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
+import psutil
 import pytest
 import torch
 
@@ -40,3 +42,27 @@ def ray_cluster():
 def _torch_threads():
     torch.set_num_threads(1)
     yield
+
+
+def stop_process_tree(proc: subprocess.Popen, tree: list[psutil.Process] | None = None, timeout: float = 30) -> None:
+    """SIGTERM a process a test started, then kill by pid whatever of its tree is left (Ray's daemons).
+
+    ``tree``: its descendants captured earlier (they may have been re-parented since); default: now.
+    Never `ray stop`: that would end every Ray process on the machine, other runs' too.
+    """
+    if tree is None:
+        tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)

@@ -1,5 +1,4 @@
 """The assembled chain: predictions come from images alone; save and load give the same predictions."""
-import numpy as np
 import pytest
 import torch
 

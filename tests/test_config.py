@@ -62,3 +62,24 @@ def test_yaml_errors(tmp_path):
         load_config(str(scalar))
     with pytest.raises(ConfigError, match="file not found"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("override,names", [
+    ("metrics.enabled=perhaps", ["metrics.enabled", "true or false"]),
+    ("metrics.run_id=my run", ["metrics.run_id", "letters, digits"]),
+    ("metrics.run_id=-x", ["metrics.run_id"]),
+    ("metrics.write_every_seconds=0", ["metrics.write_every_seconds", "> 0"]),
+    ("metrics.port=8080", ["metrics.port", "unknown key", "enabled, run_id, write_every_seconds"]),
+])
+def test_metrics_keys_name_the_key(override, names):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    for name in names:
+        assert name in str(e.value), (name, str(e.value))
+
+
+def test_metrics_defaults_and_overrides():
+    cfg = load_config()
+    assert (cfg.metrics.enabled, cfg.metrics.run_id, cfg.metrics.write_every_seconds) == (True, None, 5.0)
+    cfg = load_config(None, ["metrics.enabled=false", "metrics.run_id=fmnist-w10.a", "metrics.write_every_seconds=1"])
+    assert (cfg.metrics.enabled, cfg.metrics.run_id, cfg.metrics.write_every_seconds) == (False, "fmnist-w10.a", 1.0)

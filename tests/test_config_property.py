@@ -5,7 +5,6 @@ import io
 import os
 import typing
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

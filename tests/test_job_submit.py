@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+
+from conftest import stop_process_tree
 
 pytestmark = pytest.mark.ray
 
@@ -102,23 +103,6 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def _stop_head(proc: subprocess.Popen, tree: list[psutil.Process]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` then stops the processes it started
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    _, alive = psutil.wait_procs(tree, timeout=10)
-    for p in alive:  # only processes of this head's tree, by pid
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-
-
 @pytest.fixture(scope="module")
 def head():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -154,7 +138,7 @@ def head():
             tree = psutil.Process(proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             pass
-        _stop_head(proc, tree)
+        stop_process_tree(proc, tree)  # `ray start --block` stops what it started on SIGTERM
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not [p for p in tree if _alive(p)], "Ray processes of the head were left running"

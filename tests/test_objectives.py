@@ -95,9 +95,11 @@ def test_cross_entropy_applies_softmax_once(class_prob):
     """The CE equals -log of ONE softmax of the class scores (pitfall 5: no softmax before the CE)."""
     spec = make_spec("learned", class_prob=class_prob)
     shared = build_shared(spec, 0)
-    z = torch.randn(32, spec.embed_dim)
-    y = torch.randint(0, 10, (32,))
-    scores = class_logits(shared, z, class_prob, spec.radial_sigma)
+    gen = torch.Generator().manual_seed(0)  # seeded: the result must not depend on tests run before
+    z = torch.randn(32, spec.embed_dim, generator=gen)
+    y = torch.randint(0, 10, (32,), generator=gen)
+    # sigma 0.1 (the default): the scores spread, so one softmax and two give clearly different CEs.
+    scores = class_logits(shared, z, class_prob, 0.1)
     manual = -(scores.exp() / scores.exp().sum(1, keepdim=True))[torch.arange(32), y].log().mean()
     assert float(F.cross_entropy(scores, y).detach()) == pytest.approx(float(manual.detach()), rel=1e-5)
     double = F.cross_entropy(torch.softmax(scores, 1), y)

@@ -1,8 +1,6 @@
 """Distributed runs on a real local Ray cluster (loopback, 2 CPUs): parity, two workers, async, resume."""
 import json
-import os
 
-import numpy as np
 import pytest
 import torch
 

@@ -12,20 +12,25 @@ def existing_cluster_address() -> str | None:
     """The address ray.init() would join: RAY_ADDRESS (set by `ray job submit`) or a `ray start` head here."""
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
-    try:  # Ray records the running local head in a file; `ray.init()` joins it too.
+    try:  # `ray start` records its head in a file; `ray.init()` joins it too.
         from ray._private.services import get_ray_address_from_environment
 
-        address = get_ray_address_from_environment("auto", None)
+        # None, not "auto": "auto" also scans for ANY running gcs_server, e.g. another program's
+        # in-process cluster, which a training run must not join by accident.
+        address = get_ray_address_from_environment(None, None)
         return address or None
     except Exception:  # noqa: BLE001 - no cluster or an internal API change: start a local one
         return None
 
 
-def connect(num_cpus_needed: float, quiet: bool = False) -> bool:
+def connect(num_cpus_needed: float, quiet: bool = False, metrics: bool = True) -> bool:
     """Join the running cluster, else start a local one on loopback. Returns True when we started it.
 
     Token authentication stays as Ray sets it (on for new clusters). A local cluster gets at least the
     CPUs the run asks for: oversubscribing a laptop is better than a placement group that never fits.
+    metrics: start the local cluster with Ray's dashboard (on loopback): every node exports metrics
+    either way, but only the dashboard writes the service-discovery file
+    (``<temp dir>/prom_metrics_service_discovery.json``) through which Prometheus finds the nodes.
     """
     if ray.is_initialized():
         return False
@@ -39,7 +44,8 @@ def connect(num_cpus_needed: float, quiet: bool = False) -> bool:
         address="local",
         _node_ip_address=LOOPBACK,
         num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999)),
-        include_dashboard=False,
+        include_dashboard=metrics,
+        dashboard_host=LOOPBACK,
         logging_level="WARNING" if quiet else "INFO",
     )
     return True

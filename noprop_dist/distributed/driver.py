@@ -12,7 +12,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from ..checkpoint import RunDir, atomic_write_json
 from ..config import Config, ConfigError, worker_threads
 from ..data import ImageDataset, load_dataset
+from ..metrics import run_id as metrics_run_id
 from ..progress import ProgressDisplay
+from ..report import MetricsLog, write_report
 from ..training import assign_blocks, evaluate_states, initial_prototypes, model_spec, peak_rss_mb
 from .cluster import connect
 from .param_server import ParameterServer
@@ -40,9 +42,17 @@ def _bundle(cfg: Config) -> dict[str, float]:
     return bundle
 
 
-def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Any,
-                  display: ProgressDisplay) -> tuple[dict[int, dict], dict, list[dict], float]:
-    """Train the remaining epochs; returns (block states, server state, worker reports, train seconds)."""
+def _split(reports: list[dict]) -> tuple[dict[int, dict], dict[int, dict]]:
+    """Workers' reports (``Worker.progress`` / ``train_epoch``) -> (block -> counters, rank -> report)."""
+    return {t: b for r in reports for t, b in r["blocks"].items()}, {r["rank"]: r for r in reports}
+
+
+def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Any, display: ProgressDisplay,
+                  mlog: MetricsLog, run_label: str | None) -> tuple[dict[int, dict], dict, list[dict], float]:
+    """Train the remaining epochs; returns (block states, server state, worker reports, train seconds).
+
+    run_label: the `run` label of the metrics the actors export, None when they export none.
+    """
     spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
     c = cfg.cluster
     groups = assign_blocks(spec.num_blocks, c.num_workers)
@@ -52,7 +62,7 @@ def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: An
     server = ParameterServer.remote(
         spec, cfg.train.lr, cfg.train.weight_decay, cfg.train.seed,
         None if resume else initial_prototypes(spec, dataset, cfg.train.seed),
-        resume.shared_state if resume else None,
+        resume.shared_state if resume else None, run_id=run_label,
     )
     pg = placement_group([_bundle(cfg)] * c.num_workers, strategy="PACK")
     ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
@@ -68,7 +78,7 @@ def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: An
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=w),
         ).remote(
             w, spec, groups[w], cfg.train, worker_threads(c), c.device, x_ref, y_ref, dataset.mean, dataset.std,
-            server, {t: resume.block_states[t] for t in groups[w]} if resume else None,
+            server, {t: resume.block_states[t] for t in groups[w]} if resume else None, run_id=run_label,
         )
         for w in range(c.num_workers)
     ]
@@ -83,15 +93,16 @@ def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: An
             remaining = list(pending)
             while remaining:
                 _, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=1.0)
-                progress: dict[int, dict] = {}
-                for p in ray.get([w.progress.remote() for w in workers]):
-                    progress.update(p)
-                display.update(progress, owner)
+                blocks, by_rank = _split(ray.get([w.progress.remote() for w in workers]))
+                display.update(blocks, owner)
+                mlog.record(blocks, by_rank, owner)
             reports = ray.get(pending)
             epoch_seconds.append(time.perf_counter() - t0)
             train_seconds += epoch_seconds[-1]
             done = epoch + 1
-            display.update({t: b for r in reports for t, b in r["blocks"].items()}, owner, force=True)
+            blocks, by_rank = _split(reports)
+            display.update(blocks, owner, force=True)
+            mlog.record(blocks, by_rank, owner, event="epoch")
             if done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs:
                 states = {t: s for part in ray.get([w.state_dicts.remote() for w in workers]) for t, s in part.items()}
                 shared_state = ray.get(server.state_dict.remote())
@@ -116,6 +127,8 @@ def run_training(cfg: Config, log: Callable[[str], None] = print) -> dict[str, A
     rundir.prepare(cfg)
     resume = rundir.load_resume(spec.num_blocks)
     display = ProgressDisplay(cfg.train.epochs, interval=cfg.train.log_every_seconds)
+    run_label = metrics_run_id(cfg)
+    mlog = MetricsLog(rundir.path, run_label, cfg.metrics.write_every_seconds)
     log(f"{cfg.data.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images {dataset.image_shape}; "
         f"T={spec.num_blocks} blocks on {cfg.cluster.num_workers} workers; run dir {rundir.path}")
     reports: list[dict] = []
@@ -125,10 +138,13 @@ def run_training(cfg: Config, log: Callable[[str], None] = print) -> dict[str, A
     else:
         if resume:
             log(f"resuming from epoch {resume.epochs_done} (checkpoints in {rundir.ckpt_dir})")
-        started = connect(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker)
+        started = connect(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker, metrics=cfg.metrics.enabled)
+        if cfg.metrics.enabled:
+            log(f"metrics: exported through Ray's metrics port with the label run=\"{run_label}\"")
         try:
             _check_resources(cfg)
-            states, shared_state, reports, train_seconds = _train_on_ray(cfg, dataset, rundir, resume, display)
+            states, shared_state, reports, train_seconds = _train_on_ray(
+                cfg, dataset, rundir, resume, display, mlog, run_label if cfg.metrics.enabled else None)
         finally:
             if started:
                 ray.shutdown()
@@ -138,8 +154,9 @@ def run_training(cfg: Config, log: Callable[[str], None] = print) -> dict[str, A
         "mean": list(dataset.mean), "std": list(dataset.std), "test_accuracy": accuracy,
         "eval_seed": cfg.eval.seed, "eval_batch_size": cfg.eval.batch_size,
     })
-    summary = _summary(cfg, accuracy, train_seconds, reports, shared_state, rundir)
+    summary = _summary(cfg, accuracy, train_seconds, reports, shared_state, rundir) | {"run_id": run_label}
     atomic_write_json(rundir.file("summary.json"), summary)
+    write_report(rundir.path, summary, run_label)
     return summary
 
 
@@ -179,7 +196,7 @@ def _summary(cfg: Config, accuracy: float, train_seconds: float, reports: list[d
         "epoch_seconds": reports[0]["epoch_wall_seconds"] if reports else old.get("epoch_seconds", []),
         "workers": [
             {k: r[k] for k in ("rank", "pid", "device", "peak_rss_mb", "push_seconds", "pull_seconds",
-                               "epoch_seconds", "zero_copy_data")}
+                               "embedding_version_lag", "epoch_seconds", "zero_copy_data")}
             for r in reports
         ] or old.get("workers", []),
         "driver_peak_rss_mb": peak_rss_mb(),

@@ -1,0 +1,127 @@
+"""The metric definitions (names, types, labels), the run label, and the recorders' bookkeeping."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from noprop_dist import metrics as M
+from noprop_dist.config import load_config
+from noprop_dist.training import BlockStats
+
+PROMETHEUS_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+
+
+def test_names_are_unique_valid_and_namespaced():
+    names = [s.name for s in M.ALL_METRICS]
+    assert len(names) == len(set(names))
+    for s in M.ALL_METRICS:
+        assert PROMETHEUS_NAME.match(s.family) and s.name.startswith("noprop_"), s.name
+        assert not s.name.endswith("_total"), "Ray appends _total to counters itself"
+        assert s.help and s.help.endswith("."), s.name
+    assert set(M.WORKER_METRICS) | set(M.SERVER_METRICS) == set(M.ALL_METRICS)
+    assert not set(M.WORKER_METRICS) & set(M.SERVER_METRICS)
+
+
+def test_types_and_the_series_prometheus_sees():
+    assert {s.kind for s in M.ALL_METRICS} <= set(M.KINDS)
+    assert M.BLOCK_SAMPLES.series_names() == ("ray_noprop_block_samples_total",)
+    assert M.BLOCK_LOSS.series_names() == ("ray_noprop_block_loss",)
+    assert M.BLOCK_STEP_SECONDS.series_names() == tuple(
+        f"ray_noprop_block_step_seconds_{x}" for x in ("bucket", "sum", "count"))
+    for s in M.ALL_METRICS:  # p50 / p95 need histograms; latencies and step times are histograms
+        if s.name.endswith("_seconds"):
+            assert s.kind == "histogram", s.name
+        if s.kind == "histogram":
+            assert list(s.buckets) == sorted(set(s.buckets)) and s.buckets[0] > 0, s.name
+        else:
+            assert s.buckets == (), s.name
+
+
+def test_labels_are_run_and_block_or_worker_never_a_ray_id():
+    for s in M.ALL_METRICS:
+        assert s.labels[0] == "run", s.name
+        assert not {"WorkerId", "worker_id", "pid", "actor_id", "node"} & set(s.labels), s.name
+    per_block = [s for s in M.ALL_METRICS if s.name.startswith("noprop_block_")]
+    assert per_block and all(s.labels == ("run", "block", "worker") for s in per_block)
+    assert all(s.labels == ("run", "worker") for s in M.WORKER_METRICS if s not in per_block)
+    assert M.PS_APPLY_SECONDS.labels == ("run",)
+
+
+def test_run_id_is_stable_across_a_resume_and_differs_between_runs(tmp_path):
+    base = [f"run.dir={tmp_path}/fmnist w10"]
+    rid = M.run_id(load_config(None, base))
+    assert re.fullmatch(r"fmnist_w10-[0-9a-f]{8}", rid), rid
+    # What a resume may change keeps the id; what makes another run changes it.
+    for same in ("train.epochs=40", "cluster.num_workers=5", "metrics.write_every_seconds=1"):
+        assert M.run_id(load_config(None, [*base, same])) == rid, same
+    for other in ("train.seed=1", "model.num_blocks=4", "data.name=mnist", f"run.dir={tmp_path}/other"):
+        assert M.run_id(load_config(None, [*base, other])) != rid, other
+    assert M.run_id(load_config(None, [*base, "metrics.run_id=exp-7"])) == "exp-7"
+    # A derived id is itself a valid metrics.run_id.
+    assert load_config(None, [f"metrics.run_id={rid}"]).metrics.run_id == rid
+
+
+def test_definitions_and_report_import_neither_ray_nor_prometheus_client():
+    code = ("import sys, noprop_dist.metrics, noprop_dist.report; "
+            "bad = [m for m in ('ray', 'prometheus_client') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+# --- the recorders (ray.util.metrics objects record without a cluster; nothing is exported then) ---------
+
+def _stepped(stats: BlockStats, steps: int, seconds: float, batch: int = 32) -> None:
+    for _ in range(steps):
+        stats.record(loss=1.0, batch=batch, compute_s=seconds * 0.75, sync_s=seconds * 0.25)
+
+
+def test_step_tracker_turns_totals_into_per_step_times():
+    from noprop_dist.distributed.telemetry import StepTracker
+
+    stats = {1: BlockStats(block=1), 2: BlockStats(block=2)}
+    tracker = StepTracker(stats)
+    assert tracker.advance() == []
+    _stepped(stats[1], 1, 0.004)
+    _stepped(stats[2], 1, 0.010)
+    assert [(t, n, round(s, 9)) for t, n, s in tracker.advance()] == [(1, 1, 0.004), (2, 1, 0.010)]
+    _stepped(stats[2], 3, 0.002)  # read late: three steps, their mean time
+    assert [(t, n, round(s, 9)) for t, n, s in tracker.advance()] == [(2, 3, 0.002)]
+    assert tracker.advance() == []
+
+
+def test_worker_telemetry_counts_each_sample_once():
+    from noprop_dist.distributed.telemetry import WorkerTelemetry
+
+    stats = {3: BlockStats(block=3)}
+    stats[3].start_epoch(10)
+    tel = WorkerTelemetry("unit-test", 0, stats, total_epochs=2, device=torch.device("cpu"))
+    try:
+        assert set(tel.m) == {s.name for s in M.WORKER_METRICS if not s.gpu_only}  # no GPU series on CPU
+        _stepped(stats[3], 2, 0.01)
+        tel.on_step()
+        tel.flush()
+        tel.flush()  # nothing new: Ray's Counter.inc(0) would raise, so this also checks the guard
+        assert tel.counted == {3: 64}
+        tel.on_pull(0.001, lag=3)
+        tel.flush()
+        assert tel.lag == 3
+    finally:
+        tel.close()
+
+
+@pytest.mark.ray
+def test_metrics_off_still_writes_the_run_files(ray_cluster, tmp_path):
+    from noprop_dist.distributed.driver import run_training
+
+    cfg = load_config(None, ["data.train_limit=200", "data.test_limit=50", "model.num_blocks=2",
+                             "cluster.num_workers=1", "train.epochs=1", "metrics.enabled=false",
+                             f"run.dir={tmp_path}"])
+    summary = run_training(cfg, log=lambda s: None)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["block"], r["event"]) for r in rows if r["event"] == "epoch"} == {(1, "epoch"), (2, "epoch")}
+    assert summary["run_id"] in (tmp_path / "report.md").read_text()
