@@ -46,6 +46,7 @@ def test_two_workers_train_assemble_and_evaluate_above_chance(ray_cluster, tmp_p
     assert [b["block"] for b in summary["blocks"]] == list(range(1, 11))
     assert {b["worker"] for b in summary["blocks"]} == {0, 1}
     assert all(b["samples_per_second"] > 0 for b in summary["blocks"])
+    assert all(b["nonfinite_events"] == 0 and b["stopped"] == "" for b in summary["blocks"])
     assert len({w["pid"] for w in summary["workers"]}) == 2
     assert all(w["zero_copy_data"] for w in summary["workers"]), "workers copied the dataset"
     on_disk = json.loads((tmp_path / "summary.json").read_text())

@@ -174,7 +174,8 @@ def _summary(cfg: Config, accuracy: float, train_seconds: float, reports: list[d
     blocks = [
         {"block": int(t), "worker": r["rank"], "samples_per_second": b["samples_per_second"],
          "final_loss": b["loss"], "last_epoch_mean_loss": b["last_epoch_mean_loss"], "steps": b["total_steps"],
-         "compute_seconds": b["compute_seconds"], "sync_seconds": b["sync_seconds"]}
+         "compute_seconds": b["compute_seconds"], "sync_seconds": b["sync_seconds"],
+         "nonfinite_events": b["nonfinite_events"], "stopped": b["stopped"]}
         for r in reports for t, b in r["blocks"].items()
     ]
     blocks.sort(key=lambda b: b["block"])
