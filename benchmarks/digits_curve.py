@@ -11,8 +11,8 @@ from common import write_result
 
 from noprop_dist.config import load_config
 from noprop_dist.data import load_dataset
-from noprop_dist.shared_server import LocalClient, SharedStateServer
-from noprop_dist.training import ShardGroup, evaluate_states, initial_prototypes, model_spec
+from noprop_dist.shared_server import SharedStateServer
+from noprop_dist.training import ShardGroup, evaluate_states, model_spec, train_in_process
 
 
 def main() -> None:
@@ -24,18 +24,17 @@ def main() -> None:
     cfg = load_config(None, [f"train.epochs={args.epochs}", "cluster.num_workers=1", *args.overrides])
     data = load_dataset(cfg.data.name)
     spec = model_spec(cfg, data.image_shape, data.num_classes)
-    server = SharedStateServer(spec, cfg.train.lr, cfg.train.weight_decay, cfg.train.seed,
-                               initial_prototypes(spec, data, cfg.train.seed))
-    group = ShardGroup(spec, list(range(1, spec.num_blocks + 1)), cfg.train, data.train_x, data.train_y,
-                       data.mean, data.std, LocalClient(server))
     curve, t0 = [], time.perf_counter()
-    for epoch in range(cfg.train.epochs):
-        group.train_epoch(epoch)
-        if (epoch + 1) % args.every == 0 or epoch + 1 == cfg.train.epochs:
-            _, acc = evaluate_states(spec, data, group.state_dicts(), server.state_dict(),
-                                     cfg.eval.batch_size, cfg.eval.seed)
-            curve.append({"epoch": epoch + 1, "test_accuracy": acc, "seconds": time.perf_counter() - t0})
-            print(f"epoch {epoch + 1:3d}  test accuracy {100 * acc:.2f} %  ({curve[-1]['seconds']:.0f} s)", flush=True)
+
+    def on_epoch(epoch: int, group: ShardGroup, server: SharedStateServer) -> None:
+        if (epoch + 1) % args.every and epoch + 1 != cfg.train.epochs:
+            return
+        _, acc = evaluate_states(spec, data, group.state_dicts(), server.state_dict(),
+                                 cfg.eval.batch_size, cfg.eval.seed)
+        curve.append({"epoch": epoch + 1, "test_accuracy": acc, "seconds": time.perf_counter() - t0})
+        print(f"epoch {epoch + 1:3d}  test accuracy {100 * acc:.2f} %  ({curve[-1]['seconds']:.0f} s)", flush=True)
+
+    train_in_process(cfg, data, on_epoch)
     print("written:", write_result("digits_curve", {"args": vars(args), "curve": curve}))
 
 

@@ -38,7 +38,7 @@ def main() -> None:
         times: list[float] = []
         t0 = [time.perf_counter()]
 
-        def on_epoch(epoch: int, stats: dict) -> None:
+        def on_epoch(epoch: int, group: object, server: object) -> None:
             times.append(time.perf_counter() - t0[0])
             t0[0] = time.perf_counter()
 

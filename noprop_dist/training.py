@@ -279,7 +279,8 @@ def evaluate_states(
 
 
 def train_in_process(
-    cfg: Config, dataset: ImageDataset, on_epoch: Callable[[int, dict[int, dict]], None] | None = None
+    cfg: Config, dataset: ImageDataset,
+    on_epoch: Callable[[int, ShardGroup, SharedStateServer], None] | None = None,
 ) -> tuple[dict[int, dict], dict, ShardGroup]:
     """The reference run: every block and the shared-state server in this process, no Ray.
 
@@ -296,7 +297,7 @@ def train_in_process(
         dataset.mean, dataset.std, LocalClient(server),
     )
     for epoch in range(cfg.train.epochs):
-        stats = group.train_epoch(epoch)
-        if on_epoch is not None:
-            on_epoch(epoch, stats)
+        group.train_epoch(epoch)
+        if on_epoch is not None:  # e.g. time the epoch or evaluate the chain as it stands
+            on_epoch(epoch, group, server)
     return group.state_dicts(), server.state_dict(), group

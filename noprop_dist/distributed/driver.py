@@ -2,6 +2,7 @@
 epoch by epoch with checkpoints, then the assembled chain evaluated and saved."""
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Callable
 
@@ -165,8 +166,6 @@ def _summary(cfg: Config, accuracy: float, train_seconds: float, reports: list[d
     old = {}
     if not reports:  # a finished run re-evaluated: keep the figures measured while it trained
         try:
-            import json
-
             with open(rundir.file("summary.json"), encoding="utf-8") as f:
                 old = json.load(f)
         except (OSError, ValueError):
