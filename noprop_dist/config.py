@@ -20,6 +20,10 @@ CLASS_PROBS = ("softmax", "radial")
 SYNC_MODES = ("sync", "async")
 NONFINITE_POLICIES = ("rollback", "stop")
 DEVICES = ("auto", "cpu", "cuda")
+NOPROP_METHODS = ("noprop_dt", "noprop_ct", "noprop_fm")
+BASELINE_METHODS = ("backprop", "adjoint", "dtp")
+METHODS = NOPROP_METHODS + BASELINE_METHODS
+CT_INFERENCE = ("chain", "ode")
 
 
 class ConfigError(ValueError):
@@ -37,7 +41,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    num_blocks: int = 10  # T
+    # noprop_dt | noprop_ct | noprop_fm (layer-parallel on Ray), or a baseline: backprop | adjoint | dtp
+    method: str = "noprop_dt"
+    num_blocks: int = 10  # T, NoProp-DT (and the backprop baseline's chain)
+    num_shards: int = 1  # K, NoProp-CT / FM: [0, 1] split into K time intervals, one network each
+    inference_steps: int = 1000  # CT / FM: steps of the inference chain or ODE solver (paper: 1000)
+    ct_inference: str = "chain"  # CT: chain (the DT update on the step grid) | ode (probability flow)
     embedding: str = "learned"  # one_hot | learned | prototype
     embedding_dim: int = 20  # used by `learned` only; one_hot has d = m, prototype d = C*H*W
     class_prob: str = "softmax"  # softmax (Eq. 14) | radial (Eq. 15-16)
@@ -243,8 +252,13 @@ def validate(cfg: Config) -> None:
         if v is not None:
             _positive(key, v)
     m = cfg.model
+    _choice("model.method", m.method, METHODS)
     if m.num_blocks < 1:
         raise ConfigError(f"model.num_blocks: must be >= 1, got {m.num_blocks}")
+    if m.num_shards < 1:
+        raise ConfigError(f"model.num_shards: must be >= 1, got {m.num_shards}")
+    _positive("model.inference_steps", m.inference_steps)
+    _choice("model.ct_inference", m.ct_inference, CT_INFERENCE)
     _choice("model.embedding", m.embedding, EMBEDDINGS)
     _positive("model.embedding_dim", m.embedding_dim)
     _choice("model.class_prob", m.class_prob, CLASS_PROBS)
@@ -269,10 +283,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.nonfinite_lr_factor: must be in (0, 1), got {t.nonfinite_lr_factor}")
     _positive("train.max_nonfinite", t.max_nonfinite, strict=False)
     c = cfg.cluster
-    if c.num_workers < 1 or c.num_workers > m.num_blocks:
-        raise ConfigError(
-            f"cluster.num_workers: must be in [1, model.num_blocks = {m.num_blocks}], got {c.num_workers}"
-        )
+    if c.num_workers < 1:
+        raise ConfigError(f"cluster.num_workers: must be >= 1, got {c.num_workers}")
+    shard_key = shards_key(m)
+    if shard_key is not None and c.num_workers > getattr(m, shard_key.split(".")[1]):
+        raise ConfigError(f"cluster.num_workers: must be in [1, {shard_key} = {getattr(m, shard_key.split('.')[1])}] "
+                          f"for model.method={m.method}, got {c.num_workers}")
     _positive("cluster.gpus_per_worker", c.gpus_per_worker, strict=False)
     if c.gpus_per_worker > 1 and not float(c.gpus_per_worker).is_integer():
         raise ConfigError(f"cluster.gpus_per_worker: above 1 must be a whole number, got {c.gpus_per_worker}")
@@ -291,6 +307,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"metrics.run_id: {run_id!r} is not allowed; allowed: letters, digits and _ . : - "
                           "(starting with a letter or digit)")
     _positive("metrics.write_every_seconds", cfg.metrics.write_every_seconds)
+
+
+def shards_key(m: ModelConfig) -> str | None:
+    """The key that counts a NoProp method's shards (model.num_blocks or model.num_shards); None for baselines."""
+    if m.method == "noprop_dt":
+        return "model.num_blocks"
+    if m.method in NOPROP_METHODS:
+        return "model.num_shards"
+    return None
 
 
 def worker_threads(c: ClusterConfig) -> int:

@@ -29,9 +29,11 @@ def model_spec(cfg: Config, image_shape: tuple[int, int, int], num_classes: int)
     c, h, w = image_shape
     embed_dim = {"one_hot": num_classes, "learned": m.embedding_dim, "prototype": c * h * w}[m.embedding]
     return ModelSpec(
-        image_shape=tuple(image_shape), num_classes=num_classes, num_blocks=m.num_blocks, embedding=m.embedding,
+        image_shape=tuple(image_shape), num_classes=num_classes,
+        num_blocks=m.num_blocks if m.method == "noprop_dt" else m.num_shards, embedding=m.embedding,
         embed_dim=embed_dim, dropout=m.dropout, class_prob=m.class_prob, radial_sigma=m.radial_sigma,
-        eta=m.eta, abar_max=m.abar_max,
+        eta=m.eta, abar_max=m.abar_max, method=m.method, inference_steps=m.inference_steps,
+        ct_inference=m.ct_inference,
     )
 
 

@@ -13,7 +13,7 @@ class ModelSpec:
 
     image_shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int  # m
-    num_blocks: int  # T
+    num_blocks: int  # number of shards: T blocks (noprop_dt) or K time intervals (noprop_ct / noprop_fm)
     embedding: str  # one_hot | learned | prototype
     embed_dim: int  # d: m for one_hot, C*H*W for prototype
     dropout: float
@@ -21,6 +21,9 @@ class ModelSpec:
     radial_sigma: float
     eta: float
     abar_max: float
+    method: str = "noprop_dt"  # noprop_dt | noprop_ct | noprop_fm (older saved chains have no key: DT)
+    inference_steps: int = 1000  # CT / FM: steps of the inference chain / ODE solver
+    ct_inference: str = "chain"  # CT: chain | ode
 
     @property
     def image_like_label(self) -> bool:
