@@ -56,18 +56,25 @@ class RunDir:
         return os.path.join(self.path, name)
 
     # --- config snapshot -----------------------------------------------------------------
+    def check(self, cfg: Config) -> bool:
+        """Refuse (ConfigError) a directory made by an incompatible config unless ``run.overwrite`` is set;
+        writes nothing. Returns whether the directory would be cleared by :meth:`prepare`."""
+        snapshot = self.file("config.yaml")
+        if not os.path.exists(snapshot):
+            return False
+        with open(snapshot, encoding="utf-8") as f:
+            old = yaml.safe_load(f) or {}
+        conflict = self._conflict(old, cfg.to_dict())
+        if conflict and not cfg.run.overwrite:
+            raise ConfigError(f"{conflict}; use another run.dir or set run.overwrite=true")
+        return conflict is not None
+
     def prepare(self, cfg: Config) -> None:
         """Create the directory and snapshot the config. A directory made by an incompatible config is
         refused, or with ``run.overwrite: true`` cleared of that run's files (nothing else is touched)."""
         snapshot = self.file("config.yaml")
-        if os.path.exists(snapshot):
-            with open(snapshot, encoding="utf-8") as f:
-                old = yaml.safe_load(f) or {}
-            conflict = self._conflict(old, cfg.to_dict())
-            if conflict and not cfg.run.overwrite:
-                raise ConfigError(f"{conflict}; use another run.dir or set run.overwrite=true")
-            if conflict:
-                self.clear()
+        if self.check(cfg):
+            self.clear()
         os.makedirs(self.ckpt_dir, exist_ok=True)
         atomic_write_bytes(snapshot, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
@@ -83,7 +90,7 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove this run's files (snapshot, manifest, checkpoints, chain, summary); leave anything else."""
-        for name in ("config.yaml", "manifest.json", "chain.pt", "summary.json"):
+        for name in ("config.yaml", "manifest.json", "chain.pt", "summary.json", "curve.json"):
             if os.path.exists(self.file(name)):
                 os.remove(self.file(name))
         if os.path.isdir(self.ckpt_dir):
@@ -162,6 +169,21 @@ class RunDir:
                 return self._load_epoch(previous, num_blocks)
             except CheckpointError as e2:
                 raise CheckpointError(f"{e}; and the previous epoch's too: {e2}") from None
+
+    def load_shared(self, warn: Callable[[str], None] = print) -> tuple[int, dict] | None:
+        """(epochs done, parameter-server state) of the last complete epoch, checksum verified, falling back
+        to the previous epoch like :meth:`load_resume`; None when no epoch has been checkpointed yet."""
+        manifest = self.read_manifest()
+        if manifest is None:
+            return None
+        try:
+            return int(manifest["epochs_done"]), self._load_checked(manifest["files"]["shared"])
+        except CheckpointError as e:
+            previous = manifest.get("previous")
+            if not previous:
+                raise
+            warn(f"{e}; falling back to the parameter-server checkpoint of epoch {previous['epochs_done']}")
+            return int(previous["epochs_done"]), self._load_checked(previous["files"]["shared"])
 
     def _load_epoch(self, entry: dict, num_blocks: int) -> Resume:
         files = entry["files"]

@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-DATASET_NAMES = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100")
+DATASET_NAMES = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "bloodmnist", "bloodmnist_64", "bloodmnist_128")
 EMBEDDINGS = ("one_hot", "learned", "prototype")
 CLASS_PROBS = ("softmax", "radial")
 SYNC_MODES = ("sync", "async")
@@ -81,6 +81,10 @@ class ClusterConfig:
     cpus_per_worker: float = 1.0
     threads_per_worker: int = 0  # torch threads per worker; 0 = max(1, floor(cpus_per_worker))
     device: str = "auto"  # auto: cuda when the worker was given a GPU, else cpu
+    # A worker process that dies is restarted in its placement-group bundle and its shards resume from
+    # their last checkpoint; the parameter server comes back from its last checkpoint (Ray restarts it).
+    max_restarts_per_worker: int = 3  # restarts of one worker (its shard group) before the run fails
+    max_restarts: int = 10  # restarts in the whole run (workers and parameter server) before it fails
 
 
 @dataclass
@@ -94,6 +98,7 @@ class RunConfig:
 class EvalConfig:
     batch_size: int = 1000
     seed: int = 1234  # seeds z_0 and the chain's noise so a saved chain re-evaluates identically
+    every_epochs: int = 1  # test accuracy of the chain as it stands every this many epochs (0: at the end only)
 
 
 @dataclass
@@ -295,12 +300,15 @@ def validate(cfg: Config) -> None:
     _positive("cluster.cpus_per_worker", c.cpus_per_worker)
     _positive("cluster.threads_per_worker", c.threads_per_worker, strict=False)
     _choice("cluster.device", c.device, DEVICES)
+    _positive("cluster.max_restarts_per_worker", c.max_restarts_per_worker, strict=False)
+    _positive("cluster.max_restarts", c.max_restarts, strict=False)
     if c.device == "cuda" and c.gpus_per_worker == 0:
         raise ConfigError("cluster.device: 'cuda' needs cluster.gpus_per_worker > 0")
     if not cfg.run.dir:
         raise ConfigError("run.dir: must be a non-empty path")
     _positive("run.checkpoint_every", cfg.run.checkpoint_every)
     _positive("eval.batch_size", cfg.eval.batch_size)
+    _positive("eval.every_epochs", cfg.eval.every_epochs, strict=False)
     run_id = cfg.metrics.run_id
     # It becomes a Prometheus label value and a Grafana variable: keep it to characters that need no quoting.
     if run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]*", run_id):

@@ -11,6 +11,7 @@ import sys
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DatasetNotFoundError
+from .distributed.supervisor import TrainingFailed  # no Ray import: the CLI stays fast on bad input
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingFailed as e:  # a fault the run could not absorb: not the user's input, so exit 1
+        print(f"error: training failed: {e}", file=sys.stderr)
+        return 1
     print(f"test accuracy of the assembled chain: {summary['test_accuracy']:.4f} "
           f"({summary['dataset']}, {summary['num_blocks']} blocks, {summary['num_workers']} workers, "
           f"{summary['train_seconds']:.1f}s training)")

@@ -17,7 +17,10 @@ TensorDict = dict[str, torch.Tensor]
 class SharedStateServer:
     """Holds W_embed and the head; applies pushed gradients with AdamW; counts versions.
 
-    Each accepted push is one optimizer step and raises ``version`` by one.
+    Each accepted push is one optimizer step and raises ``version`` by one. A push may carry an id
+    ``(source, seq)``, seq increasing per source (one source per client incarnation): a push whose seq is not above the last one applied for
+    its source is a repeat (a retried call) and is ignored, so nothing is applied twice. The last seq per
+    source is part of the state, so this holds across a restore from a checkpoint too.
     """
 
     def __init__(
@@ -28,13 +31,23 @@ class SharedStateServer:
         # one_hot has only the head to learn; AdamW needs at least one parameter, which it always has.
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=lr, weight_decay=weight_decay)
         self.version = 0
+        self.applied: dict[str, int] = {}  # source -> seq of the last push applied from it
+        self.repeats = 0  # pushes ignored as repeats
 
     def pull(self) -> tuple[int, TensorDict]:
         """(version, copy of the shared state dict)."""
         return self.version, {k: v.detach().clone() for k, v in self.shared.state_dict().items()}
 
-    def push(self, grads: TensorDict) -> int:
-        """Apply one gradient (name -> tensor of the parameter's shape); returns the new version."""
+    def push(self, grads: TensorDict, push_id: tuple[str, int] | None = None) -> int:
+        """Apply one gradient (name -> tensor of the parameter's shape); returns the version after it.
+
+        push_id: (source, seq) or None (no repeat detection, e.g. the in-process client).
+        """
+        if push_id is not None:
+            source, seq = push_id
+            if seq <= self.applied.get(source, -1):
+                self.repeats += 1
+                return self.version
         missing = set(self.params) - set(grads)
         if missing:
             raise ValueError(f"push is missing gradients for {sorted(missing)}")
@@ -43,15 +56,19 @@ class SharedStateServer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
+        if push_id is not None:
+            self.applied[push_id[0]] = push_id[1]
         return self.version
 
     def state_dict(self) -> dict:
-        return {"shared": self.shared.state_dict(), "optimizer": self.optimizer.state_dict(), "version": self.version}
+        return {"shared": self.shared.state_dict(), "optimizer": self.optimizer.state_dict(), "version": self.version,
+                "applied": dict(self.applied)}
 
     def load_state_dict(self, state: dict) -> None:
         self.shared.load_state_dict(state["shared"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.version = int(state["version"])
+        self.applied = {str(k): int(v) for k, v in state.get("applied", {}).items()}  # older checkpoints: none
 
 
 class SharedStateClient(Protocol):

@@ -280,6 +280,18 @@ def evaluate_states(
     return chain, acc
 
 
+def train_subset_accuracy(chain: DTChain, dataset: ImageDataset, batch_size: int, seed: int,
+                          limit: int = 10_000) -> float:
+    """Accuracy of the chain on at most ``limit`` training images, evenly spaced through the training set."""
+    n = dataset.train_y.shape[0]
+    idx = np.linspace(0, n - 1, min(n, limit)).astype(np.int64)
+    acc, _ = evaluate_chain(
+        chain, torch.from_numpy(np.ascontiguousarray(dataset.train_x[idx])), torch.from_numpy(dataset.train_y[idx]),
+        batch_size, seed, lambda xb: normalize(xb, dataset.mean, dataset.std),
+    )
+    return acc
+
+
 def train_in_process(
     cfg: Config, dataset: ImageDataset,
     on_epoch: Callable[[int, ShardGroup, SharedStateServer], None] | None = None,

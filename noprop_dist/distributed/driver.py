@@ -3,12 +3,13 @@ epoch by epoch with checkpoints, then the assembled chain evaluated and saved.""
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Callable
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from ..checkpoint import RunDir, atomic_write_json
 from ..config import Config, ConfigError, worker_threads
@@ -16,12 +17,17 @@ from ..data import ImageDataset, load_dataset
 from ..metrics import run_id as metrics_run_id
 from ..progress import ProgressDisplay
 from ..report import MetricsLog, write_report
-from ..training import assign_blocks, evaluate_states, initial_prototypes, model_spec, peak_rss_mb
+from ..training import (
+    assign_blocks, evaluate_states, initial_prototypes, model_spec, peak_rss_mb, train_subset_accuracy,
+)
 from .cluster import connect
+from .faults import faults_from_env
 from .param_server import ParameterServer
+from .supervisor import RestartBudget, TrainingFailed
 from .worker import Worker
 
 PLACEMENT_TIMEOUT_S = 120
+CURVE_FILE = "curve.json"  # test accuracy against cumulative training time, one point per evaluation
 
 
 def _check_resources(cfg: Config) -> None:
@@ -31,7 +37,7 @@ def _check_resources(cfg: Config) -> None:
     have_gpus = ray.cluster_resources().get("GPU", 0.0)
     if need_gpus > have_gpus + 1e-9:
         raise ConfigError(
-            f"cluster.gpus_per_worker: {c.num_workers} workers x {c.gpus_per_worker} GPU = {need_gpus:g} GPUs, "
+            f"cluster.gpus_per_worker: {c.num_workers} workers x {c.gpus_per_worker:g} GPU = {need_gpus:g} GPUs, "
             f"the cluster has {have_gpus:g}"
         )
 
@@ -48,41 +54,159 @@ def _split(reports: list[dict]) -> tuple[dict[int, dict], dict[int, dict]]:
     return {t: b for r in reports for t, b in r["blocks"].items()}, {r["rank"]: r for r in reports}
 
 
+class _Supervisor:
+    """The run's actors: one placement group, the parameter server, W workers; restarts dead workers.
+
+    A worker whose process dies is re-created in its own bundle; its shards reload their last checkpoint
+    and redo the epochs since, while the other workers go on (they wait only at the epoch barrier). The
+    parameter server is restarted by Ray (``max_restarts``) and restores its last checkpoint itself;
+    the supervisor notices the new incarnation (its pid) to count it and report it.
+    """
+
+    def __init__(self, cfg: Config, spec: Any, dataset: ImageDataset, rundir: RunDir, resume: Any,
+                 display: ProgressDisplay, run_label: str | None) -> None:
+        self.cfg, self.spec, self.rundir, self.display, self.run_label = cfg, spec, rundir, display, run_label
+        c = cfg.cluster
+        self.groups = assign_blocks(spec.num_blocks, c.num_workers)
+        self.owner = {t: w for w, g in enumerate(self.groups) for t in g}
+        self.budget = RestartBudget(c.max_restarts_per_worker, c.max_restarts)
+        self.events: list[dict] = []  # one per restart, for the summary
+        self.faults = faults_from_env()
+        self.dataset = dataset
+        # Once into the object store; every worker maps the same bytes read-only (no per-task copy).
+        self.x_ref, self.y_ref = ray.put(dataset.train_x), ray.put(dataset.train_y)
+        self.pg = placement_group([_bundle(cfg)] * c.num_workers, strategy="PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(self.pg)
+            raise RuntimeError(
+                f"placement group of {c.num_workers} x {_bundle(cfg)} not placed within {PLACEMENT_TIMEOUT_S}s; "
+                f"cluster resources: {ray.cluster_resources()}"
+            )
+        # On the driver's node: a restarted server reads the last checkpoint from run.dir, which only the
+        # driver's filesystem is sure to have.
+        self.server = ParameterServer.options(
+            max_restarts=c.max_restarts, max_task_retries=0,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
+        ).remote(
+            spec, cfg.train.lr, cfg.train.weight_decay, cfg.train.seed,
+            None if resume else initial_prototypes(spec, dataset, cfg.train.seed),
+            resume.shared_state if resume else None, run_id=run_label, run_dir=os.path.abspath(rundir.path),
+        )
+        self.server_pid = ray.get(self.server.identity.remote())["pid"]
+        self.workers = [
+            self._worker(w, {t: resume.block_states[t] for t in self.groups[w]} if resume else None, 0)
+            for w in range(c.num_workers)
+        ]
+        self.last_progress: dict[int, dict] = {}
+
+    def _worker(self, w: int, states: dict[int, dict] | None, restarts: int) -> "ray.actor.ActorHandle":
+        c = self.cfg.cluster
+        return Worker.options(
+            num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=w),
+        ).remote(
+            w, self.spec, self.groups[w], self.cfg.train, worker_threads(c), c.device, self.x_ref, self.y_ref,
+            self.dataset.mean, self.dataset.std, self.server, states, run_id=self.run_label, restarts=restarts,
+            faults=[f for f in self.faults if f.worker == w] if restarts == 0 else None,
+        )
+
+    def _blocks(self, w: int) -> str:
+        g = self.groups[w]
+        return f"block {g[0]}" if len(g) == 1 else f"blocks {g[0]}-{g[-1]}"
+
+    def _restart(self, w: int, epoch: int, error: Exception) -> "ray.ObjectRef":
+        """Worker w died during ``epoch`` (0-based): a new one in its bundle, from the last checkpoint."""
+        what = f"worker {w} ({self._blocks(w)}) died in epoch {epoch + 1} ({type(error).__name__})"
+        n = self.budget.worker_restart(w, what)
+        ray.kill(self.workers[w])  # already gone; makes sure its bundle is free
+        resume = self.rundir.load_resume(self.spec.num_blocks, warn=self.display.message)
+        from_epoch = resume.epochs_done if resume else 0
+        self.workers[w] = self._worker(w, {t: resume.block_states[t] for t in self.groups[w]} if resume else None, n)
+        self.events.append({"kind": "worker", "worker": w, "blocks": self.groups[w], "epoch": epoch + 1,
+                            "restart": n, "resumed_from_epoch": from_epoch, "time": time.time()})
+        self.display.message(
+            f"{what}; restarted ({n}/{self.cfg.cluster.max_restarts_per_worker}), its blocks redo "
+            f"epoch{'s' if epoch > from_epoch else ''} {from_epoch + 1}{f'-{epoch + 1}' if epoch > from_epoch else ''} "
+            f"from {'the checkpoint of epoch ' + str(from_epoch) if resume else 'their initial weights'}; "
+            f"the other workers go on"
+        )
+        return self.workers[w].train_epochs.remote(list(range(from_epoch, epoch + 1)))
+
+    def _watch_server(self) -> None:
+        """Notice a restarted parameter server (new pid); fail when it is gone for good."""
+        try:
+            ident = ray.get(self.server.identity.remote(), timeout=2.0)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+            return  # restarting, or busy: look again next time
+        except ray.exceptions.RayActorError as e:
+            raise TrainingFailed(f"parameter server died and was not restarted "
+                                 f"(cluster.max_restarts={self.cfg.cluster.max_restarts}): {e}") from None
+        if ident["pid"] != self.server_pid:
+            self.server_pid = ident["pid"]
+            what = (f"parameter server restarted; it restored "
+                    + (f"the checkpoint of epoch {ident['restored_from']}" if ident["restored_from"] is not None
+                       else "its initial state (no checkpoint yet)") + f", version {ident['start_version']}")
+            n = self.budget.server_restart(what)
+            self.events.append({"kind": "server", "restart": n, "restored_from_epoch": ident["restored_from"],
+                                "version": ident["start_version"], "time": time.time()})
+            self.display.message(what + "; workers re-sync with it")
+
+    def _poll(self, pending: dict[int, Any]) -> list[dict]:
+        """Progress of every worker; a dead one keeps its last report (its train call tells the rest)."""
+        refs = {w: self.workers[w].progress.remote() for w in pending}
+        for w, ref in refs.items():
+            try:
+                self.last_progress[w] = ray.get(ref, timeout=5.0)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+        return list(self.last_progress.values())
+
+    def run_epoch(self, epoch: int, mlog: MetricsLog) -> list[dict]:
+        """Every worker trains ``epoch``; dead workers are restarted until the limits. Returns the reports."""
+        pending = {w: h.train_epoch.remote(epoch) for w, h in enumerate(self.workers)}
+        results: dict[int, dict] = {}
+        while pending:
+            ray.wait(list(pending.values()), num_returns=len(pending), timeout=1.0)
+            for w, ref in list(pending.items()):
+                ready, _ = ray.wait([ref], timeout=0)
+                if not ready:
+                    continue
+                del pending[w]
+                try:
+                    results[w] = self.last_progress[w] = ray.get(ref)
+                except ray.exceptions.RayActorError as e:  # its process died
+                    pending[w] = self._restart(w, epoch, e)
+                except ray.exceptions.RayTaskError as e:
+                    first = str(e.cause if e.cause is not None else e).strip().splitlines()[-1]
+                    raise TrainingFailed(f"worker {w} ({self._blocks(w)}) failed in epoch {epoch + 1}: {first}") from None
+            self._watch_server()
+            blocks, by_rank = _split(self._poll(pending))
+            self.display.update(blocks, self.owner)
+            mlog.record(blocks, by_rank, self.owner)
+        return [results[w] for w in sorted(results)]
+
+    def states(self) -> tuple[dict[int, dict], dict]:
+        blocks = {t: s for part in ray.get([w.state_dicts.remote() for w in self.workers]) for t, s in part.items()}
+        return blocks, ray.get(self.server.state_dict.remote())
+
+    def close(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        ray.kill(self.server, no_restart=True)
+        remove_placement_group(self.pg)
+
+
 def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Any, display: ProgressDisplay,
-                  mlog: MetricsLog, run_label: str | None) -> tuple[dict[int, dict], dict, list[dict], float]:
-    """Train the remaining epochs; returns (block states, server state, worker reports, train seconds).
+                  mlog: MetricsLog, run_label: str | None, curve: list[dict]) -> tuple[dict[int, dict], dict, list[dict], float, list[dict]]:
+    """Train the remaining epochs; returns (block states, server state, worker reports, train seconds,
+    restart events). ``curve`` gets a test-accuracy point every ``eval.every_epochs`` (not the last epoch:
+    the caller measures that one).
 
     run_label: the `run` label of the metrics the actors export, None when they export none.
     """
     spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
-    c = cfg.cluster
-    groups = assign_blocks(spec.num_blocks, c.num_workers)
-    owner = {t: w for w, g in enumerate(groups) for t in g}
-    # Once into the object store; every worker maps the same bytes read-only (no per-task copy).
-    x_ref, y_ref = ray.put(dataset.train_x), ray.put(dataset.train_y)
-    server = ParameterServer.remote(
-        spec, cfg.train.lr, cfg.train.weight_decay, cfg.train.seed,
-        None if resume else initial_prototypes(spec, dataset, cfg.train.seed),
-        resume.shared_state if resume else None, run_id=run_label,
-    )
-    pg = placement_group([_bundle(cfg)] * c.num_workers, strategy="PACK")
-    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
-    if not ready:
-        remove_placement_group(pg)
-        raise RuntimeError(
-            f"placement group of {c.num_workers} x {_bundle(cfg)} not placed within {PLACEMENT_TIMEOUT_S}s; "
-            f"cluster resources: {ray.cluster_resources()}"
-        )
-    workers = [
-        Worker.options(
-            num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=w),
-        ).remote(
-            w, spec, groups[w], cfg.train, worker_threads(c), c.device, x_ref, y_ref, dataset.mean, dataset.std,
-            server, {t: resume.block_states[t] for t in groups[w]} if resume else None, run_id=run_label,
-        )
-        for w in range(c.num_workers)
-    ]
+    sup = _Supervisor(cfg, spec, dataset, rundir, resume, display, run_label)
     train_seconds = resume.train_seconds if resume else 0.0
     start_epoch = resume.epochs_done if resume else 0
     reports: list[dict] = []
@@ -90,34 +214,52 @@ def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: An
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             t0 = time.perf_counter()
-            pending = [w.train_epoch.remote(epoch) for w in workers]
-            remaining = list(pending)
-            while remaining:
-                _, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=1.0)
-                blocks, by_rank = _split(ray.get([w.progress.remote() for w in workers]))
-                display.update(blocks, owner)
-                mlog.record(blocks, by_rank, owner)
-            reports = ray.get(pending)
+            reports = sup.run_epoch(epoch, mlog)
             epoch_seconds.append(time.perf_counter() - t0)
             train_seconds += epoch_seconds[-1]
             done = epoch + 1
             blocks, by_rank = _split(reports)
-            display.update(blocks, owner, force=True)
-            mlog.record(blocks, by_rank, owner, event="epoch")
+            display.update(blocks, sup.owner, force=True)
+            mlog.record(blocks, by_rank, sup.owner, event="epoch")
+            every = cfg.eval.every_epochs
+            evaluate_now = every > 0 and done % every == 0 and done < cfg.train.epochs
+            if done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs or evaluate_now:
+                states, shared_state = sup.states()
             if done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs:
-                states = {t: s for part in ray.get([w.state_dicts.remote() for w in workers]) for t, s in part.items()}
-                shared_state = ray.get(server.state_dict.remote())
                 rundir.save_epoch(done, states, shared_state, train_seconds)
-                display.message(f"epoch {done}/{cfg.train.epochs} done in {time.perf_counter() - t0:.1f}s; "
+                display.message(f"epoch {done}/{cfg.train.epochs} done in {epoch_seconds[-1]:.1f}s; "
                                 f"checkpoint saved to {rundir.ckpt_dir}")
+            if evaluate_now:  # on the driver, outside train_seconds
+                _, acc = evaluate_states(spec, dataset, states, shared_state, cfg.eval.batch_size, cfg.eval.seed)
+                curve.append({"epoch": done, "train_seconds": train_seconds, "test_accuracy": acc})
+                atomic_write_json(rundir.file(CURVE_FILE), curve)
+                display.message(f"epoch {done}: test accuracy of the chain as it stands {acc:.4f}")
         for r in reports:
             r["epoch_wall_seconds"] = epoch_seconds
-        return states, shared_state, reports, train_seconds
+        return states, shared_state, reports, train_seconds, sup.events
     finally:
-        for w in workers:
-            ray.kill(w)
-        ray.kill(server)
-        remove_placement_group(pg)
+        sup.close()
+
+
+def _connect_checked(cfg: Config) -> bool:
+    """Join or start Ray and refuse a run the cluster cannot hold; returns whether this call started Ray."""
+    started = connect(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker, metrics=cfg.metrics.enabled)
+    try:
+        _check_resources(cfg)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        raise
+    return started
+
+
+def _read_curve(rundir: RunDir, epochs_done: int) -> list[dict]:
+    """The accuracy curve measured so far, up to the epoch the run resumes from."""
+    try:
+        with open(rundir.file(CURVE_FILE), encoding="utf-8") as f:
+            return [p for p in json.load(f) if p["epoch"] <= epochs_done]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
 
 
 def run_training(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -125,44 +267,64 @@ def run_training(cfg: Config, log: Callable[[str], None] = print) -> dict[str, A
     dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.train_limit, cfg.data.test_limit)
     spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
     rundir = RunDir(cfg.run.dir)
-    rundir.prepare(cfg)
-    resume = rundir.load_resume(spec.num_blocks)
-    display = ProgressDisplay(cfg.train.epochs, interval=cfg.train.log_every_seconds)
-    run_label = metrics_run_id(cfg)
-    mlog = MetricsLog(rundir.path, run_label, cfg.metrics.write_every_seconds)
-    log(f"{cfg.data.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images {dataset.image_shape}; "
-        f"T={spec.num_blocks} blocks on {cfg.cluster.num_workers} workers; run dir {rundir.path}")
-    reports: list[dict] = []
-    if resume and resume.epochs_done >= cfg.train.epochs:
-        log(f"run already finished ({resume.epochs_done} epochs); not retraining, re-evaluating its checkpoints")
-        states, shared_state, train_seconds = resume.block_states, resume.shared_state, resume.train_seconds
-    else:
-        if resume:
-            log(f"resuming from epoch {resume.epochs_done} (checkpoints in {rundir.ckpt_dir})")
-        started = connect(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker, metrics=cfg.metrics.enabled)
-        if cfg.metrics.enabled:
-            log(f"metrics: exported through Ray's metrics port with the label run=\"{run_label}\"")
-        try:
-            _check_resources(cfg)
-            states, shared_state, reports, train_seconds = _train_on_ray(
-                cfg, dataset, rundir, resume, display, mlog, run_label if cfg.metrics.enabled else None)
-        finally:
-            if started:
-                ray.shutdown()
+    # Everything that can refuse the run does so before anything is written to run.dir.
+    cleared = rundir.check(cfg)
+    manifest = None if cleared else rundir.read_manifest()
+    started, connected = False, False
+    if manifest is None or manifest["epochs_done"] < cfg.train.epochs:
+        started, connected = _connect_checked(cfg), True
+    try:
+        rundir.prepare(cfg)
+        resume = rundir.load_resume(spec.num_blocks)
+        display = ProgressDisplay(cfg.train.epochs, interval=cfg.train.log_every_seconds)
+        run_label = metrics_run_id(cfg)
+        mlog = MetricsLog(rundir.path, run_label, cfg.metrics.write_every_seconds)
+        log(f"{cfg.data.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images {dataset.image_shape}; "
+            f"{_shards(spec)} on {cfg.cluster.num_workers} workers; run dir {rundir.path}")
+        reports: list[dict] = []
+        events: list[dict] = []
+        curve = _read_curve(rundir, resume.epochs_done if resume else 0)
+        if resume and resume.epochs_done >= cfg.train.epochs:
+            log(f"run already finished ({resume.epochs_done} epochs); not retraining, re-evaluating its checkpoints")
+            states, shared_state, train_seconds = resume.block_states, resume.shared_state, resume.train_seconds
+        else:
+            if resume:
+                log(f"resuming from epoch {resume.epochs_done} (checkpoints in {rundir.ckpt_dir})")
+            if not connected:  # the last epoch's checkpoint was unusable: there is training to do after all
+                started, connected = _connect_checked(cfg), True
+            if cfg.metrics.enabled:
+                log(f"metrics: exported through Ray's metrics port with the label run=\"{run_label}\"")
+            states, shared_state, reports, train_seconds, events = _train_on_ray(
+                cfg, dataset, rundir, resume, display, mlog, run_label if cfg.metrics.enabled else None, curve)
+    finally:
+        if started:
+            ray.shutdown()
     chain, accuracy = evaluate_states(spec, dataset, states, shared_state, cfg.eval.batch_size, cfg.eval.seed)
+    if not curve or curve[-1]["epoch"] < cfg.train.epochs:
+        curve.append({"epoch": cfg.train.epochs, "train_seconds": train_seconds, "test_accuracy": accuracy})
+        atomic_write_json(rundir.file(CURVE_FILE), curve)
+    train_accuracy = train_subset_accuracy(chain, dataset, cfg.eval.batch_size, cfg.eval.seed)
     chain.save(rundir.file("chain.pt"), extra={
         "dataset": cfg.data.name, "data_root": cfg.data.root, "test_limit": cfg.data.test_limit,
         "mean": list(dataset.mean), "std": list(dataset.std), "test_accuracy": accuracy,
         "eval_seed": cfg.eval.seed, "eval_batch_size": cfg.eval.batch_size,
     })
-    summary = _summary(cfg, accuracy, train_seconds, reports, shared_state, rundir) | {"run_id": run_label}
+    summary = _summary(cfg, spec, accuracy, train_accuracy, train_seconds, reports, shared_state, rundir, curve,
+                       events) | {"run_id": run_label}
     atomic_write_json(rundir.file("summary.json"), summary)
     write_report(rundir.path, summary, run_label)
     return summary
 
 
-def _summary(cfg: Config, accuracy: float, train_seconds: float, reports: list[dict], shared_state: dict,
-             rundir: RunDir) -> dict[str, Any]:
+def _shards(spec: Any) -> str:
+    if spec.method == "noprop_dt":
+        return f"T={spec.num_blocks} blocks"
+    return f"{spec.method}, K={spec.num_blocks} time-shard{'s' if spec.num_blocks > 1 else ''}"
+
+
+def _summary(cfg: Config, spec: Any, accuracy: float, train_accuracy: float, train_seconds: float,
+             reports: list[dict], shared_state: dict, rundir: RunDir, curve: list[dict],
+             events: list[dict]) -> dict[str, Any]:
     old = {}
     if not reports:  # a finished run re-evaluated: keep the figures measured while it trained
         try:
@@ -174,20 +336,34 @@ def _summary(cfg: Config, accuracy: float, train_seconds: float, reports: list[d
         {"block": int(t), "worker": r["rank"], "samples_per_second": b["samples_per_second"],
          "final_loss": b["loss"], "last_epoch_mean_loss": b["last_epoch_mean_loss"], "steps": b["total_steps"],
          "compute_seconds": b["compute_seconds"], "sync_seconds": b["sync_seconds"],
-         "nonfinite_events": b["nonfinite_events"], "stopped": b["stopped"]}
+         "nonfinite_events": b["nonfinite_events"], "stopped": b["stopped"], "restarts": r.get("restarts", 0)}
         for r in reports for t, b in r["blocks"].items()
     ]
     blocks.sort(key=lambda b: b["block"])
     step_s = sum(b["compute_seconds"] + b["sync_seconds"] for b in blocks)
     sync_s = sum(b["sync_seconds"] for b in blocks)
+    gpu = [r["peak_gpu_mb"] for r in reports if r.get("peak_gpu_mb") is not None]
+    if reports:
+        memory = (max(gpu), "gpu") if gpu else (max(r["peak_rss_mb"] for r in reports), "rss")
+    else:
+        memory = (old.get("peak_memory_mb"), old.get("peak_memory_kind"))
     return {
+        "method": cfg.model.method,
         "test_accuracy": accuracy,
+        "train_accuracy": train_accuracy,
         "train_seconds": train_seconds,
         "num_workers": cfg.cluster.num_workers,
         "epochs": cfg.train.epochs,
+        "seed": cfg.train.seed,
         "dataset": cfg.data.name,
         "embedding": cfg.model.embedding,
         "num_blocks": cfg.model.num_blocks,
+        "num_shards": spec.num_blocks,
+        "curve": curve,
+        # Peak training memory per worker process (GPU memory on a GPU, else resident set size).
+        "peak_memory_mb": memory[0],
+        "peak_memory_kind": memory[1],
+        "restarts": events if reports else old.get("restarts", []),
         "sync_mode": cfg.train.sync_mode,
         "shared_state_version": int(shared_state["version"]),
         "blocks": blocks or old.get("blocks", []),
@@ -195,8 +371,9 @@ def _summary(cfg: Config, accuracy: float, train_seconds: float, reports: list[d
         # Wall time of each epoch trained in this invocation; the first includes starting the actors.
         "epoch_seconds": reports[0]["epoch_wall_seconds"] if reports else old.get("epoch_seconds", []),
         "workers": [
-            {k: r[k] for k in ("rank", "pid", "device", "peak_rss_mb", "push_seconds", "pull_seconds",
-                               "embedding_version_lag", "epoch_seconds", "zero_copy_data")}
+            {k: r[k] for k in ("rank", "pid", "device", "peak_rss_mb", "peak_gpu_mb", "push_seconds", "pull_seconds",
+                               "embedding_version_lag", "epoch_seconds", "zero_copy_data", "restarts",
+                               "server_resyncs")}
             for r in reports
         ] or old.get("workers", []),
         "driver_peak_rss_mb": peak_rss_mb(),

@@ -1,0 +1,72 @@
+"""Fault injection for tests and fault benchmarks: real faults (SIGKILL, NaN weights) at exact points.
+
+The driver reads the plan from the environment variable ``NOPROP_FAULTS`` (never from the config: it
+is not something a run should carry) and hands each worker its part. Comma-separated items:
+
+    kill:W@E.S       worker W kills its own process (SIGKILL) after step S of epoch E (1-based;
+                     S = 0: before the epoch's first step)
+    kill_ps:W@E.S    worker W SIGKILLs the parameter server's process at that point
+    nan:W:B@E.S      worker W fills block B's weights with NaN at that point
+
+Each item fires once, in the worker's first incarnation only (a restarted worker runs clean).
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+ENV_VAR = "NOPROP_FAULTS"
+_ITEM = re.compile(r"^(kill|kill_ps|nan):(\d+)(?::(\d+))?@(\d+)\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str  # kill | kill_ps | nan
+    worker: int
+    epoch: int  # 1-based, as progress lines count
+    step: int  # 1-based step (mini-batch) within the epoch; 0: before the first
+    block: int | None = None
+
+
+def parse_faults(text: str | None) -> list[Fault]:
+    """``"kill:1@2.5,nan:0:2@1.3"`` -> faults; raises ValueError naming a malformed item."""
+    faults = []
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        m = _ITEM.match(item)
+        if m is None or (m.group(1) == "nan") != (m.group(3) is not None):
+            raise ValueError(f"{ENV_VAR}: malformed item {item!r}; expected kill:W@E.S, kill_ps:W@E.S or nan:W:B@E.S")
+        kind, w, b, e, s = m.groups()
+        faults.append(Fault(kind, int(w), int(e), int(s), int(b) if b else None))
+    return faults
+
+
+def faults_from_env() -> list[Fault]:
+    return parse_faults(os.environ.get(ENV_VAR))
+
+
+def fault_hook(
+    faults: list[Fault], blocks: dict[int, torch.nn.Module], server_pid: Callable[[], int],
+    log: Callable[[str], None],
+) -> Callable[[int, int], None]:
+    """A per-step callback ``(epoch 0-based, step) -> None`` that fires this worker's faults."""
+    pending = list(faults)
+
+    def hook(epoch: int, step: int) -> None:
+        for f in [f for f in pending if (f.epoch, f.step) == (epoch + 1, step)]:
+            pending.remove(f)
+            log(f"fault injection: {f.kind} at epoch {f.epoch} step {f.step}")
+            if f.kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif f.kind == "kill_ps":
+                os.kill(server_pid(), signal.SIGKILL)
+            else:
+                with torch.no_grad():
+                    for p in blocks[f.block].parameters():
+                        p.fill_(float("nan"))
+
+    return hook
