@@ -25,13 +25,18 @@ def load_chain(run_dir: str) -> tuple[DTChain, dict]:
     return DTChain.load(path)
 
 
-def evaluate_run(run_dir: str) -> float:
-    """Test accuracy of the run's saved chain, measured again from scratch."""
+def evaluate_run(run_dir: str, seed: int | None = None) -> float:
+    """Test accuracy of the run's saved chain, measured again from scratch.
+
+    seed: the noise seed of z_0 and the chain's steps; None = the one saved with the run (the same
+    predictions as at the end of training). Other seeds give the spread over inference runs.
+    """
     chain, extra = load_chain(run_dir)
     data = load_dataset(extra["dataset"], extra["data_root"], test_limit=extra["test_limit"])
     acc, _ = evaluate_chain(
         chain, torch.from_numpy(np.ascontiguousarray(data.test_x)), torch.from_numpy(data.test_y),
-        extra["eval_batch_size"], extra["eval_seed"], lambda xb: normalize(xb, extra["mean"], extra["std"]),
+        extra["eval_batch_size"], extra["eval_seed"] if seed is None else seed,
+        lambda xb: normalize(xb, extra["mean"], extra["std"]),
     )
     return acc
 

@@ -1,0 +1,124 @@
+"""Wall time to a test accuracy: NoProp-DT vs DDP backprop (Ray Train), each on 1 and 2 workers.
+
+    python benchmarks/time_to_accuracy.py --dataset digits --epochs 20 --target 0.9
+    python benchmarks/time_to_accuracy.py --dataset fashion_mnist --epochs 3 --target 0.8 --train-limit 6000
+
+All runs go side by side in one invocation, each through the run entry point
+(``python -m noprop_dist.run``; backprop is ``model.method=backprop``, which that entry point trains
+with DDP through Ray Train). Each run's ``summary.json`` ``curve`` has the test accuracy after every
+epoch and the cumulative training seconds at that point; the time to the target is that of the first
+epoch whose test accuracy reaches it (so it is resolved to whole epochs, and excludes evaluation and
+start-up, which ``train_seconds`` does not count). A run that never reaches it shows '-'.
+Writes benchmarks/results/time_to_accuracy.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+from common import write_result
+
+from noprop_dist.reproduce import HarnessError, config_path, default_config_dir, run_command, train_subprocess
+
+METHODS = ("noprop_dt", "backprop")
+
+
+def time_to_accuracy(curve: list[dict], target: float) -> dict | None:
+    """{"epoch", "train_seconds", "test_accuracy"} of the first epoch whose test accuracy >= target; else None.
+
+    ``curve``: summary.json's list of {"epoch", "train_seconds" (cumulative), "test_accuracy"}; read in
+    epoch order whatever order it was written in (a resumed run appends).
+    """
+    for point in sorted(curve, key=lambda p: p["epoch"]):
+        if point["test_accuracy"] >= target:
+            return {k: point[k] for k in ("epoch", "train_seconds", "test_accuracy")}
+    return None
+
+
+def result_row(method: str, workers: int, summary: dict, target: float) -> dict:
+    """What the table shows of one run."""
+    curve = summary.get("curve") or []
+    hit = time_to_accuracy(curve, target)
+    return {
+        "method": method, "workers": workers, "target": target,
+        "epochs_to_target": hit["epoch"] if hit else None,
+        "seconds_to_target": hit["train_seconds"] if hit else None,
+        "final_test_accuracy": summary["test_accuracy"], "epochs": summary["epochs"],
+        "train_seconds": summary["train_seconds"], "curve": curve,
+        "peak_memory_mb": summary.get("peak_memory_mb"), "peak_memory_kind": summary.get("peak_memory_kind"),
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    """Plain-text table of the runs, the target in the header."""
+    target = rows[0]["target"] if rows else float("nan")
+    lines = [f"{'method':<10} {'workers':>7} {'epochs to ' + format(target, '.0%'):>16} "
+             f"{'seconds to target':>18} {'final acc':>10} {'train s':>9}"]
+    for r in rows:
+        epochs = "-" if r["epochs_to_target"] is None else str(r["epochs_to_target"])
+        secs = "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}"
+        lines.append(f"{r['method']:<10} {r['workers']:>7} {epochs:>16} {secs:>18} "
+                     f"{100 * r['final_test_accuracy']:>9.2f}% {r['train_seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+def method_config(method: str, dataset: str) -> str:
+    """The method's config for the dataset; backprop without one of its own uses NoProp-DT's (the paper
+    runs it "in the DT setting": same blocks, batch, optimiser), with a note saying so."""
+    try:
+        return config_path(method, dataset, default_config_dir())
+    except HarnessError as e:
+        if method == "noprop_dt":
+            raise
+        fallback = config_path("noprop_dt", dataset, default_config_dir())
+        print(f"note: {e}; using {fallback} with model.method={method}", flush=True)
+        return fallback
+
+
+def overrides_for(args: argparse.Namespace, method: str, workers: int, run_dir: str) -> list[str]:
+    out = [f"model.method={method}", f"data.name={args.dataset}", f"model.embedding={args.embedding}",
+           f"train.epochs={args.epochs}", f"cluster.num_workers={workers}", f"run.dir={run_dir}",
+           "metrics.enabled=false", *args.overrides]
+    if args.train_limit:
+        out.append(f"data.train_limit={args.train_limit}")
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--embedding", default="one_hot")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--target", type=float, default=0.9, help="test accuracy in [0, 1]; default %(default)s")
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    p.add_argument("--keep", metavar="DIR", help="keep the run directories here (default: a temporary one)")
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = args.keep or tmp
+        try:
+            for method in args.methods:
+                config = method_config(method, args.dataset)
+                for workers in args.workers:
+                    run_dir = os.path.join(base, f"{method}_w{workers}")
+                    print(f"{method} on {workers} workers: training ({run_dir})", flush=True)
+                    train_subprocess(run_command(config, overrides_for(args, method, workers, run_dir)),
+                                 f"{run_dir}.log", echo=False)
+                    with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
+                        rows.append(result_row(method, workers, json.load(f), args.target))
+        except HarnessError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    print(format_table(rows))
+    print("written:", write_result("time_to_accuracy", {"args": vars(args), "results": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

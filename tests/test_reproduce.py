@@ -1,0 +1,289 @@
+"""The Table 1 harness (noprop_dist.reproduce), the paper's numbers, and the time-to-accuracy logic.
+
+The end-to-end test trains two tiny digits runs through the real command (Ray, subprocesses) and
+checks table.md, results.json and the Fig. 3 plot; everything else runs on hand-made summaries.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from noprop_dist import paper, reproduce
+from noprop_dist.reproduce import HarnessError, build_row, mean_se, seed_record
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["model.num_blocks=2", "cluster.num_workers=1", "train.epochs=2", "data.train_limit=300",
+        "data.test_limit=100", "metrics.enabled=false"]
+
+
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "noprop_dist.reproduce", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=REPO)
+
+
+def _time_to_accuracy_module():
+    """benchmarks/time_to_accuracy.py imports its sibling `common` as a script does: put it on the path."""
+    bench = os.path.join(REPO, "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    spec = importlib.util.spec_from_file_location("time_to_accuracy", os.path.join(bench, "time_to_accuracy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _summary(test: float, train: float | None = 0.9, mem: float | None = 900.0, kind: str = "rss",
+             epochs: int = 2, run_dir: str = "/nonexistent") -> dict:
+    return {"method": "noprop_dt", "dataset": "mnist", "embedding": "one_hot", "num_workers": 1, "epochs": epochs,
+            "seed": 0, "test_accuracy": test, "train_accuracy": train, "train_seconds": 10.0,
+            "curve": [{"epoch": epochs, "train_seconds": 10.0, "test_accuracy": test}],
+            "peak_memory_mb": mem, "peak_memory_kind": kind, "run_dir": run_dir}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def test_mean_se_is_std_ddof1_over_sqrt_n():
+    mean, se = mean_se([0.90, 0.92, 0.97])
+    assert mean == pytest.approx(0.93)
+    sd = math.sqrt(((0.90 - 0.93) ** 2 + (0.92 - 0.93) ** 2 + (0.97 - 0.93) ** 2) / 2)
+    assert se == pytest.approx(sd / math.sqrt(3))
+    assert mean_se([0.5, 0.5]) == (0.5, 0.0)  # no spread: a true 0, unlike n = 1
+
+
+def test_mean_se_of_one_value_has_no_se():
+    assert mean_se([0.8]) == (0.8, None)
+    assert reproduce.format_pct(reproduce.stats([0.8])) == "80.00 ± n/a"
+    with pytest.raises(ValueError):
+        mean_se([])
+    assert reproduce.stats([]) is None and reproduce.format_pct(None) == "-"
+
+
+def test_format_pct():
+    assert reproduce.format_pct(reproduce.stats([0.99, 0.98])) == "98.50 ± 0.50"
+
+
+# ----------------------------------------------------------------------------- the paper's numbers
+
+def test_paper_numbers_match_noprop_md():
+    assert paper.paper_test_accuracy("noprop_dt", "mnist", "one_hot") == 99.47
+    assert paper.paper_test_accuracy("noprop_dt", "cifar10", "prototype") == 80.54
+    assert paper.paper_test_accuracy("noprop_fm", "cifar100", "one_hot") == 6.38
+    assert paper.paper_test_accuracy("noprop_ct", "cifar100", "learned") == 33.99
+    assert paper.paper_test_accuracy("backprop", "cifar100", "prototype") == 47.80
+    assert paper.paper_test_accuracy("adjoint", "cifar10", "one_hot") == 66.78
+    assert paper.paper_test_accuracy("adjoint", "cifar10", "learned") is None  # '-' in the paper
+    assert paper.paper_test_accuracy("dtp", "cifar10", "learned") == 50.71  # no embedding in DTP
+    assert paper.paper_test_accuracy("noprop_dt", "digits", "one_hot") is None
+    assert paper.EARLIER_METHODS["Forward-Forward"] == {"mnist": 98.63}
+    assert paper.EARLIER_METHODS["LG-FG-A"] == {"mnist": 97.45, "cifar10": 69.32}
+    assert paper.paper_memory_gb("adjoint", "cifar100", "one_hot") == 6.45
+    assert paper.paper_memory_gb("noprop_dt", "mnist", "learned") is None  # Table 2 is one-hot only
+    assert paper.paper_epochs("noprop_ct", "cifar100") == 1000 and paper.paper_epochs("backprop", "cifar10") == 150
+
+
+def test_table1_cells_cover_every_number():
+    cells = paper.table1_cells()
+    assert len(cells) == len(set(cells)) == 3 * 3 * 4 + 3 + 2  # 4 full rows, adjoint one-hot, DTP
+    assert all(paper.paper_test_accuracy(*c) is not None for c in cells)
+
+
+# ----------------------------------------------------------------------------- configs and arguments
+
+def test_config_path(tmp_path):
+    for name in ("mnist.yaml", "quickstart.yaml", "cifar10_ct.yaml"):
+        (tmp_path / name).write_text("{}\n")
+    d = str(tmp_path)
+    assert reproduce.config_path("noprop_dt", "mnist", d) == os.path.join(d, "mnist.yaml")
+    assert reproduce.config_path("noprop_ct", "cifar10", d) == os.path.join(d, "cifar10_ct.yaml")
+    assert reproduce.config_path("noprop_dt", "digits", d) == os.path.join(d, "quickstart.yaml")
+    with pytest.raises(HarnessError, match="mnist_backprop.yaml does not exist"):
+        reproduce.config_path("backprop", "mnist", d)
+    with pytest.raises(HarnessError, match="quickstart_fm.yaml does not exist"):
+        reproduce.config_path("noprop_fm", "digits", d)
+
+
+def test_missing_config_is_one_line_exit_2(tmp_path):
+    p = _cli("--method", "noprop_fm", "--dataset", "cifar100", "--config-dir", str(tmp_path),
+             "--out", str(tmp_path / "out"), timeout=120)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cifar100_fm.yaml" in lines[0] and lines[0].startswith("error: "), p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override,key", [("run.dir=x", "run.dir"), ("train.seed=3", "train.seed"),
+                                          ("train.epochs=zero", "train.epochs")])
+def test_bad_set_is_one_line_exit_2(tmp_path, override, key):
+    p = _cli("--dataset", "digits", "--seeds", "0", "--out", str(tmp_path / "out"), "--set", override, timeout=120)
+    assert p.returncode == 2 and key in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "out" / "runs").exists(), "nothing may run after a bad --set"
+
+
+def test_all_lists_every_cell_and_runs_nothing(tmp_path):
+    p = _cli("--all", "--seeds", "0", "1", "--out", str(tmp_path / "out"), timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == len(paper.table1_cells())
+    assert any(line.startswith("python -m noprop_dist.reproduce --method noprop_dt --dataset mnist "
+                               "--embedding one_hot --seeds 0 1") and "# needs" not in line for line in lines)
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_overrides_put_the_harness_keys_last():
+    o = reproduce.run_overrides("noprop_dt", "digits", "learned", 3, "out/x", ["train.epochs=2"])
+    assert o[0] == "train.epochs=2" and o[-2:] == ["train.seed=3", "run.dir=out/x"]
+    cmd = reproduce.run_command("configs/quickstart.yaml", o)
+    assert cmd[1:5] == ["-m", "noprop_dist.run", "--config", "configs/quickstart.yaml"]
+    assert cmd[5:7] == ["--set", "train.epochs=2"]
+
+
+# ----------------------------------------------------------------------------- rows, results.json, table.md
+
+def test_inference_runs_use_consecutive_noise_seeds():
+    calls = []
+
+    def fake_evaluate(run_dir, seed):
+        calls.append((run_dir, seed))
+        return 0.5 + seed / 1000
+
+    assert reproduce.inference_accuracies("r", 3, 1234, fake_evaluate) == [1.734, 1.735, 1.736]
+    assert calls == [("r", 1234), ("r", 1235), ("r", 1236)]
+
+
+def test_peak_memory_falls_back_to_worker_rss():
+    assert reproduce.peak_memory({"peak_memory_mb": 512.0, "peak_memory_kind": "gpu"}) == (512.0, "gpu")
+    old = {"workers": [{"peak_rss_mb": 800.0}, {"peak_rss_mb": 950.5}]}
+    assert reproduce.peak_memory(old) == (950.5, "rss")
+    assert reproduce.peak_memory({}) == (None, None)
+
+
+def _row(method="noprop_dt", dataset="mnist", embedding="one_hot", values=((0.99, 0.98), (0.97, 0.99))):
+    summaries = [_summary(v[0]) for v in values]
+    seeds = [seed_record(k, f"/nonexistent/seed{k}", s, list(v)) for k, (s, v) in enumerate(zip(summaries, values))]
+    return build_row(method, dataset, embedding, "configs/mnist.yaml", ["train.epochs=2"], len(values[0]),
+                     seeds, summaries)
+
+
+def test_build_row_statistics_over_seeds_and_inference_runs():
+    row = _row()
+    assert row["test"]["n"] == 4 and row["test"]["mean"] == pytest.approx(0.9825)
+    assert row["test"]["se"] == pytest.approx(mean_se([0.99, 0.98, 0.97, 0.99])[1])
+    assert row["train"]["n"] == 2 and row["train"]["se"] == 0.0  # one train accuracy per seed
+    assert row["paper"] == {"test_accuracy": 99.47, "memory_gb": 0.49, "epochs": 100}
+    assert row["peak_memory_mb"] == 900.0 and row["peak_memory_kind"] == "rss" and row["epochs"] == [2]
+    baseline = _row(method="backprop", values=((0.99,), (0.98,)))
+    assert baseline["inference_runs"] == 1 and baseline["test"]["n"] == 2
+
+
+def test_results_merge_and_table(tmp_path):
+    out = str(tmp_path)
+    reproduce.merge_row(out, _row())
+    reproduce.merge_row(out, _row(method="backprop", values=((0.995,), (0.993,))))
+    results = reproduce.merge_row(out, _row(values=((0.96, 0.95), (0.97, 0.96))))  # same cell again: replaced
+    assert sorted(results["rows"]) == ["backprop-mnist-one_hot", "noprop_dt-mnist-one_hot"]
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert results["rows"]["noprop_dt-mnist-one_hot"]["test"]["mean"] == pytest.approx(0.96)
+    table = reproduce.render_table(results, ["fig3_mnist_one_hot.png"])
+    lines = table.splitlines()
+    backprop = next(line for line in lines if line.startswith("| Backprop (DT setting) | mnist | one-hot | 99.46 |"))
+    dt = next(line for line in lines if line.startswith("| NoProp-DT | mnist | one-hot | 99.47 |"))
+    assert lines.index(backprop) < lines.index(dt)  # the paper's order
+    assert "| 96.00 ± 0.41 | 4 (2 x 2) |" in dt and "| 2 / 100 |" in dt and "900 MiB (rss) | 0.49 |" in dt
+    assert "| 99.40 ± 0.10 | 2 (2 x 1) |" in backprop
+    assert "98.63 (mnist)" in table  # Forward-Forward, for reference
+    assert "![fig3_mnist_one_hot](fig3_mnist_one_hot.png)" in table
+
+
+# ----------------------------------------------------------------------------- time to accuracy
+
+def test_time_to_accuracy_first_epoch_reaching_target():
+    tta = _time_to_accuracy_module().time_to_accuracy
+    curve = [{"epoch": 3, "train_seconds": 30.0, "test_accuracy": 0.91},
+             {"epoch": 1, "train_seconds": 10.0, "test_accuracy": 0.50},
+             {"epoch": 2, "train_seconds": 20.5, "test_accuracy": 0.90},
+             {"epoch": 4, "train_seconds": 40.0, "test_accuracy": 0.85}]
+    assert tta(curve, 0.9) == {"epoch": 2, "train_seconds": 20.5, "test_accuracy": 0.90}  # >=, out of order
+    assert tta(curve, 0.905)["epoch"] == 3
+    assert tta(curve, 0.95) is None
+    assert tta([], 0.1) is None
+
+
+def test_time_to_accuracy_table():
+    m = _time_to_accuracy_module()
+    s = _summary(0.93)
+    s["curve"] = [{"epoch": 1, "train_seconds": 5.0, "test_accuracy": 0.7},
+                  {"epoch": 2, "train_seconds": 9.5, "test_accuracy": 0.93}]
+    rows = [m.result_row("noprop_dt", 2, s, 0.9), m.result_row("backprop", 1, s, 0.95)]
+    assert rows[0]["epochs_to_target"] == 2 and rows[0]["seconds_to_target"] == 9.5
+    assert rows[1]["epochs_to_target"] is None
+    table = m.format_table(rows).splitlines()
+    assert "90%" in table[0] and table[1].split()[:4] == ["noprop_dt", "2", "2", "9.5"]
+    assert table[2].split()[:4] == ["backprop", "1", "-", "-"]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.mark.ray
+def test_harness_end_to_end_on_tiny_digits_runs(tmp_path):
+    """Two seeds x two inference runs of a tiny real NoProp-DT run; then the same command again."""
+    out = tmp_path / "out"
+    reproduce.merge_row(str(out), _row())  # an earlier invocation's row (MNIST): the table must keep it
+    args = ["--method", "noprop_dt", "--dataset", "digits", "--embedding", "learned", "--seeds", "0", "1",
+            "--inference-runs", "2", "--out", str(out), "--quiet", "--set", *TINY]
+    p = _cli(*args)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["rows"]) == ["noprop_dt-digits-learned", "noprop_dt-mnist-one_hot"]
+    row = results["rows"]["noprop_dt-digits-learned"]
+    assert row["seeds"] == [0, 1] and row["inference_runs"] == 2 and row["epochs"] == [2]
+    assert row["test"]["n"] == 4 and row["paper"]["test_accuracy"] is None
+    summaries = []
+    for rec in row["per_seed"]:
+        s = json.loads((tmp_path / "out" / "runs" / "noprop_dt-digits-learned" / f"seed{rec['seed']}" /
+                        "summary.json").read_text())
+        summaries.append(s)
+        assert s["method"] == "noprop_dt" and s["seed"] == rec["seed"] and s["num_workers"] == 1
+        # The first inference run uses the run's own noise seed: it is the run's own evaluation.
+        assert rec["test_accuracies"][0] == s["test_accuracy"] and len(rec["test_accuracies"]) == 2
+        assert rec["peak_memory_mb"] == s["peak_memory_mb"] and rec["peak_memory_kind"] == s["peak_memory_kind"]
+    all_values = [v for rec in row["per_seed"] for v in rec["test_accuracies"]]
+    assert (row["test"]["mean"], row["test"]["se"]) == pytest.approx(mean_se(all_values))
+    train = [s["train_accuracy"] for s in summaries if s.get("train_accuracy") is not None]
+    assert (row["train"] or {}).get("n", 0) == len(train)
+
+    table = (out / "table.md").read_text()
+    ours = next(line for line in table.splitlines() if line.startswith("| NoProp-DT | digits | dim=20 | - |"))
+    assert f"| {reproduce.format_pct(row['test'])} | 4 (2 x 2) |" in ours and " ± " in ours
+    assert "| 2 / - |" in ours and "(rss)" in ours and "CPU" in ours
+    assert "| NoProp-DT | mnist | one-hot | 99.47 | 98.25 ± " in table  # the paper's number beside ours
+
+    fig = out / "fig3_digits_learned.png"
+    assert fig.read_bytes()[:8] == PNG_MAGIC and fig.stat().st_size > 1000
+    assert "fig3_digits_learned.png" in table
+
+    # A learned d = 20 embedding is no image: Fig. 2 refuses it, naming the dimension.
+    from noprop_dist.plots import PlotError, plot_embeddings
+    with pytest.raises(PlotError, match="d = 20 is not the image size 1x8x8 = 64"):
+        plot_embeddings(row["per_seed"][0]["run_dir"], str(tmp_path / "fig2.png"))
+
+    # The time-to-accuracy logic on a real curve: every epoch is there, target 0 is met at once.
+    tta = _time_to_accuracy_module().time_to_accuracy
+    assert [p["epoch"] for p in summaries[0]["curve"]] == [1, 2]
+    assert tta(summaries[0]["curve"], 0.0)["epoch"] == 1
+    assert tta(summaries[0]["curve"], 1.01) is None
+
+    # The same command again: finished runs are re-evaluated, not retrained; the numbers do not move.
+    again = _cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already finished" in (out / "runs" / "noprop_dt-digits-learned" / "seed0.log").read_text()
+    row2 = json.loads((out / "results.json").read_text())["rows"]["noprop_dt-digits-learned"]
+    assert row2["test"] == row["test"]
