@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from .config import Config, TrainConfig, worker_threads
-from .core import (
-    DTChain, DTSchedule, ModelSpec, SharedState, build_block, evaluate_chain, prototype_embedding, shard_loss,
-)
+from .core import ModelSpec, SharedState, evaluate_chain, prototype_embedding
+from .core.variants import build_chain, build_shard, shard_loss
 from .data import ImageDataset, normalize
 from .shared_server import LocalClient, SharedStateClient, SharedStateServer, TensorDict
 
@@ -59,11 +58,12 @@ def assign_blocks(num_blocks: int, num_workers: int) -> list[list[int]]:
 
 
 class BlockTrainer:
-    """Block t's network, its own AdamW and its own noise generator: everything the block owns."""
+    """Shard t's network (a DT block or a CT/FM time interval's network), its own AdamW and its own noise
+    generator: everything the shard owns. ``spec.method`` picks the network and the loss (core.variants)."""
 
-    def __init__(self, spec: ModelSpec, schedule: DTSchedule, t: int, train: TrainConfig, device: torch.device) -> None:
-        self.spec, self.schedule, self.t, self.device = spec, schedule, t, device
-        self.block = build_block(spec, t, train.seed).to(device)
+    def __init__(self, spec: ModelSpec, t: int, train: TrainConfig, device: torch.device) -> None:
+        self.spec, self.t, self.device = spec, t, device
+        self.block = build_shard(spec, t, train.seed).to(device)
         self.optimizer = torch.optim.AdamW(self.block.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         self.generator = torch.Generator(device=device).manual_seed(train.seed * 1_000 + t)
 
@@ -76,7 +76,7 @@ class BlockTrainer:
         self.block.train()
         shared.zero_grad(set_to_none=True)
         self.optimizer.zero_grad(set_to_none=True)
-        total, _ = shard_loss(self.block, shared, self.spec, self.schedule, self.t, x, y, self.generator)
+        total, _ = shard_loss(self.block, shared, self.spec, self.t, x, y, self.generator)
         total.backward()
         loss = float(total.detach())
         grads = shared.grads()
@@ -175,8 +175,7 @@ class ShardGroup:
     stats: dict[int, BlockStats] = field(init=False)
 
     def __post_init__(self) -> None:
-        schedule = DTSchedule.cosine(self.spec.num_blocks, self.spec.abar_max)
-        self.trainers = {t: BlockTrainer(self.spec, schedule, t, self.train, self.device) for t in self.block_ids}
+        self.trainers = {t: BlockTrainer(self.spec, t, self.train, self.device) for t in self.block_ids}
         self.stats = {t: BlockStats(block=t) for t in self.block_ids}
         self.shared = SharedState(self.spec).to(self.device)
         self.shared_version = -1
@@ -268,9 +267,9 @@ def peak_rss_mb() -> float:
 def evaluate_states(
     spec: ModelSpec, dataset: ImageDataset, block_states: dict[int, dict], shared_state: dict,
     batch_size: int, seed: int,
-) -> tuple[DTChain, float]:
-    """Assemble the chain from block and shared states (t = 1..T) and measure its test accuracy."""
-    chain = DTChain.from_states(
+) -> tuple[torch.nn.Module, float]:
+    """Assemble the chain from shard and shared states (shards 1..K) and measure its test accuracy."""
+    chain = build_chain(
         spec, [block_states[t]["block"] for t in range(1, spec.num_blocks + 1)], shared_state["shared"]
     )
     acc, _ = evaluate_chain(
@@ -280,7 +279,7 @@ def evaluate_states(
     return chain, acc
 
 
-def train_subset_accuracy(chain: DTChain, dataset: ImageDataset, batch_size: int, seed: int,
+def train_subset_accuracy(chain: torch.nn.Module, dataset: ImageDataset, batch_size: int, seed: int,
                           limit: int = 10_000) -> float:
     """Accuracy of the chain on at most ``limit`` training images, evenly spaced through the training set."""
     n = dataset.train_y.shape[0]

@@ -1,4 +1,5 @@
-"""Shared state of NoProp: the label embedding W_embed (m x d) and the classifier head theta_out.
+"""Shared state of NoProp: the label embedding W_embed (m x d) and the classifier head theta_out, plus
+(NoProp-CT only) the learnable noise schedule.
 
 Every block's loss touches it, so in the distributed run it lives on the parameter server.
 """
@@ -8,12 +9,15 @@ import torch
 from torch import nn
 
 from .blocks import ModelSpec
+from .ct_schedule import LearnedSchedule
 
 
 class SharedState(nn.Module):
-    """W_embed (m, d) and the head f_out: Linear(d -> m).
+    """W_embed (m, d) and the head f_out: Linear(d -> m); for noprop_ct also ``schedule`` (LearnedSchedule).
 
     one_hot: W_embed = I, fixed (a buffer, no gradient). learned / prototype: a parameter.
+    The schedule is built last, so embed and head get the same initial values for every method (and DT / FM
+    keep exactly the parameter names of older checkpoints).
     """
 
     def __init__(self, spec: ModelSpec, prototype_init: torch.Tensor | None = None) -> None:
@@ -35,6 +39,9 @@ class SharedState(nn.Module):
         else:
             raise ValueError(f"unknown embedding {spec.embedding!r}")
         self.head = nn.Linear(d, m)
+        if spec.method == "noprop_ct":
+            # Every shard's loss reaches it; the parameter server applies the summed gradients like W_embed's.
+            self.schedule = LearnedSchedule()
 
     def grads(self) -> dict[str, torch.Tensor]:
         """Gradients of the trainable shared parameters, by name (zeros where none arrived)."""

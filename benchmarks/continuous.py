@@ -1,0 +1,107 @@
+"""NoProp-CT and NoProp-FM: accuracy, accuracy against inference steps, and time-shard scaling.
+
+    python benchmarks/continuous.py accuracy --dataset fashion_mnist --epochs 1
+    python benchmarks/continuous.py shards --dataset digits --epochs 20 --shards 1 2 4
+    python benchmarks/continuous.py scaling --train-limit 3840 --epochs 2
+
+accuracy: CT and FM with one-hot and learned (d = 20) embeddings, K = 1 on one worker, test accuracy after
+``--epochs`` with 10, 100 and 1000 inference steps (CT: the chain sampler and the probability-flow ODE).
+shards: test accuracy for K = 1, 2, 4 time-shards, everything else equal (one worker per shard at most).
+scaling: epoch wall time of K = 1 on 1 worker and K = 2 on 1 and 2 workers, side by side.
+Each writes benchmarks/results/continuous_<mode>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+from common import ray_run, write_result
+
+from noprop_dist.config import load_config
+from noprop_dist.evaluate import evaluate_run
+
+STEPS = (10, 100, 1000)
+
+
+def _base(args: argparse.Namespace) -> list[str]:
+    out = [f"data.name={args.dataset}", f"train.epochs={args.epochs}", "model.eta=1", "metrics.enabled=false",
+           "eval.every_epochs=0", "cluster.threads_per_worker=1"]
+    if args.train_limit:
+        out.append(f"data.train_limit={args.train_limit}")
+    return out
+
+
+def accuracy(args: argparse.Namespace, tmp: str) -> dict:
+    rows = {}
+    for method in ("noprop_ct", "noprop_fm"):
+        for embedding in args.embeddings:
+            name = f"{method}_{embedding}"
+            run_dir = f"{tmp}/{name}"
+            s = ray_run(load_config(None, _base(args) + [
+                f"model.method={method}", "model.num_shards=1", "cluster.num_workers=1",
+                f"model.embedding={embedding}", "model.inference_steps=1000", f"run.dir={run_dir}"]))
+            row = {"train_seconds": s["train_seconds"], "epochs": args.epochs, "steps": {}}
+            samplers = ("chain", "ode") if method == "noprop_ct" else (None,)
+            for sampler in samplers:
+                for steps in STEPS:
+                    acc = s["test_accuracy"] if (steps == 1000 and sampler in (None, "chain")) else \
+                        evaluate_run(run_dir, steps=steps, sampler=sampler)
+                    row["steps"][f"{sampler or 'euler'}_{steps}"] = acc
+            rows[name] = row
+            print(f"{name:<22} {s['train_seconds'] / 60:.1f} min training; test accuracy by inference steps: "
+                  + ", ".join(f"{k} {100 * v:.2f}%" for k, v in row["steps"].items()), flush=True)
+    return rows
+
+
+def shards(args: argparse.Namespace, tmp: str) -> dict:
+    rows = {}
+    for method in ("noprop_ct", "noprop_fm"):
+        for k in args.shards:
+            s = ray_run(load_config(None, _base(args) + [
+                f"model.method={method}", f"model.num_shards={k}", f"cluster.num_workers={min(k, 2)}",
+                "model.inference_steps=100", f"run.dir={tmp}/{method}_{k}"]))
+            rows[f"{method}_K{k}"] = {"test_accuracy": s["test_accuracy"], "train_seconds": s["train_seconds"]}
+            print(f"{method} K={k} on {min(k, 2)} worker(s): test accuracy {100 * s['test_accuracy']:.2f}% "
+                  f"(100 steps), {s['train_seconds']:.1f}s training", flush=True)
+    return rows
+
+
+def scaling(args: argparse.Namespace, tmp: str) -> dict:
+    rows = {}
+    for k, workers in ((1, 1), (2, 1), (2, 2)):
+        s = ray_run(load_config(None, _base(args) + [
+            "model.method=noprop_ct", f"model.num_shards={k}", f"cluster.num_workers={workers}",
+            "model.inference_steps=10", f"run.dir={tmp}/K{k}_W{workers}"]))
+        rows[f"K{k}_W{workers}"] = {"epoch_seconds": s["epoch_seconds"],
+                                    "samples_per_second": [b["samples_per_second"] for b in s["blocks"]]}
+        print(f"K={k} W={workers}: epochs {['%.1f' % t for t in s['epoch_seconds']]} s", flush=True)
+    last = {k: v["epoch_seconds"][-1] for k, v in rows.items()}
+    ratios = {"K2_2_workers_vs_1": last["K2_W1"] / last["K2_W2"],
+              "K2_on_2_workers_vs_K1_on_1": last["K2_W2"] / last["K1_W1"]}
+    print(f"K = 2: 2 workers vs 1: {ratios['K2_2_workers_vs_1']:.2f}x faster; "
+          f"K = 2 on 2 workers takes {ratios['K2_on_2_workers_vs_K1_on_1']:.2f}x the epoch time of K = 1 on 1")
+    rows["ratios"] = ratios
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=("accuracy", "shards", "scaling"))
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--embeddings", nargs="+", default=["one_hot", "learned"])
+    p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
+    args = p.parse_args()
+    defaults = {"accuracy": ("fashion_mnist", 1, None), "shards": ("digits", 20, None),
+                "scaling": ("fashion_mnist", 2, 3840)}[args.mode]
+    args.dataset = args.dataset or defaults[0]
+    args.epochs = args.epochs or defaults[1]
+    args.train_limit = args.train_limit or defaults[2]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = {"accuracy": accuracy, "shards": shards, "scaling": scaling}[args.mode](args, tmp)
+    print("written:", write_result(f"continuous_{args.mode}", {"args": vars(args), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Networks of NoProp-CT and NoProp-FM: the Fig. 6 block without BatchNorm plus a time path (NOPROP.md,
+"Block architecture"). One network per time shard; K = 1 is the paper's single network.
+
+Without BatchNorm a network's output for one example does not depend on the rest of the batch, and in
+eval mode (dropout off) the image features are a pure function of x: samplers compute them once
+(``encode_image``) and reuse them for all inference steps (``forward_features``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .blocks import ModelSpec
+
+TIME_EMBED_DIM = 64
+# Times in [0, 1] are scaled to [0, 1000] before the sinusoids, as if they were the step index of a 1000-step
+# chain (the paper's inference grid): then the lowest frequencies still separate neighbouring steps.
+TIME_SCALE = 1000.0
+# build_ct_block seeds with seed * 100_003 + CT_SEED_OFFSET + k: disjoint from the DT blocks' seed * 100_003 + t
+# (t <= T << 500_009) and from the shared state's seed * 100_003 + 999_983.
+CT_SEED_OFFSET = 500_009
+
+
+def sinusoidal_time_embedding(t: torch.Tensor, dim: int = TIME_EMBED_DIM) -> torch.Tensor:
+    """Transformer-style position embedding of times t in [0, 1]: (B,) -> (B, dim) = [sin(w_i s), cos(w_i s)],
+    s = 1000 t, w_i = 10000^(-i / (dim/2)), i = 0 .. dim/2 - 1."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = (TIME_SCALE * t.float())[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+class ConvEncoderNoBN(nn.Module):
+    """ConvEncoder of Fig. 6 without BatchNorm: conv3x3(32)-ReLU-maxpool2-dropout -> conv(64)-ReLU-dropout ->
+    conv(128)-ReLU-maxpool2-dropout -> flatten -> FC256.  (B, C, H, W) -> (B, 256)."""
+
+    def __init__(self, image_shape: tuple[int, int, int], dropout: float) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Dropout(dropout),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
+            nn.Flatten(),
+        )
+        self.proj = nn.Linear(128 * (h // 2 // 2) * (w // 2 // 2), 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.features(x))
+
+
+class LabelEncoderNoBN(nn.Module):
+    """Noisy label path without BatchNorm: FC256-ReLU, then a residual pair FC256-ReLU-FC256. (B, d) -> (B, 256)."""
+
+    def __init__(self, embed_dim: int) -> None:
+        super().__init__()
+        self.inp = nn.Sequential(nn.Linear(embed_dim, 256), nn.ReLU())
+        self.residual = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.inp(z)
+        return h + self.residual(h)
+
+
+class CTBlock(nn.Module):
+    """The network of one time shard, ``(z_t, x, t) -> class logits (B, m)`` (used by CT and FM alike).
+
+    CT reads ``softmax(logits) @ W_embed`` (a denoised label), FM ``logits @ W_embed`` (a velocity); both are
+    formed by the objective / chain because W_embed is shared state the network does not own.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.image_path = ConvEncoderNoBN(spec.image_shape, spec.dropout)
+        # Prototype labels live in image space: the same kind of conv path (own weights) as the image.
+        self.label_path: nn.Module = (
+            ConvEncoderNoBN(spec.image_shape, spec.dropout) if spec.image_like_label
+            else LabelEncoderNoBN(spec.embed_dim)
+        )
+        self.time_path = nn.Sequential(nn.Linear(TIME_EMBED_DIM, 256), nn.ReLU())
+        self.fuse = nn.Sequential(
+            nn.Linear(768, 256), nn.ReLU(),
+            nn.Linear(256, 128), nn.ReLU(),
+            nn.Linear(128, spec.num_classes),
+        )
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Image features (B, C, H, W) -> (B, 256); computed once per network and reused across steps."""
+        return self.image_path(x)
+
+    def forward_features(self, h_x: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """h_x: (B, 256) from encode_image, z: (B, d) noisy label, t: (B,) times in [0, 1] -> logits (B, m)."""
+        if self.spec.image_like_label:
+            z = z.view(z.shape[0], *self.spec.image_shape)
+        h_t = self.time_path(sinusoidal_time_embedding(t))
+        return self.fuse(torch.cat([h_x, self.label_path(z), h_t], dim=1))
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """z: (B, d), x: (B, C, H, W) normalised image, t: (B,) -> logits (B, m)."""
+        return self.forward_features(self.encode_image(x), z, t)
+
+
+def build_ct_block(spec: ModelSpec, k: int, seed: int) -> CTBlock:
+    """Network of shard k (1..K) with initial weights that depend only on (seed, k): every process builds the same."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 100_003 + CT_SEED_OFFSET + k)
+        return CTBlock(spec)

@@ -1,0 +1,73 @@
+"""One dispatch point on ``spec.method`` (noprop_dt | noprop_ct | noprop_fm) for the training and evaluation code.
+
+NoProp-DT goes to exactly the functions it used before (same seeds, same numbers, same chain files); CT and FM
+go to core.ct_blocks / core.continuous. Every chain has ``forward(x, generator) -> log-probs (B, m)``,
+``predict(x, generator) -> (B,)`` and ``save(path, extra)``.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import objectives
+from .blocks import ModelSpec, build_block
+from .chain import CHAIN_FORMAT, DTChain
+from .continuous import ContinuousChain, continuous_shard_loss
+from .ct_blocks import build_ct_block
+from .schedule import DTSchedule
+from .shared import SharedState
+
+METHODS = ("noprop_dt", "noprop_ct", "noprop_fm")
+
+
+def _check(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    return method
+
+
+@lru_cache(maxsize=32)
+def dt_schedule(num_blocks: int, abar_max: float) -> DTSchedule:
+    """The DT cosine schedule, built once per (T, abar_max) (immutable, so sharing it is safe)."""
+    return DTSchedule.cosine(num_blocks, abar_max)
+
+
+def build_shard(spec: ModelSpec, k: int, seed: int) -> nn.Module:
+    """The network of shard k in 1..spec.num_blocks; initial weights depend only on (seed, k)."""
+    if _check(spec.method) == "noprop_dt":
+        return build_block(spec, k, seed)
+    return build_ct_block(spec, k, seed)
+
+
+def shard_loss(
+    net: nn.Module, shared: SharedState, spec: ModelSpec, k: int, x: torch.Tensor, y: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total, denoising part) of shard k's loss; reaches only ``net`` and ``shared``. x: (B, C, H, W), y: (B,)."""
+    if _check(spec.method) == "noprop_dt":
+        schedule = dt_schedule(spec.num_blocks, spec.abar_max)
+        return objectives.shard_loss(net, shared, spec, schedule, k, x, y, generator)
+    return continuous_shard_loss(net, shared, spec, k, x, y, generator)
+
+
+def build_chain(spec: ModelSpec, shard_states: list[dict], shared_state: dict) -> nn.Module:
+    """The inference chain from state dicts (shards in order 1..K), in eval mode on the CPU."""
+    if _check(spec.method) == "noprop_dt":
+        return DTChain.from_states(spec, shard_states, shared_state)
+    return ContinuousChain.from_states(spec, shard_states, shared_state)
+
+
+def load_chain(path: str, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Load a chain file of any method -> (chain, extra). Files written before CT/FM existed have no "method"
+    (neither in the payload nor in the spec): they are NoProp-DT."""
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if payload.get("format") != CHAIN_FORMAT:
+        raise ValueError(f"{path}: unsupported chain format {payload.get('format')!r}")
+    spec = ModelSpec.from_dict(payload["spec"])
+    method = payload.get("method", spec.method)
+    if method != spec.method:
+        raise ValueError(f"{path}: payload method {method!r} disagrees with its spec's {spec.method!r}")
+    return build_chain(spec, payload["blocks"], payload["shared"]), payload["extra"]
