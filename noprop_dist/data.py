@@ -1,4 +1,4 @@
-"""Image datasets as plain numpy arrays: loaders for digits, (Fashion-)MNIST and CIFAR-10/100.
+"""Image datasets as plain numpy arrays: loaders for digits, (Fashion-)MNIST, CIFAR-10/100 and BloodMNIST.
 
 Every loader returns an :class:`ImageDataset` whose images are uint8 NCHW, C-contiguous arrays:
 they go into Ray's object store once and every block worker reads them zero-copy, converting a
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-DATASET_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100")
+DATASET_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100",
+                                   "bloodmnist", "bloodmnist_64", "bloodmnist_128")
 
 # Used when ``root`` is None (relative to the working directory; ignored by git).
 DEFAULT_ROOT = "data"
@@ -32,6 +33,13 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 _IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # ubyte data, 3 dims (images) / 1 dim (labels)
 _TV_NAMES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST",
              "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+# MedMNIST's own default download directory (``medmnist`` package); searched after ``root``.
+MEDMNIST_DEFAULT_DIR = os.path.join("~", ".medmnist")
+_MEDMNIST = {  # name -> (file, classes): MedMNIST v2 (28 px) and MedMNIST+ (64 / 128 px) file names
+    "bloodmnist": ("bloodmnist.npz", 8),
+    "bloodmnist_64": ("bloodmnist_64.npz", 8),
+    "bloodmnist_128": ("bloodmnist_128.npz", 8),
+}
 _CIFAR = {  # name -> (directory, train files, test files, label key, classes)
     "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
                 ("test_batch",), b"labels", 10),
@@ -94,6 +102,8 @@ def load_dataset(name: str, root: str | None = None, download: bool = False,
         (trx, try_), (tex, tey), classes = _load_digits()
     elif name in ("mnist", "fashion_mnist"):
         (trx, try_), (tex, tey), classes = _load_mnist_like(name, root, download)
+    elif name in _MEDMNIST:
+        (trx, try_), (tex, tey), classes = _load_medmnist(name, root, download)
     else:
         (trx, try_), (tex, tey), classes = _load_cifar(name, root, download)
     trx, try_ = _subset(trx, try_, train_limit)
@@ -241,6 +251,59 @@ def _load_cifar(name: str, root: str, download: bool):
         return np.concatenate(xs), np.concatenate(ys)
 
     return read(train_files), read(test_files), classes
+
+
+def _load_medmnist(name: str, root: str, download: bool):
+    """A MedMNIST ``.npz`` file: images (N, 3, H, W) uint8, labels (N,) int64.
+
+    The file holds ``{train,val,test}_images`` uint8 (N, H, W, 3) (or (N, H, W) for the grey datasets)
+    and ``{train,val,test}_labels`` (N, 1). The train split trains and the test split tests; the val split
+    is not used (the paper's protocol has no validation set either). Searched in ``root`` and then
+    :data:`MEDMNIST_DEFAULT_DIR` (where the ``medmnist`` package downloads to).
+    """
+    fname, classes = _MEDMNIST[name]
+    dirs = [root, os.path.expanduser(MEDMNIST_DEFAULT_DIR)]
+
+    def find() -> str | None:
+        return next((os.path.join(d, fname) for d in dirs if os.path.isfile(os.path.join(d, fname))), None)
+
+    path = find()
+    if path is None and download:
+        _medmnist_download(name, root)
+        path = find()
+    if path is None:
+        raise DatasetNotFoundError(
+            f"{name}: file not found. Expected {fname} in one of: {', '.join(dirs)}. Set data.root to its "
+            f"directory, or set `data.download: true` with the `medmnist` package installed to fetch it.")
+    with np.load(path) as npz:
+        missing = [k for k in ("train_images", "train_labels", "test_images", "test_labels") if k not in npz.files]
+        if missing:
+            raise ValueError(f"{path}: not a MedMNIST file, keys {missing} missing (has {npz.files})")
+        split = []
+        for part in ("train", "test"):
+            x, y = npz[f"{part}_images"], npz[f"{part}_labels"]
+            if x.ndim == 3:  # grey MedMNIST datasets store (N, H, W)
+                x = x[..., None]
+            if x.ndim != 4 or x.dtype != np.uint8 or len(x) != len(y):
+                raise ValueError(f"{path}: expected {part}_images uint8 (N, H, W, C) and N labels, "
+                                 f"got {x.dtype} {x.shape} and {len(y)} labels")
+            y = np.asarray(y).reshape(-1).astype(np.int64)
+            if y.size and not (0 <= y.min() and y.max() < classes):
+                raise ValueError(f"{path}: {part}_labels outside [0, {classes})")
+            split.append((x.transpose(0, 3, 1, 2), y))  # NHWC -> NCHW
+    return split[0], split[1], classes
+
+
+def _medmnist_download(name: str, root: str) -> None:
+    """Fetch ``name`` into ``root`` with the ``medmnist`` package (network needed)."""
+    try:
+        import medmnist  # local import: optional dependency
+    except ImportError:
+        raise DatasetNotFoundError(
+            f"{name}: data.download needs the `medmnist` package (pip install medmnist)") from None
+    size = int(name.rsplit("_", 1)[1]) if name.count("_") else 28
+    os.makedirs(root, exist_ok=True)
+    medmnist.BloodMNIST(split="train", download=True, root=root, size=size)
 
 
 def _torchvision_download(name: str, root: str) -> None:

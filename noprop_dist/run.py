@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from .checkpoint import CheckpointError
-from .config import ConfigError, load_config
+from .config import BASELINE_METHODS, ConfigError, load_config
 from .data import DatasetNotFoundError
 from .distributed.supervisor import TrainingFailed  # no Ray import: the CLI stays fast on bad input
 
@@ -22,24 +22,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _shards(summary: dict) -> str:
+    if summary.get("method", "noprop_dt") in ("noprop_dt", "backprop"):
+        return f"{summary['method']}, {summary['num_blocks']} blocks"
+    if summary["method"] in BASELINE_METHODS:
+        return summary["method"]
+    return f"{summary['method']}, {summary['num_shards']} time-shard{'s' if summary['num_shards'] > 1 else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from .distributed.driver import run_training  # imports Ray: only once the config is known good
+        if cfg.model.method in BASELINE_METHODS:  # backprop / adjoint / DTP: the same summary and run dir
+            from .baselines.runner import run_baseline
 
-        summary = run_training(cfg)
+            summary = run_baseline(cfg)
+        else:
+            from .distributed.driver import run_training  # imports Ray: only once the config is known good
+
+            summary = run_training(cfg)
     except (ConfigError, DatasetNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingFailed as e:  # a fault the run could not absorb: not the user's input, so exit 1
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1
-    print(f"test accuracy of the assembled chain: {summary['test_accuracy']:.4f} "
-          f"({summary['dataset']}, {summary['num_blocks']} blocks, {summary['num_workers']} workers, "
+    baseline = cfg.model.method in BASELINE_METHODS
+    print(f"test accuracy of the {'model' if baseline else 'assembled chain'}: {summary['test_accuracy']:.4f} "
+          f"({summary['dataset']}, {_shards(summary)}, {summary['num_workers']} workers, "
           f"{summary['train_seconds']:.1f}s training)")
-    print(f"run saved in {summary['run_dir']} (summary.json, chain.pt); "
-          f"evaluate again with: python -m noprop_dist.evaluate {summary['run_dir']}")
+    if baseline:
+        print(f"run saved in {summary['run_dir']} (summary.json, checkpoints)")
+    else:
+        print(f"run saved in {summary['run_dir']} (summary.json, chain.pt); "
+              f"evaluate again with: python -m noprop_dist.evaluate {summary['run_dir']}")
     return 0
 
 

@@ -86,7 +86,8 @@ def test_digits_shapes_and_split():
     from sklearn.datasets import load_digits
 
     ds = load_dataset("digits")
-    assert DATASET_NAMES == ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100")
+    assert DATASET_NAMES == ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100",
+                             "bloodmnist", "bloodmnist_64", "bloodmnist_128")
     assert ds.name == "digits" and ds.num_classes == 10 and ds.image_shape == (1, 8, 8)
     assert ds.train_x.dtype == np.uint8 and ds.test_x.dtype == np.uint8
     assert ds.train_y.dtype == np.int64 and ds.test_y.dtype == np.int64

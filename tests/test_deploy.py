@@ -34,7 +34,7 @@ DOCKERFILE = REPO / "docker" / "Dockerfile"
 SCHEMA_OF_KIND = {"RayJob": "rayjob", "RayCluster": "raycluster", "PodMonitor": "podmonitor",
                   "ConfigMap": "grafana-dashboard", "PersistentVolumeClaim": "persistentvolumeclaim"}
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-RAY_PIN = next(re.fullmatch(r"ray\[default\]==(\S+)", d).group(1) for d in PYPROJECT["project"]["dependencies"]
+RAY_PIN = next(re.fullmatch(r"ray\[[a-z,]+\]==(\S+)", d).group(1) for d in PYPROJECT["project"]["dependencies"]
                if d.startswith("ray["))
 
 

@@ -1,0 +1,185 @@
+"""One interface over the three baselines: a learner takes uint8 batches, trains a step, predicts, checkpoints.
+
+The epoch loop (``runner.train_epochs``) and Ray Train's workers drive any learner the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..core import ModelSpec
+from ..data import ImageDataset, normalize
+from ..training import initial_prototypes, model_spec
+from .backprop import BackpropChain
+from .dtp import DTPHyper, DTPNet, dtp_hyper, dtp_losses
+
+Wrap = Callable[[nn.Module], nn.Module]  # e.g. ray.train.torch.prepare_model (DDP); identity in process
+
+
+def _noise(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """N(0, I) drawn on the generator's device (CPU: the same draws on any device), moved to ``device``."""
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+class Learner:
+    """Base: ``train_step`` / ``logits`` take uint8 images (B, C, H, W) and labels (B,) on any device."""
+
+    module: nn.Module  # the unwrapped model: what is checkpointed and evaluated
+    device: torch.device
+    nonfinite_steps: int = 0
+
+    def train_step(self, x_u8: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> float:
+        raise NotImplementedError
+
+    def logits(self, x_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+
+class GradientLearner(Learner):
+    """Backprop / adjoint: ``model(x, z0) -> logits``, one cross-entropy, one optimizer over everything.
+
+    ``net`` is what trains (DDP under Ray Train: its backward all-reduces the gradients); ``module`` is the bare
+    model inside it.
+    """
+
+    def __init__(self, module: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer,
+                 mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
+        self.module, self.net, self.optimizer = module, net, optimizer
+        self.mean, self.std, self.device = mean, std, device
+
+    def _inputs(self, x_u8: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = normalize(x_u8.to(self.device), self.mean, self.std)
+        return x, _noise((x.shape[0], self.module.embed_dim), generator, self.device)  # z_0 ~ N(0, I)
+
+    def train_step(self, x_u8: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> float:
+        self.net.train()
+        x, z0 = self._inputs(x_u8, generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.net(x, z0), y.to(self.device))  # the model returns logits: one softmax
+        loss.backward()
+        value = float(loss.detach())
+        finite = math.isfinite(value) and all(
+            bool(torch.isfinite(p.grad).all()) for p in self.module.parameters() if p.grad is not None)
+        if not finite:  # a NaN must not reach the weights; the step is skipped and counted
+            self.nonfinite_steps += 1
+            return value
+        self.optimizer.step()
+        return value
+
+    @torch.no_grad()
+    def logits(self, x_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        self.module.eval()
+        return self.module(*self._inputs(x_u8, generator))
+
+    def state_dict(self) -> dict:
+        return {"model": {k: v.cpu() for k, v in self.module.state_dict().items()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class DTPLearner(Learner):
+    """Difference target propagation on images flattened and scaled to [0, 1] (Lee et al. 2015: inputs in [0, 1])."""
+
+    def __init__(self, net: DTPNet, hyper: DTPHyper, weight_decay: float, device: torch.device) -> None:
+        self.module, self.hyper, self.device = net.to(device), hyper, device
+
+        def rmsprop(params, lr: float) -> torch.optim.Optimizer:
+            return torch.optim.RMSprop(params, lr=lr, alpha=hyper.rms_alpha, eps=hyper.rms_eps,
+                                       momentum=hyper.rms_momentum, centered=True, weight_decay=weight_decay)
+
+        self.forward_opt = rmsprop([*net.forward_layers.parameters(), *net.out.parameters()], hyper.forward_lr)
+        self.feedback_opt = rmsprop(net.inverse.parameters(), hyper.feedback_lr)
+
+    def _inputs(self, x_u8: torch.Tensor) -> torch.Tensor:
+        return x_u8.to(self.device).reshape(x_u8.shape[0], -1).float() / 255.0
+
+    def train_step(self, x_u8: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> float:
+        self.module.train()
+        self.forward_opt.zero_grad(set_to_none=True)
+        self.feedback_opt.zero_grad(set_to_none=True)
+        total, ce, _ = dtp_losses(self.module, self._inputs(x_u8), y.to(self.device), self.hyper, generator)
+        total.backward()
+        value = float(ce.detach())
+        if not math.isfinite(float(total.detach())):
+            self.nonfinite_steps += 1
+            return value
+        self.forward_opt.step()
+        self.feedback_opt.step()
+        return value
+
+    @torch.no_grad()
+    def logits(self, x_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        self.module.eval()
+        return self.module(self._inputs(x_u8))
+
+    def state_dict(self) -> dict:
+        return {"model": {k: v.cpu() for k, v in self.module.state_dict().items()},
+                "forward_opt": self.forward_opt.state_dict(), "feedback_opt": self.feedback_opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.forward_opt.load_state_dict(state["forward_opt"])
+        self.feedback_opt.load_state_dict(state["feedback_opt"])
+
+
+def baseline_spec(cfg: Config, dataset: ImageDataset) -> ModelSpec:
+    """The ModelSpec of a backprop (T = model.num_blocks DT blocks) or adjoint (one CT network) model."""
+    spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
+    return dataclasses.replace(spec, num_blocks=cfg.model.num_blocks if cfg.model.method == "backprop" else 1)
+
+
+def build_learner(cfg: Config, dataset: ImageDataset, device: torch.device,
+                  wrap: Wrap = lambda m: m) -> Learner:
+    """The learner ``model.method`` names, its initial weights a function of train.seed (and the data, for
+    prototype embeddings) only. ``wrap`` turns the model into what trains (DDP under Ray Train)."""
+    method, t = cfg.model.method, cfg.train
+    if method == "dtp":
+        c, h, w = dataset.image_shape
+        hyper = dtp_hyper(cfg.data.name, t.lr)
+        return DTPLearner(DTPNet(c * h * w, dataset.num_classes, hyper.hidden, t.seed), hyper, t.weight_decay, device)
+    spec = baseline_spec(cfg, dataset)
+    protos = initial_prototypes(spec, dataset, t.seed)
+    if method == "backprop":
+        module: nn.Module = BackpropChain(spec, t.seed, protos)
+        make_opt = torch.optim.AdamW  # Table 3, DT setting: AdamW
+    elif method == "adjoint":
+        from .adjoint import (
+            AdjointODE,  # torchdiffeq and the CT network: only this baseline needs them
+        )
+
+        module = AdjointODE(spec, t.seed, protos)
+        make_opt = torch.optim.Adam  # Table 3, CT setting: Adam with weight decay
+    else:
+        raise ValueError(f"not a baseline method: {method!r}; allowed: backprop, adjoint, dtp")
+    module = module.to(device)
+    net = wrap(module)
+    optimizer = make_opt(module.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return GradientLearner(module, net, optimizer, dataset.mean, dataset.std, device)
+
+
+def accuracy(learner: Learner, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int) -> float:
+    """Fraction of uint8 images (N, C, H, W) classified as ``labels`` (N,); z_0 drawn from a generator seeded by
+    ``seed`` (eval.seed), so a checkpoint re-evaluates identically. Labels only score, never feed, the model."""
+    gen = torch.Generator().manual_seed(seed)
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        xb = torch.from_numpy(np.array(images[i : i + batch_size]))  # a copy: Ray hands out read-only arrays
+        pred = learner.logits(xb, gen).argmax(dim=1).cpu()
+        correct += int((pred == torch.from_numpy(labels[i : i + batch_size])).sum())
+    return correct / max(1, len(labels))

@@ -1,0 +1,203 @@
+"""``run_baseline``: train (or resume, or re-evaluate) a baseline run, write ``<run.dir>/summary.json``.
+
+The run directory has the NoProp driver's layout (``checkpoint.RunDir``): config snapshot with the
+config-conflict check, a manifest and checksummed checkpoints per epoch. A baseline is stored as the single
+"block" 1 (``{"learner": model + optimizer state dicts}``) and its progress (curve, peak memory) in the slot
+the NoProp run uses for the parameter server; every file is torch.save of plain tensors / numbers / strings,
+loaded with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..atomic_io import atomic_write_json
+from ..checkpoint import RunDir
+from ..config import Config, ConfigError, worker_threads
+from ..data import ImageDataset, load_dataset
+from ..training import peak_rss_mb
+from .learner import Learner, accuracy, build_learner
+
+BASELINES = ("backprop", "adjoint", "dtp")
+TRAIN_EVAL_LIMIT = 10_000  # train_accuracy is measured on at most this many training images (a fixed subset)
+
+Log = Callable[[str], None]
+
+
+def check_baseline(cfg: Config) -> None:
+    """Config errors specific to the baselines (ConfigError naming the key)."""
+    if cfg.model.method not in BASELINES:
+        raise ConfigError(f"model.method: {cfg.model.method!r} is not a baseline; allowed: {', '.join(BASELINES)}")
+    if cfg.model.method == "dtp" and cfg.cluster.num_workers != 1:
+        raise ConfigError(f"cluster.num_workers: must be 1 for model.method=dtp (its layer-local updates are not "
+                          f"data-parallel here), got {cfg.cluster.num_workers}")
+
+
+def local_device(cfg: Config) -> torch.device:
+    """cuda when asked for (cluster.device=cuda, or auto with gpus_per_worker > 0 and a GPU here), else cpu."""
+    c = cfg.cluster
+    want = c.device == "cuda" or (c.device == "auto" and c.gpus_per_worker > 0)
+    return torch.device("cuda" if want and torch.cuda.is_available() else "cpu")
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(MiB, kind): torch.cuda.max_memory_allocated on a GPU ("gpu"), else this process's peak RSS ("rss")."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "gpu"
+    return peak_rss_mb(), "rss"
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's shuffled sample order, a function of (seed, epoch) only: every rank draws the same one
+    (the NoProp shard groups use the same seeding)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch))
+
+
+def rank_batches(order: torch.Tensor, batch_size: int, rank: int, world: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s mini-batches of an epoch: its contiguous 1/world slice of ``order`` (equal lengths, so
+    every rank takes the same number of steps, as DDP's all-reduce needs), in batches of
+    ``batch_size // world`` (train.batch_size is the global batch). A trailing batch of one is dropped:
+    BatchNorm cannot train on it."""
+    per_rank = order.numel() // world
+    mine = order[rank * per_rank : (rank + 1) * per_rank]
+    bs = max(2, batch_size // world)
+    return [mine[s : s + bs] for s in range(0, mine.numel(), bs) if min(bs, mine.numel() - s) > 1]
+
+
+def empty_progress() -> dict[str, Any]:
+    return {"curve": [], "peak_memory_mb": 0.0, "peak_memory_kind": "rss", "nonfinite_steps": 0,
+            "last_epoch_loss": float("nan")}
+
+
+def train_epochs(
+    cfg: Config, dataset: ImageDataset, learner: Learner, rundir: RunDir, start_epoch: int, train_seconds: float,
+    progress: dict[str, Any], log: Log = print, rank: int = 0, world: int = 1,
+    all_reduce: Callable[[list[float], str], list[float]] | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """Epochs ``start_epoch .. train.epochs - 1`` of one process (rank of world). Rank 0 evaluates, logs and
+    checkpoints; every rank calls ``report`` once per epoch (Ray Train's report is a barrier).
+
+    all_reduce(values, op) with op "mean" or "max" combines per-rank numbers (None: a single process).
+    """
+    t, every = cfg.train, getattr(cfg.eval, "every_epochs", 1)
+    n = len(dataset.train_y)
+    for epoch in range(start_epoch, t.epochs):
+        # Dropout and the noise (z_0, DTP's corruption) are seeded by (seed, epoch, rank): a resumed run repeats.
+        torch.manual_seed(t.seed * 1_000_003 + epoch * 1_009 + rank)
+        gen = torch.Generator().manual_seed(t.seed * 2_000_003 + epoch * 7_927 + rank)
+        t0 = time.perf_counter()
+        losses = []
+        for idx in rank_batches(epoch_order(n, t.seed, epoch), t.batch_size, rank, world):
+            ids = idx.numpy()
+            losses.append(learner.train_step(torch.from_numpy(dataset.train_x[ids]),
+                                             torch.from_numpy(dataset.train_y[ids]), gen))
+        epoch_s = time.perf_counter() - t0
+        mem, kind = peak_memory(learner.device)
+        values = [float(np.mean(losses)) if losses else float("nan"), epoch_s, mem, float(learner.nonfinite_steps)]
+        if all_reduce is not None:
+            loss, epoch_s = all_reduce(values[:2], "mean")  # DDP ranks run in lockstep: the mean epoch time
+            mem, nonfinite = all_reduce(values[2:], "max")
+        else:
+            loss, epoch_s, mem, nonfinite = values
+        train_seconds += epoch_s
+        done = epoch + 1
+        metrics = {"epoch": done, "loss": loss, "train_seconds": train_seconds}
+        if rank == 0:
+            progress.update(peak_memory_mb=max(progress["peak_memory_mb"], mem), peak_memory_kind=kind,
+                            nonfinite_steps=int(nonfinite), last_epoch_loss=loss)
+            line = f"epoch {done}/{t.epochs} | loss {loss:.4f} | {epoch_s:.1f}s training ({train_seconds:.1f}s in all)"
+            if (every and done % every == 0) or done == t.epochs:
+                acc = accuracy(learner, dataset.test_x, dataset.test_y, cfg.eval.batch_size, cfg.eval.seed)
+                progress["curve"].append({"epoch": done, "train_seconds": train_seconds, "test_accuracy": acc})
+                metrics["test_accuracy"] = acc
+                line += f" | test accuracy {acc:.4f}"
+            if done % cfg.run.checkpoint_every == 0 or done == t.epochs:
+                rundir.save_epoch(done, {1: {"learner": learner.state_dict()}}, progress, train_seconds)
+            log(f"[{cfg.model.method}] {line}")
+        if report is not None:
+            report(metrics)
+
+
+def train_subset(dataset: ImageDataset, limit: int = TRAIN_EVAL_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``limit`` training images: the first of a fixed (seed 0) permutation; all of them if fewer."""
+    n = len(dataset.train_y)
+    idx = np.sort(np.random.default_rng(0).permutation(n)[:limit]) if n > limit else np.arange(n)
+    return dataset.train_x[idx], dataset.train_y[idx]
+
+
+def run_baseline(cfg: Config, log: Log = print) -> dict[str, Any]:
+    """Train (or resume) the baseline ``cfg.model.method`` names, evaluate it, write ``<run.dir>/summary.json``.
+
+    cluster.num_workers = 1 trains in this process; more run data-parallel (DDP) under Ray Train's TorchTrainer
+    (``ray_train.fit``). A run whose checkpoints already hold train.epochs epochs is re-evaluated, not retrained.
+    Returns the summary (see ``summary.json``).
+    """
+    check_baseline(cfg)
+    dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.train_limit, cfg.data.test_limit)
+    rundir = RunDir(cfg.run.dir)
+    rundir.prepare(cfg)
+    device = local_device(cfg)
+    torch.set_num_threads(worker_threads(cfg.cluster))
+    learner = build_learner(cfg, dataset, device)
+    resume = rundir.load_resume(1, warn=log)
+    done = resume.epochs_done if resume else 0
+    log(f"{cfg.model.method} on {cfg.data.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images "
+        f"{dataset.image_shape}; {cfg.cluster.num_workers} worker(s); run dir {rundir.path}")
+    if resume and done >= cfg.train.epochs:
+        log(f"run already finished ({done} epochs); not retraining, re-evaluating its checkpoint")
+    else:
+        if resume:
+            log(f"resuming from epoch {done} (checkpoints in {rundir.ckpt_dir})")
+        if cfg.cluster.num_workers == 1:
+            if resume:
+                learner.load_state_dict(resume.block_states[1]["learner"])
+            progress = resume.shared_state if resume else empty_progress()
+            train_epochs(cfg, dataset, learner, rundir, done, resume.train_seconds if resume else 0.0, progress, log)
+        else:
+            from .ray_train import (
+                fit,  # imports Ray Train: only multi-worker runs need it
+            )
+
+            fit(cfg, dataset, rundir, resume, log)
+        resume = rundir.load_resume(1, warn=log)
+    learner.load_state_dict(resume.block_states[1]["learner"])
+    summary = _summary(cfg, dataset, learner, resume.shared_state, resume.train_seconds, rundir)
+    atomic_write_json(rundir.file("summary.json"), summary)
+    log(f"[{cfg.model.method}] test accuracy {summary['test_accuracy']:.4f}, train accuracy "
+        f"{summary['train_accuracy']:.4f}, {summary['train_seconds']:.1f}s training; summary in "
+        f"{rundir.file('summary.json')}")
+    return summary
+
+
+def _summary(cfg: Config, dataset: ImageDataset, learner: Learner, progress: dict[str, Any], train_seconds: float,
+             rundir: RunDir) -> dict[str, Any]:
+    """The keys the NoProp driver's summary has (the reproduction harness reads them), plus baseline details."""
+    test_acc = accuracy(learner, dataset.test_x, dataset.test_y, cfg.eval.batch_size, cfg.eval.seed)
+    tx, ty = train_subset(dataset)
+    train_acc = accuracy(learner, tx, ty, cfg.eval.batch_size, cfg.eval.seed)
+    m = cfg.model
+    return {
+        "method": m.method,
+        "dataset": cfg.data.name,
+        "embedding": m.embedding if m.method != "dtp" else "none",
+        "num_workers": cfg.cluster.num_workers,
+        "epochs": cfg.train.epochs,
+        "seed": cfg.train.seed,
+        "test_accuracy": test_acc,
+        "train_accuracy": train_acc,
+        "train_accuracy_examples": len(ty),  # a fixed subset of at most 10k training images
+        "train_seconds": train_seconds,
+        "curve": list(progress["curve"]),
+        "peak_memory_mb": float(progress["peak_memory_mb"]),
+        "peak_memory_kind": progress["peak_memory_kind"],
+        "final_loss": float(progress["last_epoch_loss"]),
+        "nonfinite_steps": int(progress["nonfinite_steps"]),
+        "num_blocks": m.num_blocks if m.method == "backprop" else None,
+        "inference_steps": m.inference_steps if m.method == "adjoint" else None,
+        "run_dir": os.fspath(rundir.path),
+    }

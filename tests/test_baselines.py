@@ -1,0 +1,178 @@
+"""The paper's Table 1 baselines (backprop, adjoint, DTP) on the real digits data; run_baseline end to end."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_spec
+
+from noprop_dist.baselines import run_baseline
+from noprop_dist.baselines.adjoint import AdjointODE
+from noprop_dist.baselines.backprop import BackpropChain
+from noprop_dist.baselines.dtp import DTPNet, dtp_hyper, dtp_losses
+from noprop_dist.baselines.learner import build_learner
+from noprop_dist.config import ConfigError, load_config
+from noprop_dist.data import normalize
+
+SUMMARY_KEYS = {"method", "dataset", "embedding", "num_workers", "epochs", "seed", "test_accuracy", "train_accuracy",
+                "train_seconds", "curve", "peak_memory_mb", "peak_memory_kind", "run_dir"}
+
+
+def _cfg(method: str, *overrides: str):
+    return load_config(None, [f"model.method={method}", "data.name=digits", "cluster.num_workers=1", *overrides])
+
+
+def _batch(digits, n: int = 64):
+    idx = np.random.default_rng(0).permutation(len(digits.train_y))[:n]
+    return torch.from_numpy(digits.train_x[idx]), torch.from_numpy(digits.train_y[idx])
+
+
+def _fixed_loss(learner, x, y) -> float:
+    """Cross-entropy of the model in eval mode with a fixed z_0: comparable before and after training."""
+    return float(F.cross_entropy(learner.logits(x, torch.Generator().manual_seed(5)), y))
+
+
+def _lowers_loss(learner, x, y, steps: int) -> tuple[float, float]:
+    before = _fixed_loss(learner, x, y)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        learner.train_step(x, y, gen)
+    return before, _fixed_loss(learner, x, y)
+
+
+# ----------------------------------------------------------------------------------------------- backprop
+
+@pytest.mark.parametrize("embedding", ["one_hot", "learned", "prototype"])
+def test_backprop_lowers_its_loss(digits, embedding):
+    cfg = _cfg("backprop", "model.num_blocks=3", f"model.embedding={embedding}", "train.lr=0.005")
+    learner = build_learner(cfg, digits, torch.device("cpu"))
+    before, after = _lowers_loss(learner, *_batch(digits), steps=12)
+    assert after < before - 0.1, (before, after)
+
+
+def test_backprop_gradient_reaches_the_first_block_from_the_output_loss(digits):
+    spec = make_spec("learned", num_blocks=3)
+    model = BackpropChain(spec, seed=0)
+    x, y = _batch(digits, 16)
+    logits = model(normalize(x, digits.mean, digits.std), torch.randn(16, spec.embed_dim))
+    # One cross-entropy on raw scores: the model returns logits, not probabilities (no double softmax).
+    assert not torch.allclose(logits.exp().sum(dim=1), torch.ones(16))
+    F.cross_entropy(logits, y).backward()
+    for t, block in enumerate(model.blocks, start=1):  # block 1 is reached only through blocks 2..T
+        assert all(p.grad is not None for p in block.parameters()), t
+        assert sum(float(p.grad.abs().sum()) for p in block.parameters()) > 0, t
+    assert model.w.grad is not None and bool((model.w.grad != 0).all())
+    assert torch.allclose(model.mixing(), torch.full((3,), 0.5))  # a_t = tanh(w_t) starts at 0.5
+
+
+# ----------------------------------------------------------------------------------------------- adjoint
+
+def test_adjoint_lowers_its_loss(digits):
+    cfg = _cfg("adjoint", "model.inference_steps=4", "model.embedding=one_hot", "train.lr=0.02")
+    learner = build_learner(cfg, digits, torch.device("cpu"))
+    before, after = _lowers_loss(learner, *_batch(digits, 32), steps=25)
+    assert after < before - 0.08, (before, after)  # measured: 2.354 -> 2.225
+
+
+@pytest.mark.parametrize("solver, steps, rtol", [("rk4", 8, 1e-3), ("euler", 16, 3e-2)])
+def test_adjoint_gradients_match_direct_backprop(solver, steps, rtol):
+    """odeint_adjoint's gradients vs back-propagation through odeint's steps, same fixed grid and solver.
+
+    They differ only by the error of solving z backwards in time: O(h^4) for rk4 (relative error ~1e-5 measured
+    here; tolerance 1e-3 of the gradient norm), O(h) for Euler (~4e-3 at 16 steps; tolerance 3e-2).
+    """
+    spec = dataclasses.replace(make_spec("learned"), method="noprop_ct", num_blocks=1, inference_steps=steps)
+    gen = torch.Generator().manual_seed(0)
+    x, z0 = torch.randn(5, 1, 8, 8, generator=gen), torch.randn(5, spec.embed_dim, generator=gen)
+    y = torch.arange(5)
+    grads = []
+    for adjoint in (True, False):
+        model = AdjointODE(spec, seed=0, solver=solver, adjoint=adjoint).eval()  # eval: dropout off in both
+        F.cross_entropy(model(x, z0), y).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    adj, direct = grads
+    assert adj.keys() == direct.keys() and "log_rate" in adj and "block.image_path.proj.weight" in adj
+    flat_a, flat_d = (torch.cat([g[n].flatten() for n in sorted(g)]) for g in (adj, direct))
+    assert float((flat_a - flat_d).norm() / flat_d.norm()) < rtol
+
+
+# ----------------------------------------------------------------------------------------------- DTP
+
+def test_dtp_lowers_its_loss_with_the_papers_network(digits):
+    learner = build_learner(_cfg("dtp", "train.lr=0.0148893490317", "train.weight_decay=0"), digits,
+                            torch.device("cpu"))
+    assert [l.out_features for l in learner.module.forward_layers] == [240] * 7  # Lee et al. 2015, MNIST
+    before, after = _lowers_loss(learner, *_batch(digits), steps=10)
+    assert after < before - 0.2, (before, after)
+
+
+def test_dtp_losses_are_layer_local(digits):
+    """Each loss reaches its own layer only: the output CE the output layer, the inverse losses the g_l."""
+    hyper = dtp_hyper("digits")
+    net = DTPNet(64, 10, hidden=(20, 20, 20), seed=0)
+    x = torch.from_numpy(digits.train_x[:32]).reshape(32, -1).float() / 255
+    y = torch.from_numpy(digits.train_y[:32])
+    total, ce, inverse = dtp_losses(net, x, y, hyper, torch.Generator().manual_seed(0))
+    inverse.backward(retain_graph=True)
+    assert all(p.grad is None for p in [*net.forward_layers.parameters(), *net.out.parameters()])
+    assert all(p.grad is not None for p in net.inverse.parameters())
+    net.zero_grad(set_to_none=True)
+    ce.backward(retain_graph=True)
+    assert all(p.grad is None for p in [*net.forward_layers.parameters(), *net.inverse.parameters()])
+    net.zero_grad(set_to_none=True)
+    total.backward()
+    assert all(p.grad is not None for p in net.parameters())
+    assert dtp_hyper("cifar10").hidden == (1000, 1000, 1000) and dtp_hyper("mnist", 0.01).forward_lr == 0.01
+
+
+def test_dtp_needs_a_single_worker(tmp_path):
+    cfg = _cfg("dtp", f"run.dir={tmp_path}/r", "cluster.num_workers=2")
+    with pytest.raises(ConfigError, match="cluster.num_workers"):
+        run_baseline(cfg, log=lambda s: None)
+
+
+# ----------------------------------------------------------------------------------------------- run_baseline
+
+def test_run_baseline_writes_summary_checkpoints_and_does_not_retrain(tmp_path):
+    run_dir = str(tmp_path / "dtp")
+    cfg = _cfg("dtp", "train.epochs=2", "train.batch_size=64", "train.lr=0.0148893490317", f"run.dir={run_dir}")
+    lines: list[str] = []
+    summary = run_baseline(cfg, log=lines.append)
+    assert sum("epoch" in ln and "test accuracy" in ln for ln in lines) == 2  # a line per epoch
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk == summary and SUMMARY_KEYS <= summary.keys()
+    assert summary["method"] == "dtp" and summary["dataset"] == "digits" and summary["num_workers"] == 1
+    assert 0.5 < summary["test_accuracy"] <= 1 and 0 <= summary["train_accuracy"] <= 1
+    assert [c["epoch"] for c in summary["curve"]] == [1, 2]
+    assert summary["curve"][-1]["test_accuracy"] == summary["test_accuracy"]
+    assert summary["curve"][-1]["train_seconds"] == summary["train_seconds"] > 0
+    assert summary["peak_memory_kind"] == "rss" and summary["peak_memory_mb"] > 0
+    ckpts = os.listdir(os.path.join(run_dir, "checkpoints"))
+    assert ckpts and all(torch.load(os.path.join(run_dir, "checkpoints", c), weights_only=True) for c in ckpts)
+
+    lines.clear()
+    again = run_baseline(cfg, log=lines.append)  # finished: re-evaluated, not retrained
+    assert any("not retraining" in ln for ln in lines) and not any("epoch 1/" in ln for ln in lines)
+    assert again["test_accuracy"] == summary["test_accuracy"] and again["train_seconds"] == summary["train_seconds"]
+
+    lines.clear()
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3))
+    resumed = run_baseline(longer, log=lines.append)  # resumed: only the third epoch trains
+    assert any("resuming from epoch 2" in ln for ln in lines) and [c["epoch"] for c in resumed["curve"]] == [1, 2, 3]
+
+
+def test_run_baseline_backprop_end_to_end(tmp_path):
+    cfg = _cfg("backprop", "model.num_blocks=2", "train.epochs=1", "data.train_limit=200", "data.test_limit=100",
+               f"run.dir={tmp_path}/bp")
+    summary = run_baseline(cfg, log=lambda s: None)
+    assert SUMMARY_KEYS <= summary.keys() and summary["method"] == "backprop" and summary["embedding"] == "learned"
+    assert len(summary["curve"]) == 1 and 0 <= summary["test_accuracy"] <= 1
+    with pytest.raises(ConfigError, match="model.num_blocks"):  # another model in the same run.dir is refused
+        run_baseline(_cfg("backprop", "model.num_blocks=3", "train.epochs=1", "data.train_limit=200",
+                          "data.test_limit=100", f"run.dir={tmp_path}/bp"), log=lambda s: None)
