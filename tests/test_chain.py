@@ -48,5 +48,5 @@ def test_save_load_round_trip(tmp_path, embedding, class_prob):
 
 def test_chain_needs_all_blocks():
     spec = make_spec(num_blocks=3)
-    with pytest.raises(ValueError, match="3 blocks"):
+    with pytest.raises(ValueError, match="3 shard networks, got 1"):
         DTChain(spec, [build_block(spec, 1, 0)], build_shared(spec, 0))

@@ -47,7 +47,6 @@ def test_block_loss_reaches_only_its_block_and_shared_state(embedding):
 def test_trainer_step_changes_only_its_own_block():
     spec = make_spec("learned", num_blocks=2)
     train = TrainConfig(seed=0)
-    sched = DTSchedule.cosine(2)
     t1, t2 = (BlockTrainer(spec, t, train, torch.device("cpu")) for t in (1, 2))
     shared = build_shared(spec, 0)
     before2 = copy.deepcopy(t2.block.state_dict())

@@ -43,9 +43,9 @@ class ModelSpec:
 
 class ConvEncoder(nn.Module):
     """conv3x3(32)-ReLU-maxpool2-dropout -> conv(64)-ReLU-dropout -> conv(128)-ReLU-maxpool2-dropout
-    -> flatten -> FC256 -> BN.  (B, C, H, W) -> (B, 256)."""
+    -> flatten -> FC256 -> BN (no BN with ``batch_norm=False``: the CT/FM blocks).  (B, C, H, W) -> (B, 256)."""
 
-    def __init__(self, image_shape: tuple[int, int, int], dropout: float) -> None:
+    def __init__(self, image_shape: tuple[int, int, int], dropout: float, batch_norm: bool = True) -> None:
         super().__init__()
         c, h, w = image_shape
         self.features = nn.Sequential(
@@ -55,7 +55,7 @@ class ConvEncoder(nn.Module):
             nn.Flatten(),
         )
         flat = 128 * (h // 2 // 2) * (w // 2 // 2)
-        self.proj = nn.Sequential(nn.Linear(flat, 256), nn.BatchNorm1d(256))
+        self.proj = nn.Sequential(nn.Linear(flat, 256), nn.BatchNorm1d(256) if batch_norm else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.features(x))

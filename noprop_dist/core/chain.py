@@ -19,16 +19,66 @@ from .shared import SharedState
 CHAIN_FORMAT = 1
 
 
-class DTChain(nn.Module):
+class SavedChain(nn.Module):
+    """What every assembled chain (DT, CT, FM) shares: its spec, shard networks and shared state, and one
+    file format. Subclasses set ``shard_class`` (built as ``shard_class(spec)``) and define ``forward``."""
+
+    shard_class: type[nn.Module]
+
+    def __init__(self, spec: ModelSpec, shards: list[nn.Module], shared: SharedState) -> None:
+        super().__init__()
+        if len(shards) != spec.num_blocks:
+            raise ValueError(f"chain needs {spec.num_blocks} shard networks, got {len(shards)}")
+        self.spec = spec
+        self.blocks = nn.ModuleList(shards)
+        self.shared = shared
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
+        """(B, C, H, W) -> predicted classes (B,)."""
+        return self.forward(x, generator, **kwargs).argmax(dim=1)
+
+    def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
+        """One file: method, spec, shard and shared weights (plain tensors: loads with weights_only=True)."""
+        payload = {
+            "format": CHAIN_FORMAT,
+            "method": self.spec.method,
+            "spec": self.spec.to_dict(),
+            "blocks": [b.state_dict() for b in self.blocks],
+            "shared": self.shared.state_dict(),
+            "extra": extra or {},
+        }
+        atomic_torch_save(payload, path)
+
+    @classmethod
+    def load(cls, path: str, map_location: str = "cpu") -> tuple["SavedChain", dict[str, Any]]:
+        """Rebuild a saved chain in eval mode; returns (chain, extra)."""
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        if payload.get("format") != CHAIN_FORMAT:
+            raise ValueError(f"{path}: unsupported chain format {payload.get('format')!r}")
+        spec = ModelSpec.from_dict(payload["spec"])
+        return cls.from_states(spec, payload["blocks"], payload["shared"]), payload["extra"]
+
+    @classmethod
+    def from_states(
+        cls, spec: ModelSpec, shard_states: list[dict[str, torch.Tensor]], shared_state: dict[str, torch.Tensor]
+    ) -> "SavedChain":
+        """Assemble from state dicts (shards in order 1..K); returned in eval mode on the CPU."""
+        shards = [cls.shard_class(spec) for _ in range(spec.num_blocks)]
+        for net, state in zip(shards, shard_states, strict=True):
+            net.load_state_dict(state)
+        shared = SharedState(spec)
+        shared.load_state_dict(shared_state)
+        return cls(spec, shards, shared).eval()
+
+
+class DTChain(SavedChain):
     """T blocks + shared state. ``forward(x)`` -> class log-probabilities (B, m)."""
 
+    shard_class = DTBlock
+
     def __init__(self, spec: ModelSpec, blocks: list[DTBlock], shared: SharedState) -> None:
-        super().__init__()
-        if len(blocks) != spec.num_blocks:
-            raise ValueError(f"chain needs {spec.num_blocks} blocks, got {len(blocks)}")
-        self.spec = spec
-        self.blocks = nn.ModuleList(blocks)
-        self.shared = shared
+        super().__init__(spec, blocks, shared)
         self.schedule = DTSchedule.cosine(spec.num_blocks, spec.abar_max)
         self.coefficients = [self.schedule.posterior_coefficients(t) for t in range(1, spec.num_blocks + 1)]
 
@@ -43,43 +93,6 @@ class DTChain(nn.Module):
             z = a * u_hat + b * z + math.sqrt(c) * eps
         logits = class_logits(self.shared, z, self.spec.class_prob, self.spec.radial_sigma)
         return torch.log_softmax(logits, dim=1)
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, C, H, W) -> predicted classes (B,)."""
-        return self.forward(x, generator).argmax(dim=1)
-
-    def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
-        """One file: spec, block and shared weights (plain tensors: loads with weights_only=True)."""
-        payload = {
-            "format": CHAIN_FORMAT,
-            "spec": self.spec.to_dict(),
-            "blocks": [b.state_dict() for b in self.blocks],
-            "shared": self.shared.state_dict(),
-            "extra": extra or {},
-        }
-        atomic_torch_save(payload, path)
-
-    @classmethod
-    def load(cls, path: str, map_location: str = "cpu") -> tuple["DTChain", dict[str, Any]]:
-        """Rebuild a saved chain in eval mode; returns (chain, extra)."""
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-        if payload.get("format") != CHAIN_FORMAT:
-            raise ValueError(f"{path}: unsupported chain format {payload.get('format')!r}")
-        spec = ModelSpec.from_dict(payload["spec"])
-        return cls.from_states(spec, payload["blocks"], payload["shared"]), payload["extra"]
-
-    @classmethod
-    def from_states(
-        cls, spec: ModelSpec, block_states: list[dict[str, torch.Tensor]], shared_state: dict[str, torch.Tensor]
-    ) -> "DTChain":
-        """Assemble from state dicts (blocks in order t = 1..T); returned in eval mode on the CPU."""
-        blocks = [DTBlock(spec) for _ in range(spec.num_blocks)]
-        for block, state in zip(blocks, block_states, strict=True):
-            block.load_state_dict(state)
-        shared = SharedState(spec)
-        shared.load_state_dict(shared_state)
-        return cls(spec, blocks, shared).eval()
 
 
 @torch.no_grad()

@@ -13,19 +13,17 @@ K = 1 it is the paper's loss.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..atomic_io import atomic_torch_save
 from .blocks import ModelSpec
+from .chain import SavedChain
 from .ct_blocks import CTBlock
 from .objectives import class_logits, denoised_estimate
 from .shared import SharedState
 
-CHAIN_FORMAT = 1  # same payload layout as DTChain's ("blocks" = the shard networks), plus "method"
 CT_SAMPLERS = ("chain", "ode")
 
 
@@ -174,22 +172,19 @@ def ct_chain_coefficients(abar: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return a, b, c
 
 
-class ContinuousChain(nn.Module):
+class ContinuousChain(SavedChain):
     """K shard networks + shared state of NoProp-CT or NoProp-FM. ``forward(x)`` -> log-probabilities (B, m).
 
     Inference never sees a label: z_0 ~ N(0, I), N steps on the grid t_n = n/N, step n run by the network whose
     interval contains t_n. Image features are computed once per network (eval mode: dropout off, so exact).
     """
 
+    shard_class = CTBlock
+
     def __init__(self, spec: ModelSpec, nets: list[CTBlock], shared: SharedState) -> None:
-        super().__init__()
         if spec.method not in ("noprop_ct", "noprop_fm"):
             raise ValueError(f"ContinuousChain is for noprop_ct / noprop_fm, got {spec.method!r}")
-        if len(nets) != spec.num_blocks:
-            raise ValueError(f"chain needs {spec.num_blocks} shard networks, got {len(nets)}")
-        self.spec = spec
-        self.blocks = nn.ModuleList(nets)
-        self.shared = shared
+        super().__init__(spec, nets, shared)
 
     def _time(self, t: float, ref: torch.Tensor) -> torch.Tensor:
         return torch.full((ref.shape[0],), t, dtype=torch.float32, device=ref.device)
@@ -271,44 +266,3 @@ class ContinuousChain(nn.Module):
         embed = self.shared.embed
         z1 = euler_integrate(lambda z, t, n: fm_velocity(logits_at(z, t, n), embed), z0, n_steps)
         return torch.log_softmax(-torch.cdist(z1, embed).pow(2), dim=1)
-
-    @torch.no_grad()
-    def predict(
-        self, x: torch.Tensor, generator: torch.Generator | None = None, steps: int | None = None,
-        sampler: str | None = None,
-    ) -> torch.Tensor:
-        """(B, C, H, W) -> predicted classes (B,)."""
-        return self.forward(x, generator, steps, sampler).argmax(dim=1)
-
-    def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
-        """One file: method, spec, shard and shared weights (plain tensors: loads with weights_only=True)."""
-        payload = {
-            "format": CHAIN_FORMAT,
-            "method": self.spec.method,
-            "spec": self.spec.to_dict(),
-            "blocks": [b.state_dict() for b in self.blocks],
-            "shared": self.shared.state_dict(),
-            "extra": extra or {},
-        }
-        atomic_torch_save(payload, path)
-
-    @classmethod
-    def load(cls, path: str, map_location: str = "cpu") -> tuple["ContinuousChain", dict[str, Any]]:
-        """Rebuild a saved chain in eval mode; returns (chain, extra)."""
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-        if payload.get("format") != CHAIN_FORMAT:
-            raise ValueError(f"{path}: unsupported chain format {payload.get('format')!r}")
-        spec = ModelSpec.from_dict(payload["spec"])
-        return cls.from_states(spec, payload["blocks"], payload["shared"]), payload["extra"]
-
-    @classmethod
-    def from_states(
-        cls, spec: ModelSpec, shard_states: list[dict[str, torch.Tensor]], shared_state: dict[str, torch.Tensor]
-    ) -> "ContinuousChain":
-        """Assemble from state dicts (shards in order k = 1..K); returned in eval mode on the CPU."""
-        nets = [CTBlock(spec) for _ in range(spec.num_blocks)]
-        for net, state in zip(nets, shard_states, strict=True):
-            net.load_state_dict(state)
-        shared = SharedState(spec)
-        shared.load_state_dict(shared_state)
-        return cls(spec, nets, shared).eval()

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .blocks import ModelSpec
+from .blocks import ConvEncoder, ModelSpec
 
 TIME_EMBED_DIM = 64
 # Times in [0, 1] are scaled to [0, 1000] before the sinusoids, as if they were the step index of a 1000-step
@@ -30,25 +30,6 @@ def sinusoidal_time_embedding(t: torch.Tensor, dim: int = TIME_EMBED_DIM) -> tor
     freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     angles = (TIME_SCALE * t.float())[:, None] * freqs[None, :]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-
-
-class ConvEncoderNoBN(nn.Module):
-    """ConvEncoder of Fig. 6 without BatchNorm: conv3x3(32)-ReLU-maxpool2-dropout -> conv(64)-ReLU-dropout ->
-    conv(128)-ReLU-maxpool2-dropout -> flatten -> FC256.  (B, C, H, W) -> (B, 256)."""
-
-    def __init__(self, image_shape: tuple[int, int, int], dropout: float) -> None:
-        super().__init__()
-        c, h, w = image_shape
-        self.features = nn.Sequential(
-            nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Dropout(dropout),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
-            nn.Flatten(),
-        )
-        self.proj = nn.Linear(128 * (h // 2 // 2) * (w // 2 // 2), 256)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.features(x))
 
 
 class LabelEncoderNoBN(nn.Module):
@@ -74,10 +55,10 @@ class CTBlock(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.image_path = ConvEncoderNoBN(spec.image_shape, spec.dropout)
+        self.image_path = ConvEncoder(spec.image_shape, spec.dropout, batch_norm=False)
         # Prototype labels live in image space: the same kind of conv path (own weights) as the image.
         self.label_path: nn.Module = (
-            ConvEncoderNoBN(spec.image_shape, spec.dropout) if spec.image_like_label
+            ConvEncoder(spec.image_shape, spec.dropout, batch_norm=False) if spec.image_like_label
             else LabelEncoderNoBN(spec.embed_dim)
         )
         self.time_path = nn.Sequential(nn.Linear(TIME_EMBED_DIM, 256), nn.ReLU())

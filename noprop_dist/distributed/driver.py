@@ -144,7 +144,7 @@ class _Supervisor:
                                  f"(cluster.max_restarts={self.cfg.cluster.max_restarts}): {e}") from None
         if ident["pid"] != self.server_pid:
             self.server_pid = ident["pid"]
-            what = (f"parameter server restarted; it restored "
+            what = ("parameter server restarted; it restored "
                     + (f"the checkpoint of epoch {ident['restored_from']}" if ident["restored_from"] is not None
                        else "its initial state (no checkpoint yet)") + f", version {ident['start_version']}")
             n = self.budget.server_restart(what)
