@@ -19,6 +19,14 @@ from .shared import SharedState
 CHAIN_FORMAT = 1
 
 
+def read_chain_file(path: str, map_location: str = "cpu") -> tuple[ModelSpec, dict[str, Any]]:
+    """(spec, payload) of a chain file, format checked; loads with weights_only=True (a chain is data)."""
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if payload.get("format") != CHAIN_FORMAT:
+        raise ValueError(f"{path}: unsupported chain format {payload.get('format')!r}")
+    return ModelSpec.from_dict(payload["spec"]), payload
+
+
 class SavedChain(nn.Module):
     """What every assembled chain (DT, CT, FM) shares: its spec, shard networks and shared state, and one
     file format. Subclasses set ``shard_class`` (built as ``shard_class(spec)``) and define ``forward``."""
@@ -53,10 +61,7 @@ class SavedChain(nn.Module):
     @classmethod
     def load(cls, path: str, map_location: str = "cpu") -> tuple["SavedChain", dict[str, Any]]:
         """Rebuild a saved chain in eval mode; returns (chain, extra)."""
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-        if payload.get("format") != CHAIN_FORMAT:
-            raise ValueError(f"{path}: unsupported chain format {payload.get('format')!r}")
-        spec = ModelSpec.from_dict(payload["spec"])
+        spec, payload = read_chain_file(path, map_location)
         return cls.from_states(spec, payload["blocks"], payload["shared"]), payload["extra"]
 
     @classmethod

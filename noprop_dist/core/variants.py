@@ -14,7 +14,7 @@ from torch import nn
 
 from . import objectives
 from .blocks import ModelSpec, build_block
-from .chain import CHAIN_FORMAT, DTChain
+from .chain import DTChain, read_chain_file
 from .continuous import ContinuousChain, continuous_shard_loss
 from .ct_blocks import build_ct_block
 from .schedule import DTSchedule
@@ -63,10 +63,7 @@ def build_chain(spec: ModelSpec, shard_states: list[dict], shared_state: dict) -
 def load_chain(path: str, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Load a chain file of any method -> (chain, extra). Files written before CT/FM existed have no "method"
     (neither in the payload nor in the spec): they are NoProp-DT."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if payload.get("format") != CHAIN_FORMAT:
-        raise ValueError(f"{path}: unsupported chain format {payload.get('format')!r}")
-    spec = ModelSpec.from_dict(payload["spec"])
+    spec, payload = read_chain_file(path, map_location)
     method = payload.get("method", spec.method)
     if method != spec.method:
         raise ValueError(f"{path}: payload method {method!r} disagrees with its spec's {spec.method!r}")

@@ -156,7 +156,7 @@ class Worker:
         torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.rank, self.restarts, self.server = rank, restarts, server
+        self.rank, self.restarts = rank, restarts
         self.client = RayClient(server, train.sync_mode, rank=rank)
         # train_x arrives as a zero-copy, read-only view of the object store: batches are gathered from it.
         self.group = ShardGroup(spec, block_ids, train, train_x, train_y, mean, std, self.client, torch.device(device))
