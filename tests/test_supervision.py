@@ -15,8 +15,9 @@ from conftest import make_spec
 
 pytestmark = pytest.mark.ray
 
-# 4 blocks on 2 workers; small enough for CI, long enough that the chain is well past chance.
-RUN = ["model.num_blocks=4", "cluster.num_workers=2", "train.epochs=4", "metrics.enabled=false",
+# 4 blocks on 2 workers, 8 epochs: small enough for CI, long enough that accuracy has left its steep climb
+# (after 4 epochs two clean runs of one seed differed by 1.7 pt and a killed-worker run by 3.9 pt).
+RUN = ["model.num_blocks=4", "cluster.num_workers=2", "train.epochs=8", "metrics.enabled=false",
        "eval.every_epochs=0"]
 # With 2 workers the order in which their pushes reach the server depends on timing, so two clean runs
 # of one seed already differ: 1.1 pt on these 359 test images (measured). A restarted worker must stay
@@ -52,7 +53,7 @@ def test_killed_worker_restarts_from_checkpoint_others_go_on(clean, tmp_path, mo
     assert by_rank[0]["restarts"] == 0 and by_rank[1]["restarts"] == 1
     assert [b["block"] for b in s["blocks"]] == [1, 2, 3, 4]
     # Worker 0 kept its process: its blocks did every step of every epoch without a break (12 a epoch).
-    assert all(b["steps"] == 4 * 12 for b in s["blocks"] if b["worker"] == 0)
+    assert all(b["steps"] == 8 * 12 for b in s["blocks"] if b["worker"] == 0)
     diff = 100 * abs(s["test_accuracy"] - clean["test_accuracy"])
     print(f"clean {clean['test_accuracy']:.4f} killed-worker {s['test_accuracy']:.4f}: {diff:.2f} pt")
     assert diff <= TOLERANCE_PT, f"{diff:.2f} pt from the clean run"
@@ -96,7 +97,7 @@ def test_killed_server_restores_its_checkpoint_workers_resync_and_nan_rolls_back
     assert all(_finite(saved.block_states[t]["block"]) for t in range(1, 5)) and _finite(saved.shared_state["shared"])
     diff = 100 * abs(s["test_accuracy"] - clean["test_accuracy"])
     # Half an epoch of shared-state updates and of block 3's training are lost (5.3 pt measured after
-    # 4 epochs, while accuracy still climbs fast); the run must still have trained well past chance.
+    # 4 epochs, while accuracy still climbed fast); the run must still have trained well past chance.
     print(f"clean {clean['test_accuracy']:.4f} killed-server+nan {s['test_accuracy']:.4f}: {diff:.2f} pt")
     assert s["test_accuracy"] > 0.4
 
