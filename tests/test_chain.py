@@ -50,3 +50,36 @@ def test_chain_needs_all_blocks():
     spec = make_spec(num_blocks=3)
     with pytest.raises(ValueError, match="3 shard networks, got 1"):
         DTChain(spec, [build_block(spec, 1, 0)], build_shared(spec, 0))
+
+
+def _saved(tmp_path, mutate) -> str:
+    """A saved chain file whose payload ``mutate`` has altered."""
+    path = str(tmp_path / "chain.pt")
+    _chain().save(path)
+    payload = torch.load(path, weights_only=True)
+    mutate(payload)
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda p: p["blocks"][1].pop(next(iter(p["blocks"][1]))), "shard 2 of 3: the saved weights do not fit"),
+    (lambda p: p["shared"].__setitem__("head.weight", torch.zeros(3, 3)), "shared state: the saved weights"),
+    (lambda p: p["spec"].__setitem__("num_blocks", 4), "4 shard networks but 3 weight sets"),
+    (lambda p: p["spec"].__setitem__("colour", "red"), "chain spec does not fit"),
+    (lambda p: p.pop("shared"), "chain file lacks shared"),
+    (lambda p: p.__setitem__("format", 99), "unsupported chain format 99"),
+])
+def test_broken_chain_file_is_a_value_error(tmp_path, mutate, message):
+    """Every way a chain file can disagree with its network is one ValueError naming the part (the CLI's exit 2)."""
+    path = _saved(tmp_path, mutate)
+    with pytest.raises(ValueError, match=message):
+        DTChain.load(path)
+
+
+def test_truncated_chain_file_is_a_value_error(tmp_path):
+    path = tmp_path / "chain.pt"
+    _chain().save(str(path))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable chain file"):
+        DTChain.load(str(path))

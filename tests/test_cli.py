@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from noprop_dist.config import load_config
@@ -66,3 +67,18 @@ def test_run_dir_of_another_config_is_refused(tmp_path):
 def test_evaluate_without_chain_is_a_clear_error(tmp_path):
     p = _run("noprop_dist.evaluate", str(tmp_path), timeout=120)
     assert p.returncode == 2 and "no chain.pt" in p.stderr
+
+
+def test_evaluate_of_a_broken_chain_is_one_line(tmp_path):
+    """A chain whose weights do not fit its network: one error line, exit 2, no traceback."""
+    from test_chain import _chain
+
+    path = tmp_path / "chain.pt"
+    _chain().save(str(path))
+    payload = torch.load(path, weights_only=True)
+    payload["blocks"][0] = {}
+    torch.save(payload, path)
+    p = _run("noprop_dist.evaluate", str(tmp_path), timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "shard 1 of 3" in lines[0] and "Traceback" not in p.stderr, p.stderr

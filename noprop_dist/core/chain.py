@@ -5,6 +5,7 @@ Inference never sees a label: z_0 is noise, each block refines it, the head read
 from __future__ import annotations
 
 import math
+import pickle
 from typing import Any
 
 import torch
@@ -21,10 +22,37 @@ CHAIN_FORMAT = 1
 
 def read_chain_file(path: str, map_location: str = "cpu") -> tuple[ModelSpec, dict[str, Any]]:
     """(spec, payload) of a chain file, format checked; loads with weights_only=True (a chain is data)."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if payload.get("format") != CHAIN_FORMAT:
-        raise ValueError(f"{path}: unsupported chain format {payload.get('format')!r}")
-    return ModelSpec.from_dict(payload["spec"]), payload
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:  # truncated, not torch, not a chain
+        raise ValueError(f"{path}: not a readable chain file ({type(e).__name__}: {_first_line(e)})") from e
+    if not isinstance(payload, dict) or payload.get("format") != CHAIN_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path}: unsupported chain format {found!r}")
+    missing = [k for k in ("spec", "blocks", "shared", "extra") if k not in payload]
+    if missing:
+        raise ValueError(f"{path}: chain file lacks {', '.join(missing)}")
+    try:
+        spec = ModelSpec.from_dict(payload["spec"])
+    except (TypeError, KeyError) as e:  # a key this version does not know, or one it needs
+        raise ValueError(f"{path}: chain spec does not fit this version of noprop_dist ({e})") from e
+    return spec, payload
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message: torch's state-dict errors run to dozens of lines."""
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def _load_weights(net: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``net.load_state_dict(state)``, a mismatch reported as a ValueError that names ``what``."""
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:  # missing / unexpected keys, wrong shapes
+        raise ValueError(f"{what}: the saved weights do not fit the network its spec describes "
+                         f"({_first_line(e)})") from e
 
 
 class SavedChain(nn.Module):
@@ -70,10 +98,12 @@ class SavedChain(nn.Module):
     ) -> "SavedChain":
         """Assemble from state dicts (shards in order 1..K); returned in eval mode on the CPU."""
         shards = [cls.shard_class(spec) for _ in range(spec.num_blocks)]
-        for net, state in zip(shards, shard_states, strict=True):
-            net.load_state_dict(state)
+        if len(shard_states) != spec.num_blocks:
+            raise ValueError(f"chain spec has {spec.num_blocks} shard networks but {len(shard_states)} weight sets")
+        for k, (net, state) in enumerate(zip(shards, shard_states, strict=True), start=1):
+            _load_weights(net, state, f"shard {k} of {spec.num_blocks}")
         shared = SharedState(spec)
-        shared.load_state_dict(shared_state)
+        _load_weights(shared, shared_state, "shared state")
         return cls(spec, shards, shared).eval()
 
 
