@@ -9,7 +9,8 @@ with DDP through Ray Train). Each run's ``summary.json`` ``curve`` has the test 
 epoch and the cumulative training seconds at that point; the time to the target is that of the first
 epoch whose test accuracy reaches it (so it is resolved to whole epochs, and excludes evaluation and
 start-up, which ``train_seconds`` does not count). A run that never reaches it shows '-'.
-Writes benchmarks/results/time_to_accuracy.json.
+Writes benchmarks/results/time_to_accuracy_<dataset>.json and, with matplotlib, the curves as
+time_to_accuracy_<dataset>.png (test accuracy against training time, the target drawn in).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import tempfile
 
 from common import write_result
 
+from noprop_dist.plots import PlotError, plot_curves
 from noprop_dist.reproduce import HarnessError, config_path, default_config_dir, run_command, train_subprocess
 
 METHODS = ("noprop_dt", "backprop")
@@ -116,7 +118,16 @@ def main() -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     print(format_table(rows))
-    print("written:", write_result("time_to_accuracy", {"args": vars(args), "results": rows}))
+    name = f"time_to_accuracy_{args.dataset}"
+    written = write_result(name, {"args": vars(args), "results": rows})
+    print("written:", written)
+    try:
+        png = plot_curves([(f"{r['method']}, {r['workers']} worker{'s' if r['workers'] > 1 else ''}", r["curve"])
+                           for r in rows if r["curve"]], written[:-len(".json")] + ".png",
+                          f"{args.dataset}: time to {args.target:.0%} test accuracy", target=args.target)
+        print("written:", png)
+    except PlotError as e:  # matplotlib is an optional extra; the JSON holds the same curves
+        print(f"note: no plot ({e})")
     return 0
 
 

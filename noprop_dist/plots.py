@@ -71,10 +71,12 @@ def run_label(summary: dict) -> str:
     return f"{method}, {workers} worker{'' if workers == 1 else 's'}"
 
 
-def plot_curves(runs: list[tuple[str, list[dict]]], path: str, title: str | None = None) -> str:
+def plot_curves(runs: list[tuple[str, list[dict]]], path: str, title: str | None = None,
+                target: float | None = None) -> str:
     """Fig. 3: test accuracy (%) against cumulative training time for each (label, curve); PNG at ``path``.
 
-    Runs that share a label (seeds of one method) share a colour and one legend entry.
+    Runs that share a label (seeds of one method) share a colour and one legend entry. ``target`` (a test
+    accuracy in [0, 1]) draws a dashed line where a time-to-accuracy benchmark reads its times.
     """
     if not runs:
         raise PlotError("no runs to plot")
@@ -88,6 +90,8 @@ def plot_curves(runs: list[tuple[str, list[dict]]], path: str, title: str | None
         line, = ax.plot(seconds, accuracy, marker="o", markersize=3, color=colours.get(label),
                         label=label if first else None)
         colours.setdefault(label, line.get_color())
+    if target is not None:
+        ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.0%}")
     ax.set_xlabel("training time (s, cumulative)")
     ax.set_ylabel("test accuracy (%)")
     if title:

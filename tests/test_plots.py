@@ -56,6 +56,8 @@ def test_plot_curves_writes_a_png(tmp_path):
     runs = [("NoProp-DT", CURVE), ("NoProp-DT", CURVE[:2]), ("Backprop", CURVE[::-1])]
     path = plots.plot_curves(runs, str(tmp_path / "sub" / "fig3.png"), "digits")
     assert _is_png(path)
+    with_target = plots.plot_curves(runs, str(tmp_path / "tta.png"), "digits", target=0.9)
+    assert _is_png(with_target) and open(with_target, "rb").read() != open(path, "rb").read()
     with pytest.raises(PlotError, match="no runs"):
         plots.plot_curves([], str(tmp_path / "empty.png"))
 
