@@ -1,0 +1,103 @@
+"""Why the backprop baseline (Eq. 17-19) starts slowly: the same steps for the chain and two diagnostics.
+
+    python benchmarks/backprop_start.py --steps 60 --every 20
+
+Fashion-MNIST, the first --train-limit training images, one torch thread, batch 128, AdamW 1e-3 / 1e-3
+(Table 3's DT setting), the same seed and batches for every variant:
+
+- ``chain``: the backprop baseline exactly as ``model.method=backprop`` trains it.
+- ``chain, head x10``: the same, the head's initial weights multiplied by 10. The chain's output
+  z_T is a convex mixture of class embeddings (norm about 1), so the head's logits can span no more than
+  its weights allow; PyTorch's default Linear init (|w| <= 1/sqrt(d)) keeps them within about +-1, and
+  AdamW at 1e-3 widens them by about 1e-3 per step. If this variant learns much faster, that bound is what
+  slows the chain, not a gradient that fails to arrive.
+- ``block T alone``: the chain's last block trained as a plain classifier, cross-entropy on its own
+  logits (z_0 noise as its z input): what the same convolutional network learns in the same steps.
+
+Writes benchmarks/results/backprop_start.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import torch
+from common import write_result
+from torch import nn
+
+from noprop_dist.baselines.learner import GradientLearner, accuracy, build_learner
+from noprop_dist.config import load_config
+from noprop_dist.data import load_dataset
+from noprop_dist.reproduce import config_path, default_config_dir
+
+VARIANTS = ("chain", "chain, head x10", "block T alone")
+
+
+class LastBlockAlone(nn.Module):
+    """Block T of a BackpropChain as a classifier: logits = block_T(z_0, x). Same call as the chain."""
+
+    def __init__(self, chain: nn.Module) -> None:
+        super().__init__()
+        self.block = chain.blocks[-1]
+        self.embed_dim = chain.embed_dim
+
+    def forward(self, x: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
+        return self.block(z0, x)
+
+
+def make_learner(variant: str, cfg, dataset) -> GradientLearner:
+    learner = build_learner(cfg, dataset, torch.device("cpu"))
+    if variant == "chain, head x10":
+        with torch.no_grad():
+            learner.module.shared.head.weight.mul_(10)
+    elif variant == "block T alone":
+        module = LastBlockAlone(learner.module)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        learner = GradientLearner(module, module, optimizer, dataset.mean, dataset.std, torch.device("cpu"))
+    return learner
+
+
+def run_variant(variant: str, cfg, dataset, steps: int, every: int) -> list[dict]:
+    """Train ``steps`` batches (the same ones for every variant); test accuracy every ``every`` steps."""
+    torch.manual_seed(cfg.train.seed)
+    learner = make_learner(variant, cfg, dataset)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    rng = np.random.default_rng(cfg.train.seed)
+    points, start = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        idx = rng.choice(len(dataset.train_y), cfg.train.batch_size, replace=False)
+        loss = learner.train_step(torch.from_numpy(dataset.train_x[idx]), torch.from_numpy(dataset.train_y[idx]), gen)
+        if step % every == 0 or step == steps:
+            acc = accuracy(learner, dataset.test_x, dataset.test_y, 256, cfg.eval.seed)
+            points.append({"step": step, "loss": loss, "test_accuracy": acc,
+                           "seconds": time.perf_counter() - start})
+            print(f"{variant:<16} step {step:>4}  loss {loss:.3f}  test {100 * acc:.2f}%", flush=True)
+    return points
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--every", type=int, default=20)
+    p.add_argument("--train-limit", type=int, default=6000)
+    p.add_argument("--test-limit", type=int, default=1000)
+    p.add_argument("--embedding", default="learned", help="learned (d = 20), one_hot or prototype")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    dim = ["model.embedding_dim=10"] if args.embedding == "one_hot" else []
+    cfg = load_config(config_path("backprop", "fashion_mnist", default_config_dir()),
+                      [f"model.embedding={args.embedding}", *dim])
+    dataset = load_dataset("fashion_mnist", cfg.data.root, train_limit=args.train_limit, test_limit=args.test_limit)
+    results = {v: run_variant(v, cfg, dataset, args.steps, args.every) for v in args.variants}
+    print(f"\n{'variant':<16} " + " ".join(f"{'step ' + str(pt['step']):>9}" for pt in next(iter(results.values()))))
+    for v, pts in results.items():
+        print(f"{v:<16} " + " ".join(f"{100 * pt['test_accuracy']:>8.2f}%" for pt in pts))
+    print("written:", write_result("backprop_start", {"args": vars(args), "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
