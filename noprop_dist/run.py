@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as e:  # a fault the run could not absorb: not the user's input, so exit 1
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1
-    baseline = cfg.model.method in BASELINE_METHODS
+    baseline, workers = cfg.model.method in BASELINE_METHODS, summary["num_workers"]
     print(f"test accuracy of the {'model' if baseline else 'assembled chain'}: {summary['test_accuracy']:.4f} "
-          f"({summary['dataset']}, {_shards(summary)}, {summary['num_workers']} workers, "
+          f"({summary['dataset']}, {_shards(summary)}, {workers} worker{'' if workers == 1 else 's'}, "
           f"{summary['train_seconds']:.1f}s training)")
     if baseline:
         print(f"run saved in {summary['run_dir']} (summary.json, checkpoints)")

@@ -146,8 +146,9 @@ def run_baseline(cfg: Config, log: Log = print) -> dict[str, Any]:
     learner = build_learner(cfg, dataset, device)
     resume = rundir.load_resume(1, warn=log)
     done = resume.epochs_done if resume else 0
+    workers = cfg.cluster.num_workers
     log(f"{cfg.model.method} on {cfg.data.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images "
-        f"{dataset.image_shape}; {cfg.cluster.num_workers} worker(s); run dir {rundir.path}")
+        f"{dataset.image_shape}; {workers} worker{'' if workers == 1 else 's'}; run dir {rundir.path}")
     if resume and done >= cfg.train.epochs:
         log(f"run already finished ({done} epochs); not retraining, re-evaluating its checkpoint")
     else:
