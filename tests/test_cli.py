@@ -81,4 +81,5 @@ def test_evaluate_of_a_broken_chain_is_one_line(tmp_path):
     p = _run("noprop_dist.evaluate", str(tmp_path), timeout=120)
     assert p.returncode == 2, (p.returncode, p.stderr)
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "shard 1 of 3" in lines[0] and "Traceback" not in p.stderr, p.stderr
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "chain.pt: shard 1 of 3" in lines[0] and "Missing key" in lines[0], lines[0]

@@ -27,7 +27,7 @@ def read_chain_file(path: str, map_location: str = "cpu") -> tuple[ModelSpec, di
     except FileNotFoundError:
         raise
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:  # truncated, not torch, not a chain
-        raise ValueError(f"{path}: not a readable chain file ({type(e).__name__}: {_first_line(e)})") from e
+        raise ValueError(f"{path}: not a readable chain file ({type(e).__name__}: {_brief(e)})") from e
     if not isinstance(payload, dict) or payload.get("format") != CHAIN_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path}: unsupported chain format {found!r}")
@@ -41,9 +41,11 @@ def read_chain_file(path: str, map_location: str = "cpu") -> tuple[ModelSpec, di
     return spec, payload
 
 
-def _first_line(e: BaseException) -> str:
-    """The first line of an exception's message: torch's state-dict errors run to dozens of lines."""
-    return (str(e).strip().splitlines() or [""])[0]
+def _brief(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut at ``limit`` characters: torch's state-dict errors list every
+    key over many lines."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _load_weights(net: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -52,7 +54,7 @@ def _load_weights(net: nn.Module, state: dict[str, torch.Tensor], what: str) -> 
         net.load_state_dict(state)
     except RuntimeError as e:  # missing / unexpected keys, wrong shapes
         raise ValueError(f"{what}: the saved weights do not fit the network its spec describes "
-                         f"({_first_line(e)})") from e
+                         f"({_brief(e)})") from e
 
 
 class SavedChain(nn.Module):
@@ -90,7 +92,10 @@ class SavedChain(nn.Module):
     def load(cls, path: str, map_location: str = "cpu") -> tuple["SavedChain", dict[str, Any]]:
         """Rebuild a saved chain in eval mode; returns (chain, extra)."""
         spec, payload = read_chain_file(path, map_location)
-        return cls.from_states(spec, payload["blocks"], payload["shared"]), payload["extra"]
+        try:
+            return cls.from_states(spec, payload["blocks"], payload["shared"]), payload["extra"]
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
 
     @classmethod
     def from_states(

@@ -67,4 +67,7 @@ def load_chain(path: str, map_location: str = "cpu") -> tuple[nn.Module, dict[st
     method = payload.get("method", spec.method)
     if method != spec.method:
         raise ValueError(f"{path}: payload method {method!r} disagrees with its spec's {spec.method!r}")
-    return build_chain(spec, payload["blocks"], payload["shared"]), payload["extra"]
+    try:
+        return build_chain(spec, payload["blocks"], payload["shared"]), payload["extra"]
+    except ValueError as e:  # weights that do not fit the spec's networks: say which file
+        raise ValueError(f"{path}: {e}") from e
