@@ -17,8 +17,9 @@ from .distributed.supervisor import TrainingFailed  # no Ray import: the CLI sta
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m noprop_dist.run", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML config (see configs/); default: the quickstart")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key, e.g. --set train.epochs=3 (repeatable)")
+    # nargs + extend: "--set a=1 b=2" and "--set a=1 --set b=2" both work, as in reproduce and the benchmarks
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override keys, e.g. --set train.epochs=3 cluster.num_workers=1 (repeatable)")
     return p.parse_args(argv)
 
 

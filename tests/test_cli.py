@@ -83,3 +83,10 @@ def test_evaluate_of_a_broken_chain_is_one_line(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     assert "chain.pt: shard 1 of 3" in lines[0] and "Missing key" in lines[0], lines[0]
+
+
+def test_set_takes_several_overrides_and_repeats():
+    from noprop_dist.run import parse_args
+
+    args = parse_args(["--set", "train.epochs=3", "cluster.num_workers=1", "--config", "c.yaml", "--set", "train.seed=2"])
+    assert args.overrides == ["train.epochs=3", "cluster.num_workers=1", "train.seed=2"] and args.config == "c.yaml"

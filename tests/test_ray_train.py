@@ -27,9 +27,22 @@ def test_backprop_on_two_ray_train_workers(ray_cluster, tmp_path):
     assert SUMMARY_KEYS <= summary.keys() and summary["num_workers"] == 2 and summary["method"] == "backprop"
     assert [c["epoch"] for c in summary["curve"]] == [1, 2] and summary["train_seconds"] > 0
     assert summary["test_accuracy"] > 0.2  # chance is 0.1; measured ~0.4 after 2 epochs
+    assert summary["replica_divergence"] == 0.0  # DDP: both replicas hold the same weights after every epoch
     assert summary["peak_memory_kind"] == "rss" and summary["peak_memory_mb"] > 0
     assert os.path.isdir(os.path.join(run_dir, "ray_train"))  # Ray Train's storage_path lives under run.dir
     ckpts = os.listdir(os.path.join(run_dir, "checkpoints"))  # written by rank 0, loadable without code
     assert ckpts and all(torch.load(os.path.join(run_dir, "checkpoints", c), weights_only=True) for c in ckpts)
     # The cluster the test started keeps running: run_baseline joined it and did not shut it down.
     assert ray_cluster.is_initialized()
+
+
+def test_replica_fingerprint_tells_replicas_apart():
+    """The fingerprint the DDP check compares: equal for equal weights, different after one changed value."""
+    from noprop_dist.baselines.runner import replica_fingerprint
+
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    assert replica_fingerprint(a) == replica_fingerprint(b)
+    with torch.no_grad():
+        b.weight[1, 2] += 1e-6
+    assert replica_fingerprint(a) != replica_fingerprint(b)

@@ -68,6 +68,14 @@ def rank_batches(order: torch.Tensor, batch_size: int, rank: int, world: int) ->
     return [mine[s : s + bs] for s in range(0, mine.numel(), bs) if min(bs, mine.numel() - s) > 1]
 
 
+def replica_fingerprint(module: torch.nn.Module) -> list[float]:
+    """(sum, sum of squares) over every parameter, in float64. DDP replicas that apply the same averaged
+    gradients hold bit-identical weights, so their fingerprints are equal; any difference means they
+    drifted apart (a gradient that was not all-reduced)."""
+    flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in module.parameters()])
+    return [float(flat.sum()), float(flat.square().sum())]
+
+
 def empty_progress() -> dict[str, Any]:
     return {"curve": [], "peak_memory_mb": 0.0, "peak_memory_kind": "rss", "nonfinite_steps": 0,
             "last_epoch_loss": float("nan")}
@@ -102,6 +110,11 @@ def train_epochs(
         if all_reduce is not None:
             loss, epoch_s = all_reduce(values[:2], "mean")  # DDP ranks run in lockstep: the mean epoch time
             mem, nonfinite = all_reduce(values[2:], "max")
+            fp = replica_fingerprint(learner.module)
+            top = all_reduce(fp + [-v for v in fp], "max")  # max and -min of each value over the ranks
+            spread = max(top[i] + top[i + len(fp)] for i in range(len(fp)))
+            if rank == 0:
+                progress["replica_divergence"] = max(progress.get("replica_divergence") or 0.0, spread)
         else:
             loss, epoch_s, mem, nonfinite = values
         train_seconds += epoch_s
@@ -198,6 +211,8 @@ def _summary(cfg: Config, dataset: ImageDataset, learner: Learner, progress: dic
         "peak_memory_kind": progress["peak_memory_kind"],
         "final_loss": float(progress["last_epoch_loss"]),
         "nonfinite_steps": int(progress["nonfinite_steps"]),
+        # DDP only: the largest spread of the replicas' weight fingerprints over the epochs; 0.0 when in sync
+        "replica_divergence": progress.get("replica_divergence"),
         "num_blocks": m.num_blocks if m.method == "backprop" else None,
         "inference_steps": m.inference_steps if m.method == "adjoint" else None,
         "run_dir": os.fspath(rundir.path),
