@@ -2,6 +2,8 @@
 
     python benchmarks/time_to_accuracy.py --dataset digits --epochs 20 --target 0.9
     python benchmarks/time_to_accuracy.py --dataset fashion_mnist --epochs 3 --target 0.8 --train-limit 6000
+    python benchmarks/time_to_accuracy.py --dataset digits --methods noprop_ct noprop_fm adjoint --workers 1 \
+        --epochs 40 --target 0.8 --set model.inference_steps=100      # the CT setting, as the paper's Fig. 3
 
 All runs go side by side in one invocation, each through the run entry point
 (``python -m noprop_dist.run``; backprop is ``model.method=backprop``, which that entry point trains
@@ -9,8 +11,9 @@ with DDP through Ray Train). Each run's ``summary.json`` ``curve`` has the test 
 epoch and the cumulative training seconds at that point; the time to the target is that of the first
 epoch whose test accuracy reaches it (so it is resolved to whole epochs, and excludes evaluation and
 start-up, which ``train_seconds`` does not count). A run that never reaches it shows '-'.
-Writes benchmarks/results/time_to_accuracy_<dataset>.json and, with matplotlib, the curves as
-time_to_accuracy_<dataset>.png (test accuracy against training time, the target drawn in).
+Writes benchmarks/results/time_to_accuracy_<dataset>[_ct].json and, with matplotlib, the curves as
+time_to_accuracy_<dataset>[_ct].png (test accuracy against training time, the target drawn in); _ct when a
+CT-setting method is among --methods.
 """
 from __future__ import annotations
 
@@ -25,7 +28,11 @@ from common import write_result
 from noprop_dist.plots import PlotError, plot_curves
 from noprop_dist.reproduce import HarnessError, config_path, default_config_dir, run_command, train_subprocess
 
-METHODS = ("noprop_dt", "backprop")
+# The DT setting (NoProp-DT against DDP backprop, the default) and the CT setting (the paper's Fig. 3:
+# NoProp-CT and NoProp-FM against the adjoint method; --workers 1, as K = 1 time-shard has one worker).
+DT_SETTING = ("noprop_dt", "backprop")
+CT_SETTING = ("noprop_ct", "noprop_fm", "adjoint")
+METHODS = DT_SETTING + CT_SETTING
 
 
 def time_to_accuracy(curve: list[dict], target: float) -> dict | None:
@@ -68,14 +75,16 @@ def format_table(rows: list[dict]) -> str:
 
 
 def method_config(method: str, dataset: str) -> str:
-    """The method's config for the dataset; backprop without one of its own uses NoProp-DT's (the paper
-    runs it "in the DT setting": same blocks, batch, optimiser), with a note saying so."""
+    """The method's config for the dataset. Without one of its own, backprop uses the dataset's NoProp-DT
+    config (the paper runs it "in the DT setting": same blocks, batch, optimiser) and a CT-setting method its
+    MNIST config (Table 3's settings for it: eta, steps, optimiser; data.name is overridden), with a note."""
     try:
         return config_path(method, dataset, default_config_dir())
     except HarnessError as e:
         if method == "noprop_dt":
             raise
-        fallback = config_path("noprop_dt", dataset, default_config_dir())
+        fallback = config_path(*(("noprop_dt", dataset) if method in DT_SETTING else (method, "mnist")),
+                               default_config_dir())
         print(f"note: {e}; using {fallback} with model.method={method}", flush=True)
         return fallback
 
@@ -97,7 +106,7 @@ def main() -> int:
     p.add_argument("--target", type=float, default=0.9, help="test accuracy in [0, 1]; default %(default)s")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DT_SETTING))
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("--keep", metavar="DIR", help="keep the run directories here (default: a temporary one)")
     args = p.parse_args()
@@ -118,7 +127,8 @@ def main() -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     print(format_table(rows))
-    name = f"time_to_accuracy_{args.dataset}"
+    setting = "_ct" if set(args.methods) & set(CT_SETTING) else ""  # the DT-setting files keep their names
+    name = f"time_to_accuracy_{args.dataset}{setting}"
     written = write_result(name, {"args": vars(args), "results": rows})
     print("written:", written)
     try:

@@ -229,6 +229,16 @@ def test_time_to_accuracy_table():
     assert table[2].split()[:4] == ["backprop", "1", "-", "-"]
 
 
+def test_time_to_accuracy_config_fallbacks():
+    """Without a config of its own, backprop takes the dataset's NoProp-DT config and a CT-setting method
+    its MNIST config (Table 3's settings for that method)."""
+    m = _time_to_accuracy_module()
+    assert os.path.basename(m.method_config("backprop", "digits")) == "quickstart.yaml"
+    assert os.path.basename(m.method_config("noprop_ct", "digits")) == "mnist_ct.yaml"
+    assert os.path.basename(m.method_config("adjoint", "digits")) == "mnist_adjoint.yaml"
+    assert os.path.basename(m.method_config("noprop_fm", "fashion_mnist")) == "fashion_mnist_fm.yaml"  # its own
+
+
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.mark.ray

@@ -1,9 +1,12 @@
-"""Why the backprop baseline (Eq. 17-19) starts slowly: the same steps for the chain and two diagnostics.
+"""Why the backprop and adjoint baselines start slowly: the same steps for the model and diagnostic variants.
 
-    python benchmarks/backprop_start.py --steps 60 --every 20
+    python benchmarks/baseline_start.py --method backprop --steps 60 --every 20
+    python benchmarks/baseline_start.py --method adjoint --dataset digits --steps 240 --every 60 \
+        --embedding one_hot --set model.inference_steps=20
 
-Fashion-MNIST, the first --train-limit training images, one torch thread, batch 128, AdamW 1e-3 / 1e-3
-(Table 3's DT setting), the same seed and batches for every variant:
+One torch thread, batch 128, the method's config for the dataset (Table 3's optimiser and learning rate),
+the same seed and batches for every variant. Backprop (Fashion-MNIST by default, the first --train-limit
+training images):
 
 - ``chain``: the backprop baseline exactly as ``model.method=backprop`` trains it.
 - ``chain, head x10``: the same, the head's initial weights multiplied by 10. The chain's output
@@ -14,11 +17,17 @@ Fashion-MNIST, the first --train-limit training images, one torch thread, batch 
 - ``block T alone``: the chain's last block trained as a plain classifier, cross-entropy on its own
   logits (z_0 noise as its z input): what the same convolutional network learns in the same steps.
 
-Writes benchmarks/results/backprop_start.json.
+Adjoint: ``model``, ``head x10`` (as above: its z_1 is also a convex mixture of embeddings plus leftover
+noise), ``rate 2^-10`` (the initial rate r of dz/dt = r (u_hat - z) set to 10 ln 2, so that e^-r = 2^-10 of
+z_0's noise reaches z_1, what the backprop chain's a_t = 0.5 leaves after 10 blocks; the model starts at r = 1,
+which leaves e^-1), and both.
+
+Writes benchmarks/results/baseline_start_<method>.json.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -32,7 +41,8 @@ from noprop_dist.config import load_config
 from noprop_dist.data import load_dataset
 from noprop_dist.reproduce import config_path, default_config_dir
 
-VARIANTS = ("chain", "chain, head x10", "block T alone")
+VARIANTS = {"backprop": ("chain", "chain, head x10", "block T alone"),
+            "adjoint": ("model", "head x10", "rate 2^-10", "rate 2^-10, head x10")}
 
 
 class LastBlockAlone(nn.Module):
@@ -49,10 +59,12 @@ class LastBlockAlone(nn.Module):
 
 def make_learner(variant: str, cfg, dataset) -> GradientLearner:
     learner = build_learner(cfg, dataset, torch.device("cpu"))
-    if variant == "chain, head x10":
-        with torch.no_grad():
+    with torch.no_grad():
+        if "head x10" in variant:
             learner.module.shared.head.weight.mul_(10)
-    elif variant == "block T alone":
+        if "rate 2^-10" in variant:
+            learner.module.log_rate.fill_(math.log(10 * math.log(2)))
+    if variant == "block T alone":
         module = LastBlockAlone(learner.module)
         optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         learner = GradientLearner(module, module, optimizer, dataset.mean, dataset.std, torch.device("cpu"))
@@ -73,29 +85,38 @@ def run_variant(variant: str, cfg, dataset, steps: int, every: int) -> list[dict
             acc = accuracy(learner, dataset.test_x, dataset.test_y, 256, cfg.eval.seed)
             points.append({"step": step, "loss": loss, "test_accuracy": acc,
                            "seconds": time.perf_counter() - start})
-            print(f"{variant:<16} step {step:>4}  loss {loss:.3f}  test {100 * acc:.2f}%", flush=True)
+            print(f"{variant:<22} step {step:>4}  loss {loss:.3f}  test {100 * acc:.2f}%", flush=True)
     return points
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", choices=tuple(VARIANTS), default="backprop")
+    p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--every", type=int, default=20)
     p.add_argument("--train-limit", type=int, default=6000)
     p.add_argument("--test-limit", type=int, default=1000)
     p.add_argument("--embedding", default="learned", help="learned (d = 20), one_hot or prototype")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", help=f"default: all of the method's: {VARIANTS}")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
+    variants = args.variants or list(VARIANTS[args.method])
+    unknown = [v for v in variants if v not in VARIANTS[args.method]]
+    if unknown:
+        p.error(f"unknown variants for {args.method}: {unknown}; allowed: {VARIANTS[args.method]}")
     torch.set_num_threads(1)
     dim = ["model.embedding_dim=10"] if args.embedding == "one_hot" else []
-    cfg = load_config(config_path("backprop", "fashion_mnist", default_config_dir()),
-                      [f"model.embedding={args.embedding}", *dim])
-    dataset = load_dataset("fashion_mnist", cfg.data.root, train_limit=args.train_limit, test_limit=args.test_limit)
-    results = {v: run_variant(v, cfg, dataset, args.steps, args.every) for v in args.variants}
-    print(f"\n{'variant':<16} " + " ".join(f"{'step ' + str(pt['step']):>9}" for pt in next(iter(results.values()))))
+    config_dataset = "mnist" if args.dataset == "digits" else args.dataset  # digits has no baseline configs
+    cfg = load_config(config_path(args.method, config_dataset, default_config_dir()),
+                      [f"data.name={args.dataset}", f"model.embedding={args.embedding}", *dim, *args.overrides])
+    limits = {} if args.dataset == "digits" else {"train_limit": args.train_limit, "test_limit": args.test_limit}
+    dataset = load_dataset(args.dataset, cfg.data.root, **limits)
+    results = {v: run_variant(v, cfg, dataset, args.steps, args.every) for v in variants}
+    print(f"\n{'variant':<22} " + " ".join(f"{'step ' + str(pt['step']):>9}" for pt in next(iter(results.values()))))
     for v, pts in results.items():
-        print(f"{v:<16} " + " ".join(f"{100 * pt['test_accuracy']:>8.2f}%" for pt in pts))
-    print("written:", write_result("backprop_start", {"args": vars(args), "results": results}))
+        print(f"{v:<22} " + " ".join(f"{100 * pt['test_accuracy']:>8.2f}%" for pt in pts))
+    print("written:", write_result(f"baseline_start_{args.method}", {"args": vars(args), "results": results}))
     return 0
 
 
