@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from .config import CT_INFERENCE
-from .core import evaluate_chain
-from .core.variants import load_chain as load_chain_file
+from .core import evaluate_chain, variants
 from .data import DatasetNotFoundError, load_dataset, normalize
 
 
@@ -27,7 +26,7 @@ def load_chain(run_dir: str, steps: int | None = None, sampler: str | None = Non
     path = os.path.join(run_dir, "chain.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no chain.pt in {run_dir}: has the run finished?")
-    chain, extra = load_chain_file(path)
+    chain, extra = variants.load_chain(path)
     if steps is None and sampler is None:
         return chain, extra
     method = chain.spec.method

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import pickle
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -38,7 +38,23 @@ def read_chain_file(path: str, map_location: str = "cpu") -> tuple[ModelSpec, di
         spec = ModelSpec.from_dict(payload["spec"])
     except (TypeError, KeyError) as e:  # a key this version does not know, or one it needs
         raise ValueError(f"{path}: chain spec does not fit this version of noprop_dist ({e})") from e
+    # Files written before CT/FM existed have no "method" (neither in the payload nor in the spec): NoProp-DT.
+    method = payload.get("method", spec.method)
+    if method != spec.method:
+        raise ValueError(f"{path}: payload method {method!r} disagrees with its spec's {spec.method!r}")
     return spec, payload
+
+
+def load_chain_file(
+    path: str, build: Callable[[ModelSpec, list[dict], dict], nn.Module], map_location: str = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Read a chain file and assemble it with ``build(spec, shard_states, shared_state)`` -> (chain, extra).
+    Weights that do not fit the spec's networks raise a ValueError that names the file."""
+    spec, payload = read_chain_file(path, map_location)
+    try:
+        return build(spec, payload["blocks"], payload["shared"]), payload["extra"]
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def _brief(e: BaseException, limit: int = 300) -> str:
@@ -91,11 +107,7 @@ class SavedChain(nn.Module):
     @classmethod
     def load(cls, path: str, map_location: str = "cpu") -> tuple["SavedChain", dict[str, Any]]:
         """Rebuild a saved chain in eval mode; returns (chain, extra)."""
-        spec, payload = read_chain_file(path, map_location)
-        try:
-            return cls.from_states(spec, payload["blocks"], payload["shared"]), payload["extra"]
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
+        return load_chain_file(path, cls.from_states, map_location)
 
     @classmethod
     def from_states(

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import objectives
 from .blocks import ModelSpec, build_block
-from .chain import DTChain, read_chain_file
+from .chain import DTChain, load_chain_file
 from .continuous import ContinuousChain, continuous_shard_loss
 from .ct_blocks import build_ct_block
 from .schedule import DTSchedule
@@ -61,13 +61,5 @@ def build_chain(spec: ModelSpec, shard_states: list[dict], shared_state: dict) -
 
 
 def load_chain(path: str, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Load a chain file of any method -> (chain, extra). Files written before CT/FM existed have no "method"
-    (neither in the payload nor in the spec): they are NoProp-DT."""
-    spec, payload = read_chain_file(path, map_location)
-    method = payload.get("method", spec.method)
-    if method != spec.method:
-        raise ValueError(f"{path}: payload method {method!r} disagrees with its spec's {spec.method!r}")
-    try:
-        return build_chain(spec, payload["blocks"], payload["shared"]), payload["extra"]
-    except ValueError as e:  # weights that do not fit the spec's networks: say which file
-        raise ValueError(f"{path}: {e}") from e
+    """Load a chain file of any method -> (chain, extra); the spec's method picks the chain class."""
+    return load_chain_file(path, build_chain, map_location)
