@@ -15,12 +15,15 @@ import os
 import pickle
 import struct
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 
 DATASET_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100",
                                    "bloodmnist", "bloodmnist_64", "bloodmnist_128")
+
+T = TypeVar("T")
 
 # Used when ``root`` is None (relative to the working directory; ignored by git).
 DEFAULT_ROOT = "data"
@@ -180,6 +183,18 @@ def _find_idx_dir(dirs: list[str]) -> dict[str, str] | None:
     return None
 
 
+def _locate(find: Callable[[], T | None], download: bool, fetch: Callable[[], None], missing: str) -> T:
+    """What ``find()`` returns; when it finds nothing and ``download`` is on, ``fetch()`` and look again.
+    Still nothing: DatasetNotFoundError(``missing``), which says where we looked and how to get the files."""
+    found = find()
+    if found is None and download:
+        fetch()
+        found = find()
+    if found is None:
+        raise DatasetNotFoundError(missing)
+    return found
+
+
 def _load_mnist_like(name: str, root: str, download: bool):
     """MNIST / Fashion-MNIST from IDX files: images (N, 1, 28, 28), labels (N,).
 
@@ -190,16 +205,11 @@ def _load_mnist_like(name: str, root: str, download: bool):
     dirs = [root, raw_dir]
     if name == "fashion_mnist":
         dirs.append(FASHION_MNIST_DEBIAN_DIR)
-    files = _find_idx_dir(dirs)
-    if files is None and download:
-        _torchvision_download(name, root)
-        files = _find_idx_dir([raw_dir])
-    if files is None:
-        hint = " or `apt-get install dataset-fashion-mnist`" if name == "fashion_mnist" else ""
-        raise DatasetNotFoundError(
-            f"{name}: files not found. Expected {', '.join(IDX_FILES)} (each plain or .gz) "
-            f"in one of: {', '.join(dirs)}. Set data.root to their directory, set "
-            f"`data.download: true` to fetch them through torchvision{hint}.")
+    hint = " or `apt-get install dataset-fashion-mnist`" if name == "fashion_mnist" else ""
+    files = _locate(lambda: _find_idx_dir(dirs), download, lambda: _torchvision_download(name, root),
+                    f"{name}: files not found. Expected {', '.join(IDX_FILES)} (each plain or .gz) "
+                    f"in one of: {', '.join(dirs)}. Set data.root to their directory, set "
+                    f"`data.download: true` to fetch them through torchvision{hint}.")
     split = []
     for prefix in ("train", "t10k"):
         x = read_idx(files[f"{prefix}-images-idx3-ubyte"], 3)
@@ -225,15 +235,10 @@ def _load_cifar(name: str, root: str, download: bool):
     def find() -> str | None:
         return next((d for d in dirs if all(os.path.isfile(os.path.join(d, f)) for f in needed)), None)
 
-    found = find()
-    if found is None and download:
-        _torchvision_download(name, root)
-        found = find()
-    if found is None:
-        raise DatasetNotFoundError(
-            f"{name}: files not found. Expected {', '.join(needed)} in one of: {', '.join(dirs)}. "
-            f"Set data.root to the directory holding {sub}/, or set `data.download: true` "
-            f"to fetch them through torchvision.")
+    found = _locate(find, download, lambda: _torchvision_download(name, root),
+                    f"{name}: files not found. Expected {', '.join(needed)} in one of: {', '.join(dirs)}. "
+                    f"Set data.root to the directory holding {sub}/, or set `data.download: true` "
+                    f"to fetch them through torchvision.")
 
     def read(files: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
@@ -267,14 +272,9 @@ def _load_medmnist(name: str, root: str, download: bool):
     def find() -> str | None:
         return next((os.path.join(d, fname) for d in dirs if os.path.isfile(os.path.join(d, fname))), None)
 
-    path = find()
-    if path is None and download:
-        _medmnist_download(name, root)
-        path = find()
-    if path is None:
-        raise DatasetNotFoundError(
-            f"{name}: file not found. Expected {fname} in one of: {', '.join(dirs)}. Set data.root to its "
-            f"directory, or set `data.download: true` with the `medmnist` package installed to fetch it.")
+    path = _locate(find, download, lambda: _medmnist_download(name, root),
+                   f"{name}: file not found. Expected {fname} in one of: {', '.join(dirs)}. Set data.root to its "
+                   f"directory, or set `data.download: true` with the `medmnist` package installed to fetch it.")
     with np.load(path) as npz:
         missing = [k for k in ("train_images", "train_labels", "test_images", "test_labels") if k not in npz.files]
         if missing:
