@@ -25,7 +25,7 @@ import tempfile
 
 from common import write_result
 
-from noprop_dist.plots import PlotError, plot_curves
+from noprop_dist.plots import PlotError, plot_curves, run_label
 from noprop_dist.reproduce import HarnessError, config_path, default_config_dir, run_command, train_subprocess
 
 # The DT setting (NoProp-DT against DDP backprop, the default) and the CT setting (the paper's Fig. 3:
@@ -132,7 +132,7 @@ def main() -> int:
     written = write_result(name, {"args": vars(args), "results": rows})
     print("written:", written)
     try:
-        png = plot_curves([(f"{r['method']}, {r['workers']} worker{'s' if r['workers'] > 1 else ''}", r["curve"])
+        png = plot_curves([(run_label({"method": r["method"], "num_workers": r["workers"]}), r["curve"])
                            for r in rows if r["curve"]], written[:-len(".json")] + ".png",
                           f"{args.dataset}: time to {args.target:.0%} test accuracy", target=args.target)
         print("written:", png)
