@@ -8,26 +8,26 @@ One torch thread, batch 128, the method's config for the dataset (Table 3's opti
 the same seed and batches for every variant. Backprop (Fashion-MNIST by default, the first --train-limit
 training images):
 
-- ``chain``: the backprop baseline exactly as ``model.method=backprop`` trains it.
-- ``chain, head x10``: the same, the head's initial weights multiplied by 10. The chain's output
-  z_T is a convex mixture of class embeddings (norm about 1), so the head's logits can span no more than
-  its weights allow; PyTorch's default Linear init (|w| <= 1/sqrt(d)) keeps them within about +-1, and
-  AdamW at 1e-3 widens them by about 1e-3 per step. If this variant learns much faster, that bound is what
-  slows the chain, not a gradient that fails to arrive.
+- ``chain``: the backprop baseline exactly as ``model.method=backprop`` trains it (head widened by
+  ``baselines.head.widen_head``).
+- ``chain, default head``: the same with PyTorch's default Linear init for the head (the widening undone),
+  as the baseline was built before. The chain's output z_T is a convex mixture of class embeddings (norm
+  about 1), so the head's logits can span no more than its weights allow; the default init (|w| <= 1/sqrt(d))
+  keeps them within about +-1, and AdamW at 1e-3 widens them by about 1e-3 per step. If this variant learns
+  much more slowly, that bound is what slows the chain, not a gradient that fails to arrive.
 - ``block T alone``: the chain's last block trained as a plain classifier, cross-entropy on its own
   logits (z_0 noise as its z input): what the same convolutional network learns in the same steps.
 
-Adjoint: ``model``, ``head x10`` (as above: its z_1 is also a convex mixture of embeddings plus leftover
-noise), ``rate 2^-10`` (the initial rate r of dz/dt = r (u_hat - z) set to 10 ln 2, so that e^-r = 2^-10 of
-z_0's noise reaches z_1, what the backprop chain's a_t = 0.5 leaves after 10 blocks; the model starts at r = 1,
-which leaves e^-1), and both.
+Adjoint: ``model`` (as ``model.method=adjoint`` trains it), ``default head`` (as above: its z_1 is also a
+convex mixture of embeddings plus leftover noise), ``rate 1`` (the initial rate r of dz/dt = r (u_hat - z) at 1,
+which lets e^-1 of z_0's noise reach z_1, instead of ``adjoint.initial_rate``, which leaves 2^-10 as the backprop
+chain's a_t = 0.5 does after 10 blocks), and both, which is the model as it was built before.
 
 Writes benchmarks/results/baseline_start_<method>.json.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
@@ -41,8 +41,8 @@ from noprop_dist.config import load_config
 from noprop_dist.data import load_dataset
 from noprop_dist.reproduce import config_path, default_config_dir
 
-VARIANTS = {"backprop": ("chain", "chain, head x10", "block T alone"),
-            "adjoint": ("model", "head x10", "rate 2^-10", "rate 2^-10, head x10")}
+VARIANTS = {"backprop": ("chain", "chain, default head", "block T alone"),
+            "adjoint": ("model", "default head", "rate 1", "rate 1, default head")}
 
 
 class LastBlockAlone(nn.Module):
@@ -60,10 +60,10 @@ class LastBlockAlone(nn.Module):
 def make_learner(variant: str, cfg, dataset) -> GradientLearner:
     learner = build_learner(cfg, dataset, torch.device("cpu"))
     with torch.no_grad():
-        if "head x10" in variant:
-            learner.module.shared.head.weight.mul_(10)
-        if "rate 2^-10" in variant:
-            learner.module.log_rate.fill_(math.log(10 * math.log(2)))
+        if "default head" in variant:  # undo baselines.head.widen_head
+            learner.module.shared.head.weight.div_(learner.module.head_gain)
+        if "rate 1" in variant:
+            learner.module.log_rate.fill_(0.0)
     if variant == "block T alone":
         module = LastBlockAlone(learner.module)
         optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

@@ -13,9 +13,13 @@ Vector field (our choice; the paper does not spell it out):
 the continuous-time limit of the backprop baseline's update z_t = z_{t-1} + a_t (u_hat_t - z_{t-1}) (Eq. 18):
 z relaxes towards the network's denoised label, as in NoProp-CT, where u_hat is the same softmax-weighted
 combination of class embeddings. The pull towards the convex hull of the embeddings keeps z bounded, so a
-fixed-step solver stays stable. The rate r is learnable (initially 1) for the same reason a_t is learnable in
-Eq. 19: with r fixed at 1 a fraction e^-1 of the initial noise would reach the classifier whatever the network
-does. Explicit Euler is stable while r / inference_steps < 2.
+fixed-step solver stays stable. The rate r is learnable for the same reason a_t is learnable in Eq. 19.
+
+Initial values the paper leaves open: the head is widened as the backprop chain's (``head.widen_head``), and r
+starts at ``initial_rate(inference_steps)``: the rate at which the Euler solve leaves ``NOISE_LEFT`` = 2^-10 of
+z_0 in z_1, what the backprop chain's a_t = 0.5 leaves after its 10 blocks. (At r = 1, e^-1 of the noise, norm
+about 3 for d = 10, reached the classifier, and the model stayed at chance: ``benchmarks/baseline_start.py``.)
+It is below inference_steps, so each Euler step moves z less than all the way to u_hat (stable: r h < 2).
 
 z_0 ~ N(0, I) as in NoProp-CT (time runs from noise to label). Fresh noise per training batch; evaluation draws
 it from a generator seeded by ``eval.seed``.
@@ -27,6 +31,7 @@ their gradient, and the layers inside the field run in eval mode (their dropout 
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -41,9 +46,23 @@ from ..core import (
     class_logits,
     denoised_estimate,
 )
+from .head import widen_head
 
 # Explicit Euler: one network evaluation per step, as NoProp-CT's 1000-step inference chain.
 DEFAULT_SOLVER = "euler"
+# What the backprop chain leaves of z_0 at the start: (1 - A_INIT)^T = 2^-10 for T = 10 blocks.
+NOISE_LEFT = 2.0**-10
+
+
+def initial_rate(steps: int, noise_left: float = NOISE_LEFT) -> float:
+    """r such that ``steps`` Euler steps of dz/dt = -r z scale z_0 by ``noise_left``: (1 - r/steps)^steps.
+
+    r = steps (1 - noise_left^(1/steps)); 5.0 for 10 steps (a_t = 0.5 per step, the backprop chain exactly),
+    6.70 for 100, tending to ln(1/noise_left) = 10 ln 2 = 6.93, the exact solution's e^-r.
+    """
+    if steps < 1 or not 0.0 < noise_left < 1.0:
+        raise ValueError(f"need steps >= 1 and 0 < noise_left < 1, got steps={steps}, noise_left={noise_left}")
+    return steps * (1.0 - noise_left ** (1.0 / steps))
 
 
 def fixed_grid(steps: int) -> Callable[[object, object, torch.Tensor], torch.Tensor]:
@@ -67,7 +86,8 @@ class AdjointODE(nn.Module):
         self.spec = spec
         self.block: CTBlock = build_ct_block(spec, 1, seed)
         self.shared = build_shared(spec, seed, prototype_init)
-        self.log_rate = nn.Parameter(torch.zeros(()))
+        self.head_gain = widen_head(self.shared)  # kept for baseline_start.py's default-init variant
+        self.log_rate = nn.Parameter(torch.tensor(math.log(initial_rate(spec.inference_steps))))
         self.solver = solver
         self.adjoint = adjoint  # False: back-propagate through the solver's steps (the test's reference)
 

@@ -12,6 +12,9 @@ only in how credit is assigned.
 z_0: Eq. 17 of the paper draws z_0 from N(0, I), as NoProp-DT's inference does; we follow it. Training draws
 fresh noise every batch; evaluation draws it from a generator seeded by ``eval.seed`` so a checkpoint
 re-evaluates identically.
+
+Initial values the paper leaves open: a_t = 0.5 (``A_INIT``) and a head widened by ``head.widen_head``, without
+which the chain's bounded logits hold it near chance for hundreds of steps (see that module).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from ..core import ModelSpec, build_block, build_shared, class_logits, denoised_estimate
+from .head import widen_head
 
 # The paper does not give the initial w_t. a_t = tanh(w_t) = 0.5 moves z halfway towards each block's
 # prediction: after T = 10 blocks the initial noise is scaled by 2^-10, and every block still matters.
@@ -33,9 +37,10 @@ class BackpropChain(nn.Module):
     def __init__(self, spec: ModelSpec, seed: int, prototype_init: torch.Tensor | None = None) -> None:
         super().__init__()
         self.spec = spec
-        # Same initial weights as NoProp-DT's blocks and shared state for the same seed.
+        # Same initial blocks and W_embed as NoProp-DT for the same seed; the head is widened (module docstring).
         self.blocks = nn.ModuleList(build_block(spec, t, seed) for t in range(1, spec.num_blocks + 1))
         self.shared = build_shared(spec, seed, prototype_init)
+        self.head_gain = widen_head(self.shared)  # kept for baseline_start.py's default-init variant
         self.w = nn.Parameter(torch.full((spec.num_blocks,), math.atanh(A_INIT)))
 
     @property
