@@ -118,7 +118,7 @@ def main() -> int:
                 config = method_config(method, args.dataset)
                 for workers in args.workers:
                     run_dir = os.path.join(base, f"{method}_w{workers}")
-                    print(f"{method} on {workers} workers: training ({run_dir})", flush=True)
+                    print(f"{method} on {workers} worker{'s' if workers > 1 else ''}: training ({run_dir})", flush=True)
                     train_subprocess(run_command(config, overrides_for(args, method, workers, run_dir)),
                                  f"{run_dir}.log", echo=False)
                     with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
@@ -129,7 +129,8 @@ def main() -> int:
     print(format_table(rows))
     setting = "_ct" if set(args.methods) & set(CT_SETTING) else ""  # the DT-setting files keep their names
     name = f"time_to_accuracy_{args.dataset}{setting}"
-    written = write_result(name, {"args": vars(args), "results": rows})
+    # --keep is a local directory: record only whether runs were kept, not this machine's path.
+    written = write_result(name, {"args": {**vars(args), "keep": bool(args.keep)}, "results": rows})
     print("written:", written)
     try:
         png = plot_curves([(run_label({"method": r["method"], "num_workers": r["workers"]}), r["curve"])
