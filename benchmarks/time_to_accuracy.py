@@ -118,7 +118,8 @@ def main() -> int:
                 config = method_config(method, args.dataset)
                 for workers in args.workers:
                     run_dir = os.path.join(base, f"{method}_w{workers}")
-                    print(f"{method} on {workers} worker{'s' if workers > 1 else ''}: training ({run_dir})", flush=True)
+                    label = run_label({"method": method, "num_workers": workers})
+                    print(f"{label}: training ({run_dir})", flush=True)
                     train_subprocess(run_command(config, overrides_for(args, method, workers, run_dir)),
                                  f"{run_dir}.log", echo=False)
                     with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
