@@ -9,6 +9,10 @@ import time
 import torch
 
 from noprop_dist.config import Config
+from noprop_dist.core import build_shared
+from noprop_dist.core.variants import build_shard, shard_loss
+from noprop_dist.data import ImageDataset
+from noprop_dist.training import TrainingData, initial_prototypes, model_spec
 
 
 def machine() -> dict:
@@ -30,3 +34,48 @@ def ray_run(cfg: Config) -> dict:
     from noprop_dist.distributed.driver import run_training
 
     return run_training(cfg, log=lambda s: None)
+
+
+def epoch_batches(cfg: Config, n: int, epoch: int) -> list[torch.Tensor]:
+    """The index batches of an epoch of n images, as the shard loop draws them (same seed, same dropped
+    singleton)."""
+    gen = torch.Generator().manual_seed(cfg.train.seed * 7_919 + epoch)
+    order = torch.randperm(n, generator=gen)
+    bs = cfg.train.batch_size
+    return [order[s : s + bs] for s in range(0, n, bs) if min(bs, n - s) > 1]
+
+
+def plain_loop(cfg: Config, data: ImageDataset, epochs: int, blocks: list[int] | None = None,
+               device: torch.device = torch.device("cpu")) -> list[float]:
+    """Epoch seconds of the blocks (default all) in a plain torch loop, the ceiling a framework is measured
+    against: per mini-batch and block, the block loss plus the shared CE, backward, the block's and the
+    shared-state AdamW steps (torch's fused AdamW, as the shard loop uses), under cfg.train.precision. No
+    stats, no exchanges, no checks; batches gathered on the device like the shard loop's."""
+    spec = model_spec(cfg, data.image_shape, data.num_classes)
+    tr = cfg.train
+    blocks = blocks or list(range(1, spec.num_blocks + 1))
+    nets = {t: build_shard(spec, t, tr.seed).to(device) for t in blocks}
+    shared = build_shared(spec, tr.seed, initial_prototypes(spec, data, tr.seed)).to(device)
+    opts = {t: torch.optim.AdamW(n.parameters(), lr=tr.lr, weight_decay=tr.weight_decay, fused=True)
+            for t, n in nets.items()}
+    shared_opt = torch.optim.AdamW(shared.parameters(), lr=tr.lr, weight_decay=tr.weight_decay, fused=True)
+    gens = {t: torch.Generator(device=device).manual_seed(tr.seed * 1_000 + t) for t in blocks}
+    placed = TrainingData(data.train_x, data.train_y, data.mean, data.std, device)
+    seconds = []
+    for epoch in range(epochs):
+        t0 = time.perf_counter()
+        for idx in epoch_batches(cfg, len(placed), epoch):
+            x, y = placed.batch(idx.to(placed.where))
+            for t, net in nets.items():
+                net.train()
+                opts[t].zero_grad(set_to_none=True)
+                shared_opt.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tr.precision == "bf16"):
+                    total, _ = shard_loss(net, shared, spec, t, x, y, gens[t])
+                total.backward()
+                opts[t].step()
+                shared_opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - t0)
+    return seconds

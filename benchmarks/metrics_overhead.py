@@ -1,7 +1,7 @@
 """Cost of the Prometheus metrics: steps/s of one block with metrics on vs off, in the same worker process.
 
 One Ray actor (1 CPU, 1 torch thread) trains one NoProp-DT block through the real worker code
-(ShardGroup, RayClient to a ParameterServer actor). Segments of a few epochs alternate between metrics
+(ShardGroup and its replica, RayClient to a ParameterServer actor). Segments of a few epochs alternate between metrics
 on (a WorkerTelemetry recording every step, push and pull, its once-a-second thread, and a server that
 times every push) and metrics off (neither), in the order on-off-off-on so that a slow drift of the
 machine weighs on both alike. Digits by default: its steps are the shortest (8x8 images), so the fixed
@@ -46,16 +46,16 @@ class Bench:
 
     def segment(self, metrics: bool, epochs: int) -> tuple[int, float]:
         """Train ``epochs`` epochs; returns (block steps, seconds)."""
-        # The two servers' states differ; their values do not change the cost of a step.
-        self.client.flush()
+        # The two servers' states differ; their values do not change the cost of a step. Each epoch starts
+        # with a fetch, which takes the state (and the incarnation) of the server switched to.
         self.client.server = self.servers[metrics]
-        tel = WorkerTelemetry("overhead", 0, self.group.stats, 10**6, torch.device("cpu")) if metrics else None
+        tel = (WorkerTelemetry("overhead", 0, self.group.stats, 10**6, torch.device("cpu"),
+                               exchange=self.group.replica.stats) if metrics else None)
         self.client.on_push, self.client.on_pull = (tel.on_push, tel.on_pull) if tel else (None, None)
         steps0, t0 = self.group.stats[BLOCK].total_steps, time.perf_counter()
         for _ in range(epochs):
             self.group.train_epoch(self.epoch, tel.on_step if tel else None)
             self.epoch += 1
-        self.client.flush()
         if tel:
             tel.flush()
             tel.close()
@@ -77,7 +77,7 @@ def main() -> None:
     started = connect(1, quiet=True, metrics=False)  # the nodes export metrics either way; no Prometheus here
     try:
         t = cfg.train
-        servers = {on: ParameterServer.remote(spec, t.lr, t.weight_decay, t.seed, None, None,
+        servers = {on: ParameterServer.remote(spec, t.seed, None, None, ["w0"], t.sync_mode,
                                               run_id="overhead" if on else None) for on in (True, False)}
         bench = Bench.remote(spec, t, ray.put(data.train_x), ray.put(data.train_y), data.mean, data.std, servers)
         ray.get(bench.segment.remote(False, 1))  # warm-up: first-call costs out of the figures

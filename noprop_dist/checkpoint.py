@@ -5,6 +5,7 @@ Layout of ``<run.dir>``::
     config.yaml                 the config the run was started with
     manifest.json               last complete epoch, file names and sha256 of every checkpoint
     checkpoints/block_03.e0002.pt, checkpoints/shared.e0002.pt   (e = epochs done)
+    checkpoints/replicas.e0002.pt   the workers' shared-state replicas (their optimizers), by block group
     chain.pt, summary.json      written at the end
 
 Every file is written to a temporary name and renamed (atomic on POSIX). The manifest is written last,
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -40,6 +41,8 @@ class Resume:
     block_states: dict[int, dict]
     shared_state: dict
     train_seconds: float
+    # Group key (training.replica_key) -> a worker replica's state; empty for runs saved before replicas.
+    replica_states: dict[str, dict] = field(default_factory=dict)
 
 
 # Sections whose change makes a run directory's checkpoints meaningless for the new config.
@@ -99,15 +102,19 @@ class RunDir:
 
     # --- checkpoints ---------------------------------------------------------------------
     def save_epoch(
-        self, epochs_done: int, block_states: dict[int, dict], shared_state: dict, train_seconds: float
+        self, epochs_done: int, block_states: dict[int, dict], shared_state: dict, train_seconds: float,
+        replica_states: dict[str, dict] | None = None,
     ) -> None:
-        """Write every block's and the server's state for ``epochs_done``, then the manifest."""
+        """Write every block's, the server's and the worker replicas' state for ``epochs_done``, then the manifest."""
         files: dict[str, dict[str, str]] = {}
         for t, state in sorted(block_states.items()):
             name = f"block_{t:02d}.e{epochs_done:04d}.pt"
             files[f"block_{t}"] = {"file": name, "sha256": atomic_torch_save(state, os.path.join(self.ckpt_dir, name))}
-        name = f"shared.e{epochs_done:04d}.pt"
-        files["shared"] = {"file": name, "sha256": atomic_torch_save(shared_state, os.path.join(self.ckpt_dir, name))}
+        for key, state in (("shared", shared_state), ("replicas", replica_states)):
+            if state is None:
+                continue
+            name = f"{key}.e{epochs_done:04d}.pt"
+            files[key] = {"file": name, "sha256": atomic_torch_save(state, os.path.join(self.ckpt_dir, name))}
         old = self.read_manifest()
         previous = None
         if old is not None:  # the last complete epoch stays loadable until this one is
@@ -194,4 +201,5 @@ class RunDir:
         return Resume(
             epochs_done=int(entry["epochs_done"]), block_states=blocks,
             shared_state=self._load_checked(files["shared"]), train_seconds=float(entry["train_seconds"]),
+            replica_states=self._load_checked(files["replicas"]) if "replicas" in files else {},
         )

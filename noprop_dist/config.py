@@ -18,6 +18,7 @@ DATASET_NAMES = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "blo
 EMBEDDINGS = ("one_hot", "learned", "prototype")
 CLASS_PROBS = ("softmax", "radial")
 SYNC_MODES = ("sync", "async")
+PRECISIONS = ("fp32", "bf16")
 NONFINITE_POLICIES = ("rollback", "stop")
 DEVICES = ("auto", "cpu", "cuda")
 NOPROP_METHODS = ("noprop_dt", "noprop_ct", "noprop_fm")
@@ -63,8 +64,12 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-3
     seed: int = 0
-    sync_mode: str = "sync"  # sync: a push returns after it is applied; async: fire and forget
-    sync_every: int = 1  # pull fresh shared state every this many steps of a shard
+    # Shared state (docs/parameter_server.md): every sync_every mini-batches a worker pushes the sum of its
+    # shards' updates and takes fresh state it asked for one exchange earlier. sync: that state holds every
+    # worker's updates up to that exchange (runs repeat exactly); async: whatever the server had (never waits).
+    sync_mode: str = "sync"
+    sync_every: int = 1
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the shards' forward and backward; weights stay fp32)
     log_every_seconds: float = 5.0  # progress lines when the output is not a terminal
     # A block whose loss or gradients become NaN/inf applies nothing, rolls back to its state at the
     # start of the epoch and multiplies its learning rate by `nonfinite_lr_factor` (rollback), or stops
@@ -282,6 +287,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.seed: must be >= 0, got {t.seed}")
     _choice("train.sync_mode", t.sync_mode, SYNC_MODES)
     _positive("train.sync_every", t.sync_every)
+    _choice("train.precision", t.precision, PRECISIONS)
     _positive("train.log_every_seconds", t.log_every_seconds)
     _choice("train.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
     if not 0.0 < t.nonfinite_lr_factor < 1.0:

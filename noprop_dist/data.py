@@ -79,7 +79,10 @@ class ImageDataset:
 
 
 def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
-    """(B, C, H, W) uint8 -> float32 ``(x/255 - mean) / std`` per channel, on ``x``'s device."""
+    """(B, C, H, W) uint8 -> float32 ``(x/255 - mean) / std`` per channel, on ``x``'s device.
+
+    mean, std: per-channel sequences, or tensors already on x's device (then no copy is made per batch).
+    """
     m = torch.as_tensor(mean, dtype=torch.float32, device=x_uint8.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=x_uint8.device).view(1, -1, 1, 1)
     return (x_uint8.to(torch.float32) / 255.0 - m) / s

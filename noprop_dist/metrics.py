@@ -60,7 +60,8 @@ BLOCK_SAMPLES = MetricSpec(
     "noprop_block_samples", "counter", "Training samples the block has taken a step on.", BLOCK_LABELS)
 BLOCK_STEP_SECONDS = MetricSpec(
     "noprop_block_step_seconds", "histogram",
-    "Wall time of one block step: forward, backward, optimizer step and its parameter-server exchange.",
+    "Wall time of one block step: forward, backward, optimizer steps, and its share of the worker's "
+    "parameter-server exchanges.",
     BLOCK_LABELS, STEP_BUCKETS)
 BLOCK_LOSS = MetricSpec(
     "noprop_block_loss", "gauge", "The block's training loss, exponential moving average (weight 0.9).", BLOCK_LABELS)
@@ -72,20 +73,20 @@ BLOCK_PROGRESS = MetricSpec(
     BLOCK_LABELS)
 PS_PUSH_SECONDS = MetricSpec(
     "noprop_ps_push_seconds", "histogram",
-    "Time a worker spends sending one shared-state gradient to the parameter server (sent, not awaited).",
-    WORKER_LABELS, LATENCY_BUCKETS)
+    "Time a worker spends sending one shared-state delta (its shards' updates since its last exchange) to the "
+    "parameter server (sent, not awaited).", WORKER_LABELS, LATENCY_BUCKETS)
 PS_PULL_SECONDS = MetricSpec(
     "noprop_ps_pull_seconds", "histogram",
-    "Round trip of one pull of the shared state; in sync mode it includes the server applying the worker's "
-    "earlier pushes.", WORKER_LABELS, LATENCY_BUCKETS)
+    "Time a worker spends taking the shared state it asked for one exchange earlier; in sync mode it includes "
+    "waiting for a slower worker.", WORKER_LABELS, LATENCY_BUCKETS)
 PS_APPLY_SECONDS = MetricSpec(
     "noprop_ps_apply_seconds", "histogram",
-    "Time the parameter server takes to apply one push (one optimizer step of the shared state).",
+    "Time the parameter server takes to receive one push (adding the delta to the shared state).",
     SERVER_LABELS, LATENCY_BUCKETS)
 EMBEDDING_LAG = MetricSpec(
     "noprop_worker_embedding_version_lag", "gauge",
-    "Server version minus the version of the worker's shared-state replica, measured at the last refresh.",
-    WORKER_LABELS)
+    "Block steps of the other workers that the worker's shared-state replica had missed, measured at its last "
+    "refresh (0 with one worker).", WORKER_LABELS)
 WORKER_RESTARTS = MetricSpec(
     "noprop_worker_restarts", "gauge",
     "Times this worker's actor has been restarted. A gauge, not a counter: Ray cannot export a counter at 0, "

@@ -9,17 +9,18 @@ import copy
 import math
 import resource
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from .config import Config, TrainConfig, worker_threads
-from .core import ModelSpec, SharedState, evaluate_chain, prototype_embedding
+from .core import ModelSpec, default_device, evaluate_chain, prototype_embedding
 from .core.variants import build_chain, build_shard, shard_loss
 from .data import ImageDataset, normalize
-from .shared_server import LocalClient, SharedStateClient, SharedStateServer, TensorDict
+from .shared_server import LocalClient, SharedReplica, SharedStateClient, SharedStateServer
 
 
 def model_spec(cfg: Config, image_shape: tuple[int, int, int], num_classes: int) -> ModelSpec:
@@ -57,6 +58,19 @@ def assign_blocks(num_blocks: int, num_workers: int) -> list[list[int]]:
     return groups
 
 
+def nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """1.0 if the loss or any gradient of ``params`` is NaN or infinite, else 0.0: a 0-d float tensor on the
+    device, never read back here (no host sync per step).
+
+    One fused kernel over every tensor: the check torch.amp.GradScaler runs before an optimizer step (with a
+    scale of 1 it leaves the gradients as they are).
+    """
+    found = torch.zeros((), device=loss.device)
+    tensors = [loss.detach().float().reshape(1), *(p.grad for p in params if p.grad is not None)]
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones((), device=loss.device))
+    return found
+
+
 class BlockTrainer:
     """Shard t's network (a DT block or a CT/FM time interval's network), its own AdamW and its own noise
     generator: everything the shard owns. ``spec.method`` picks the network and the loss (core.variants)."""
@@ -64,30 +78,30 @@ class BlockTrainer:
     def __init__(self, spec: ModelSpec, t: int, train: TrainConfig, device: torch.device) -> None:
         self.spec, self.t, self.device = spec, t, device
         self.block = build_shard(spec, t, train.seed).to(device)
-        self.optimizer = torch.optim.AdamW(self.block.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+        self.params = list(self.block.parameters())
+        # fused: the step takes ``found_inf`` and skips itself on the device (see ``step``).
+        self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
         self.generator = torch.Generator(device=device).manual_seed(train.seed * 1_000 + t)
+        self.bf16 = train.precision == "bf16"
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, shared: SharedState) -> tuple[float, TensorDict | None]:
-        """One optimizer step of the block on (x (B,C,H,W), y (B,)); returns (loss, shared-state gradients).
+    def step(self, x: torch.Tensor, y: torch.Tensor, replica: SharedReplica) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step of the block, and of the worker's shared-state replica, on (x (B,C,H,W), y (B,)).
 
-        When the loss or any gradient is not finite nothing is applied and the gradients are None:
-        a NaN must reach neither this block's weights nor, through a push, the shared state.
+        Returns (loss, found_inf) as 0-d tensors on the device, left there: the caller reads them back in
+        batches. When the loss or any gradient is not finite, both optimizers skip the step on the device
+        (``found_inf`` = 1): a NaN reaches neither this block's weights nor the shared state.
         """
         self.block.train()
-        shared.zero_grad(set_to_none=True)
+        replica.zero_grad()
         self.optimizer.zero_grad(set_to_none=True)
-        total, _ = shard_loss(self.block, shared, self.spec, self.t, x, y, self.generator)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            total, _ = shard_loss(self.block, replica.shared, self.spec, self.t, x, y, self.generator)
         total.backward()
-        loss = float(total.detach())
-        grads = shared.grads()
-        finite = math.isfinite(loss) and all(
-            bool(torch.isfinite(g).all()) for g in [*grads.values(), *(p.grad for p in self.block.parameters())]
-            if g is not None
-        )
-        if not finite:
-            return loss, None
+        found_inf = nonfinite(total, [*self.params, *replica.params.values()])
+        self.optimizer.found_inf = found_inf
         self.optimizer.step()
-        return loss, {k: v.cpu() for k, v in grads.items()}
+        replica.step(found_inf)
+        return total.detach(), found_inf
 
     def scale_lr(self, factor: float) -> float:
         for group in self.optimizer.param_groups:
@@ -130,7 +144,8 @@ class BlockStats:
     def samples_per_second(self) -> float:
         return self.samples / self.compute_seconds if self.compute_seconds > 0 else 0.0
 
-    def record(self, loss: float, batch: int, compute_s: float, sync_s: float) -> None:
+    def record(self, loss: float, batch: int, compute_s: float, sync_s: float = 0.0) -> None:
+        """One finite step; the shard loop adds its share of each exchange to ``sync_seconds`` separately."""
         self.step += 1
         self.total_steps += 1
         self.samples += batch
@@ -154,11 +169,50 @@ class BlockStats:
         return asdict(self) | {"samples_per_second": self.samples_per_second}
 
 
+class TrainingData:
+    """The training set where the shard loop gathers its batches: on the GPU when it fits there, else on the
+    host (the CPU: a zero-copy view of the arrays, e.g. of Ray's object store).
+
+    x: uint8 (N, C, H, W), y: int64 (N,). ``batch(idx)`` gathers, normalises and moves one mini-batch.
+    """
+
+    # On a GPU the set may take this share of the free memory; the blocks' activations need the rest.
+    GPU_SHARE = 0.5
+
+    def __init__(self, train_x: np.ndarray, train_y: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
+                 device: torch.device) -> None:
+        self.device = device
+        with warnings.catch_warnings():  # a read-only view (the object store's); it is never written
+            warnings.simplefilter("ignore", UserWarning)
+            x, y = torch.from_numpy(train_x), torch.from_numpy(np.asarray(train_y, dtype=np.int64))
+        fits = device.type == "cuda" and x.nbytes + y.nbytes <= self.GPU_SHARE * torch.cuda.mem_get_info(device)[0]
+        self.where = device if (device.type == "cpu" or fits) else torch.device("cpu")
+        self.x, self.y = x.to(self.where), y.to(self.where)
+        c = x.shape[1]
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, c, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, c, 1, 1)
+
+    @property
+    def on_device(self) -> bool:
+        return self.where == self.device
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """idx: (B,) int64 on ``self.where`` -> (normalised float images (B, C, H, W), labels (B,)) on the device."""
+        x = self.x.index_select(0, idx).to(self.device, non_blocking=True)
+        y = self.y.index_select(0, idx).to(self.device, non_blocking=True)
+        return normalize(x, self.mean, self.std), y
+
+
 @dataclass
 class ShardGroup:
-    """The blocks one process trains, with a local replica of the shared state.
+    """The blocks one process trains, with its replica of the shared state (``shared_server.SharedReplica``).
 
     train_x: uint8 (N, C, H, W) (read-only, possibly a zero-copy view of Ray's object store), train_y: (N,).
+    Every ``train.sync_every`` mini-batches the group exchanges with the parameter server; losses and
+    non-finite flags are read back from the device then, in one batch.
     """
 
     spec: ModelSpec
@@ -177,11 +231,15 @@ class ShardGroup:
     def __post_init__(self) -> None:
         self.trainers = {t: BlockTrainer(self.spec, t, self.train, self.device) for t in self.block_ids}
         self.stats = {t: BlockStats(block=t) for t in self.block_ids}
-        self.shared = SharedState(self.spec).to(self.device)
-        self.shared_version = -1
-        self.pushes = 0
+        self.replica = SharedReplica(self.spec, self.train, self.client, self.device, self.log)
+        self.data = TrainingData(self.train_x, self.train_y, self.mean, self.std, self.device)
 
     # --- state ---------------------------------------------------------------------------
+    @property
+    def key(self) -> str:
+        """Names the group in checkpoints (its replica's optimizer state belongs to this set of blocks)."""
+        return replica_key(self.block_ids)
+
     def state_dicts(self) -> dict[int, dict]:
         return {t: tr.state_dict() for t, tr in self.trainers.items()}
 
@@ -199,20 +257,12 @@ class ShardGroup:
             reason = ("train.on_nonfinite=stop" if self.train.on_nonfinite == "stop"
                       else f"more than train.max_nonfinite={self.train.max_nonfinite} non-finite losses")
             st.stopped = f"{where}; stopped ({reason}); it keeps its weights from the start of that epoch"
-            trainer.load_state_dict(copy.deepcopy(good))
+            trainer.load_state_dict(clone_state(good))
             self.log(st.stopped)
             return
-        trainer.load_state_dict(copy.deepcopy(good))
+        trainer.load_state_dict(clone_state(good))
         lr = trainer.scale_lr(self.train.nonfinite_lr_factor ** st.nonfinite_events)
         self.log(f"{where}; rolled back to the start of epoch {epoch + 1}, learning rate now {lr:.3g}")
-
-    def pull(self) -> None:
-        fresh = self.client.pull()
-        if fresh is None:  # async: nothing new has arrived; keep training on the replica we have
-            return
-        version, state = fresh
-        self.shared.load_state_dict({k: v.to(self.device) for k, v in state.items()})
-        self.shared_version = version
 
     # --- training ------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -220,43 +270,85 @@ class ShardGroup:
         gen = torch.Generator().manual_seed(self.train.seed * 7_919 + epoch)
         return torch.randperm(self.train_x.shape[0], generator=gen)
 
+    def _settle(self, taken: list[tuple[int, torch.Tensor, torch.Tensor, int, float]], epoch: int,
+                good: dict[int, dict]) -> int:
+        """Read back the losses and non-finite flags of the steps since the last exchange (one host sync),
+        record them, and roll back or stop the blocks that had a non-finite one; returns the finite steps.
+
+        taken: (block, loss, found_inf, batch size, host seconds) per step, in the order they ran.
+        """
+        if not taken:
+            return 0
+        t0 = time.perf_counter()
+        values = torch.stack([torch.stack([loss.float(), bad]) for _, loss, bad, _, _ in taken]).tolist()
+        # On a GPU the steps ran while the host went ahead: the wait for them is their compute time too.
+        wait, host = time.perf_counter() - t0, sum(s for *_, s in taken) or 1.0
+        finite, flagged = 0, set()
+        for (t, _, _, batch, seconds), (loss, bad) in zip(taken, values):
+            if bad:  # skipped on the device; the block is rolled back (or stopped) once per stretch
+                if t not in flagged:
+                    flagged.add(t)
+                    self._nonfinite(t, loss, epoch, good[t])
+                continue
+            # A finite step counts even after a flagged one of the same stretch: it was applied (to the
+            # shared replica too) before the rollback was known.
+            self.stats[t].record(loss, batch, seconds + wait * seconds / host)
+            finite += 1
+        return finite
+
     def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[int, dict]:
         """Train every owned block for one epoch; returns per-block stats (dicts)."""
         # Dropout draws from the global RNG: seed it per (epoch, group) so runs and resumes repeat.
         torch.manual_seed(self.train.seed * 1_000_003 + epoch * 1_009 + self.block_ids[0])
-        order = self.epoch_order(epoch)
-        n, bs = order.numel(), self.train.batch_size
+        order = self.epoch_order(epoch).to(self.data.where)
+        n, bs, every = order.numel(), self.train.batch_size, self.train.sync_every
         # BatchNorm cannot train on a batch of one: a trailing singleton batch is dropped.
         starts = [s for s in range(0, n, bs) if min(bs, n - s) > 1]
         for st in self.stats.values():
             st.epochs_done = epoch  # also right after a resume
             st.start_epoch(len(starts))
-        self.pull()
+        self.replica.begin_epoch()
         # Last good state of each block, for a rollback after a non-finite loss (copied only once per epoch).
-        good = {t: copy.deepcopy(tr.state_dict()) for t, tr in self.trainers.items() if not self.stats[t].stopped}
-        for start in starts:
-            idx = order[start : start + bs].numpy()
-            x = normalize(torch.from_numpy(self.train_x[idx]), self.mean, self.std).to(self.device)
-            y = torch.from_numpy(self.train_y[idx]).long().to(self.device)
+        good = {t: clone_state(tr.state_dict()) for t, tr in self.trainers.items() if not self.stats[t].stopped}
+        taken: list[tuple[int, torch.Tensor, torch.Tensor, int, float]] = []
+        for i, start in enumerate(starts):
+            x, y = self.data.batch(order[start : start + bs])
             for t, trainer in self.trainers.items():
                 if self.stats[t].stopped:
                     continue
                 t0 = time.perf_counter()
-                loss, grads = trainer.step(x, y, self.shared)
-                t1 = time.perf_counter()
-                if grads is None:
-                    self._nonfinite(t, loss, epoch, good[t])
-                    continue
-                self.client.push(grads)
-                self.pushes += 1
-                if self.pushes % self.train.sync_every == 0:
-                    self.pull()
-                self.stats[t].record(loss, len(idx), t1 - t0, time.perf_counter() - t1)
+                loss, bad = trainer.step(x, y, self.replica)
+                taken.append((t, loss, bad, y.shape[0], time.perf_counter() - t0))
+            last = i == len(starts) - 1
+            if (i + 1) % every == 0 or last:
+                stepped = sorted({t for t, *_ in taken})
+                steps = self._settle(taken, epoch, good)
+                taken = []
+                t0 = time.perf_counter()
+                self.replica.exchange((epoch, i // every + 1), steps, last)
+                for t in stepped:  # the exchange served the blocks that stepped since the last one
+                    self.stats[t].sync_seconds += (time.perf_counter() - t0) / len(stepped)
             if on_step is not None:
                 on_step()
         for st in self.stats.values():
             st.end_epoch()
         return {t: st.as_dict() for t, st in self.stats.items()}
+
+
+def clone_state(state: Any) -> Any:
+    """A copy of a (nested) state dict whose tensors are cloned: deepcopy's work at a third of its cost."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: clone_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(clone_state(v) for v in state)
+    return copy.deepcopy(state)
+
+
+def replica_key(block_ids: list[int]) -> str:
+    """'1-5' for blocks 1..5: the checkpoint name of the replica state of the worker that trains them."""
+    return f"{block_ids[0]}-{block_ids[-1]}" if len(block_ids) > 1 else str(block_ids[0])
 
 
 def peak_rss_mb() -> float:
@@ -294,20 +386,22 @@ def train_subset_accuracy(chain: torch.nn.Module, dataset: ImageDataset, batch_s
 def train_in_process(
     cfg: Config, dataset: ImageDataset,
     on_epoch: Callable[[int, ShardGroup, SharedStateServer], None] | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[dict[int, dict], dict, ShardGroup]:
     """The reference run: every block and the shared-state server in this process, no Ray.
 
-    Runs exactly the code a single Ray worker runs (same ShardGroup, same server logic, same seeds).
+    Runs exactly the code a single Ray worker runs (same ShardGroup, same protocol and server logic, same
+    seeds), on ``device`` (None: the GPU when there is one).
     Returns (block states, server state, the group with its stats).
     """
     torch.set_num_threads(worker_threads(cfg.cluster))
     spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
-    server = SharedStateServer(
-        spec, cfg.train.lr, cfg.train.weight_decay, cfg.train.seed, initial_prototypes(spec, dataset, cfg.train.seed)
-    )
+    server = SharedStateServer(spec, cfg.train.seed, initial_prototypes(spec, dataset, cfg.train.seed),
+                               sources=["w0"], mode=cfg.train.sync_mode)
     group = ShardGroup(
         spec, list(range(1, spec.num_blocks + 1)), cfg.train, dataset.train_x, dataset.train_y,
-        dataset.mean, dataset.std, LocalClient(server),
+        dataset.mean, dataset.std, LocalClient(server, "w0"),
+        device=default_device() if device is None else torch.device(device),
     )
     for epoch in range(cfg.train.epochs):
         group.train_epoch(epoch)

@@ -38,6 +38,16 @@ def test_round_trip_and_manifest_checksums(rundir):
     assert r.shared_state["version"] == 2
 
 
+def test_replica_states_round_trip_and_older_runs_have_none(rundir):
+    _save(rundir, 1)
+    assert rundir.load_resume(2).replica_states == {}  # a run saved without replicas
+    blocks, shared = _states(2.0)
+    replicas = {"1-2": {"optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": []}}}
+    rundir.save_epoch(2, blocks, shared, 20.0, replicas)
+    got = rundir.load_resume(2).replica_states
+    assert list(got) == ["1-2"] and torch.equal(got["1-2"]["optimizer"]["state"][0]["exp_avg"], torch.ones(2))
+
+
 def test_only_the_last_two_epochs_are_kept(rundir):
     for e in (1, 2, 3):
         _save(rundir, e)

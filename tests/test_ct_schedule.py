@@ -21,8 +21,10 @@ def _assert_valid(sched: LearnedSchedule, n: int = 20_001, dtype=torch.float64) 
     assert (abar[1:] > abar[:-1]).all(), "abar is not strictly increasing"
     assert (snr_p > 0).all(), "SNR'(t) is not positive"
     assert float(g1 - g0) >= MIN_GAMMA_RANGE * (1 - 1e-9)
-    assert float(gamma[0]) == pytest.approx(float(g1), abs=1e-9)
-    assert float(gamma[-1]) == pytest.approx(float(g0), abs=1e-9)
+    # g0 + (g1 - g0) * 1 rounds back to g1 only up to the dtype's resolution at |gamma| ~ 5.
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    assert float(gamma[0]) == pytest.approx(float(g1), abs=tol)
+    assert float(gamma[-1]) == pytest.approx(float(g0), abs=tol)
 
 
 def test_initial_schedule_runs_from_noise_to_clean():

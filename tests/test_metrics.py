@@ -11,6 +11,7 @@ import torch
 
 from noprop_dist import metrics as M
 from noprop_dist.config import load_config
+from noprop_dist.shared_server import ExchangeStats
 from noprop_dist.training import BlockStats
 
 PROMETHEUS_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
@@ -99,7 +100,8 @@ def test_worker_telemetry_counts_each_sample_once():
 
     stats = {3: BlockStats(block=3)}
     stats[3].start_epoch(10)
-    tel = WorkerTelemetry("unit-test", 0, stats, total_epochs=2, device=torch.device("cpu"))
+    exchange = ExchangeStats()
+    tel = WorkerTelemetry("unit-test", 0, stats, total_epochs=2, device=torch.device("cpu"), exchange=exchange)
     try:
         assert set(tel.m) == {s.name for s in M.WORKER_METRICS if not s.gpu_only}  # no GPU series on CPU
         _stepped(stats[3], 2, 0.01)
@@ -107,9 +109,9 @@ def test_worker_telemetry_counts_each_sample_once():
         tel.flush()
         tel.flush()  # nothing new: Ray's Counter.inc(0) would raise, so this also checks the guard
         assert tel.counted == {3: 64}
-        tel.on_pull(0.001, lag=3)
+        tel.on_pull(0.001)
+        exchange.lag = 3  # the replica's last refresh; the next flush exports it (tests/test_prometheus_e2e.py)
         tel.flush()
-        assert tel.lag == 3
     finally:
         tel.close()
 

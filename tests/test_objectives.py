@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from noprop_dist.core import (
     DTBlock, DTSchedule, block_loss, build_block, build_shared, class_logits, shard_loss, shared_loss,
 )
-from noprop_dist.training import BlockTrainer
 from noprop_dist.config import TrainConfig
+from noprop_dist.shared_server import LocalClient, SharedReplica, SharedStateServer
+from noprop_dist.training import BlockTrainer
 
 from conftest import make_spec
 
@@ -44,21 +45,29 @@ def test_block_loss_reaches_only_its_block_and_shared_state(embedding):
         assert "embed" not in shared_grads  # the fixed identity is a buffer
 
 
-def test_trainer_step_changes_only_its_own_block():
+def test_trainer_step_changes_only_its_own_block_and_the_shared_replica():
     spec = make_spec("learned", num_blocks=2)
     train = TrainConfig(seed=0)
     t1, t2 = (BlockTrainer(spec, t, train, torch.device("cpu")) for t in (1, 2))
-    shared = build_shared(spec, 0)
-    before2 = copy.deepcopy(t2.block.state_dict())
-    before_shared = copy.deepcopy(shared.state_dict())
+    server = SharedStateServer(spec, 0)
+    replica = SharedReplica(spec, train, LocalClient(server), torch.device("cpu"))
+    replica.begin_epoch()
+    before1, before2 = copy.deepcopy(t1.block.state_dict()), copy.deepcopy(t2.block.state_dict())
+    before_shared = copy.deepcopy(replica.shared.state_dict())
     x, y = _batch(spec)
-    loss, grads = t1.step(x, y, shared)
-    assert loss > 0 and set(grads) == {"embed", "head.weight", "head.bias"}
+    loss, found_inf = t1.step(x, y, replica)
+    assert float(loss) > 0 and float(found_inf) == 0.0
     for k, v in t2.block.state_dict().items():
         assert torch.equal(v, before2[k]), f"block 2's {k} changed while block 1 trained"
-    # The shared state is only changed by the parameter server, never in place by a block.
-    for k, v in shared.state_dict().items():
-        assert torch.equal(v, before_shared[k])
+    assert any(not torch.equal(v, before1[k]) for k, v in t1.block.state_dict().items())
+    # The step applies block 1's shared-state gradient to the worker's replica, every shared parameter of it.
+    assert all(not torch.equal(v, before_shared[k]) for k, v in replica.shared.state_dict().items())
+    # The server hears of it only through an exchange.
+    assert all(torch.equal(v, before_shared[k]) for k, v in server.shared.state_dict().items())
+    replica.exchange((0, 1), 1, last=True)
+    assert server.version == 1
+    assert all(torch.allclose(v, replica.shared.state_dict()[k], rtol=0, atol=1e-7)
+               for k, v in server.shared.state_dict().items())
 
 
 class _Probe(DTBlock):

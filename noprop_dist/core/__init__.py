@@ -4,7 +4,7 @@
 package-level ``shard_loss`` stays the DT function, with its DT signature).
 """
 from .blocks import DTBlock, ModelSpec, build_block
-from .chain import DTChain, evaluate_chain
+from .chain import DTChain, default_device, evaluate_chain
 from .continuous import (
     ContinuousChain, continuous_shard_loss, ct_shard_loss, euler_integrate, fm_path, fm_shard_loss, sample_times,
     shard_interval, step_shards,
@@ -12,13 +12,13 @@ from .continuous import (
 from .ct_blocks import CTBlock, build_ct_block, sinusoidal_time_embedding
 from .ct_schedule import LearnedSchedule
 from .objectives import block_loss, class_logits, denoised_estimate, shard_loss, shared_loss
-from .schedule import DTSchedule, cosine_abar, sample_marginal
+from .schedule import DTSchedule, cosine_abar, randn_like, sample_marginal
 from .shared import SharedState, build_shared, prototype_embedding
 from .variants import METHODS, build_chain, build_shard, load_chain
 
 __all__ = [
-    "DTBlock", "ModelSpec", "build_block", "DTChain", "evaluate_chain", "block_loss", "class_logits",
-    "denoised_estimate", "shard_loss", "shared_loss", "DTSchedule", "cosine_abar", "sample_marginal",
+    "DTBlock", "ModelSpec", "build_block", "DTChain", "default_device", "evaluate_chain", "block_loss", "class_logits",
+    "denoised_estimate", "shard_loss", "shared_loss", "DTSchedule", "cosine_abar", "randn_like", "sample_marginal",
     "SharedState", "build_shared", "prototype_embedding",
     "ContinuousChain", "continuous_shard_loss", "ct_shard_loss", "euler_integrate", "fm_path", "fm_shard_loss",
     "sample_times", "shard_interval", "step_shards", "CTBlock", "build_ct_block", "sinusoidal_time_embedding",

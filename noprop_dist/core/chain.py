@@ -14,7 +14,7 @@ from torch import nn
 from ..atomic_io import atomic_torch_save
 from .blocks import DTBlock, ModelSpec
 from .objectives import class_logits, denoised_estimate
-from .schedule import DTSchedule
+from .schedule import DTSchedule, randn_like
 from .shared import SharedState
 
 CHAIN_FORMAT = 1
@@ -138,31 +138,46 @@ class DTChain(SavedChain):
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x: (B, C, H, W) normalised images -> log p(y | z_T), (B, m)."""
         embed = self.shared.embed
-        z = torch.randn((x.shape[0], embed.shape[1]), generator=generator, device=x.device)
+        z = randn_like(x.new_empty((x.shape[0], embed.shape[1])), generator)
         for block, (a, b, c) in zip(self.blocks, self.coefficients):
             u_hat = denoised_estimate(block(z, x), embed)
-            eps = torch.randn(z.shape, generator=generator, device=x.device)
-            z = a * u_hat + b * z + math.sqrt(c) * eps
+            z = a * u_hat + b * z + math.sqrt(c) * randn_like(z, generator)
         logits = class_logits(self.shared, z, self.spec.class_prob, self.spec.radial_sigma)
         return torch.log_softmax(logits, dim=1)
 
 
+def default_device() -> torch.device:
+    """The GPU when this process has one, else the CPU: where evaluation (and the reference run) go."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 @torch.no_grad()
 def evaluate_chain(
-    chain: DTChain,
+    chain: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
     batch_size: int,
     seed: int,
     normalize: Any,
+    device: torch.device | str | None = None,
 ) -> tuple[float, torch.Tensor]:
     """Accuracy of the chain on uint8 images (N, C, H, W); labels only score, never feed, the chain.
 
-    ``normalize(uint8 batch) -> float batch``. Returns (accuracy in [0, 1], predictions (N,)).
+    ``normalize(uint8 batch) -> float batch``. The chain runs on ``device`` (None: :func:`default_device`) and
+    is moved back where it was;
+    its noise comes from a CPU generator seeded with ``seed``, so the draws do not depend on the device.
+    Returns (accuracy in [0, 1], predictions (N,) on the CPU).
     """
     chain.eval()
-    gen = torch.Generator().manual_seed(seed)
-    preds = torch.cat([
-        chain.predict(normalize(images[i : i + batch_size]), gen) for i in range(0, images.shape[0], batch_size)
-    ])
+    device = default_device() if device is None else torch.device(device)
+    home = next(chain.parameters()).device
+    chain.to(device)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        preds = torch.cat([
+            chain.predict(normalize(images[i : i + batch_size].to(device)), gen).cpu()
+            for i in range(0, images.shape[0], batch_size)
+        ])
+    finally:
+        chain.to(home)
     return float((preds == labels).float().mean()), preds

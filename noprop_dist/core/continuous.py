@@ -22,6 +22,7 @@ from .blocks import ModelSpec
 from .chain import SavedChain
 from .ct_blocks import CTBlock
 from .objectives import class_logits, denoised_estimate
+from .schedule import randn_like
 from .shared import SharedState
 
 CT_SAMPLERS = ("chain", "ode")
@@ -40,19 +41,11 @@ def sample_times(
 ) -> torch.Tensor:
     """t ~ U(t_lo, t_hi) of shard k, one per sample: (batch,) float32."""
     lo, hi = shard_interval(spec, k)
-    u = torch.rand(batch, generator=generator, device=_draw_device(generator, device))
+    # Drawn where the generator lives (as randn_like does), then moved.
+    u = torch.rand(batch, generator=generator, device=generator.device if generator is not None else device)
     return (lo + (hi - lo) * u).to(device)
 
 
-def _draw_device(generator: torch.Generator | None, device: torch.device | str) -> torch.device:
-    """Random numbers are drawn where the generator lives (a CPU generator gives the same draws whatever the
-    device of the data), then moved to ``device``."""
-    return generator.device if generator is not None else torch.device(device)
-
-
-def _randn_like(z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise of z's shape and dtype from ``generator``, on z's device."""
-    return torch.randn(z.shape, generator=generator, dtype=z.dtype, device=_draw_device(generator, z.device)).to(z.device)
 
 
 def ct_marginal(u_y: torch.Tensor, abar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -74,12 +67,12 @@ def ct_shard_loss(
     embed = shared.embed
     u_y = embed[y]
     t = sample_times(spec, k, y.shape[0], generator, y.device)
-    z_t = ct_marginal(u_y, sched.abar(t), _randn_like(u_y, generator))
+    z_t = ct_marginal(u_y, sched.abar(t), randn_like(u_y, generator))
     u_hat = denoised_estimate(net(z_t, x, t), embed)
     denoise = spec.eta / 2 * (sched.snr_prime(t) * (u_hat - u_y).pow(2).sum(dim=1)).mean()
     ends = torch.tensor([0.0, 1.0], device=y.device)
     abar_0, abar_1 = sched.abar(ends).unbind()
-    z_1 = ct_marginal(u_y, abar_1.expand(y.shape[0]), _randn_like(u_y, generator))
+    z_1 = ct_marginal(u_y, abar_1.expand(y.shape[0]), randn_like(u_y, generator))
     # class_logits gives unnormalised scores; ONE cross_entropy applies the only softmax (pitfall 5).
     ce = F.cross_entropy(class_logits(shared, z_1, spec.class_prob, spec.radial_sigma), y)
     kl = 0.5 * abar_0 * u_y.pow(2).sum(dim=1).mean()
@@ -113,7 +106,7 @@ def fm_shard_loss(
     embed = shared.embed
     z_1 = embed[y]
     t = sample_times(spec, k, y.shape[0], generator, y.device)
-    z_0 = _randn_like(z_1, generator)
+    z_0 = randn_like(z_1, generator)
     z_t, target = fm_path(z_0, z_1, t)
     v = fm_velocity(net(z_t, x, t), embed)
     denoise = (v - target).pow(2).sum(dim=1).mean()
@@ -204,7 +197,7 @@ class ContinuousChain(SavedChain):
         embed = self.shared.embed
         features = [net.encode_image(x) for net in self.blocks]
         shard_of = step_shards(n_steps, len(self.blocks))
-        z0 = _randn_like(torch.empty((x.shape[0], embed.shape[1]), device=x.device), generator)
+        z0 = randn_like(torch.empty((x.shape[0], embed.shape[1]), device=x.device), generator)
 
         def logits_at(z: torch.Tensor, t: float, n: int) -> torch.Tensor:
             k = shard_of[n]
@@ -234,7 +227,7 @@ class ContinuousChain(SavedChain):
         embed = self.shared.embed
         for n in range(n_steps):
             u_hat = denoised_estimate(logits_at(z, n / n_steps, n), embed)
-            z = a[n] * u_hat + b[n] * z + c[n] ** 0.5 * _randn_like(z, generator)
+            z = a[n] * u_hat + b[n] * z + c[n] ** 0.5 * randn_like(z, generator)
         return z
 
     def _ct_ode(self, z: torch.Tensor, logits_at: Callable, n_steps: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ def block_loss(
     """
     embed = shared.embed
     u_y = embed[y]
-    z_prev = sample_marginal(u_y, float(schedule.abar[t - 1]), generator)
+    z_prev = sample_marginal(u_y, schedule.abar_values[t - 1], generator)
     u_hat = denoised_estimate(block(z_prev, x), embed)
     weight = eta * schedule.num_blocks / 2 * schedule.loss_weight(t)
     return weight * (u_hat - u_y).pow(2).sum(dim=1).mean()
@@ -67,9 +67,9 @@ def shared_loss(
     """``-log p_out(y | z_T)`` with z_T ~ q(z_T | y), plus ``KL(q(z_0|y) || N(0, I)) = 0.5 abar_0 ||u_y||^2``
     (the constant of the KL dropped). Batch mean; touches only W_embed and the head."""
     u_y = shared.embed[y]
-    z_T = sample_marginal(u_y, float(schedule.abar[-1]), generator)
+    z_T = sample_marginal(u_y, schedule.abar_values[-1], generator)
     ce = F.cross_entropy(class_logits(shared, z_T, class_prob, radial_sigma), y)
-    kl = 0.5 * float(schedule.abar[0]) * u_y.pow(2).sum(dim=1).mean()
+    kl = 0.5 * schedule.abar_values[0] * u_y.pow(2).sum(dim=1).mean()
     return ce + kl
 
 

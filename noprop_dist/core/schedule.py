@@ -5,6 +5,7 @@ the clean label embedding). ``q(z_t | y) = N(sqrt(abar_t) u_y, (1 - abar_t) I)``
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -46,6 +47,17 @@ class DTSchedule:
     def num_blocks(self) -> int:
         return self.abar.numel() - 1
 
+    @functools.cached_property
+    def abar_values(self) -> tuple[float, ...]:
+        """abar_0 .. abar_T as Python floats: a loss reads them every step without touching a tensor."""
+        return tuple(self.abar.tolist())
+
+    @functools.cached_property
+    def loss_weights(self) -> tuple[float, ...]:
+        """SNR(t) - SNR(t-1) for t = 1..T (entry t-1), as Python floats."""
+        s = self.snr
+        return tuple((s[1:] - s[:-1]).tolist())
+
     @property
     def snr(self) -> torch.Tensor:
         """(T + 1,) SNR(t) = abar_t / (1 - abar_t), increasing."""
@@ -58,8 +70,7 @@ class DTSchedule:
 
     def loss_weight(self, t: int) -> float:
         """SNR(t) - SNR(t-1) for block t in 1..T; strictly positive because abar is increasing."""
-        s = self.snr
-        return float(s[t] - s[t - 1])
+        return self.loss_weights[t - 1]
 
     def posterior_coefficients(self, t: int) -> tuple[float, float, float]:
         """(a_t, b_t, c_t) of Eq. 3 for block t in 1..T.
@@ -75,10 +86,19 @@ class DTSchedule:
         return a, b, c
 
 
+def randn_like(z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise of z's shape and dtype, on z's device, drawn where ``generator`` lives.
+
+    A CPU generator (evaluation's seeded one) then gives the same draws whatever the device of the data;
+    torch refuses to draw on a GPU from a CPU generator.
+    """
+    where = generator.device if generator is not None else z.device
+    return torch.randn(z.shape, generator=generator, dtype=z.dtype, device=where).to(z.device)
+
+
 def sample_marginal(u_y: torch.Tensor, abar_t: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """z_t ~ q(z_t | y) = N(sqrt(abar_t) u_y, (1 - abar_t) I). u_y: (B, d) -> (B, d).
 
     Note the square root on abar (pitfall 6 of NOPROP.md).
     """
-    noise = torch.randn(u_y.shape, generator=generator, dtype=u_y.dtype, device=u_y.device)
-    return math.sqrt(abar_t) * u_y + math.sqrt(1.0 - abar_t) * noise
+    return math.sqrt(abar_t) * u_y + math.sqrt(1.0 - abar_t) * randn_like(u_y, generator)

@@ -1,7 +1,8 @@
 """Shared state of NoProp: the label embedding W_embed (m x d) and the classifier head theta_out, plus
 (NoProp-CT only) the learnable noise schedule.
 
-Every block's loss touches it, so in the distributed run it lives on the parameter server.
+Every block's loss touches it, so in the distributed run it lives on the parameter server, and each worker
+trains against a replica of it (shared_server.py).
 """
 from __future__ import annotations
 
@@ -40,15 +41,8 @@ class SharedState(nn.Module):
             raise ValueError(f"unknown embedding {spec.embedding!r}")
         self.head = nn.Linear(d, m)
         if spec.method == "noprop_ct":
-            # Every shard's loss reaches it; the parameter server applies the summed gradients like W_embed's.
+            # Every shard's loss reaches it; it is shared like W_embed.
             self.schedule = LearnedSchedule()
-
-    def grads(self) -> dict[str, torch.Tensor]:
-        """Gradients of the trainable shared parameters, by name (zeros where none arrived)."""
-        return {
-            n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-            for n, p in self.named_parameters()
-        }
 
 
 def build_shared(spec: ModelSpec, seed: int, prototype_init: torch.Tensor | None = None) -> SharedState:

@@ -11,14 +11,14 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from ..checkpoint import RunDir, atomic_write_json
+from ..checkpoint import Resume, RunDir, atomic_write_json
 from ..config import Config, ConfigError, worker_threads
 from ..data import ImageDataset, load_dataset
 from ..metrics import run_id as metrics_run_id
 from ..progress import ProgressDisplay
 from ..report import MetricsLog, write_report
 from ..training import (
-    assign_blocks, evaluate_states, initial_prototypes, model_spec, peak_rss_mb, train_subset_accuracy,
+    assign_blocks, evaluate_states, initial_prototypes, model_spec, peak_rss_mb, replica_key, train_subset_accuracy,
 )
 from .cluster import connect
 from .faults import faults_from_env
@@ -89,26 +89,29 @@ class _Supervisor:
             max_restarts=c.max_restarts, max_task_retries=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
         ).remote(
-            spec, cfg.train.lr, cfg.train.weight_decay, cfg.train.seed,
-            None if resume else initial_prototypes(spec, dataset, cfg.train.seed),
-            resume.shared_state if resume else None, run_id=run_label, run_dir=os.path.abspath(rundir.path),
+            spec, cfg.train.seed, None if resume else initial_prototypes(spec, dataset, cfg.train.seed),
+            resume.shared_state if resume else None, [f"w{w}" for w in range(c.num_workers)], cfg.train.sync_mode,
+            run_id=run_label, run_dir=os.path.abspath(rundir.path),
         )
         self.server_pid = ray.get(self.server.identity.remote())["pid"]
-        self.workers = [
-            self._worker(w, {t: resume.block_states[t] for t in self.groups[w]} if resume else None, 0)
-            for w in range(c.num_workers)
-        ]
+        if resume and any(replica_key(g) not in resume.replica_states for g in self.groups):
+            display.message("the checkpoint holds no shared-state replica for this layout of blocks on workers "
+                            f"({', '.join(replica_key(g) for g in self.groups)}): their optimizers start afresh")
+        self.workers = [self._worker(w, resume, 0) for w in range(c.num_workers)]
         self.last_progress: dict[int, dict] = {}
 
-    def _worker(self, w: int, states: dict[int, dict] | None, restarts: int) -> "ray.actor.ActorHandle":
-        c = self.cfg.cluster
+    def _worker(self, w: int, resume: Resume | None, restarts: int) -> "ray.actor.ActorHandle":
+        """Worker w, with its blocks' and its replica's states from ``resume`` (None: a fresh start)."""
+        c, group = self.cfg.cluster, self.groups[w]
+        states = {t: resume.block_states[t] for t in group} if resume else None
+        replica = resume.replica_states.get(replica_key(group)) if resume else None
         return Worker.options(
             num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=w),
         ).remote(
-            w, self.spec, self.groups[w], self.cfg.train, worker_threads(c), c.device, self.x_ref, self.y_ref,
-            self.dataset.mean, self.dataset.std, self.server, states, run_id=self.run_label, restarts=restarts,
-            faults=[f for f in self.faults if f.worker == w] if restarts == 0 else None,
+            w, self.spec, group, self.cfg.train, worker_threads(c), c.device, self.x_ref, self.y_ref,
+            self.dataset.mean, self.dataset.std, self.server, states, replica, run_id=self.run_label,
+            restarts=restarts, faults=[f for f in self.faults if f.worker == w] if restarts == 0 else None,
         )
 
     def _blocks(self, w: int) -> str:
@@ -122,7 +125,7 @@ class _Supervisor:
         ray.kill(self.workers[w])  # already gone; makes sure its bundle is free
         resume = self.rundir.load_resume(self.spec.num_blocks, warn=self.display.message)
         from_epoch = resume.epochs_done if resume else 0
-        self.workers[w] = self._worker(w, {t: resume.block_states[t] for t in self.groups[w]} if resume else None, n)
+        self.workers[w] = self._worker(w, resume, n)
         self.events.append({"kind": "worker", "worker": w, "blocks": self.groups[w], "epoch": epoch + 1,
                             "restart": n, "resumed_from_epoch": from_epoch, "time": time.time()})
         self.display.message(
@@ -186,9 +189,11 @@ class _Supervisor:
             mlog.record(blocks, by_rank, self.owner)
         return [results[w] for w in sorted(results)]
 
-    def states(self) -> tuple[dict[int, dict], dict]:
+    def states(self) -> tuple[dict[int, dict], dict, dict[str, dict]]:
+        """(block states, server state, replica states by group key) as they stand between epochs."""
         blocks = {t: s for part in ray.get([w.state_dicts.remote() for w in self.workers]) for t, s in part.items()}
-        return blocks, ray.get(self.server.state_dict.remote())
+        replicas = dict(ray.get([w.replica_state.remote() for w in self.workers]))
+        return blocks, ray.get(self.server.state_dict.remote()), replicas
 
     def close(self) -> None:
         for w in self.workers:
@@ -224,9 +229,9 @@ def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: An
             every = cfg.eval.every_epochs
             evaluate_now = every > 0 and done % every == 0 and done < cfg.train.epochs
             if done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs or evaluate_now:
-                states, shared_state = sup.states()
+                states, shared_state, replicas = sup.states()
             if done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs:
-                rundir.save_epoch(done, states, shared_state, train_seconds)
+                rundir.save_epoch(done, states, shared_state, train_seconds, replicas)
                 display.message(f"epoch {done}/{cfg.train.epochs} done in {epoch_seconds[-1]:.1f}s; "
                                 f"checkpoint saved to {rundir.ckpt_dir}")
             if evaluate_now:  # on the driver, outside train_seconds
@@ -371,9 +376,10 @@ def _summary(cfg: Config, spec: Any, accuracy: float, train_accuracy: float, tra
         # Wall time of each epoch trained in this invocation; the first includes starting the actors.
         "epoch_seconds": reports[0]["epoch_wall_seconds"] if reports else old.get("epoch_seconds", []),
         "workers": [
-            {k: r[k] for k in ("rank", "pid", "device", "peak_rss_mb", "peak_gpu_mb", "push_seconds", "pull_seconds",
-                               "embedding_version_lag", "epoch_seconds", "zero_copy_data", "restarts",
-                               "server_resyncs")}
+            {k: r[k] for k in ("rank", "pid", "device", "peak_rss_mb", "peak_gpu_mb", "exchanges", "exchange_seconds",
+                               "push_seconds", "pull_seconds", "embedding_version_lag", "max_embedding_version_lag",
+                               "max_stale_exchanges", "polls", "epoch_seconds", "zero_copy_data", "data_on_device",
+                               "restarts", "server_resyncs")}
             for r in reports
         ] or old.get("workers", []),
         "driver_peak_rss_mb": peak_rss_mb(),

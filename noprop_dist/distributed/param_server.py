@@ -5,35 +5,40 @@ import os
 import time
 import warnings
 
+import numpy as np
 import ray
 import torch
 
 from ..checkpoint import RunDir
 from ..core import ModelSpec
-from ..shared_server import SharedStateServer, TensorDict
+from ..shared_server import Round, SharedStateServer, Snapshot
 from .telemetry import ServerTelemetry
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class ParameterServer:
-    """Shared state (W_embed, head; CT: the noise schedule) with a version.
+    """Shared state (W_embed, head; CT: the noise schedule) with a version; adds the deltas workers push.
 
-    num_cpus=0: it does little and must not take a worker's core. The driver creates it with
+    num_cpus=0: it does little and must not take a worker's core. A plain (single-threaded) actor on purpose:
+    Ray runs one caller's calls on it in the order they were sent, which the protocol relies on (a pull sent
+    after a push sees it); asyncio and threaded actors do not keep that order. The driver creates it with
     ``max_restarts`` > 0 on the driver's node; when its process dies Ray runs ``__init__`` again, which then
-    restores the last checkpoint of ``run_dir`` (version and push ids included) instead of the initial
-    state. Calls in flight when it died fail (no task retries), so a push is never applied twice: the
-    workers notice the failure, re-sync with the restored state and go on.
+    restores the last checkpoint of ``run_dir`` (version and rounds received included) instead of the initial
+    state. Calls in flight when it died fail (no task retries): the workers notice, take the restored state
+    and send again what it lacks (``shared_server.SharedReplica``).
+
+    The state travels as one flat vector (``to_wire``).
     """
 
     def __init__(
-        self, spec: ModelSpec, lr: float, weight_decay: float, seed: int,
-        prototype_init: torch.Tensor | None, state: dict | None, run_id: str | None = None,
-        run_dir: str | None = None,
+        self, spec: ModelSpec, seed: int, prototype_init: torch.Tensor | None, state: dict | None,
+        sources: list[str], mode: str, run_id: str | None = None, run_dir: str | None = None,
     ) -> None:
-        """run_id: the `run` label of the exported metrics, None to export none; state: the initial state
-        (a resumed run's); run_dir: where a restarted server finds the last checkpoint."""
+        """sources: the workers' names in rank order; mode: sync | async; run_id: the `run` label of the
+        exported metrics, None to export none; state: the initial state (a resumed run's); run_dir: where a
+        restarted server finds the last checkpoint."""
         torch.set_num_threads(1)
-        self.server = SharedStateServer(spec, lr, weight_decay, seed, prototype_init)
+        self.server = SharedStateServer(spec, seed, prototype_init, sources=sources, mode=mode)
         self.restored_from: int | None = None  # epochs done of the checkpoint a restart restored
         with warnings.catch_warnings():  # Ray 2.60 warns inside this property about its own use of actor_id
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -45,25 +50,82 @@ class ParameterServer:
             self.server.load_state_dict(state)
         self.start_version = self.server.version
         self.telemetry = ServerTelemetry(run_id) if run_id is not None else None
+        self.busy_seconds = 0.0  # inside exchange and pull: what the protocol costs the server's process
+        self.packed: dict[Round, Wire] = {}  # sync: the states after recent rounds, as they travel
 
-    def push(self, grads: TensorDict, push_id: tuple[str, int] | None = None) -> int:
-        if self.telemetry is None:
-            return self.server.push(grads, push_id)
+    def exchange(self, delta: Wire, steps: int, source: str, round_: Round, want: Round | None,
+                 incarnation: str) -> tuple[str, WireSnapshot | None]:
+        """A worker's exchange (SharedStateServer.exchange): (this incarnation, the state asked for or None)."""
         t0 = time.perf_counter()
-        version = self.server.push(grads, push_id)
-        self.telemetry.on_apply(time.perf_counter() - t0)
-        return version
+        snap = self.server.exchange(from_wire(delta), steps, source, round_, want, incarnation)
+        out = self.server.incarnation, self._wire(snap)
+        seconds = time.perf_counter() - t0
+        self.busy_seconds += seconds
+        if self.telemetry is not None:
+            self.telemetry.on_apply(seconds)
+        return out
 
-    def pull(self) -> tuple[int, TensorDict]:
-        return self.server.pull()
+    def pull(self, source: str | None = None, want: Round | None = None) -> tuple[str, WireSnapshot | None]:
+        """(incarnation, state): the state now (no arguments), or the state ``source`` asked for with ``want``
+        once it is ready, None before. The incarnation tells a worker that the server it pushed to is gone."""
+        t0 = time.perf_counter()
+        snap = self.server.pull() if want is None else self.server.answer(source, want)
+        out = self.server.incarnation, self._wire(snap)
+        self.busy_seconds += time.perf_counter() - t0
+        return out
+
+    def _wire(self, snap: Snapshot | None) -> WireSnapshot | None:
+        """The snapshot as it travels. The state after a sync round goes to every worker: it is packed (and a
+        large one put into the object store) once."""
+        if snap is None:
+            return None
+        if snap.after is None:
+            return snap.version, to_wire(snap.flat, put=True), snap.holds, snap.incarnation
+        if snap.after not in self.packed:
+            self.packed = {r: w for r, w in self.packed.items() if r in self.server.after}
+            self.packed[snap.after] = to_wire(snap.flat, put=True)
+        return snap.version, self.packed[snap.after], snap.holds, snap.incarnation
 
     def version(self) -> int:
         return self.server.version
 
     def identity(self) -> dict:
-        """This incarnation: pid (changes when Ray restarts it), version, what it restored, repeats ignored."""
+        """This incarnation: pid (changes when Ray restarts it), version, what it restored, repeats ignored;
+        seconds spent in push and pull, and the process's CPU seconds (its Ray threads' (de)serialisation too)."""
         return {"pid": os.getpid(), "version": self.server.version, "start_version": self.start_version,
-                "restored_from": self.restored_from, "repeats": self.server.repeats}
+                "restored_from": self.restored_from, "repeats": self.server.repeats, "pushes": self.server.pushes,
+                "refused": self.server.refused,
+                "busy_seconds": self.busy_seconds, "cpu_seconds": time.process_time()}
 
     def state_dict(self) -> dict:
         return self.server.state_dict()
+
+
+# A flat float32 vector on the wire: bytes when small (cheaper to pickle than an array); a numpy array when
+# large (Ray passes its buffer without pickling); for a state answered to many workers, [a reference to it in
+# the object store] (put once, read there by every worker).
+Wire = bytes | np.ndarray | list
+WireSnapshot = tuple[int, Wire, Round, str]  # (version, state, holds, incarnation)
+INLINE_BYTES = 100 * 1024  # Ray's own limit for passing an object inline with a call
+
+
+def to_wire(flat: torch.Tensor, put: bool = False) -> Wire:
+    array = flat.detach().cpu().numpy()
+    if array.nbytes <= INLINE_BYTES:
+        return array.tobytes()
+    return [ray.put(array)] if put else array
+
+
+def from_wire(wire: Wire) -> torch.Tensor:
+    """The flat tensor, sharing memory with what Ray delivered (read-only: it is only ever read)."""
+    if isinstance(wire, list):
+        wire = ray.get(wire[0])
+    array = np.frombuffer(wire, dtype=np.float32) if isinstance(wire, bytes) else wire
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns about read-only arrays
+        return torch.from_numpy(array)
+
+
+def snapshot_from_wire(wire: WireSnapshot) -> Snapshot:
+    version, flat, holds, incarnation = wire
+    return Snapshot(version, from_wire(flat), tuple(holds), incarnation)

@@ -18,6 +18,7 @@ from ..metrics import (
     BLOCK_EPOCHS_DONE, BLOCK_LOSS, BLOCK_PROGRESS, BLOCK_SAMPLES, BLOCK_STEP_SECONDS, EMBEDDING_LAG, GPU_MEMORY,
     GPU_UTILIZATION, PS_APPLY_SECONDS, PS_PULL_SECONDS, PS_PUSH_SECONDS, WORKER_METRICS, WORKER_RESTARTS, MetricSpec,
 )
+from ..shared_server import ExchangeStats
 from ..training import BlockStats
 
 Instrument = Union[Counter, Gauge, Histogram]
@@ -61,7 +62,7 @@ class WorkerTelemetry:
     """One worker's metrics: its blocks' throughput, step times, loss and progress; its parameter-server
     latencies and replica lag; its restarts; its GPU where it has one.
 
-    The training thread records each step's time (``on_step``) and each push and pull. Counters and
+    The training thread records each step's time (``on_step``), each push and each pull taken. Counters and
     gauges are set from the BlockStats by a background thread once a second, while the actor lives:
     Ray's metrics agent drops a gauge not set again within two export intervals, which would blank the
     dashboard between epochs (checkpoints) and lose the restart count that is set only once.
@@ -70,7 +71,8 @@ class WorkerTelemetry:
     FLUSH_SECONDS = 1.0
 
     def __init__(self, run: str, rank: int, stats: dict[int, BlockStats], total_epochs: int,
-                 device: torch.device, restarts: int = 0) -> None:
+                 device: torch.device, restarts: int = 0, exchange: ExchangeStats | None = None) -> None:
+        """exchange: the worker replica's counters (the embedding lag comes from them); None: no lag."""
         self.gpu = device if device.type == "cuda" else None
         self.m = {s.name: instrument(s) for s in WORKER_METRICS if self.gpu is not None or not s.gpu_only}
         self.worker_tags = {"run": run, "worker": str(rank)}
@@ -78,7 +80,7 @@ class WorkerTelemetry:
         self.stats, self.total_epochs, self.restarts = stats, total_epochs, restarts
         self.tracker = StepTracker(stats)
         self.counted = {t: st.samples for t, st in stats.items()}  # samples already added to the counter
-        self.lag: int | None = None
+        self.exchange = exchange or ExchangeStats()
         self._lock = threading.Lock()  # one flush at a time: the counter increments must not overlap
         self._stop = threading.Event()
         self.flush()
@@ -95,10 +97,8 @@ class WorkerTelemetry:
     def on_push(self, seconds: float) -> None:
         self.m[PS_PUSH_SECONDS.name].observe(seconds, tags=self.worker_tags)
 
-    def on_pull(self, seconds: float, lag: int | None) -> None:
+    def on_pull(self, seconds: float) -> None:
         self.m[PS_PULL_SECONDS.name].observe(seconds, tags=self.worker_tags)
-        if lag is not None:
-            self.lag = lag
 
     # --- counters and gauges ----------------------------------------------------------------
     def flush(self) -> None:
@@ -120,8 +120,8 @@ class WorkerTelemetry:
                     epochs = min(st.epochs_done + st.step / st.steps_per_epoch, self.total_epochs)
                     self.m[BLOCK_EPOCHS_DONE.name].set(epochs, tags=tags)
                     self.m[BLOCK_PROGRESS.name].set(epochs / self.total_epochs, tags=tags)
-            if self.lag is not None:
-                self.m[EMBEDDING_LAG.name].set(self.lag, tags=self.worker_tags)
+            if self.exchange.lag is not None:
+                self.m[EMBEDDING_LAG.name].set(self.exchange.lag, tags=self.worker_tags)
             self.m[WORKER_RESTARTS.name].set(self.restarts, tags=self.worker_tags)
             if self.gpu is not None:
                 self._record_gpu(self.gpu)

@@ -1,9 +1,8 @@
-"""The worker actor: trains its shard group; talks to the parameter server through :class:`RayClient`."""
+"""The worker actor: trains its shard group; its replica talks to the parameter server through :class:`RayClient`."""
 from __future__ import annotations
 
 import os
 import time
-import uuid
 from typing import Callable
 
 import numpy as np
@@ -12,9 +11,10 @@ import torch
 
 from ..config import TrainConfig
 from ..core import ModelSpec
-from ..shared_server import TensorDict
+from ..shared_server import Round, ServerRestarted, Snapshot
 from ..training import ShardGroup, peak_rss_mb
 from .faults import Fault, fault_hook
+from .param_server import WireSnapshot, snapshot_from_wire, to_wire
 from .telemetry import WorkerTelemetry
 
 # The server's process died or cannot be reached (ActorUnavailableError is a RayActorError).
@@ -23,121 +23,127 @@ RESYNC_TIMEOUT_S = 120.0
 
 
 class RayClient:
-    """Parameter-server access from a worker; one Ray round trip per pull, none per push.
+    """The shared-state protocol's transport through Ray (``shared_server.SharedStateClient``).
 
-    Ray runs one caller's calls on an actor in the order they were sent, so a pull sent after a push
-    sees that push applied without waiting for the push itself.
+    An exchange is one call: it carries the delta and returns the state asked for, and nobody waits for it;
+    the replica takes its answer at its next exchange, by then long arrived. Ray runs one caller's calls on the
+    server in the order they were sent. In sync mode an answer may be "not yet" (a slower worker has not
+    reached the round asked for); ``take(wait=True)`` then asks again, backing off.
 
-    sync: ``pull`` waits for the server's current state (which includes every push this worker sent),
-    so with one worker the updates are exactly those of the in-process reference run.
-    async: ``pull`` never waits: it takes the state of a pull sent earlier if that has arrived (else the
-    replica stays as it is) and sends the next one; the replica lags by up to one pull.
-
-    ``lag`` is the embedding-version lag: the server's version in a pull's reply minus the version the
-    replica held until then, i.e. how many shared-state updates the replica had missed when refreshed.
-
-    Every push carries the id (source, seq): source names this client incarnation (rank and a random
-    tag: a restarted worker counts from 1 again under a new source), and the server ignores a repeat.
-    When the server dies, the pushes in flight are lost with the state it had since its last checkpoint; the client waits
-    until Ray has restarted it, re-syncs the replica with the restored state (a lower version) and goes on.
+    Every exchange names the server incarnation it is meant for, and every answer names the one that gave it:
+    when the server dies, the calls in flight fail or come back from a new incarnation, which refused them;
+    the client then waits until Ray has restarted it and raises ``ServerRestarted`` with the restored state,
+    and the replica sends again what the restored server lacks.
     """
 
-    MAX_PENDING_PUSHES = 64  # bounds held references and surfaces server errors early
+    MAX_PENDING = 64  # bounds held references and surfaces server errors early
+    POLL_SECONDS = (0.0005, 0.05)  # first and longest pause before asking again for an incomplete round
 
     def __init__(self, server: "ray.actor.ActorHandle", mode: str, rank: int = 0,
                  log: Callable[[str], None] = print) -> None:
         self.server, self.mode, self.rank, self.log = server, mode, rank, log
-        self.source = f"w{rank}-{uuid.uuid4().hex[:12]}"
-        self.seq = 0  # of the last push sent
-        self.resyncs = 0  # times the server was found restarted
-        self.stash: tuple[int, TensorDict] | None = None  # state a re-sync fetched, for the next pull
+        self.source = f"w{rank}"
+        self.incarnation = ""  # of the server this client last saw
         self.pending: list[ray.ObjectRef] = []
-        self.prefetch: ray.ObjectRef | None = None
-        self.push_seconds = 0.0
-        self.pull_seconds = 0.0
-        self.version = -1  # of the state the last pull returned: what the worker's replica holds
-        self.lag: int | None = None
+        self.answer: ray.ObjectRef | None = None  # the exchange whose answer the replica will take
+        self.want: Round | None = None
+        self.polls = 0  # times a sync answer was "not yet" and asked again
         # Per-call observers (the worker's telemetry); None when metrics are off.
         self.on_push: Callable[[float], None] | None = None
-        self.on_pull: Callable[[float, int | None], None] | None = None
+        self.on_pull: Callable[[float], None] | None = None
 
-    def push(self, grads: TensorDict) -> None:
-        t0 = time.perf_counter()
-        self.seq += 1
-        self.pending.append(self.server.push.remote(grads, (self.source, self.seq)))
-        if len(self.pending) >= self.MAX_PENDING_PUSHES:
-            self.flush()
-        seconds = time.perf_counter() - t0
-        self.push_seconds += seconds
-        if self.on_push is not None:
-            self.on_push(seconds)
-
-    def pull(self) -> tuple[int, TensorDict] | None:
-        t0 = time.perf_counter()
-        out = self._pull()
-        seconds = time.perf_counter() - t0
-        self.pull_seconds += seconds
-        if out is not None:
-            if self.version >= 0:  # the first pull replaces a locally initialised replica: no lag to speak of
-                self.lag = out[0] - self.version
-            self.version = out[0]
-        if self.on_pull is not None:
-            self.on_pull(seconds, self.lag)
-        return out
-
-    def _pull(self) -> tuple[int, TensorDict] | None:
-        if self.stash is not None:
-            out, self.stash = self.stash, None
-            return out
+    def fetch(self) -> Snapshot:
         try:
-            return self._pull_once()
+            incarnation, wire = ray.get(self.server.pull.remote())
         except SERVER_ERRORS as e:
-            return self._resync(e)
+            self._resync(e)
+            incarnation, wire = ray.get(self.server.pull.remote())
+        self.incarnation = incarnation
+        return snapshot_from_wire(wire)
 
-    def _pull_once(self) -> tuple[int, TensorDict] | None:
-        if self.mode == "sync" or self.prefetch is None:
-            out = ray.get(self.server.pull.remote())
-            if self.mode == "sync":  # applied before the pull ran: collect them (and any error)
-                self.flush()
-            else:
-                self.prefetch = self.server.pull.remote()
-            return out
-        ready, _ = ray.wait([self.prefetch], timeout=0)
-        if not ready:
+    def exchange(self, delta: torch.Tensor, steps: int, round_: Round, want: Round | None) -> None:
+        t0 = time.perf_counter()
+        ref = self.server.exchange.remote(to_wire(delta), steps, self.source, round_, want, self.incarnation)
+        self.pending.append(ref)
+        self.answer, self.want = (ref, want) if want is not None else (None, None)
+        if len(self.pending) >= self.MAX_PENDING:
+            self.flush()
+        if self.on_push is not None:
+            self.on_push(time.perf_counter() - t0)
+
+    def take(self, wait: bool) -> Snapshot | None:
+        if self.answer is None:
             return None
-        out = ray.get(self.prefetch)
-        self.prefetch = self.server.pull.remote()
-        return out
+        t0 = time.perf_counter()
+        try:
+            if not wait and not ray.wait([self.answer], timeout=0)[0]:
+                return None
+            incarnation, wire = self._checked(ray.get(self.answer))
+            pause = self.POLL_SECONDS[0]
+            while wire is None:  # sync: a slower worker has not pushed the round asked for yet
+                if not wait:
+                    self.answer = self.server.pull.remote(self.source, self.want)
+                    return None
+                time.sleep(pause)
+                pause = min(2 * pause, self.POLL_SECONDS[1])
+                self.polls += 1
+                incarnation, wire = self._checked(ray.get(self.server.pull.remote(self.source, self.want)))
+        except SERVER_ERRORS as e:
+            self._resync(e)  # the same server, only out of reach a moment: ask again
+            self.answer = self.server.pull.remote(self.source, self.want)
+            return None
+        self.answer = None
+        self._collect()
+        if self.on_pull is not None:
+            self.on_pull(time.perf_counter() - t0)
+        return snapshot_from_wire(wire)
+
+    def _checked(self, reply: tuple[str, WireSnapshot | None]) -> tuple[str, WireSnapshot | None]:
+        if reply[0] != self.incarnation:  # a restarted server answered: it refused what we sent before
+            self._resync(RuntimeError("a restarted parameter server answered"))
+        return reply
+
+    def _collect(self) -> None:
+        """Drop the exchanges already done, raising the server's own errors (e.g. a bad delta) among them."""
+        if self.pending:
+            done, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+            for reply in ray.get(done):
+                self._checked(reply)
 
     def flush(self) -> None:
-        """Wait until every push sent so far is applied (raises the server's own errors, e.g. a bad push).
-
-        If the server died meanwhile, wait for its restart and keep its restored state for the next pull.
-        """
+        """Wait until every exchange sent so far is done (raises the server's own errors, e.g. a bad delta)."""
         try:
-            ray.get(self.pending)
+            replies = ray.get(self.pending)
         except SERVER_ERRORS as e:
-            self.stash = self._resync(e)
+            self._resync(e)
+            replies = []
         self.pending = []
+        for reply in replies:
+            self._checked(reply)
 
-    def _resync(self, error: Exception) -> tuple[int, TensorDict]:
-        """The server failed: drop what was in flight, wait for the restarted server, return its state."""
-        self.pending, self.prefetch = [], None
+    def _resync(self, error: Exception) -> None:
+        """A call failed: wait for the server. A new incarnation (Ray restarted it from its checkpoint) raises
+        ServerRestarted with its state; the same one (it was only out of reach) lets the caller go on."""
+        self.pending, self.answer = [], None
         deadline = time.monotonic() + RESYNC_TIMEOUT_S
         while True:
             try:
-                out = ray.get(self.server.pull.remote(), timeout=30)
+                incarnation, wire = ray.get(self.server.pull.remote(), timeout=30)
                 break
             except SERVER_ERRORS:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"parameter server unreachable for {RESYNC_TIMEOUT_S:.0f}s after "
                                        f"{type(error).__name__}: {error}") from None
                 time.sleep(0.5)
-        self.resyncs += 1
-        self.log(f"worker {self.rank}: parameter server failed ({type(error).__name__}); re-synced with its "
-                 f"restored state, version {out[0]} (the replica had version {self.version})")
-        self.version = -1  # a fresh start: no lag to report for this pull
-        return out
+        snap = snapshot_from_wire(wire)
+        if incarnation == self.incarnation:
+            self.log(f"worker {self.rank}: parameter server out of reach for a moment ({type(error).__name__}); "
+                     f"it kept its state (version {snap.version})")
+            return
+        self.incarnation = incarnation
+        self.log(f"worker {self.rank}: parameter server failed ({type(error).__name__}); it came back with its "
+                 f"restored state, version {snap.version}")
+        raise ServerRestarted(snap)
 
 
 # max_concurrency=2: `progress` answers while `train_epoch` runs (it only reads counters).
@@ -146,28 +152,32 @@ class Worker:
     def __init__(
         self, rank: int, spec: ModelSpec, block_ids: list[int], train: TrainConfig, threads: int, device: str,
         train_x: np.ndarray, train_y: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
-        server: "ray.actor.ActorHandle", states: dict[int, dict] | None,
+        server: "ray.actor.ActorHandle", states: dict[int, dict] | None, replica_state: dict | None = None,
         run_id: str | None = None, restarts: int = 0, faults: list[Fault] | None = None,
     ) -> None:
-        """run_id: the `run` label of the exported metrics, None to export none; restarts: how many times
-        the driver has re-created this worker (also exported as a metric); faults: injected faults
-        (tests, fault benchmarks; see faults.py)."""
+        """states: the blocks' checkpointed states, replica_state: the shared-state replica's (both None for
+        a fresh start); run_id: the `run` label of the exported metrics, None to export none; restarts: how
+        many times the driver has re-created this worker (also exported as a metric); faults: injected
+        faults (tests, fault benchmarks; see faults.py)."""
         # Its share of the cores: two 1-thread processes beat one 2-thread process on 2 cores.
         torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
         self.rank, self.restarts = rank, restarts
         self.client = RayClient(server, train.sync_mode, rank=rank)
-        # train_x arrives as a zero-copy, read-only view of the object store: batches are gathered from it.
+        # train_x arrives as a zero-copy, read-only view of the object store: batches are gathered from it
+        # (on a GPU the set is copied there once when it fits).
         self.group = ShardGroup(spec, block_ids, train, train_x, train_y, mean, std, self.client, torch.device(device))
         if states:
             self.group.load_state_dicts(states)
+        if replica_state:
+            self.group.replica.load_state_dict(replica_state)
         self.device = device
         self.epoch_seconds = 0.0
         self.telemetry: WorkerTelemetry | None = None
         if run_id is not None:
             self.telemetry = WorkerTelemetry(run_id, rank, self.group.stats, train.epochs, torch.device(device),
-                                             restarts)
+                                             restarts, exchange=self.group.replica.stats)
             self.client.on_push, self.client.on_pull = self.telemetry.on_push, self.telemetry.on_pull
         self.faults = None
         if faults:
@@ -194,20 +204,22 @@ class Worker:
 
         if self.faults is not None:
             self.faults(epoch, 0)  # step 0: before the epoch's first step
-        stats = self.group.train_epoch(epoch, on_step)
-        self.client.flush()
+        stats = self.group.train_epoch(epoch, on_step)  # its last exchange waits until every push is applied
         if self.telemetry:
             self.telemetry.flush()  # the epoch's last counts, and epochs_done at the whole epoch
         self.epoch_seconds += time.perf_counter() - t0
         return self.report() | {"blocks": stats}
 
     def report(self) -> dict:
+        ex = self.group.replica.stats
         return {
             "rank": self.rank, "pid": os.getpid(), "device": self.device, "peak_rss_mb": peak_rss_mb(),
-            "push_seconds": self.client.push_seconds, "pull_seconds": self.client.pull_seconds,
-            "embedding_version_lag": self.client.lag,
+            "exchanges": ex.exchanges, "exchange_seconds": ex.seconds, "push_seconds": ex.push_seconds,
+            "pull_seconds": ex.take_seconds, "embedding_version_lag": ex.lag, "max_embedding_version_lag": ex.max_lag,
+            "max_stale_exchanges": ex.max_stale_exchanges, "polls": self.client.polls,
             "epoch_seconds": self.epoch_seconds, "zero_copy_data": not self.group.train_x.flags.writeable,
-            "restarts": self.restarts, "server_resyncs": self.client.resyncs,
+            "data_on_device": self.group.data.on_device,
+            "restarts": self.restarts, "server_resyncs": ex.resyncs,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if self.device.startswith("cuda") else None,
         }
 
@@ -217,3 +229,7 @@ class Worker:
 
     def state_dicts(self) -> dict[int, dict]:
         return self.group.state_dicts()
+
+    def replica_state(self) -> tuple[str, dict]:
+        """(the group's key, its shared-state replica's optimizer state), for checkpoints."""
+        return self.group.key, self.group.replica.state_dict()
