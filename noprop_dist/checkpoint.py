@@ -11,22 +11,42 @@ Layout of ``<run.dir>``::
 Every file is written to a temporary name and renamed (atomic on POSIX). The manifest is written last,
 so a crash mid-epoch leaves the previous manifest pointing at intact files; the previous epoch's
 files are kept until the next manifest lands.
+
+The run deletes only files it can prove it wrote: a name of its own (:data:`RUN_FILES`, the checkpoint
+pattern, its temporary files), a regular file (not a symlink), inside run.dir once symlinks are resolved,
+and for checkpoints also listed in a manifest it wrote. Anything else in run.dir is left alone. One driver
+at a time holds ``<run.dir>/.lock`` (:meth:`RunDir.lock`).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
+import socket
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
 
-from .atomic_io import atomic_torch_save, atomic_write_bytes, atomic_write_json, sha256_file
+from .atomic_io import atomic_torch_save, atomic_write_bytes, atomic_write_json, sha256_file, tmp_pattern
 
 from .config import Config, ConfigError
 
 MANIFEST_FORMAT = 1
+
+# The files a run writes at the top of run.dir; run.overwrite removes these (and its checkpoints) only.
+RUN_FILES = ("config.yaml", "manifest.json", "chain.pt", "summary.json", "curve.json", "metrics.jsonl",
+             "report.md", "metrics.png")
+_CKPT_NAME = r"(?:block_\d{2,}|shared|replicas)\.e\d{4,}\.pt"
+CHECKPOINT_NAME = re.compile(rf"^{_CKPT_NAME}$")
+_CKPT_TMP = tmp_pattern(_CKPT_NAME)
+_RUN_TMP = tmp_pattern("|".join(re.escape(n) for n in RUN_FILES))
+LOCK_FILE = ".lock"
 
 
 class CheckpointError(RuntimeError):
@@ -60,16 +80,25 @@ class RunDir:
 
     # --- config snapshot -----------------------------------------------------------------
     def check(self, cfg: Config) -> bool:
-        """Refuse (ConfigError) a directory made by an incompatible config unless ``run.overwrite`` is set;
-        writes nothing. Returns whether the directory would be cleared by :meth:`prepare`."""
+        """Refuse (ConfigError) a directory made by an incompatible config unless ``run.overwrite`` is set,
+        and one whose config.yaml is not a run's (unreadable, not a mapping, not this project's sections):
+        that file is somebody else's and is never overwritten. Writes nothing. Returns whether the directory
+        would be cleared by :meth:`prepare`."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ConfigError(f"run.dir: {self.path} is a file, not a directory; use another run.dir")
         snapshot = self.file("config.yaml")
         if not os.path.exists(snapshot):
             return False
-        with open(snapshot, encoding="utf-8") as f:
-            old = yaml.safe_load(f) or {}
+        old = self._read_snapshot(snapshot)
         conflict = self._conflict(old, cfg.to_dict())
         if conflict and not cfg.run.overwrite:
             raise ConfigError(f"{conflict}; use another run.dir or set run.overwrite=true")
+        manifest = None if conflict else self.read_manifest_or_none()
+        if manifest is not None and int(manifest.get("epochs_done", 0)) > cfg.train.epochs:
+            # Going on would re-evaluate the longer run and write summary and config saying fewer epochs.
+            raise ConfigError(f"train.epochs={cfg.train.epochs}: run.dir {self.path} already holds "
+                              f"{manifest['epochs_done']} epochs; ask for at least that many (more resumes "
+                              "training), or use another run.dir")
         return conflict is not None
 
     def prepare(self, cfg: Config) -> None:
@@ -80,6 +109,21 @@ class RunDir:
             self.clear()
         os.makedirs(self.ckpt_dir, exist_ok=True)
         atomic_write_bytes(snapshot, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+    def _read_snapshot(self, snapshot: str) -> dict:
+        """The config a run saved in run.dir; ConfigError (one line) for a file that is not one."""
+        try:
+            with open(snapshot, encoding="utf-8") as f:
+                old = yaml.safe_load(f)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise ConfigError(f"run.dir: {snapshot} cannot be read as a run's config ({first}); "
+                              "move it away or use another run.dir") from None
+        sections = (*_IDENTITY_SECTIONS, "train")
+        if not isinstance(old, dict) or not all(isinstance(old.get(k), dict) for k in sections):
+            raise ConfigError(f"run.dir: {snapshot} is not a noprop_dist run's config (it needs the mappings "
+                              f"{', '.join(sections)}); move it away or use another run.dir")
+        return old
 
     def _conflict(self, old: dict, new: dict) -> str | None:
         """The first setting that differs between the directory's run and this config, if any."""
@@ -92,13 +136,87 @@ class RunDir:
         return None
 
     def clear(self) -> None:
-        """Remove this run's files (snapshot, manifest, checkpoints, chain, summary); leave anything else."""
-        for name in ("config.yaml", "manifest.json", "chain.pt", "summary.json", "curve.json"):
-            if os.path.exists(self.file(name)):
-                os.remove(self.file(name))
+        """Remove this run's files (:data:`RUN_FILES`, the checkpoints its manifest lists, its temporary
+        files); leave anything else, a user's file in checkpoints/ or a subdirectory included."""
+        listed = self._listed_checkpoints(self.read_manifest_or_none())
+        for name in RUN_FILES:
+            self._remove_own(self.path, name)
         if os.path.isdir(self.ckpt_dir):
             for name in os.listdir(self.ckpt_dir):
-                os.remove(os.path.join(self.ckpt_dir, name))
+                if name in listed or _CKPT_TMP.match(name):
+                    self._remove_own(self.ckpt_dir, name)
+        if os.path.isdir(self.path):
+            for name in os.listdir(self.path):
+                if _RUN_TMP.match(name):
+                    self._remove_own(self.path, name)
+
+    def _inside(self, path: str) -> bool:
+        """Whether ``path``, symlinks resolved, lies inside run.dir (symlinks resolved too)."""
+        root = os.path.realpath(self.path)
+        return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+    def _remove_own(self, directory: str, name: str) -> bool:
+        """Delete ``directory/name`` if it is a regular file (not a symlink) inside run.dir; else leave it."""
+        path = os.path.join(directory, name)
+        if os.path.islink(path) or not os.path.isfile(path) or not self._inside(path):
+            return False
+        os.remove(path)
+        return True
+
+    @staticmethod
+    def _listed_checkpoints(manifest: dict | None) -> set[str]:
+        """The checkpoint names a manifest lists (its epoch and the previous one's) that have our pattern."""
+        names: set[str] = set()
+        for entry in (manifest, (manifest or {}).get("previous")):
+            for f in (entry or {}).get("files", {}).values():
+                name = f.get("file") if isinstance(f, dict) else None
+                if isinstance(name, str) and CHECKPOINT_NAME.match(name):
+                    names.add(name)
+        return names
+
+    def read_manifest_or_none(self) -> dict | None:
+        """The manifest, or None when there is none or it is unreadable (for clean-ups, which then delete
+        no checkpoint rather than guess)."""
+        try:
+            return self.read_manifest()
+        except CheckpointError:
+            return None
+
+    # --- one driver per run.dir ------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, what: str = "a run") -> Iterator[None]:
+        """Hold ``<run.dir>/.lock`` while the body runs; a second holder is refused with ConfigError naming
+        the process that holds it. The lock is an flock on the open file, so the kernel drops it when its
+        process dies, however it dies: a stale lock file is simply taken over. (flock is reliable on local
+        file systems; on NFS it depends on the server.)"""
+        os.makedirs(self.path, exist_ok=True)
+        path = self.file(LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise ConfigError(f"run.dir: {self.path} is in use by {self._holder(fd)}; wait for it to "
+                                  "finish or use another run.dir") from None
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+            os.fsync(fd)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        """Who holds the lock, from what it wrote into the file."""
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            return f"{info['what']} (pid {info['pid']} on {info['host']}, since {info['since']})"
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            return "another process"
 
     # --- checkpoints ---------------------------------------------------------------------
     def save_epoch(
@@ -123,12 +241,15 @@ class RunDir:
             "format": MANIFEST_FORMAT, "epochs_done": epochs_done, "train_seconds": train_seconds, "files": files,
             "previous": previous,
         })
-        self._prune(keep={f["file"] for f in files.values()} | {f["file"] for f in (old or {}).get("files", {}).values()})
+        keep = {f["file"] for f in files.values()} | {f["file"] for f in (old or {}).get("files", {}).values()}
+        self._prune(self._listed_checkpoints(old) - keep)
 
-    def _prune(self, keep: set[str]) -> None:
+    def _prune(self, names: set[str]) -> None:
+        """Delete the checkpoints no manifest needs any more, and temporary files a crash left: only files
+        of ours (:meth:`_remove_own`), so nothing through a symlink out of run.dir."""
         for name in os.listdir(self.ckpt_dir):
-            if name not in keep:
-                os.remove(os.path.join(self.ckpt_dir, name))
+            if name in names or _CKPT_TMP.match(name):
+                self._remove_own(self.ckpt_dir, name)
 
     def read_manifest(self) -> dict | None:
         path = self.file("manifest.json")

@@ -90,6 +90,9 @@ class ClusterConfig:
     # their last checkpoint; the parameter server comes back from its last checkpoint (Ray restarts it).
     max_restarts_per_worker: int = 3  # restarts of one worker (its shard group) before the run fails
     max_restarts: int = 10  # restarts in the whole run (workers and parameter server) before it fails
+    # false: refuse to start or join a Ray cluster when RAY_AUTH_MODE turns token authentication off
+    # (anyone who reaches an unauthenticated cluster's ports can run code on it); true: go on, with a warning.
+    allow_unauthenticated: bool = False
 
 
 @dataclass

@@ -13,7 +13,9 @@ import math
 import os
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
+
+from .atomic_io import append_lines, atomic_save_with, atomic_write_bytes, read_jsonl, repair_torn_tail
 
 METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.md"
@@ -26,10 +28,17 @@ def _finite(x: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends the driver's view of every block to ``<run.dir>/metrics.jsonl`` (a resumed run appends)."""
+    """Appends the driver's view of every block to ``<run.dir>/metrics.jsonl`` (a resumed run appends).
 
-    def __init__(self, run_dir: str, run: str, every_seconds: float) -> None:
+    Every append is fsynced. A last line torn by a crash (a driver killed mid-append, a full disk) is cut
+    off when the log is opened, with one message, so the next append starts on a line of its own.
+    """
+
+    def __init__(self, run_dir: str, run: str, every_seconds: float, warn: Callable[[str], None] = print) -> None:
         self.path = os.path.join(run_dir, METRICS_FILE)
+        removed = repair_torn_tail(self.path)
+        if removed:
+            warn(f"{self.path}: removed a torn last line ({removed} bytes, left by a crash); appending after it")
         self.run, self.every = run, every_seconds
         self.last_write = -math.inf
         self.prev: dict[int, tuple[float, int]] = {}  # block -> (time, samples) of its previous line
@@ -49,8 +58,7 @@ class MetricsLog:
         if not rows:
             return False
         self.last_write = now
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        append_lines(self.path, [json.dumps(r) for r in rows])
         return True
 
     def _row(self, now: float, event: str, b: dict, w: dict, worker: int) -> dict:
@@ -73,12 +81,9 @@ class MetricsLog:
         }
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(run_dir: str, warn: Callable[[str], None] = print) -> list[dict]:
+    """The rows of ``<run.dir>/metrics.jsonl``; unreadable lines are skipped with one message."""
+    return read_jsonl(os.path.join(run_dir, METRICS_FILE), warn)
 
 
 def _fmt(x: Any, spec: str) -> str:
@@ -109,7 +114,7 @@ def plot_metrics(rows: list[dict], path: str) -> bool:
     ax_rate.set_xlabel("minutes")
     ax_loss.legend(fontsize="small", ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_save_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return True
 
@@ -156,6 +161,5 @@ def write_report(run_dir: str, summary: dict, run: str) -> str:
                  + ("." if plotted or not rows else
                     "; install matplotlib (`pip install -e \".[report]\"`) for a plot here."))
     path = os.path.join(run_dir, REPORT_FILE)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path

@@ -28,6 +28,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from .atomic_io import atomic_write_json
 from .config import BASELINE_METHODS, DATASET_NAMES, EMBEDDINGS, METHODS, NOPROP_METHODS, ConfigError, load_config
 from .paper import (EARLIER_METHODS, EMBEDDING_LABELS, METHOD_LABELS, paper_epochs, paper_memory_gb,
                     paper_test_accuracy, table1_cells)
@@ -255,24 +256,12 @@ def load_results(out: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def write_json_atomically(path: str, obj: Any) -> None:
-    """Temporary file then rename, so a reader or a crash never sees half a results file.
-
-    (Not atomic_io's: that module imports torch, which --all and error paths should not wait for.)
-    """
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def merge_row(out: str, row: dict) -> dict[str, Any]:
     """Put ``row`` into ``<out>/results.json`` (replacing the same cell's earlier row); returns all rows."""
     results = load_results(out)
     results["rows"][row_key(row)] = row
     os.makedirs(out, exist_ok=True)
-    write_json_atomically(os.path.join(out, RESULTS_FILE), results)
+    atomic_write_json(os.path.join(out, RESULTS_FILE), results)
     return results
 
 

@@ -98,3 +98,13 @@ def test_report_plot_with_matplotlib(tmp_path):
 def test_report_of_a_run_without_metrics_file(tmp_path):
     report = open(write_report(str(tmp_path), _summary(), "r-1"), encoding="utf-8").read()
     assert "0 lines in `metrics.jsonl`" in report and not (tmp_path / "metrics.png").exists()
+
+
+def test_report_of_a_run_whose_metrics_file_has_a_torn_line(tmp_path):
+    """A driver killed mid-append leaves half a line; the report (and a re-evaluation) still works."""
+    log = MetricsLog(str(tmp_path), "r-1", every_seconds=0.0)
+    log.record(_blocks(1), WORKERS, OWNER)
+    with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"time": 17, "run": "r-1", "blo')
+    report = open(write_report(str(tmp_path), _summary(), "r-1"), encoding="utf-8").read()
+    assert "2 lines in `metrics.jsonl`" in report

@@ -36,7 +36,7 @@ def fit(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Resume | Non
 
     c = cfg.cluster
     run_dir = os.path.abspath(rundir.path)  # workers do not share the driver's working directory
-    started = connect(c.num_workers * c.cpus_per_worker, metrics=False)
+    started = connect(c.num_workers * c.cpus_per_worker, metrics=False, allow_unauthenticated=c.allow_unauthenticated)
     try:
         resources = {"CPU": c.cpus_per_worker} | ({"GPU": c.gpus_per_worker} if c.gpus_per_worker > 0 else {})
         start = None

@@ -159,6 +159,11 @@ def run_baseline(cfg: Config, log: Log = print) -> dict[str, Any]:
     check_baseline(cfg)
     dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.train_limit, cfg.data.test_limit)
     rundir = RunDir(cfg.run.dir)
+    with rundir.lock(f"a {cfg.model.method} baseline run"):
+        return _run_locked(cfg, dataset, rundir, log)
+
+
+def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Log) -> dict[str, Any]:
     rundir.prepare(cfg)
     device = local_device(cfg)
     torch.set_num_threads(worker_threads(cfg.cluster))

@@ -2,10 +2,46 @@
 from __future__ import annotations
 
 import os
+import stat
+import warnings
+from pathlib import Path
 
 import ray
 
+from ..config import ConfigError
+
 LOOPBACK = "127.0.0.1"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch: "token" (authentication on) or "disabled"
+TOKEN_FILE = Path.home() / ".ray" / "auth_token"  # where Ray keeps the token it generates
+
+
+def require_token_auth(allow_unauthenticated: bool) -> None:
+    """Turn Ray's token authentication on explicitly (not by Ray's default alone), or refuse to go on when
+    the environment turns it off, unless the config allows that (``cluster.allow_unauthenticated``)."""
+    mode = os.environ.get(AUTH_MODE_ENV)
+    if mode is None:
+        os.environ[AUTH_MODE_ENV] = "token"
+        # Ray's C++ config has already read the environment (at import): have it read it again, as Ray's
+        # own default-on switch does. Child processes (raylet, workers) get the variable anyway.
+        from ray._raylet import Config as RayConfig
+
+        RayConfig.initialize("")
+    elif mode.lower() != "token":
+        what = (f"{AUTH_MODE_ENV}={mode} turns Ray's token authentication off: anyone who reaches the "
+                "cluster's ports could run code on it")
+        if not allow_unauthenticated:
+            raise ConfigError(f"{what}; unset it, or set cluster.allow_unauthenticated=true to accept that")
+        warnings.warn(f"{what}; going on because cluster.allow_unauthenticated is true", stacklevel=2)
+
+
+def protect_token_file(path: Path = TOKEN_FILE) -> None:
+    """The token is a password: readable by its owner only (Ray writes it with the process's umask)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        path.chmod(stat.S_IRUSR | stat.S_IWUSR)
 
 
 def existing_cluster_address() -> str | None:
@@ -23,10 +59,12 @@ def existing_cluster_address() -> str | None:
         return None
 
 
-def connect(num_cpus_needed: float, quiet: bool = False, metrics: bool = True) -> bool:
+def connect(num_cpus_needed: float, quiet: bool = False, metrics: bool = True,
+            allow_unauthenticated: bool = False) -> bool:
     """Join the running cluster, else start a local one on loopback. Returns True when we started it.
 
-    Token authentication stays as Ray sets it (on for new clusters). A local cluster gets at least the
+    Token authentication is required (:func:`require_token_auth`), and the token file is made readable by
+    its owner only (:func:`protect_token_file`). A local cluster gets at least the
     CPUs the run asks for: oversubscribing a laptop is better than a placement group that never fits.
     metrics: start the local cluster with Ray's dashboard (on loopback): every node exports metrics
     either way, but only the dashboard writes the service-discovery file
@@ -34,6 +72,8 @@ def connect(num_cpus_needed: float, quiet: bool = False, metrics: bool = True) -
     """
     if ray.is_initialized():
         return False
+    require_token_auth(allow_unauthenticated)
+    protect_token_file()
     if existing_cluster_address():
         # No runtime_env here: under `ray job submit` the job's own (its working_dir) must apply.
         ray.init(logging_level="WARNING" if quiet else "INFO")
@@ -48,4 +88,5 @@ def connect(num_cpus_needed: float, quiet: bool = False, metrics: bool = True) -
         dashboard_host=LOOPBACK,
         logging_level="WARNING" if quiet else "INFO",
     )
+    protect_token_file()  # Ray may just have written it
     return True

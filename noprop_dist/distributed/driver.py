@@ -248,7 +248,8 @@ def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: An
 
 def _connect_checked(cfg: Config) -> bool:
     """Join or start Ray and refuse a run the cluster cannot hold; returns whether this call started Ray."""
-    started = connect(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker, metrics=cfg.metrics.enabled)
+    started = connect(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker, metrics=cfg.metrics.enabled,
+                      allow_unauthenticated=cfg.cluster.allow_unauthenticated)
     try:
         _check_resources(cfg)
     except BaseException:
@@ -268,10 +269,18 @@ def _read_curve(rundir: RunDir, epochs_done: int) -> list[dict]:
 
 
 def run_training(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train (or resume) the run ``cfg`` describes on Ray, evaluate the assembled chain, write the summary."""
+    """Train (or resume) the run ``cfg`` describes on Ray, evaluate the assembled chain, write the summary.
+
+    One driver per run.dir: a second one is refused (ConfigError naming the holder) while this one runs.
+    """
     dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.train_limit, cfg.data.test_limit)
-    spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
     rundir = RunDir(cfg.run.dir)
+    with rundir.lock("a noprop_dist training run"):
+        return _run_locked(cfg, dataset, rundir, log)
+
+
+def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Callable[[str], None]) -> dict[str, Any]:
+    spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
     # Everything that can refuse the run does so before anything is written to run.dir.
     cleared = rundir.check(cfg)
     manifest = None if cleared else rundir.read_manifest()
@@ -283,7 +292,7 @@ def run_training(cfg: Config, log: Callable[[str], None] = print) -> dict[str, A
         resume = rundir.load_resume(spec.num_blocks)
         display = ProgressDisplay(cfg.train.epochs, interval=cfg.train.log_every_seconds)
         run_label = metrics_run_id(cfg)
-        mlog = MetricsLog(rundir.path, run_label, cfg.metrics.write_every_seconds)
+        mlog = MetricsLog(rundir.path, run_label, cfg.metrics.write_every_seconds, warn=log)
         log(f"{cfg.data.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images {dataset.image_shape}; "
             f"{_shards(spec)} on {cfg.cluster.num_workers} workers; run dir {rundir.path}")
         reports: list[dict] = []

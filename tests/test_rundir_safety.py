@@ -1,0 +1,215 @@
+"""A run directory that is safe to share: the run deletes only its own files (never through a symlink out of
+run.dir), survives a torn metrics line, refuses a config.yaml that is not a run's, and admits one driver."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from noprop_dist.atomic_io import append_lines, read_jsonl, repair_torn_tail
+from noprop_dist.checkpoint import RunDir
+from noprop_dist.config import ConfigError, load_config
+from noprop_dist.report import METRICS_FILE, MetricsLog, read_metrics
+
+
+def _save(rd: RunDir, epoch: int) -> None:
+    blocks = {t: {"block": {"w": torch.full((3,), float(epoch + t))}} for t in (1, 2)}
+    rd.save_epoch(epoch, blocks, {"shared": {"e": torch.zeros(2)}}, train_seconds=float(epoch))
+
+
+def _prepared(path, *sets) -> RunDir:
+    rd = RunDir(str(path))
+    rd.prepare(load_config(None, [f"run.dir={path}", *sets]))
+    return rd
+
+
+def test_pruning_keeps_files_the_run_did_not_write(tmp_path):
+    rd = _prepared(tmp_path)
+    (tmp_path / "checkpoints" / "other_model.ckpt").write_text("a user's model")
+    (tmp_path / "checkpoints" / "block_01.e0001.pt.bak").write_text("a user's backup copy")
+    os.makedirs(tmp_path / "checkpoints" / "old_runs")
+    for epoch in range(1, 5):
+        _save(rd, epoch)
+    names = set(os.listdir(rd.ckpt_dir))
+    assert {"other_model.ckpt", "block_01.e0001.pt.bak", "old_runs"} <= names
+    assert {n for n in names if n.endswith(".pt")} == {
+        f"{k}.e{e:04d}.pt" for k in ("block_01", "block_02", "shared") for e in (3, 4)}
+
+
+def test_a_checkpoint_name_not_in_any_manifest_is_not_deleted(tmp_path):
+    """The name pattern alone proves nothing: a file the manifests never listed may be somebody else's."""
+    rd = _prepared(tmp_path)
+    stray = tmp_path / "checkpoints" / "block_07.e0001.pt"
+    stray.write_bytes(b"copied here by hand")
+    for epoch in range(1, 4):
+        _save(rd, epoch)
+    assert stray.read_bytes() == b"copied here by hand"
+
+
+def test_nothing_is_deleted_through_a_symlink_out_of_run_dir(tmp_path):
+    elsewhere = tmp_path / "big_disk"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(elsewhere, run / "checkpoints")
+    rd = _prepared(run)
+    for epoch in range(1, 4):
+        _save(rd, epoch)
+    assert (elsewhere / "notes.txt").read_text() == "mine"
+    assert "block_01.e0001.pt" in os.listdir(elsewhere), "a file behind a symlink out of run.dir was deleted"
+    assert rd.load_resume(2).epochs_done == 3, "checkpoints behind the symlink still work"
+
+
+def test_overwrite_removes_only_the_runs_own_files(tmp_path):
+    rd = _prepared(tmp_path)
+    _save(rd, 1)
+    _save(rd, 2)
+    (tmp_path / "metrics.jsonl").write_text('{"block": 1}\n')
+    (tmp_path / "checkpoints" / "other_model.ckpt").write_text("mine")
+    os.makedirs(tmp_path / "checkpoints" / "subdir")
+    (tmp_path / "notes.txt").write_text("mine")
+    target = tmp_path / "outside.json"
+    target.write_text("not the run's")
+    os.symlink(target, tmp_path / "summary.json")
+    _prepared(tmp_path, "model.embedding=one_hot", "run.overwrite=true")
+    assert sorted(os.listdir(rd.ckpt_dir)) == ["other_model.ckpt", "subdir"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert target.read_text() == "not the run's", "overwrite followed a symlink"
+    assert not (tmp_path / "metrics.jsonl").exists() and rd.read_manifest() is None
+
+
+@pytest.mark.parametrize("content", ["model: [1, 2]\n", "- a list\n", "name: another tool\n", "a: [unclosed\n",
+                                     b"\xff\xfe not utf-8\n"])
+def test_a_config_yaml_that_is_not_a_runs_is_refused_and_kept(tmp_path, content):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="config.yaml") as e:
+        _prepared(tmp_path, "run.overwrite=true")
+    assert "\n" not in str(e.value)
+    assert path.read_bytes() == before
+
+
+def test_run_dir_that_is_a_file_is_one_line(tmp_path):
+    path = tmp_path / "run"
+    path.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        RunDir(str(path)).check(load_config(None, [f"run.dir={path}"]))
+
+
+def test_a_torn_last_line_is_cut_off_once_and_appends_go_on(tmp_path):
+    path = tmp_path / METRICS_FILE
+    append_lines(str(path), [json.dumps({"block": 1, "n": 1})])
+    with open(path, "a") as f:
+        f.write('{"block": 2, "n"')  # the driver died here
+    said = []
+    MetricsLog(str(tmp_path), "r", 5.0, warn=said.append)
+    assert len(said) == 1 and "torn last line" in said[0]
+    append_lines(str(path), [json.dumps({"block": 3, "n": 3})])
+    assert [r["block"] for r in read_metrics(str(tmp_path), warn=said.append)] == [1, 3]
+    assert len(said) == 1, "an intact file gives no message"
+    assert repair_torn_tail(str(path)) == 0
+
+
+def test_unreadable_lines_are_skipped_with_one_message(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"a": 1}\n{"a": \n[1, 2]\n{"a": 4}\n{"a"')
+    said = []
+    assert read_jsonl(str(path), warn=said.append) == [{"a": 1}, {"a": 4}]
+    assert len(said) == 1 and "skipped 3 unreadable lines (first: line 2)" in said[0]
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from noprop_dist.checkpoint import RunDir
+    with RunDir(sys.argv[1]).lock("a test holder"):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_a_second_driver_is_refused_with_one_line_naming_the_holder(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = subprocess.run([sys.executable, "-m", "noprop_dist.run", "--set", f"run.dir={tmp_path}",
+                              "train.epochs=1"], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, out.stderr
+        lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and f"pid {holder.pid}" in lines[0] and "a test holder" in lines[0], out.stderr
+        assert not os.path.exists(tmp_path / "config.yaml"), "a refused driver wrote to run.dir"
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing anything: its lock is taken over.
+    with RunDir(str(tmp_path)).lock("the next run"):
+        info = json.loads((tmp_path / ".lock").read_text())
+        assert info["pid"] == os.getpid() and info["what"] == "the next run"
+
+
+def test_the_lock_is_released_when_the_body_fails(tmp_path):
+    rd = RunDir(str(tmp_path))
+    with pytest.raises(RuntimeError):
+        with rd.lock():
+            raise RuntimeError("boom")
+    t0 = time.perf_counter()
+    with rd.lock():
+        pass
+    assert time.perf_counter() - t0 < 5
+    assert oct(os.stat(tmp_path / ".lock").st_mode & 0o777) == "0o600"
+
+
+def test_fewer_epochs_than_the_run_dir_holds_is_refused(tmp_path):
+    rd = _prepared(tmp_path, "train.epochs=3")
+    for epoch in (1, 2, 3):
+        _save(rd, epoch)
+    before = (tmp_path / "config.yaml").read_bytes()
+    with pytest.raises(ConfigError, match="train.epochs=2: run.dir .* already holds 3 epochs"):
+        _prepared(tmp_path, "train.epochs=2")
+    assert (tmp_path / "config.yaml").read_bytes() == before
+    _prepared(tmp_path, "train.epochs=3")  # the same: a re-evaluation
+    _prepared(tmp_path, "train.epochs=5")  # more: a resume
+
+
+AUTH_CHECK = textwrap.dedent("""
+    import sys
+    from noprop_dist.config import ConfigError
+    from noprop_dist.distributed.cluster import connect
+    try:
+        connect(1, quiet=True, metrics=False)
+    except ConfigError as e:
+        print("refused:", e)
+        sys.exit(2)
+    import ray
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+    print("started; token auth:", get_authentication_mode() == AuthenticationMode.TOKEN)
+    ray.shutdown()
+""")
+
+
+def test_a_cluster_without_token_authentication_is_refused(tmp_path):
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-c", AUTH_CHECK], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "RAY_AUTH_MODE=disabled" in out.stdout and "cluster.allow_unauthenticated=true" in out.stdout
+
+
+def test_the_cluster_it_starts_has_token_authentication_on_explicitly():
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    out = subprocess.run([sys.executable, "-c", AUTH_CHECK], capture_output=True, text=True, env=env, timeout=180)
+    assert out.returncode == 0 and "started; token auth: True" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_the_token_file_is_made_private(tmp_path):
+    from noprop_dist.distributed.cluster import protect_token_file
+
+    token = tmp_path / "auth_token"
+    token.write_text("secret")
+    os.chmod(token, 0o644)
+    protect_token_file(token)
+    assert oct(os.stat(token).st_mode & 0o777) == "0o600"
