@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 SCHEMA_OF_KIND = {"RayJob": "rayjob", "RayCluster": "raycluster", "PodMonitor": "podmonitor",
-                  "ConfigMap": "grafana-dashboard", "PersistentVolumeClaim": "persistentvolumeclaim"}
+                  "ConfigMap": "grafana-dashboard", "PersistentVolumeClaim": "persistentvolumeclaim",
+                  "NetworkPolicy": "networkpolicy"}
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 RAY_PIN = next(re.fullmatch(r"ray\[[a-z,]+\]==(\S+)", d).group(1) for d in PYPROJECT["project"]["dependencies"]
                if d.startswith("ray["))
@@ -101,7 +102,13 @@ def test_schemas_reject_what_they_should():
     half_gpu = json.loads(json.dumps(job))
     half_gpu["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][
         "limits"]["nvidia.com/gpu"] = "0.5"  # Kubernetes has whole GPUs only; sharing is Ray's (gpus_per_worker)
-    for bad in (typo, half_gpu):
+    root = json.loads(json.dumps(job))
+    root["spec"]["submitterPodTemplate"]["spec"]["securityContext"]["runAsNonRoot"] = False
+    escalating = json.loads(json.dumps(job))
+    escalating["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("securityContext")
+    token = json.loads(json.dumps(job))
+    token["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["automountServiceAccountToken"] = True
+    for bad in (typo, half_gpu, root, escalating, token):
         assert not validator.is_valid(bad)
 
 
@@ -194,6 +201,41 @@ def test_rayjob_entrypoint_is_a_valid_run_that_fits_its_worker_group():
 def test_rayjob_cleans_up_after_itself():
     job = _kind("RayJob")["spec"]
     assert job["shutdownAfterJobFinishes"] is True and job["ttlSecondsAfterFinished"] > 0
+    # A hung run or a lost node must not hold the GPUs forever, nor be retried forever.
+    assert 3600 <= job["activeDeadlineSeconds"] <= 7 * 86400 and 0 <= job["backoffLimit"] <= 3
+
+
+def _pod_specs() -> list[tuple[str, dict]]:
+    job = _kind("RayJob")["spec"]
+    pods = [("RayJob submitter", job["submitterPodTemplate"]["spec"])]
+    for owner, spec in _cluster_specs():
+        groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+        pods += [(f"{owner} {name}", g["template"]["spec"]) for name, g in groups]
+    return pods
+
+
+@pytest.mark.parametrize("owner,pod", _pod_specs(), ids=[o for o, _ in _pod_specs()])
+def test_every_pod_runs_unprivileged(owner, pod):
+    ctx = pod["securityContext"]
+    assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] == 1000, "the image's user is ray (uid 1000)"
+    assert ctx["seccompProfile"]["type"] == "RuntimeDefault" and pod["automountServiceAccountToken"] is False
+    user = [a for ins, a in _dockerfile() if ins == "USER"]
+    assert user and user[-1] == "ray", "the pods run as uid 1000: the image must end as user ray"
+    for c in pod["containers"]:
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}, c["name"]
+
+
+def test_network_policy_admits_the_ray_pods_and_the_submitter_to_the_head():
+    policy = _kind("NetworkPolicy")["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"} and policy["policyTypes"] == ["Ingress"]
+    peers = [p["podSelector"]["matchLabels"] for rule in policy["ingress"] if "ports" not in rule
+             for p in rule["from"]]
+    submitter = _kind("RayJob")["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    assert {"ray.io/is-ray-node": "yes"} in peers
+    assert any(p.items() <= submitter.items() for p in peers if "ray.io/is-ray-node" not in p), \
+        "the submitter's labels must match the policy, or `ray job submit` cannot reach the head"
+    open_ports = [port["port"] for rule in policy["ingress"] if "ports" in rule for port in rule["ports"]]
+    assert open_ports == [8080], "only the metrics port is open to other namespaces"
 
 
 # --- metrics -----------------------------------------------------------------------------------------------
