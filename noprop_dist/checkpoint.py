@@ -189,9 +189,15 @@ class RunDir:
         the process that holds it. The lock is an flock on the open file, so the kernel drops it when its
         process dies, however it dies: a stale lock file is simply taken over. (flock is reliable on local
         file systems; on NFS it depends on the server.)"""
-        os.makedirs(self.path, exist_ok=True)
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ConfigError(f"run.dir: {self.path} is a file, not a directory; use another run.dir")
         path = self.file(LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as e:
+            raise ConfigError(f"run.dir: cannot create or lock {path} ({e.strerror or e}); "
+                              "use another run.dir") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -100,6 +100,12 @@ def test_run_dir_that_is_a_file_is_one_line(tmp_path):
     path.write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
         RunDir(str(path)).check(load_config(None, [f"run.dir={path}"]))
+    with pytest.raises(ConfigError, match="is a file"):
+        with RunDir(str(path)).lock():
+            pass
+    with pytest.raises(ConfigError, match="cannot create or lock"):
+        with RunDir(str(path / "below")).lock():  # a directory below a file
+            pass
 
 
 def test_a_torn_last_line_is_cut_off_once_and_appends_go_on(tmp_path):
