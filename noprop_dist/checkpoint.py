@@ -7,6 +7,7 @@ Layout of ``<run.dir>``::
     checkpoints/block_03.e0002.pt, checkpoints/shared.e0002.pt   (e = epochs done)
     checkpoints/replicas.e0002.pt   the workers' shared-state replicas (their optimizers), by block group
     chain.pt, summary.json      written at the end
+    .lock                       held (flock) by the one driver running on this directory
 
 Every file is written to a temporary name and renamed (atomic on POSIX). The manifest is written last,
 so a crash mid-epoch leaves the previous manifest pointing at intact files; the previous epoch's
