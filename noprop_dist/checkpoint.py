@@ -87,6 +87,7 @@ class RunDir:
         would be cleared by :meth:`prepare`."""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ConfigError(f"run.dir: {self.path} is a file, not a directory; use another run.dir")
+        self._refuse_if_locked()
         snapshot = self.file("config.yaml")
         if not os.path.exists(snapshot):
             return False
@@ -186,8 +187,9 @@ class RunDir:
     # --- one driver per run.dir ------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, what: str = "a run") -> Iterator[None]:
-        """Hold ``<run.dir>/.lock`` while the body runs; a second holder is refused with ConfigError naming
-        the process that holds it. The lock is an flock on the open file, so the kernel drops it when its
+        """Hold ``<run.dir>/.lock`` while the body runs (take it just before the first write: it creates
+        run.dir); a second holder is refused with ConfigError naming the process that holds it, and
+        :meth:`check` refuses early, writing nothing. The lock is an flock on the open file, so the kernel drops it when its
         process dies, however it dies: a stale lock file is simply taken over. (flock is reliable on local
         file systems; on NFS it depends on the server.)"""
         if os.path.exists(self.path) and not os.path.isdir(self.path):
@@ -215,6 +217,21 @@ class RunDir:
             yield
         finally:
             os.close(fd)  # releases the flock
+
+    def _refuse_if_locked(self) -> None:
+        """ConfigError naming the holder when another process holds the lock; creates nothing (the lock
+        itself is taken by :meth:`lock`, just before the first write)."""
+        try:
+            fd = os.open(self.file(LOCK_FILE), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            return  # no lock file (or none we may open): nobody holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"run.dir: {self.path} is in use by {self._holder(fd)}; wait for it to "
+                              "finish or use another run.dir") from None
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _holder(fd: int) -> str:

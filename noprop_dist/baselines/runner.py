@@ -159,6 +159,7 @@ def run_baseline(cfg: Config, log: Log = print) -> dict[str, Any]:
     check_baseline(cfg)
     dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.train_limit, cfg.data.test_limit)
     rundir = RunDir(cfg.run.dir)
+    rundir.check(cfg)  # refuses (a driver already on run.dir included) before the lock creates anything
     with rundir.lock(f"a {cfg.model.method} baseline run"):
         return _run_locked(cfg, dataset, rundir, log)
 

@@ -2,6 +2,7 @@
 epoch by epoch with checkpoints, then the assembled chain evaluated and saved."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -275,19 +276,22 @@ def run_training(cfg: Config, log: Callable[[str], None] = print) -> dict[str, A
     """
     dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.train_limit, cfg.data.test_limit)
     rundir = RunDir(cfg.run.dir)
-    with rundir.lock("a noprop_dist training run"):
-        return _run_locked(cfg, dataset, rundir, log)
+    with contextlib.ExitStack() as held:  # the lock, once taken, is held until the summary is written
+        return _run(cfg, dataset, rundir, log, lambda: held.enter_context(rundir.lock("a noprop_dist training run")))
 
 
-def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Callable[[str], None]) -> dict[str, Any]:
+def _run(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Callable[[str], None],
+         take_lock: Callable[[], None]) -> dict[str, Any]:
     spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
-    # Everything that can refuse the run does so before anything is written to run.dir.
+    # Everything that can refuse the run does so before anything is written to run.dir (a driver already
+    # running on it included).
     cleared = rundir.check(cfg)
     manifest = None if cleared else rundir.read_manifest()
     started, connected = False, False
     if manifest is None or manifest["epochs_done"] < cfg.train.epochs:
         started, connected = _connect_checked(cfg), True
     try:
+        take_lock()
         rundir.prepare(cfg)
         resume = rundir.load_resume(spec.num_blocks)
         display = ProgressDisplay(cfg.train.epochs, interval=cfg.train.log_every_seconds)
