@@ -75,6 +75,7 @@ class RunDir:
     def __init__(self, path: str) -> None:
         self.path = path
         self.ckpt_dir = os.path.join(path, "checkpoints")
+        self.holds_lock = False  # inside lock(): check() then need not (and must not) probe it
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -214,13 +215,17 @@ class RunDir:
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
             os.fsync(fd)
+            self.holds_lock = True
             yield
         finally:
+            self.holds_lock = False
             os.close(fd)  # releases the flock
 
     def _refuse_if_locked(self) -> None:
         """ConfigError naming the holder when another process holds the lock; creates nothing (the lock
         itself is taken by :meth:`lock`, just before the first write)."""
+        if self.holds_lock:
+            return
         try:
             fd = os.open(self.file(LOCK_FILE), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except OSError:

@@ -219,3 +219,12 @@ def test_the_token_file_is_made_private(tmp_path):
     os.chmod(token, 0o644)
     protect_token_file(token)
     assert oct(os.stat(token).st_mode & 0o777) == "0o600"
+
+
+def test_the_holder_itself_checks_and_prepares_under_its_lock(tmp_path):
+    """check() refuses a run.dir that another process holds, not the one its own driver holds."""
+    rd = RunDir(str(tmp_path))
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    with rd.lock():
+        rd.prepare(cfg)
+        assert rd.check(cfg) is False
