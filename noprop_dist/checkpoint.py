@@ -86,8 +86,7 @@ class RunDir:
         and one whose config.yaml is not a run's (unreadable, not a mapping, not this project's sections):
         that file is somebody else's and is never overwritten. Writes nothing. Returns whether the directory
         would be cleared by :meth:`prepare`."""
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise ConfigError(f"run.dir: {self.path} is a file, not a directory; use another run.dir")
+        self._refuse_a_file()
         self._refuse_if_locked()
         snapshot = self.file("config.yaml")
         if not os.path.exists(snapshot):
@@ -190,11 +189,10 @@ class RunDir:
     def lock(self, what: str = "a run") -> Iterator[None]:
         """Hold ``<run.dir>/.lock`` while the body runs (take it just before the first write: it creates
         run.dir); a second holder is refused with ConfigError naming the process that holds it, and
-        :meth:`check` refuses early, writing nothing. The lock is an flock on the open file, so the kernel drops it when its
-        process dies, however it dies: a stale lock file is simply taken over. (flock is reliable on local
-        file systems; on NFS it depends on the server.)"""
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise ConfigError(f"run.dir: {self.path} is a file, not a directory; use another run.dir")
+        :meth:`check` refuses early, writing nothing. The lock is an flock on the open file, so the kernel
+        drops it when its process dies, however it dies: a stale lock file is simply taken over. (flock is
+        reliable on local file systems; on NFS it depends on the server.)"""
+        self._refuse_a_file()
         path = self.file(LOCK_FILE)
         try:
             os.makedirs(self.path, exist_ok=True)
@@ -208,8 +206,7 @@ class RunDir:
             except OSError as e:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
-                raise ConfigError(f"run.dir: {self.path} is in use by {self._holder(fd)}; wait for it to "
-                                  "finish or use another run.dir") from None
+                raise self._in_use(fd) from None
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}
             os.ftruncate(fd, 0)
@@ -233,19 +230,22 @@ class RunDir:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            raise ConfigError(f"run.dir: {self.path} is in use by {self._holder(fd)}; wait for it to "
-                              "finish or use another run.dir") from None
+            raise self._in_use(fd) from None
         finally:
             os.close(fd)
 
-    @staticmethod
-    def _holder(fd: int) -> str:
-        """Who holds the lock, from what it wrote into the file."""
+    def _refuse_a_file(self) -> None:
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise ConfigError(f"run.dir: {self.path} is a file, not a directory; use another run.dir")
+
+    def _in_use(self, fd: int) -> ConfigError:
+        """The refusal naming who holds the lock, from what the holder wrote into the file (``fd``)."""
         try:
             info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-            return f"{info['what']} (pid {info['pid']} on {info['host']}, since {info['since']})"
+            holder = f"{info['what']} (pid {info['pid']} on {info['host']}, since {info['since']})"
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            return "another process"
+            holder = "another process"
+        return ConfigError(f"run.dir: {self.path} is in use by {holder}; wait for it to finish or use another run.dir")
 
     # --- checkpoints ---------------------------------------------------------------------
     def save_epoch(
