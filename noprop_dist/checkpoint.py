@@ -2,7 +2,8 @@
 
 Layout of ``<run.dir>``::
 
-    config.yaml                 the config the run was started with
+    config.yaml                 the config of the latest invocation (the one running now)
+    config_history.jsonl        every invocation's config, one line each: time, epochs done before it, config
     manifest.json               last complete epoch, file names and sha256 of every checkpoint
     checkpoints/block_03.e0002.pt, checkpoints/shared.e0002.pt   (e = epochs done)
     checkpoints/replicas.e0002.pt   the workers' shared-state replicas (their optimizers), by block group
@@ -24,6 +25,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import socket
@@ -34,20 +36,25 @@ from typing import Any, Callable, Iterator
 import torch
 import yaml
 
-from .atomic_io import atomic_torch_save, atomic_write_bytes, atomic_write_json, sha256_file, tmp_pattern
+from .atomic_io import (append_lines, atomic_torch_save, atomic_write_bytes, atomic_write_json, read_jsonl,
+                        repair_torn_tail, sha256_file, tmp_pattern)
 
 from .config import Config, ConfigError
 
 MANIFEST_FORMAT = 1
+# Appended once per invocation that prepares run.dir (config.yaml keeps only the latest config).
+CONFIG_HISTORY = "config_history.jsonl"
 
 # The files a run writes at the top of run.dir; run.overwrite removes these (and its checkpoints) only.
-RUN_FILES = ("config.yaml", "manifest.json", "chain.pt", "summary.json", "curve.json", "metrics.jsonl",
-             "report.md", "metrics.png")
+RUN_FILES = ("config.yaml", CONFIG_HISTORY, "manifest.json", "chain.pt", "summary.json", "curve.json", "metrics.jsonl",
+             "report.md", "metrics.png", "stages.png")
 _CKPT_NAME = r"(?:block_\d{2,}|shared|replicas)\.e\d{4,}\.pt"
 CHECKPOINT_NAME = re.compile(rf"^{_CKPT_NAME}$")
 _CKPT_TMP = tmp_pattern(_CKPT_NAME)
 _RUN_TMP = tmp_pattern("|".join(re.escape(n) for n in RUN_FILES))
 LOCK_FILE = ".lock"
+# Files the run appends to rather than replaces: it needs write permission on them, not only on run.dir.
+_APPENDED_FILES = (CONFIG_HISTORY, "metrics.jsonl")
 
 
 class CheckpointError(RuntimeError):
@@ -71,6 +78,34 @@ _IDENTITY_SECTIONS = ("data", "model")
 _IDENTITY_TRAIN_KEYS = ("batch_size", "lr", "weight_decay", "seed")
 
 
+def _manifest_problem(manifest: Any) -> str | None:
+    """What makes a parsed manifest.json unusable, or None. Checks every field that :meth:`RunDir.check`,
+    the resume and the clean-ups read, for this epoch and the previous one, so that a damaged or foreign
+    file is one CheckpointError rather than a KeyError or TypeError deep inside them; a listed file must
+    have the checkpoint name pattern (a manifest cannot point a load outside checkpoints/)."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    if manifest.get("format") != MANIFEST_FORMAT:
+        return f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}"
+    for where, entry in (("epoch", manifest), ("previous epoch", manifest.get("previous"))):
+        if entry is None and where == "previous epoch":
+            continue
+        if not isinstance(entry, dict):
+            return f"{where}: {entry!r:.40} is not an object"
+        epochs, seconds, files = entry.get("epochs_done"), entry.get("train_seconds"), entry.get("files")
+        if type(epochs) is not int or epochs < 0:  # type(): a JSON true is no count either
+            return f"{where}: epochs_done {epochs!r:.40} is not a count of epochs"
+        if type(seconds) not in (int, float) or not 0 <= seconds < math.inf:
+            return f"{where}: train_seconds {seconds!r:.40} is not a duration"
+        if not isinstance(files, dict) or "shared" not in files:
+            return f"{where}: files {files!r:.40} is not an object listing the shared state's checkpoint"
+        for key, f in files.items():
+            if not (isinstance(f, dict) and isinstance(f.get("file"), str) and CHECKPOINT_NAME.match(f["file"])
+                    and isinstance(f.get("sha256"), str)):
+                return f"{where}: files[{key!r:.40}] is not a checkpoint entry (file with a checkpoint's name, sha256)"
+    return None
+
+
 class RunDir:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -87,6 +122,7 @@ class RunDir:
         that file is somebody else's and is never overwritten. Writes nothing. Returns whether the directory
         would be cleared by :meth:`prepare`."""
         self._refuse_a_file()
+        self._refuse_unwritable()
         self._refuse_if_locked()
         snapshot = self.file("config.yaml")
         if not os.path.exists(snapshot):
@@ -111,6 +147,24 @@ class RunDir:
             self.clear()
         os.makedirs(self.ckpt_dir, exist_ok=True)
         atomic_write_bytes(snapshot, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        self._append_history(cfg)
+
+    def _append_history(self, cfg: Config) -> None:
+        """One line in :data:`CONFIG_HISTORY` for this invocation: when, the epochs done before it, its config.
+        Fsynced; a last line torn by a crash is cut off first, so this one starts on a line of its own."""
+        path = self.file(CONFIG_HISTORY)
+        manifest = self.read_manifest_or_none()
+        repair_torn_tail(path)
+        append_lines(path, [json.dumps({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "epochs_done": int(manifest["epochs_done"]) if manifest else 0,
+            "config": cfg.to_dict(),
+        })])
+
+    def config_history(self, warn: Callable[[str], None] = print) -> list[dict]:
+        """Every invocation's line of :data:`CONFIG_HISTORY`, oldest first; unreadable lines are skipped and
+        ``warn`` is told once."""
+        return read_jsonl(self.file(CONFIG_HISTORY), warn)
 
     def _read_snapshot(self, snapshot: str) -> dict:
         """The config a run saved in run.dir; ConfigError (one line) for a file that is not one."""
@@ -238,6 +292,36 @@ class RunDir:
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ConfigError(f"run.dir: {self.path} is a file, not a directory; use another run.dir")
 
+    def _refuse_unwritable(self) -> None:
+        """ConfigError naming the path when this process could not write the run: run.dir, its checkpoints/
+        and the files it appends to, or (while run.dir does not exist) the directory it would be created in.
+        Checked before anything starts, so a permission problem is one line, not a failure once Ray runs."""
+        path = os.path.abspath(self.path)
+        if not os.path.exists(path):
+            ancestor = os.path.dirname(path)
+            while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:
+                ancestor = os.path.dirname(ancestor)
+            if not os.path.isdir(ancestor):
+                raise ConfigError(f"run.dir: {self.path} cannot be created: {ancestor} is not a directory; "
+                                  "use another run.dir")
+            dirs, files = [ancestor], []
+        else:
+            dirs = [path] + ([self.ckpt_dir] if os.path.isdir(self.ckpt_dir) else [])
+            files = [self.file(n) for n in _APPENDED_FILES if os.path.isfile(self.file(n))]
+            history = self.file(CONFIG_HISTORY)
+            if os.path.islink(history) or (os.path.lexists(history) and not os.path.isfile(history)):
+                # An append follows a symlink: the history would go into a file that is not the run's.
+                raise ConfigError(f"run.dir: {history} is not a regular file of the run (a symlink or a "
+                                  "directory); move it away or use another run.dir")
+        for d in dirs:
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise ConfigError(f"run.dir: cannot write in {d} (permission denied); use another run.dir "
+                                  "or change its permissions")
+        for f in files:
+            if not os.access(f, os.W_OK):
+                raise ConfigError(f"run.dir: cannot append to {f} (permission denied); use another run.dir "
+                                  "or change its permissions")
+
     def _in_use(self, fd: int) -> ConfigError:
         """The refusal naming who holds the lock, from what the holder wrote into the file (``fd``)."""
         try:
@@ -287,10 +371,11 @@ class RunDir:
         try:
             with open(path, encoding="utf-8") as f:
                 manifest = json.load(f)
-            if manifest.get("format") != MANIFEST_FORMAT or "files" not in manifest:
-                raise ValueError(f"format {manifest.get('format')!r}")
+            problem = _manifest_problem(manifest)
+            if problem:
+                raise ValueError(problem)
             return manifest
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested past Python's stack
             raise CheckpointError(f"manifest unreadable ({e.__class__.__name__}: {e}): {path}") from None
 
     def _load_checked(self, entry: dict[str, str]) -> Any:

@@ -24,7 +24,21 @@ DEVICES = ("auto", "cpu", "cuda")
 NOPROP_METHODS = ("noprop_dt", "noprop_ct", "noprop_fm")
 BASELINE_METHODS = ("backprop", "adjoint", "dtp")
 METHODS = NOPROP_METHODS + BASELINE_METHODS
-CT_INFERENCE = ("chain", "ode")
+# Inference samplers of the NoProp chains, and the methods each applies to (README "Inference samplers").
+# eq3: Eq. 3 with its noise term, as the paper runs it; mean: the same update without the noise term (the
+# posterior mean); ensemble: class probabilities averaged over eval.ensemble_draws noisy (eq3) runs; ode:
+# NoProp-CT's probability-flow ODE. NoProp-FM's flow has no noise term: mean is its Euler solve, ensemble
+# averages it over draws of z_0.
+SAMPLERS: dict[str, tuple[str, ...]] = {
+    "eq3": ("noprop_dt", "noprop_ct"),
+    "mean": ("noprop_dt", "noprop_ct", "noprop_fm"),
+    "ensemble": ("noprop_dt", "noprop_ct", "noprop_fm"),
+    "ode": ("noprop_ct",),
+}
+ABAR_MAX_LIMIT = 0.9999  # model.abar_max's ceiling (see validate)
+PAPER_SAMPLER = {"noprop_dt": "eq3", "noprop_ct": "eq3", "noprop_fm": "mean"}  # what the paper's Table 1 ran
+# Keys that were renamed: old (section, key) -> (section, key, value map). Old configs and run snapshots load.
+_RENAMED = {("model", "ct_inference"): ("eval", "sampler", {"chain": "eq3"})}
 
 
 class ConfigError(ValueError):
@@ -47,7 +61,6 @@ class ModelConfig:
     num_blocks: int = 10  # T, NoProp-DT (and the backprop baseline's chain)
     num_shards: int = 1  # K, NoProp-CT / FM: [0, 1] split into K time intervals, one network each
     inference_steps: int = 1000  # CT / FM: steps of the inference chain or ODE solver (paper: 1000)
-    ct_inference: str = "chain"  # CT: chain (the DT update on the step grid) | ode (probability flow)
     embedding: str = "learned"  # one_hot | learned | prototype
     embedding_dim: int = 20  # used by `learned` only; one_hot has d = m, prototype d = C*H*W
     class_prob: str = "softmax"  # softmax (Eq. 14) | radial (Eq. 15-16)
@@ -90,6 +103,11 @@ class ClusterConfig:
     # their last checkpoint; the parameter server comes back from its last checkpoint (Ray restarts it).
     max_restarts_per_worker: int = 3  # restarts of one worker (its shard group) before the run fails
     max_restarts: int = 10  # restarts in the whole run (workers and parameter server) before it fails
+    # A worker that makes no step for this long in an epoch (stopped, deadlocked, its node unreachable) is
+    # killed and restarted like a dead one, and so is a parameter server that does not answer; both count
+    # against the restart limits. 0: automatic, 10x the longest gap between two steps seen so far in the
+    # run and at least HANG_FLOOR_S (actor start and the first steps are slow).
+    hang_timeout_s: float = 0.0
     # false: refuse to start or join a Ray cluster when RAY_AUTH_MODE turns token authentication off
     # (anyone who reaches an unauthenticated cluster's ports can run code on it); true: go on, with a warning.
     allow_unauthenticated: bool = False
@@ -107,6 +125,10 @@ class EvalConfig:
     batch_size: int = 1000
     seed: int = 1234  # seeds z_0 and the chain's noise so a saved chain re-evaluates identically
     every_epochs: int = 1  # test accuracy of the chain as it stands every this many epochs (0: at the end only)
+    # eq3 | mean | ensemble | ode (CT): see SAMPLERS. mean keeps what the blocks learned: Eq. 3's noise term
+    # pulls z away from the blocks' estimate at every step (benchmarks/README.md, "Inference samplers").
+    sampler: str = "mean"
+    ensemble_draws: int = 8  # noisy runs averaged by the ensemble sampler
 
 
 @dataclass
@@ -181,6 +203,9 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 
 
 def _apply(cfg: Config, section: str, name: str, value: Any) -> None:
+    if (section, name) in _RENAMED:
+        section, name, values = _RENAMED[section, name]
+        value = values.get(value, value)
     sections = {f.name: f for f in fields(Config)}
     if section not in sections:
         raise ConfigError(f"{section}: unknown section; allowed: {', '.join(sections)}")
@@ -215,7 +240,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise ConfigError(f"--set {text!r}: KEY must be section.name, e.g. train.epochs")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: YAML that names an impossible date, e.g. 2020-13-45
         value = raw
     return parts[0], parts[1], value
 
@@ -229,8 +254,15 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         try:
             with open(path, encoding="utf-8") as f:
                 mapping = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0] if str(e) else "parse error"
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--config {path}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                              "expected a YAML mapping of sections") from None
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot be read ({e.strerror or e})") from None
+        # ValueError: PyYAML builds a timestamp such as 2020-13-45 with datetime(), which refuses it;
+        # RecursionError: nesting deeper than Python's stack.
+        except (yaml.YAMLError, ValueError, RecursionError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise ConfigError(f"--config {path}: not valid YAML ({first})") from None
         _apply_mapping(cfg, mapping, path)
     for text in overrides:
@@ -258,6 +290,41 @@ def _positive(key: str, value: float, strict: bool = True) -> None:
         raise ConfigError(f"{key}: must be {'> 0' if strict else '>= 0'}, got {value!r}")
 
 
+def _in_range(key: str, value: float, low: float, high: float) -> None:
+    """ConfigError naming ``key`` and the closed range [low, high] unless ``value`` lies in it."""
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: must be in [{low}, {high}], got {value!r}")
+
+
+# Upper bounds: values above them pass the type and sign checks but fail only later, after Ray has started
+# (or at the final evaluation, losing the run), in torch or Ray: refused up front instead.
+# T / K: every shard is a whole network with its own AdamW state, and the driver assembles all of them
+# into one chain in its memory; the paper uses 10, and past a thousand no single machine holds the chain.
+MAX_SHARDS = 1_000
+# d of the learned embedding: the head and every block output d-vectors for each class; above the largest
+# prototype d this project meets (3 x 128 x 128 = 49 152, BloodMNIST 128) nothing gains from it.
+MAX_EMBEDDING_DIM = 65_536
+# CT / FM: the inference grid holds steps + 1 times and each step is a pass over every test batch; the
+# paper uses 1000, a hundred times that is past any accuracy gain and an evaluation of days.
+MAX_INFERENCE_STEPS = 100_000
+# A batch is capped at the split it comes from (the largest supported split, MNIST's, is 60 000 images), so
+# a bigger value changes nothing but nears the int64 overflow of torch's slicing.
+MAX_BATCH_SIZE = 1 << 20
+# One Ray actor (a process) per worker, and the NoProp methods need at least one shard per worker.
+MAX_WORKERS = MAX_SHARDS
+# A worker's CPUs become its torch threads (set_num_threads takes a C int) and its bundle lies on one node:
+# past a thousand cores per process there is no node to place it on.
+MAX_CPUS_PER_WORKER = 1_024
+# Ray keeps the count as a C integer; a fault recurring more than a thousand times is not one to absorb.
+MAX_RESTARTS = 1_000
+# train.seed is multiplied by up to 2_000_003 and offset by the epoch and block (or rank) before it seeds
+# torch, whose manual_seed takes at most 2**64 - 1; seeds up to 2**32 - 1 keep every derived seed in range
+# (numpy's legacy seeding takes the same range, should it ever be seeded with it).
+MAX_TRAIN_SEED = 2**32 - 1
+# eval.seed seeds a torch.Generator as it is: manual_seed accepts [-2**63, 2**64 - 1].
+EVAL_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks; cross-key checks name both keys."""
     _choice("data.name", cfg.data.name, DATASET_NAMES)
@@ -266,28 +333,27 @@ def validate(cfg: Config) -> None:
             _positive(key, v)
     m = cfg.model
     _choice("model.method", m.method, METHODS)
-    if m.num_blocks < 1:
-        raise ConfigError(f"model.num_blocks: must be >= 1, got {m.num_blocks}")
-    if m.num_shards < 1:
-        raise ConfigError(f"model.num_shards: must be >= 1, got {m.num_shards}")
-    _positive("model.inference_steps", m.inference_steps)
-    _choice("model.ct_inference", m.ct_inference, CT_INFERENCE)
+    _in_range("model.num_blocks", m.num_blocks, 1, MAX_SHARDS)
+    _in_range("model.num_shards", m.num_shards, 1, MAX_SHARDS)
+    _in_range("model.inference_steps", m.inference_steps, 1, MAX_INFERENCE_STEPS)
     _choice("model.embedding", m.embedding, EMBEDDINGS)
-    _positive("model.embedding_dim", m.embedding_dim)
+    _in_range("model.embedding_dim", m.embedding_dim, 1, MAX_EMBEDDING_DIM)
     _choice("model.class_prob", m.class_prob, CLASS_PROBS)
     _positive("model.radial_sigma", m.radial_sigma)
     _positive("model.eta", m.eta)
-    if not 0.5 < m.abar_max < 1.0:
-        raise ConfigError(f"model.abar_max: must be in (0.5, 1), got {m.abar_max}")
+    # The last block's loss weight is SNR(T) - SNR(T-1), about abar_max / (1 - abar_max): beyond 1e4
+    # (abar_max 0.9999) that one block's denoising term swamps every other gradient W_embed receives.
+    if not 0.5 < m.abar_max <= ABAR_MAX_LIMIT:
+        raise ConfigError(f"model.abar_max: must be in (0.5, {ABAR_MAX_LIMIT}], got {m.abar_max} (the last "
+                          f"block's loss weight grows as abar_max / (1 - abar_max))")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
     t = cfg.train
     _positive("train.epochs", t.epochs)
-    _positive("train.batch_size", t.batch_size)
+    _in_range("train.batch_size", t.batch_size, 1, MAX_BATCH_SIZE)
     _positive("train.lr", t.lr)
     _positive("train.weight_decay", t.weight_decay, strict=False)
-    if t.seed < 0:
-        raise ConfigError(f"train.seed: must be >= 0, got {t.seed}")
+    _in_range("train.seed", t.seed, 0, MAX_TRAIN_SEED)
     _choice("train.sync_mode", t.sync_mode, SYNC_MODES)
     _positive("train.sync_every", t.sync_every)
     _choice("train.precision", t.precision, PRECISIONS)
@@ -297,8 +363,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.nonfinite_lr_factor: must be in (0, 1), got {t.nonfinite_lr_factor}")
     _positive("train.max_nonfinite", t.max_nonfinite, strict=False)
     c = cfg.cluster
-    if c.num_workers < 1:
-        raise ConfigError(f"cluster.num_workers: must be >= 1, got {c.num_workers}")
+    _in_range("cluster.num_workers", c.num_workers, 1, MAX_WORKERS)
     shard_key = shards_key(m)
     if shard_key is not None and c.num_workers > getattr(m, shard_key.split(".")[1]):
         raise ConfigError(f"cluster.num_workers: must be in [1, {shard_key} = {getattr(m, shard_key.split('.')[1])}] "
@@ -307,17 +372,25 @@ def validate(cfg: Config) -> None:
     if c.gpus_per_worker > 1 and not float(c.gpus_per_worker).is_integer():
         raise ConfigError(f"cluster.gpus_per_worker: above 1 must be a whole number, got {c.gpus_per_worker}")
     _positive("cluster.cpus_per_worker", c.cpus_per_worker)
-    _positive("cluster.threads_per_worker", c.threads_per_worker, strict=False)
+    _in_range("cluster.cpus_per_worker", c.cpus_per_worker, 0, MAX_CPUS_PER_WORKER)
+    _in_range("cluster.threads_per_worker", c.threads_per_worker, 0, MAX_CPUS_PER_WORKER)
     _choice("cluster.device", c.device, DEVICES)
-    _positive("cluster.max_restarts_per_worker", c.max_restarts_per_worker, strict=False)
-    _positive("cluster.max_restarts", c.max_restarts, strict=False)
+    _in_range("cluster.max_restarts_per_worker", c.max_restarts_per_worker, 0, MAX_RESTARTS)
+    _in_range("cluster.max_restarts", c.max_restarts, 0, MAX_RESTARTS)
+    _positive("cluster.hang_timeout_s", c.hang_timeout_s, strict=False)
     if c.device == "cuda" and c.gpus_per_worker == 0:
         raise ConfigError("cluster.device: 'cuda' needs cluster.gpus_per_worker > 0")
     if not cfg.run.dir:
         raise ConfigError("run.dir: must be a non-empty path")
     _positive("run.checkpoint_every", cfg.run.checkpoint_every)
-    _positive("eval.batch_size", cfg.eval.batch_size)
+    _in_range("eval.batch_size", cfg.eval.batch_size, 1, MAX_BATCH_SIZE)
+    _in_range("eval.seed", cfg.eval.seed, *EVAL_SEED_RANGE)
     _positive("eval.every_epochs", cfg.eval.every_epochs, strict=False)
+    _choice("eval.sampler", cfg.eval.sampler, tuple(SAMPLERS))
+    if m.method in NOPROP_METHODS and m.method not in SAMPLERS[cfg.eval.sampler]:
+        raise ConfigError(f"eval.sampler: {cfg.eval.sampler!r} does not apply to model.method={m.method}; "
+                          f"allowed: {', '.join(k for k, v in SAMPLERS.items() if m.method in v)}")
+    _positive("eval.ensemble_draws", cfg.eval.ensemble_draws)
     run_id = cfg.metrics.run_id
     # It becomes a Prometheus label value and a Grafana variable: keep it to characters that need no quoting.
     if run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]*", run_id):

@@ -6,7 +6,9 @@ batch to float only on its device with :func:`normalize`.
 
 The file formats (IDX for MNIST, python pickles for CIFAR) are parsed here rather than through
 torchvision's dataset classes, so no md5 check or network is needed for files already on disk;
-torchvision is only used to fetch missing files when ``download=True``.
+torchvision is only used to fetch missing files when ``download=True``. CIFAR's pickles go through an
+unpickler that admits only numpy's array reconstruction (:func:`read_cifar_batch`): a file planted in
+``data.root`` cannot run code.
 """
 from __future__ import annotations
 
@@ -52,6 +54,69 @@ _CIFAR = {  # name -> (directory, train files, test files, label key, classes)
 
 class DatasetNotFoundError(Exception):
     """Raised when the files are missing; the message names every expected file and the directories searched."""
+
+
+class DatasetFileError(ValueError):
+    """A data file that is not in its format (or, a CIFAR pickle, would run code); the message is one line
+    that names the file. The entry points turn it into that line and exit code 2."""
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global that a CIFAR batch does not need; the message names it."""
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles ``bytes`` at protocol 2 (latin-1 text); no other codec."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _RefusedGlobal(f"_codecs.encode({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1")
+
+
+def _cifar_globals() -> dict[tuple[str, str], object]:
+    """The only globals a CIFAR python batch may name: what pickling a numpy array writes, under numpy 1's
+    (``numpy.core``, the real files') and numpy 2's (``numpy._core``) module names, for protocols 2 to 5."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    allowed: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                                              ("_codecs", "encode"): _latin1_encode}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct  # protocols 2-4
+        allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+    return allowed
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR batch and nothing else: a pickle names the callables it runs as globals, and every
+    global but numpy's array reconstruction is refused, so a planted file cannot run code."""
+
+    allowed = _cifar_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+
+def read_cifar_batch(path: str) -> dict:
+    """One CIFAR python batch (a dict with bytes keys) through :class:`_CifarUnpickler`; DatasetFileError
+    (one line naming the file) for a pickle that names another global or is not a batch at all."""
+    try:
+        with open(path, "rb") as fh:
+            batch = _CifarUnpickler(fh, encoding="bytes").load()
+    except _RefusedGlobal as e:
+        raise DatasetFileError(f"{path}: refused to unpickle the global {e}: a CIFAR batch needs only numpy "
+                               "arrays, so this file is not one (it could run code); not loaded") from None
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - garbage makes pickle raise anything from EOFError to KeyError
+        raise DatasetFileError(f"{path}: not a CIFAR python batch ({e.__class__.__name__}: "
+                               f"{' '.join(str(e).split())[:200]})") from None
+    if not isinstance(batch, dict):
+        raise DatasetFileError(f"{path}: not a CIFAR python batch (a pickled {type(batch).__name__}, not a dict)")
+    return batch
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing/hashing arrays element-wise makes no sense
@@ -152,22 +217,23 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     """Parse one IDX file (plain or ``.gz``) of unsigned bytes with ``ndim`` dimensions.
 
     Layout: big-endian magic (0x00000803 for 3-dim images, 0x00000801 for labels), then ``ndim``
-    big-endian uint32 sizes, then the data. Raises ValueError naming the file on any mismatch.
+    big-endian uint32 sizes, then the data. Raises DatasetFileError (a ValueError) naming the file on any
+    mismatch.
     """
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         raw = f.read()
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX file ({len(raw)} bytes)")
+        raise DatasetFileError(f"{path}: truncated IDX file ({len(raw)} bytes)")
     (magic,) = struct.unpack(">I", raw[:4])
     if magic != _IDX_MAGIC[ndim]:
-        raise ValueError(f"{path}: bad IDX magic number 0x{magic:08x}, expected 0x{_IDX_MAGIC[ndim]:08x}")
+        raise DatasetFileError(f"{path}: bad IDX magic number 0x{magic:08x}, expected 0x{_IDX_MAGIC[ndim]:08x}")
     dims = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(dims))
     if len(raw) - header != expected:
-        raise ValueError(f"{path}: IDX size mismatch: header says {dims} ({expected} bytes), "
-                         f"file holds {len(raw) - header} bytes of data")
+        raise DatasetFileError(f"{path}: IDX size mismatch: header says {dims} ({expected} bytes), "
+                               f"file holds {len(raw) - header} bytes of data")
     # copy: a view of the bytes object would be read-only (torch.from_numpy warns on those)
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
@@ -218,8 +284,8 @@ def _load_mnist_like(name: str, root: str, download: bool):
         x = read_idx(files[f"{prefix}-images-idx3-ubyte"], 3)
         y = read_idx(files[f"{prefix}-labels-idx1-ubyte"], 1)
         if len(x) != len(y):
-            raise ValueError(f"{files[f'{prefix}-labels-idx1-ubyte']}: {len(y)} labels "
-                             f"for {len(x)} images")
+            raise DatasetFileError(f"{files[f'{prefix}-labels-idx1-ubyte']}: {len(y)} labels "
+                                   f"for {len(x)} images")
         split.append((x[:, None, :, :], y.astype(np.int64)))
     return split[0], split[1], 10
 
@@ -247,13 +313,16 @@ def _load_cifar(name: str, root: str, download: bool):
         xs, ys = [], []
         for f in files:
             path = os.path.join(found, f)
-            with open(path, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")
-            data = np.asarray(batch[b"data"], dtype=np.uint8)
-            labels = np.asarray(batch[label_key], dtype=np.int64)
+            batch = read_cifar_batch(path)
+            try:
+                data = np.asarray(batch[b"data"], dtype=np.uint8)
+                labels = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
+            except (KeyError, TypeError, ValueError, OverflowError) as e:
+                raise DatasetFileError(f"{path}: expected the keys b'data' (uint8 (N, 3072)) and {label_key!r} "
+                                       f"(N labels) ({e.__class__.__name__}: {e})") from None
             if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-                raise ValueError(f"{path}: expected data (N, 3072) and N labels, "
-                                 f"got data {data.shape} and {len(labels)} labels")
+                raise DatasetFileError(f"{path}: expected data (N, 3072) and N labels, "
+                                       f"got data {data.shape} and {len(labels)} labels")
             xs.append(data.reshape(-1, 3, 32, 32))
             ys.append(labels)
         return np.concatenate(xs), np.concatenate(ys)
@@ -281,18 +350,18 @@ def _load_medmnist(name: str, root: str, download: bool):
     with np.load(path) as npz:
         missing = [k for k in ("train_images", "train_labels", "test_images", "test_labels") if k not in npz.files]
         if missing:
-            raise ValueError(f"{path}: not a MedMNIST file, keys {missing} missing (has {npz.files})")
+            raise DatasetFileError(f"{path}: not a MedMNIST file, keys {missing} missing (has {npz.files})")
         split = []
         for part in ("train", "test"):
             x, y = npz[f"{part}_images"], npz[f"{part}_labels"]
             if x.ndim == 3:  # grey MedMNIST datasets store (N, H, W)
                 x = x[..., None]
             if x.ndim != 4 or x.dtype != np.uint8 or len(x) != len(y):
-                raise ValueError(f"{path}: expected {part}_images uint8 (N, H, W, C) and N labels, "
-                                 f"got {x.dtype} {x.shape} and {len(y)} labels")
+                raise DatasetFileError(f"{path}: expected {part}_images uint8 (N, H, W, C) and N labels, "
+                                       f"got {x.dtype} {x.shape} and {len(y)} labels")
             y = np.asarray(y).reshape(-1).astype(np.int64)
             if y.size and not (0 <= y.min() and y.max() < classes):
-                raise ValueError(f"{path}: {part}_labels outside [0, {classes})")
+                raise DatasetFileError(f"{path}: {part}_labels outside [0, {classes})")
             split.append((x.transpose(0, 3, 1, 2), y))  # NHWC -> NCHW
     return split[0], split[1], classes
 

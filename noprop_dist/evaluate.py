@@ -2,8 +2,9 @@
 
 Prints the test accuracy of ``RUN_DIR/chain.pt`` on the dataset it was trained on (same noise seed and
 batch size as at the end of training, hence the same predictions), or writes predicted classes for
-the uint8 images (N, C, H, W) in a ``.npy`` file. NoProp-CT / FM chains take ``--steps N`` (and CT
-``--sampler chain|ode``) to measure accuracy against the number of inference steps.
+the images in a ``.npy`` file (uint8 (N, C, H, W), or floats in [0, 1]; see :func:`predict`). ``--sampler eq3|mean|ensemble|ode`` (``--draws N``)
+chooses the inference sampler, ``--stages`` adds the accuracy along the chain, block by block, and
+NoProp-CT / FM chains take ``--steps N`` to measure accuracy against the number of inference steps.
 """
 from __future__ import annotations
 
@@ -16,75 +17,155 @@ import sys
 import numpy as np
 import torch
 
-from .config import CT_INFERENCE
-from .core import evaluate_chain, variants
+from .core import evaluate_stages, variants
 from .data import DatasetNotFoundError, load_dataset, normalize
 
 
-def load_chain(run_dir: str, steps: int | None = None, sampler: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """The run's chain and its extra info; steps / sampler override a CT / FM chain's inference settings."""
+def load_chain(run_dir: str, steps: int | None = None, sampler: str | None = None,
+               draws: int | None = None) -> tuple[torch.nn.Module, dict]:
+    """The run's chain and its extra info; steps (CT / FM), sampler and draws (ensemble) override the
+    chain's inference settings. A value that does not apply to the chain is a ValueError naming it."""
     path = os.path.join(run_dir, "chain.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no chain.pt in {run_dir}: has the run finished?")
     chain, extra = variants.load_chain(path)
-    if steps is None and sampler is None:
-        return chain, extra
     method = chain.spec.method
-    if method == "noprop_dt" or (sampler is not None and method != "noprop_ct"):
-        raise ValueError(f"--steps applies to noprop_ct / noprop_fm chains and --sampler to noprop_ct; "
-                         f"{path} is {method}")
+    if steps is not None and method == "noprop_dt":
+        raise ValueError(f"--steps applies to noprop_ct / noprop_fm chains; {path} is {method}")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
-    if sampler is not None and sampler not in CT_INFERENCE:
-        raise ValueError(f"--sampler {sampler!r} is not allowed; allowed: {', '.join(CT_INFERENCE)}")
+    if draws is not None and draws < 1:
+        raise ValueError(f"--draws must be >= 1, got {draws}")
+    name = chain.sampler_name(sampler)  # refuses a sampler the method has not
+    if draws is not None and name != "ensemble":
+        raise ValueError(f"--draws applies to the ensemble sampler; this evaluation runs {name!r}")
     chain.spec = dataclasses.replace(chain.spec, inference_steps=steps or chain.spec.inference_steps,
-                                     ct_inference=sampler or chain.spec.ct_inference)
+                                     sampler=name, ensemble_draws=draws or chain.spec.ensemble_draws)
     return chain, extra
 
 
-def evaluate_run(run_dir: str, seed: int | None = None, steps: int | None = None,
-                 sampler: str | None = None) -> float:
-    """Test accuracy of the run's saved chain, measured again from scratch.
+def evaluate_run(run_dir: str, seed: int | None = None, steps: int | None = None, sampler: str | None = None,
+                 draws: int | None = None) -> float:
+    """Test accuracy of the run's saved chain, measured again from scratch (:func:`evaluation`'s)."""
+    return evaluation(run_dir, seed, steps, sampler, draws)["test_accuracy"]
+
+
+def evaluation(run_dir: str, seed: int | None = None, steps: int | None = None, sampler: str | None = None,
+               draws: int | None = None, stages: bool = False) -> dict:
+    """Test accuracy of the run's saved chain, measured again from scratch, with the settings it ran.
 
     seed: the noise seed of z_0 and the chain's steps; None = the one saved with the run (the same
     predictions as at the end of training). Other seeds give the spread over inference runs.
-    steps / sampler: CT / FM inference settings (None: those the run was trained with).
+    steps / sampler / draws: inference settings (None: those the run was trained with).
+    Returns {"test_accuracy", "sampler", "steps" (CT / FM, else None), "seed"} and, with ``stages``,
+    "stages": the accuracy along the chain (:func:`noprop_dist.core.evaluate_stages`).
     """
-    chain, extra = load_chain(run_dir, steps, sampler)
+    chain, extra = load_chain(run_dir, steps, sampler, draws)
     data = load_dataset(extra["dataset"], extra["data_root"], test_limit=extra["test_limit"])
-    acc, _ = evaluate_chain(
+    seed = extra["eval_seed"] if seed is None else seed
+    acc, _, table = evaluate_stages(
         chain, torch.from_numpy(np.ascontiguousarray(data.test_x)), torch.from_numpy(data.test_y),
-        extra["eval_batch_size"], extra["eval_seed"] if seed is None else seed,
-        lambda xb: normalize(xb, extra["mean"], extra["std"]),
+        extra["eval_batch_size"], seed, lambda xb: normalize(xb, extra["mean"], extra["std"]), stages=stages,
     )
-    return acc
+    out = {"test_accuracy": acc, "sampler": chain.spec.sampler,
+           "steps": None if chain.spec.method == "noprop_dt" else chain.spec.inference_steps, "seed": seed}
+    if chain.spec.sampler == "ensemble":
+        out["draws"] = chain.spec.ensemble_draws
+    return out | ({"stages": table} if stages else {})
 
 
-def predict(run_dir: str, images: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Predicted classes (N,) for uint8 images (N, C, H, W)."""
+PREDICT_INPUT = ("uint8 images (N, C, H, W) with the chain's C, H, W (or (N, H, W) when C = 1), or float images "
+                 "of that shape with values in [0, 1] (x 255, rounded: the same images as uint8)")
+
+
+def as_chain_images(images: object, image_shape: tuple[int, int, int], source: str = "images") -> np.ndarray:
+    """``images`` as the uint8 (N, C, H, W) array a chain of ``image_shape`` (C, H, W) takes, or a one-line
+    ValueError naming ``source`` (a file name), the shape and dtype found and what is expected.
+
+    Accepted: uint8 (N, C, H, W); (N, H, W) when C = 1 (the channel axis is added); float (N, C, H, W) or
+    (N, H, W) with every value in [0, 1], scaled by 255 and rounded, so that the float form of a uint8 image
+    (u / 255) gives the same predictions as the image itself. Anything else is refused: other dtypes (ints
+    other than uint8, bool, non-numeric), other shapes, floats outside [0, 1] or NaN.
+    """
+    c, h, w = (int(v) for v in image_shape)
+    shapes = f"(N, {c}, {h}, {w})" + (f" or (N, {h}, {w})" if c == 1 else "")
+    expected = f"expected uint8 images {shapes}, or float images {shapes} with values in [0, 1]"
+    if not isinstance(images, np.ndarray):
+        raise ValueError(f"{source}: got a {type(images).__name__}, not a numpy array; {expected}")
+    found = f"{source}: got {images.dtype} {images.shape}"
+    if images.dtype != np.uint8 and images.dtype.kind != "f":
+        raise ValueError(f"{found}: dtype {images.dtype} is not uint8 or float; {expected}")
+    if images.ndim == 3 and c == 1 and images.shape[1:] == (h, w):
+        images = images[:, None]
+    if images.ndim != 4 or images.shape[1:] != (c, h, w):
+        raise ValueError(f"{found}: the shape is not {shapes}; {expected}")
+    if images.dtype.kind == "f":
+        if images.size and not np.isfinite(images).all():
+            raise ValueError(f"{found}: holds NaN or infinite values; {expected}")
+        if images.size and (images.min() < 0 or images.max() > 1):
+            raise ValueError(f"{found}: values in [{images.min():.4g}, {images.max():.4g}], not in [0, 1]; "
+                             f"{expected}")
+        images = np.rint(images.astype(np.float64) * 255.0).astype(np.uint8)
+    return np.ascontiguousarray(images)
+
+
+def predict(run_dir: str, images: np.ndarray, seed: int = 0, source: str = "images") -> np.ndarray:
+    """Predicted classes (N,) int64 of ``images``: uint8 (N, C, H, W) with the chain's C, H, W
+    (``chain.spec.image_shape``), (N, H, W) for a one-channel chain, or float images of that shape with
+    values in [0, 1], read as uint8 x / 255 (see :func:`as_chain_images`). Anything else, or a seed torch
+    cannot take, is a one-line ValueError naming ``source``. Normalised with the run's training statistics."""
+    low, high = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not low <= int(seed) <= high:
+        raise ValueError(f"seed: must be an integer in [{low}, {high}], got {seed!r}")
     chain, extra = load_chain(run_dir)
-    x = normalize(torch.from_numpy(np.ascontiguousarray(images)), extra["mean"], extra["std"])
-    return chain.predict(x, torch.Generator().manual_seed(seed)).numpy()
+    x = as_chain_images(images, chain.spec.image_shape, source)
+    if len(x) == 0:
+        return np.zeros(0, dtype=np.int64)
+    x = normalize(torch.from_numpy(x), extra["mean"], extra["std"])
+    return chain.predict(x, torch.Generator().manual_seed(int(seed))).numpy()
+
+
+def load_images(path: str) -> np.ndarray:
+    """The array in the ``.npy`` file ``path``, read without unpickling (a pickled array could run code):
+    FileNotFoundError, or a one-line ValueError naming the file for anything that is not one plain array."""
+    try:
+        images = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--predict {path}: no such file") from None
+    except Exception as e:  # noqa: BLE001 - np.load raises many types for a file that is not a .npy array
+        first = " ".join(str(e).split())[:200] or e.__class__.__name__
+        raise ValueError(f"{path}: not a readable .npy array without pickle ({first}); expected "
+                         f"{PREDICT_INPUT}") from None
+    if not isinstance(images, np.ndarray):  # an .npz archive
+        getattr(images, "close", lambda: None)()
+        raise ValueError(f"{path}: a {type(images).__name__}, not one .npy array; expected {PREDICT_INPUT}")
+    return images
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m noprop_dist.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
-    p.add_argument("--predict", metavar="IMAGES.npy", help="write predictions for these images instead")
+    p.add_argument("--predict", metavar="IMAGES.npy",
+                   help=f"write predictions for these images instead: {PREDICT_INPUT.replace('%', '%%')}")
     p.add_argument("--out", default="predictions.npy", help="where --predict writes (default: %(default)s)")
     p.add_argument("--steps", type=int, help="CT / FM: inference steps (default: model.inference_steps of the run)")
-    p.add_argument("--sampler", help="CT: chain or ode (default: model.ct_inference of the run)")
-    p.add_argument("--seed", type=int, help="noise seed of the inference (default: the run's eval.seed)")
+    p.add_argument("--sampler", help="eq3 | mean | ensemble | ode (CT) (default: eval.sampler of the run)")
+    p.add_argument("--draws", type=int, help="noisy runs the ensemble sampler averages (default: the run's)")
+    p.add_argument("--stages", action="store_true", help="also the accuracy along the chain, stage by stage")
+    p.add_argument("--seed", type=int, help="noise seed of the inference (default: the run's eval.seed; 0 with --predict)")
     args = p.parse_args(argv)
     try:
         if args.predict:
-            preds = predict(args.run_dir, np.load(args.predict))
-            np.save(args.out, preds)
+            preds = predict(args.run_dir, load_images(args.predict), 0 if args.seed is None else args.seed,
+                            source=args.predict)
+            try:
+                np.save(args.out, preds)
+            except OSError as e:
+                raise ValueError(f"--out {args.out}: cannot be written ({e.strerror or e})") from None
             print(f"{len(preds)} predictions written to {args.out}")
         else:
-            acc = evaluate_run(args.run_dir, args.seed, args.steps, args.sampler)
-            print(json.dumps({"run_dir": args.run_dir, "test_accuracy": acc, "steps": args.steps,
-                              "sampler": args.sampler, "seed": args.seed}))
+            result = evaluation(args.run_dir, args.seed, args.steps, args.sampler, args.draws, args.stages)
+            print(json.dumps({"run_dir": args.run_dir} | result))
     except (FileNotFoundError, DatasetNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

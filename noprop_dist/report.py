@@ -20,6 +20,8 @@ from .atomic_io import append_lines, atomic_save_with, atomic_write_bytes, read_
 METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.md"
 PLOT_FILE = "metrics.png"
+STAGES_PLOT_FILE = "stages.png"
+_ROW_KEYS = ("time", "block", "loss_ema", "samples_per_second")  # what write_report and plot_metrics read
 
 
 def _finite(x: Any) -> Any:
@@ -82,8 +84,14 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str, warn: Callable[[str], None] = print) -> list[dict]:
-    """The rows of ``<run.dir>/metrics.jsonl``; unreadable lines are skipped with one message."""
-    return read_jsonl(os.path.join(run_dir, METRICS_FILE), warn)
+    """The rows of ``<run.dir>/metrics.jsonl``; unreadable lines, and lines without the fields the report
+    reads, are skipped with one message."""
+    rows = read_jsonl(os.path.join(run_dir, METRICS_FILE), warn)
+    good = [r for r in rows if isinstance(r, dict) and all(k in r for k in _ROW_KEYS)]
+    if len(good) < len(rows):
+        warn(f"{os.path.join(run_dir, METRICS_FILE)}: {len(rows) - len(good)} lines without the fields "
+             f"{', '.join(_ROW_KEYS)} skipped")
+    return good
 
 
 def _fmt(x: Any, spec: str) -> str:
@@ -117,6 +125,55 @@ def plot_metrics(rows: list[dict], path: str) -> bool:
     atomic_save_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return True
+
+
+def plot_stages(stages: list[dict], path: str, title: str) -> bool:
+    """Test accuracy along the chain: stopped after each stage, and each stage's own prediction, against
+    the stage; False without matplotlib. stages: summary.json's ``stages`` entries."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    k = [s["block"] for s in stages]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(k, [100 * s["chain_accuracy"] for s in stages], marker="o", label="chain stopped after this stage")
+    own = [s["own_accuracy"] for s in stages]
+    if any(o is not None for o in own):
+        ax.plot(k, [math.nan if o is None else 100 * o for o in own], marker="s", linestyle="--",
+                label="the stage's own prediction")
+    ax.set_xlabel("stage (block t, or time-shard k)")
+    ax.set_xticks(k)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    atomic_save_with(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return True
+
+
+def _inference_lines(run_dir: str, s: dict) -> list[str]:
+    """report.md's inference section: the accuracy by sampler and along the chain (runs that have them)."""
+    if not s.get("stages"):
+        return []
+    by = s.get("test_accuracy_by_sampler", {})
+    lines = ["## Inference", "",
+             "Test accuracy by sampler: " + ", ".join(
+                 f"`{name}` {acc:.4f}" + (" (the run's)" if name == s.get("sampler") else "")
+                 + (" (the paper's)" if name == s.get("paper_sampler") else "") for name, acc in by.items()) + ".",
+             "", f"Along the chain (sampler `{s.get('sampler')}`): the chain stopped after each stage and read out "
+             "there, and each stage's own prediction.", "",
+             "| stage | chain stopped here | stage's own prediction |", "|---|---|---|"]
+    lines += [f"| {st['block']} | {_fmt(st['chain_accuracy'], '.4f')} | {_fmt(st['own_accuracy'], '.4f')} |"
+              for st in s["stages"]]
+    if plot_stages(s["stages"], os.path.join(run_dir, STAGES_PLOT_FILE),
+                   f"{s['dataset']}, {s['method']}: accuracy along the chain"):
+        lines += ["", f"![accuracy along the chain]({STAGES_PLOT_FILE})"]
+    return lines + [""]
 
 
 def write_report(run_dir: str, summary: dict, run: str) -> str:
@@ -153,7 +210,7 @@ def write_report(run_dir: str, summary: dict, run: str) -> str:
     for w in s["workers"]:
         lines.append(f"| {w['rank']} | {w['device']} | {w['push_seconds']:.2f} | {w['pull_seconds']:.2f} | "
                      f"{w['peak_rss_mb']:.0f} |")
-    lines += ["", "## Over time", ""]
+    lines += ["", *_inference_lines(run_dir, s), "## Over time", ""]
     plotted = bool(rows) and plot_metrics(rows, os.path.join(run_dir, PLOT_FILE))
     if plotted:
         lines.append(f"![loss and samples/s per block over time]({PLOT_FILE})")

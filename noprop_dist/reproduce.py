@@ -29,7 +29,8 @@ import time
 from typing import Any, Callable
 
 from .atomic_io import atomic_write_json
-from .config import BASELINE_METHODS, DATASET_NAMES, EMBEDDINGS, METHODS, NOPROP_METHODS, ConfigError, load_config
+from .config import (BASELINE_METHODS, DATASET_NAMES, EMBEDDINGS, METHODS, NOPROP_METHODS, PAPER_SAMPLER, ConfigError,
+                     load_config)
 from .paper import (EARLIER_METHODS, EMBEDDING_LABELS, METHOD_LABELS, paper_epochs, paper_memory_gb,
                     paper_test_accuracy, table1_cells)
 
@@ -171,14 +172,15 @@ def read_summary(run_dir: str) -> dict:
 # ----------------------------------------------------------------------------- measurements per seed
 
 def inference_accuracies(run_dir: str, runs: int, base_seed: int,
-                         evaluate: Callable[..., float] | None = None) -> list[float]:
+                         evaluate: Callable[..., float] | None = None, sampler: str | None = None) -> list[float]:
     """Test accuracy of the run's chain under ``runs`` noise seeds base_seed, base_seed + 1, ...
 
-    The first equals the run's own evaluation (same seed) and so summary.json's test_accuracy.
+    sampler: None, the run's own (the first value then equals summary.json's test_accuracy), or another one.
     """
     if evaluate is None:
         from .evaluate import evaluate_run as evaluate  # torch and data loaders: only when needed
-    return [evaluate(run_dir, seed=base_seed + i) for i in range(runs)]
+    extra = {} if sampler is None else {"sampler": sampler}
+    return [evaluate(run_dir, seed=base_seed + i, **extra) for i in range(runs)]
 
 
 def peak_memory(summary: dict) -> tuple[float | None, str | None]:
@@ -206,11 +208,14 @@ def hardware_note(summaries: list[dict]) -> str:
     return f"CPU ({os.cpu_count()} cores, no GPU)"
 
 
-def seed_record(seed: int, run_dir: str, summary: dict, test_values: list[float]) -> dict[str, Any]:
-    """What results.json keeps of one seed's run."""
+def seed_record(seed: int, run_dir: str, summary: dict, test_values: list[float],
+                paper_values: list[float] | None = None) -> dict[str, Any]:
+    """What results.json keeps of one seed's run. paper_values: the test accuracies under the paper's sampler
+    when the run evaluates with another one (None: the same sampler, or a baseline)."""
     mem, kind = peak_memory(summary)
     return {
         "seed": seed, "run_dir": run_dir, "test_accuracies": test_values,
+        "sampler": summary.get("sampler"), "paper_sampler_accuracies": paper_values,
         "summary_test_accuracy": summary["test_accuracy"], "train_accuracy": summary.get("train_accuracy"),
         "train_seconds": summary["train_seconds"], "epochs": summary["epochs"],
         "num_workers": summary.get("num_workers"), "peak_memory_mb": mem, "peak_memory_kind": kind,
@@ -221,6 +226,8 @@ def build_row(method: str, dataset: str, embedding: str, config: str, user_overr
               inference_runs: int, seeds: list[dict], summaries: list[dict]) -> dict[str, Any]:
     """One results.json row: our statistics beside the paper's numbers for the cell."""
     test = [v for s in seeds for v in s["test_accuracies"]]
+    # The paper's sampler beside the run's, so the row still compares like with like with Table 1.
+    paper_test = [v for s in seeds for v in (s.get("paper_sampler_accuracies") or s["test_accuracies"])]
     train = [s["train_accuracy"] for s in seeds if s["train_accuracy"] is not None]
     mems = [s["peak_memory_mb"] for s in seeds if s["peak_memory_mb"] is not None]
     kinds = sorted({s["peak_memory_kind"] for s in seeds if s["peak_memory_kind"]})
@@ -229,6 +236,8 @@ def build_row(method: str, dataset: str, embedding: str, config: str, user_overr
         "overrides": user_overrides, "seeds": [s["seed"] for s in seeds],
         "inference_runs": inference_runs if method in NOPROP_METHODS else 1,
         "test": stats(test), "train": stats(train),
+        "sampler": "/".join(sorted({s["sampler"] for s in seeds if s.get("sampler")})) or None,
+        "paper_sampler": PAPER_SAMPLER.get(method), "test_paper_sampler": stats(paper_test),
         "epochs": sorted({s["epochs"] for s in seeds}),
         "num_workers": sorted({s["num_workers"] for s in seeds if s["num_workers"] is not None}),
         "train_seconds_mean": sum(s["train_seconds"] for s in seeds) / len(seeds),
@@ -283,6 +292,7 @@ def table_line(row: dict) -> str:
     return (f"| {METHOD_LABELS.get(row['method'], row['method'])} | {row['dataset']} | "
             f"{EMBEDDING_LABELS.get(row['embedding'], row['embedding'])} | "
             f"{_fmt(paper['test_accuracy'], '.2f')} | {format_pct(row['test'])} | "
+            f"{format_pct(row.get('test_paper_sampler')) if row.get('paper_sampler') else '-'} | "
             f"{row['test']['n'] if row['test'] else 0} ({len(row['seeds'])} x {row['inference_runs']}) | "
             f"{format_pct(row['train'])} | {epochs} / {_fmt(paper['epochs'], 'd')} | "
             f"{row['train_seconds_mean']:.0f} | {memory} | {_fmt(paper['memory_gb'], '.2f')} | {row['hardware']} |")
@@ -293,14 +303,17 @@ def render_table(results: dict[str, Any], figures: list[str]) -> str:
     rows = sorted(results["rows"].values(), key=_sort_key)
     lines = [
         "# Table 1 reproduction", "",
-        "| method | dataset | embedding | paper test % | ours test % (mean ± SE) | n (seeds x inference runs) "
-        "| ours train % (mean ± SE) | epochs ours / paper | train s per seed | peak train memory (ours) "
-        "| paper memory GB (Table 2, GPU) | hardware |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | dataset | embedding | paper test % | ours test % (mean ± SE) | ours test %, paper's sampler "
+        "| n (seeds x inference runs) | ours train % (mean ± SE) | epochs ours / paper | train s per seed "
+        "| peak train memory (ours) | paper memory GB (Table 2, GPU) | hardware |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[table_line(r) for r in rows], "",
         "- Accuracies: mean ± standard error (std with ddof = 1, over sqrt(n)) over every seed and, for NoProp "
         "methods, every inference run (each with its own noise seed; the chain is stochastic). Baselines are "
         "deterministic at inference: one value per seed. SE n/a: a single value, no spread to estimate it from.",
+        "- Samplers: 'ours test %' evaluates with the run's eval.sampler (default `mean`, Eq. 3 without its noise "
+        "term); 'paper's sampler' re-evaluates the same chains as Table 1 ran them (Eq. 3 with its noise; FM's "
+        "Euler solve), so that column compares like with like.",
         "- Train accuracy is the run's own (summary.json `train_accuracy`), one value per seed; '-' where the "
         "run does not report it.",
         "- Epochs: ours are usually far fewer than the paper's (Table 3) on CPU; compare accuracies with that "
@@ -382,11 +395,15 @@ def reproduce(args: argparse.Namespace) -> dict[str, Any]:
         if args.method in BASELINE_METHODS:
             values = [summary["test_accuracy"]]  # deterministic at inference
         else:
+            paper = PAPER_SAMPLER[args.method]
             try:
                 values = inference_accuracies(run_dir, args.inference_runs, cfg.eval.seed)
+                paper_values = None if cfg.eval.sampler == paper else \
+                    inference_accuracies(run_dir, args.inference_runs, cfg.eval.seed, sampler=paper)
             except (OSError, ValueError) as e:  # no or unreadable chain.pt, data gone since training
                 raise HarnessError(f"evaluating {run_dir}: {e}", exit_code=1) from None
-        seeds.append(seed_record(seed, run_dir, summary, values))
+        seeds.append(seed_record(seed, run_dir, summary, values, None if args.method in BASELINE_METHODS
+                                 else paper_values))
         summaries.append(summary)
         print(f"[reproduce] seed {seed}: test accuracy {', '.join(f'{100 * v:.2f}' for v in values)} %", flush=True)
     row = build_row(args.method, args.dataset, args.embedding, config, args.overrides, args.inference_runs,

@@ -1,7 +1,8 @@
 """Entry point: ``python -m noprop_dist.run [--config FILE] [--set KEY=VALUE ...]``.
 
 With no --config it runs the quickstart default (configs/quickstart.yaml's values are the defaults).
-Config and data errors end with one line on stderr and exit code 2, no traceback.
+Config and data errors, and a run directory or data file it cannot read or write, end with one line on
+stderr and exit code 2, no traceback.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 
 from .checkpoint import CheckpointError
 from .config import BASELINE_METHODS, ConfigError, load_config
-from .data import DatasetNotFoundError
+from .data import DatasetFileError, DatasetNotFoundError
 from .distributed.supervisor import TrainingFailed  # no Ray import: the CLI stays fast on bad input
 
 
@@ -21,6 +22,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override keys, e.g. --set train.epochs=3 cluster.num_workers=1 (repeatable)")
     return p.parse_args(argv)
+
+
+def _os_error(e: OSError) -> str:
+    """One line naming the path(s) of an OSError and what went wrong, e.g. ``runs/x/config.yaml: Permission denied``."""
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return f"{paths}: {e.strerror or e.__class__.__name__}; check the path and its permissions"
 
 
 def _shards(summary: dict) -> str:
@@ -43,8 +50,13 @@ def main(argv: list[str] | None = None) -> int:
             from .distributed.driver import run_training  # imports Ray: only once the config is known good
 
             summary = run_training(cfg)
-    except (ConfigError, DatasetNotFoundError, CheckpointError) as e:
+    except (ConfigError, DatasetNotFoundError, DatasetFileError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave (run.dir, data.root): a bug, keep its traceback
+            raise
+        print(f"error: {_os_error(e)}", file=sys.stderr)
         return 2
     except TrainingFailed as e:  # a fault the run could not absorb: not the user's input, so exit 1
         print(f"error: training failed: {e}", file=sys.stderr)

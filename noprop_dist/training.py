@@ -16,15 +16,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import Config, TrainConfig, worker_threads
-from .core import ModelSpec, default_device, evaluate_chain, prototype_embedding
+from .config import PAPER_SAMPLER, Config, TrainConfig, worker_threads
+from .core import ModelSpec, default_device, evaluate_chain, evaluate_stages, prototype_embedding
 from .core.variants import build_chain, build_shard, shard_loss
 from .data import ImageDataset, normalize
 from .shared_server import LocalClient, SharedReplica, SharedStateClient, SharedStateServer
 
 
 def model_spec(cfg: Config, image_shape: tuple[int, int, int], num_classes: int) -> ModelSpec:
-    """The ModelSpec a config asks for on a dataset of this shape."""
+    """The ModelSpec a config asks for on a dataset of this shape (its chain samples with eval.sampler)."""
     m = cfg.model
     c, h, w = image_shape
     embed_dim = {"one_hot": num_classes, "learned": m.embedding_dim, "prototype": c * h * w}[m.embedding]
@@ -33,7 +33,7 @@ def model_spec(cfg: Config, image_shape: tuple[int, int, int], num_classes: int)
         num_blocks=m.num_blocks if m.method == "noprop_dt" else m.num_shards, embedding=m.embedding,
         embed_dim=embed_dim, dropout=m.dropout, class_prob=m.class_prob, radial_sigma=m.radial_sigma,
         eta=m.eta, abar_max=m.abar_max, method=m.method, inference_steps=m.inference_steps,
-        ct_inference=m.ct_inference,
+        sampler=cfg.eval.sampler, ensemble_draws=cfg.eval.ensemble_draws,
     )
 
 
@@ -241,11 +241,21 @@ class ShardGroup:
         return replica_key(self.block_ids)
 
     def state_dicts(self) -> dict[int, dict]:
-        return {t: tr.state_dict() for t, tr in self.trainers.items()}
+        """Each block's checkpoint: its trainer's state (weights, AdamW with its possibly lowered learning
+        rate, noise generator) and its non-finite record, so that a block stopped for NaN stays stopped, and
+        keeps counting towards train.max_nonfinite, across a restart or resume."""
+        return {t: tr.state_dict() | {"nonfinite": {"events": self.stats[t].nonfinite_events,
+                                                    "stopped": self.stats[t].stopped}}
+                for t, tr in self.trainers.items()}
 
     def load_state_dicts(self, states: dict[int, dict]) -> None:
+        """Inverse of :meth:`state_dicts`; a checkpoint written before the non-finite record was kept loads as
+        "not stopped, no events"."""
         for t, state in states.items():
             self.trainers[int(t)].load_state_dict(state)
+            record = state.get("nonfinite") or {}
+            self.stats[int(t)].nonfinite_events = int(record.get("events", 0))
+            self.stats[int(t)].stopped = str(record.get("stopped", ""))
 
     def _nonfinite(self, t: int, loss: float, epoch: int, good: dict) -> None:
         """Block t produced a NaN/inf: roll it back to ``good`` (its state at the epoch start), lower its
@@ -369,6 +379,34 @@ def evaluate_states(
         batch_size, seed, lambda xb: normalize(xb, dataset.mean, dataset.std),
     )
     return chain, acc
+
+
+def final_evaluation(
+    spec: ModelSpec, dataset: ImageDataset, block_states: dict[int, dict], shared_state: dict,
+    batch_size: int, seed: int,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The end-of-run evaluation of the assembled chain: its test accuracy with the run's sampler, the
+    accuracy along the chain (stage by stage), and the paper's sampler beside it when the run's differs, so a
+    Table 1 row compares like with like. Returns (chain, {"test_accuracy", "sampler", "paper_sampler",
+    "test_accuracy_by_sampler": {name: accuracy}, "stages": [{"block", "chain_accuracy", "own_accuracy"}]}).
+    """
+    chain = build_chain(
+        spec, [block_states[t]["block"] for t in range(1, spec.num_blocks + 1)], shared_state["shared"]
+    )
+    test_x, test_y = torch.from_numpy(np.ascontiguousarray(dataset.test_x)), torch.from_numpy(dataset.test_y)
+
+    def norm(xb: torch.Tensor) -> torch.Tensor:
+        return normalize(xb, dataset.mean, dataset.std)
+
+    sampler, paper = chain.sampler_name(), PAPER_SAMPLER[spec.method]
+    acc, _, stages = evaluate_stages(chain, test_x, test_y, batch_size, seed, norm)
+    by_sampler = {sampler: acc}
+    if paper != sampler:
+        by_sampler[paper], _ = evaluate_chain(chain, test_x, test_y, batch_size, seed, norm, sampler=paper)
+    return chain, {
+        "test_accuracy": acc, "sampler": sampler, "paper_sampler": paper, "test_accuracy_by_sampler": by_sampler,
+        "stages": [{"block": k} | s for k, s in enumerate(stages, start=1)],
+    }
 
 
 def train_subset_accuracy(chain: torch.nn.Module, dataset: ImageDataset, batch_size: int, seed: int,

@@ -38,7 +38,7 @@ def test_round_trip_through_dict():
     ("cluster.gpus_per_worker=-0.5", ["cluster.gpus_per_worker", ">= 0"]),
     ("cluster.gpus_per_worker=1.5", ["cluster.gpus_per_worker", "whole number"]),
     ("data.download=perhaps", ["data.download", "true or false"]),
-    ("model.abar_max=1.0", ["model.abar_max", "(0.5, 1)"]),
+    ("model.abar_max=1.0", ["model.abar_max", "(0.5, 0.9999]"]),
     ("train.epochs", ["KEY=VALUE"]),
     ("epochs=3", ["section.name"]),
 ])

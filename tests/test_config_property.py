@@ -1,15 +1,24 @@
 """Property: ANY malformed config (unknown key, wrong type, out of range, bad file) makes the real entry
-point print exactly one line naming the key, exit 2, print no traceback, and write nothing."""
+point print exactly one line naming the key, exit 2, print no traceback, and write nothing. The same for the
+run directory's own files damaged at random, and for any array given to ``--predict``."""
 import contextlib
 import io
+import json
 import os
+import tempfile
 import typing
 
+import numpy as np
+import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from noprop_dist import run
-from noprop_dist.config import Config
+from noprop_dist.checkpoint import CheckpointError, RunDir
+from noprop_dist.config import Config, load_config
+from noprop_dist.report import MetricsLog, read_metrics
 
 SECTIONS = {name: typing.get_type_hints(type(section)) for name, section in vars(Config()).items()}
 KEYS = [(s, k, t) for s, hints in SECTIONS.items() for k, t in hints.items()]
@@ -91,3 +100,210 @@ def test_any_yaml_file_that_is_not_a_valid_config_is_refused_cleanly(tmp_path, t
         load_config(str(path))
     except ConfigError as e:
         assert "\n" not in str(e)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.one_of(st.binary(max_size=80), st.just(b"\xff\xfe\x00model: 1")))
+def test_any_bytes_as_the_config_file_are_a_config_or_one_config_error(tmp_path, content):
+    """Guards: a --config file that is not UTF-8 raised UnicodeDecodeError (a traceback) instead of one line."""
+    from noprop_dist.config import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    try:
+        load_config(str(path))
+    except ConfigError as e:
+        assert "\n" not in str(e)
+
+
+# ----------------------------------------------------------------------------- the run directory's own files
+# What a user's invocation reads from run.dir before it starts anything (config.yaml, manifest.json) and what
+# it opens once it runs (metrics.jsonl), damaged at random: the entry point goes on or ends in one line.
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+class WouldStartRay(Exception):
+    """The invocation got past every check of run.dir to the point where it would start Ray: accepted."""
+
+
+@pytest.fixture
+def up_to_ray(monkeypatch):
+    """``run.main`` as a user runs it, stopped where it would start Ray (and with the digits data cached)."""
+    from noprop_dist.data import load_dataset
+    from noprop_dist.distributed import driver
+
+    cached = load_dataset("digits")
+
+    def stop(cfg):
+        raise WouldStartRay
+
+    monkeypatch.setattr(driver, "_connect_checked", stop)
+    monkeypatch.setattr(driver, "load_dataset", lambda *a, **k: cached)
+
+    def invoke(run_dir: str) -> tuple[int | None, list[str]]:
+        err, out = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                code = run.main(["--set", f"run.dir={run_dir}", "train.epochs=3"])
+            except WouldStartRay:
+                code = None
+        return code, [ln for ln in err.getvalue().splitlines() if ln.strip()]
+
+    return invoke
+
+
+def _valid_config() -> dict:
+    return load_config(None, ["train.epochs=3"]).to_dict()
+
+
+def _valid_manifest() -> dict:
+    entry = {"file": "block_01.e0002.pt", "sha256": "0" * 64}
+    return {"format": 1, "epochs_done": 2, "train_seconds": 1.5, "files": {"block_1": entry, "shared": entry},
+            "previous": None}
+
+
+@st.composite
+def mutated(draw, valid: dict) -> dict:
+    """``valid`` with one field (at any depth) replaced by a random JSON value, or deleted."""
+    out = json.loads(json.dumps(valid))
+    node = out
+    while True:
+        key = draw(st.sampled_from(sorted(node)))
+        if isinstance(node[key], dict) and node[key] and draw(st.booleans()):
+            node = node[key]
+            continue
+        if draw(st.booleans()):
+            node[key] = draw(JSON_VALUES)
+        else:
+            del node[key]
+        return out
+
+
+def _accepted_or_one_line(code: int | None, lines: list[str]) -> None:
+    if code is None:
+        assert lines == [], lines
+        return
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, lines)
+    assert "Traceback" not in lines[0]
+
+
+RUN_FILE_CONTENT = st.one_of(
+    st.binary(max_size=200),
+    JSON_VALUES.map(lambda v: yaml.safe_dump(v).encode()),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.one_of(RUN_FILE_CONTENT, mutated(_valid_config()).map(lambda c: yaml.safe_dump(c).encode())))
+def test_any_config_yaml_in_run_dir_is_accepted_or_one_line(tmp_path, up_to_ray, content):
+    """Random bytes, random YAML and a run's config with one field damaged, as <run.dir>/config.yaml: the real
+    entry point goes on (up to starting Ray) or ends in one error line, exit 2; the file is kept as it was."""
+    run_dir = tempfile.mkdtemp(dir=tmp_path)
+    path = os.path.join(run_dir, "config.yaml")
+    with open(path, "wb") as f:
+        f.write(content)
+    _accepted_or_one_line(*up_to_ray(run_dir))
+    with open(path, "rb") as f:
+        assert f.read() == content
+    assert sorted(os.listdir(run_dir)) == ["config.yaml"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.one_of(RUN_FILE_CONTENT, JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+                         mutated(_valid_manifest()).map(lambda m: json.dumps(m).encode())))
+def test_any_manifest_in_run_dir_is_accepted_or_one_line(tmp_path, up_to_ray, content):
+    """Random bytes, random JSON and a valid manifest with one field damaged, beside the run's own config.yaml:
+    the entry point goes on or ends in one line (a CheckpointError), and resuming from it too."""
+    run_dir = tempfile.mkdtemp(dir=tmp_path)
+    RunDir(run_dir).prepare(load_config(None, [f"run.dir={run_dir}", "train.epochs=3"]))
+    with open(os.path.join(run_dir, "manifest.json"), "wb") as f:
+        f.write(content)
+    _accepted_or_one_line(*up_to_ray(run_dir))
+    try:
+        RunDir(run_dir).load_resume(10, warn=lambda _: None)
+    except CheckpointError as e:
+        assert "\n" not in str(e)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.one_of(st.binary(max_size=200),
+                         st.lists(JSON_VALUES.map(json.dumps), max_size=5).map(lambda ls: "\n".join(ls).encode())))
+def test_any_metrics_jsonl_in_run_dir_is_opened_and_read(tmp_path, up_to_ray, content):
+    """Random bytes or lines as <run.dir>/metrics.jsonl: the run's checks pass, the log opens (a torn tail
+    cut off) and appends, and reading it skips what does not parse: never an exception."""
+    run_dir = tempfile.mkdtemp(dir=tmp_path)
+    RunDir(run_dir).prepare(load_config(None, [f"run.dir={run_dir}", "train.epochs=3"]))
+    with open(os.path.join(run_dir, "metrics.jsonl"), "wb") as f:
+        f.write(content)
+    code, lines = up_to_ray(run_dir)
+    assert code is None and lines == [], lines
+    log = MetricsLog(run_dir, "r", 0.0, warn=lambda _: None)
+    block = {"block": 1, "epochs_done": 0, "step": 1, "steps_per_epoch": 2, "total_steps": 1, "samples": 8,
+             "samples_per_second": 1.0, "compute_seconds": 1.0, "sync_seconds": 0.0, "loss": 1.0,
+             "loss_ema": 1.0, "last_epoch_mean_loss": float("nan")}
+    assert log.record({1: block}, {}, {1: 0}, event="epoch")
+    rows = read_metrics(run_dir, warn=lambda _: None)
+    assert all(isinstance(r, dict) for r in rows) and rows[-1]["block"] == 1
+
+
+# ----------------------------------------------------------------------------- --predict arrays
+
+@pytest.fixture(scope="module")
+def chain_run(tmp_path_factory) -> str:
+    """A run directory with an untrained tiny chain of (1, 8, 8) images (its spec is what predict checks)."""
+    from test_chain import _chain
+
+    run_dir = tmp_path_factory.mktemp("chain_run")
+    _chain().save(str(run_dir / "chain.pt"), extra={"mean": [0.3], "std": [0.35]})
+    return str(run_dir)
+
+
+@st.composite
+def image_arrays(draw):
+    """Arrays of a random dtype and ndim 1-5: random shapes, and shapes near the chain's (N, 1, 8, 8) /
+    (N, 8, 8) so that the value checks are reached too; floats in [0, 1], beyond it, and NaN."""
+    dtype = draw(st.sampled_from([np.uint8, np.float32, np.float64, np.int64, np.bool_]))
+    n = draw(st.integers(0, 4))
+    shape = draw(st.one_of(hnp.array_shapes(min_dims=1, max_dims=5, max_side=9),
+                           st.sampled_from([(n, 1, 8, 8), (n, 8, 8), (n, 3, 8, 8), (n, 1, 8, 7)])))
+    if np.dtype(dtype).kind == "f":
+        elements = st.one_of(st.floats(0, 1, width=np.dtype(dtype).itemsize * 8),
+                             st.floats(allow_nan=True, width=np.dtype(dtype).itemsize * 8))
+        fill = st.floats(0, 1, width=np.dtype(dtype).itemsize * 8)
+    else:
+        elements = fill = None
+    return draw(hnp.arrays(dtype, shape, elements=elements, fill=fill))
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(images=image_arrays())
+def test_any_array_given_to_predict_is_predicted_or_one_line(chain_run, tmp_path, images):
+    """``python -m noprop_dist.evaluate RUN --predict FILE.npy`` on any array: N predictions (only for what
+    predict() documents) or one error line naming the file, exit 2, and no output file."""
+    from noprop_dist import evaluate
+
+    src, out = os.path.join(tmp_path, "images.npy"), os.path.join(tmp_path, "preds.npy")
+    if os.path.exists(out):
+        os.remove(out)
+    np.save(src, images)
+    err, stdout = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(stdout):
+        code = evaluate.main([chain_run, "--predict", src, "--out", out])
+    lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+    documented = (images.dtype == np.uint8 or images.dtype.kind == "f") and (
+        images.shape[1:] == (1, 8, 8) or (images.ndim == 3 and images.shape[1:] == (8, 8)))
+    if images.dtype.kind == "f" and images.size:
+        documented = documented and bool(np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1)
+    if code == 0:
+        assert documented, (images.dtype, images.shape)
+        assert np.load(out).shape == (images.shape[0],) and lines == []
+    else:
+        assert not documented, (images.dtype, images.shape, lines)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {src}: got "), lines
+        assert str(images.dtype) in lines[0] and str(images.shape) in lines[0], lines[0]
+        assert not os.path.exists(out)

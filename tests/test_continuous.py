@@ -227,7 +227,7 @@ def _chain(method, embedding="learned", num_blocks=2, class_prob="softmax", prob
     return ContinuousChain(spec, nets, shared).eval()
 
 
-SAMPLERS = [("noprop_ct", "chain"), ("noprop_ct", "ode"), ("noprop_fm", None)]
+SAMPLERS = [("noprop_ct", "eq3"), ("noprop_ct", "mean"), ("noprop_ct", "ode"), ("noprop_fm", None)]
 
 
 def test_step_shards_switch_at_interval_boundaries():
@@ -268,7 +268,9 @@ def test_chain_never_sees_labels(digits):
     from noprop_dist.data import normalize
 
     chain = _chain("noprop_ct", "learned")
-    assert list(inspect.signature(chain.forward).parameters) == ["x", "generator", "steps", "sampler"]
+    assert list(inspect.signature(chain.forward).parameters) == ["x", "generator", "sampler", "draws", "trace",
+                                                                 "kwargs"]
+    assert list(inspect.signature(chain._sample).parameters) == ["x", "generator", "sampler", "trace", "steps"]
     x, y = torch.from_numpy(digits.test_x[:64]), torch.from_numpy(digits.test_y[:64])
     norm = lambda b: normalize(b, digits.mean, digits.std)  # noqa: E731
     chain.spec = replace(chain.spec, inference_steps=20)  # evaluate_chain runs the default step count
@@ -312,9 +314,9 @@ def test_cached_image_features_match_a_plain_reference_sampler(method, sampler):
                 z = z + (logits @ embed) / steps
                 continue
             u_hat = denoised_estimate(logits, embed)
-            if sampler == "chain":
+            if sampler in ("eq3", "mean"):
                 a, b, c = DTSchedule(abar).posterior_coefficients(n + 1)
-                z = a * u_hat + b * z + math.sqrt(c) * torch.randn(z.shape, generator=g)
+                z = a * u_hat + b * z + (math.sqrt(c) * torch.randn(z.shape, generator=g) if sampler == "eq3" else 0)
             else:
                 ab0, ab1 = float(abar[n]), float(abar[n + 1])
                 eps = (z - math.sqrt(ab0) * u_hat) / math.sqrt(1 - ab0)
@@ -326,7 +328,7 @@ def test_cached_image_features_match_a_plain_reference_sampler(method, sampler):
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["chain", "ode"])
+@pytest.mark.parametrize("sampler", ["eq3", "mean", "ode"])
 def test_ct_samplers_run_from_noise_to_the_predicted_class(sampler):
     """A network that always predicts class 3: the CT chain must end near u_3 (t = 1 is the clean end); with
     an identity head (one-hot) the prediction is 3 for every input. A reversed chain would end in noise."""
@@ -345,7 +347,7 @@ def test_ct_samplers_run_from_noise_to_the_predicted_class(sampler):
     assert float(out[:, 3].exp().mean()) > 0.15
 
 
-@pytest.mark.parametrize("method,sampler,embedding", [("noprop_ct", "chain", "learned"),
+@pytest.mark.parametrize("method,sampler,embedding", [("noprop_ct", "eq3", "learned"),
                                                       ("noprop_ct", "ode", "prototype"),
                                                       ("noprop_fm", None, "one_hot"),
                                                       ("noprop_fm", None, "learned")])
@@ -370,7 +372,8 @@ def test_chain_rejects_wrong_shapes_and_samplers():
     with pytest.raises(ValueError, match="3 shard networks"):
         ContinuousChain(spec, nets[:2], shared)
     chain = ContinuousChain(spec, nets, shared).eval()
-    with pytest.raises(ValueError, match="unknown CT sampler"):
+    with pytest.raises(ValueError, match="sampler 'rk4' does not apply to a noprop_ct chain; allowed: eq3, mean, "
+                                         "ensemble, ode"):
         chain(torch.randn(2, 1, 8, 8), steps=3, sampler="rk4")
     with pytest.raises(ValueError, match="noprop_ct / noprop_fm"):
         ContinuousChain(make_spec(num_blocks=3), nets, shared)

@@ -1,7 +1,9 @@
 """Tests for noprop_dist.data: real digits, hand-written IDX / CIFAR pickle files, normalize()."""
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import os
 import pickle
 import struct
@@ -318,3 +320,98 @@ def test_normalize_with_dataset_stats_gives_zero_mean_unit_std():
     out = normalize(torch.from_numpy(ds.train_x), ds.mean, ds.std)
     assert out.dtype == torch.float32
     assert abs(out.mean().item()) < 1e-4 and abs(out.std(unbiased=False).item() - 1) < 1e-4
+
+
+# ---------------------------------------------------------------- CIFAR: the restricted unpickler
+
+class _Python2Pickler(pickle._Pickler):
+    """Pickles bytes as Python 2's cPickle did (SHORT_BINSTRING / BINSTRING), as in the real CIFAR files."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_bytes(self, obj: bytes) -> None:
+        n = len(obj)
+        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def _python2_batch(obj) -> bytes:
+    """``obj`` pickled in the layout of the real CIFAR python files: protocol 2, Python 2 byte strings, and
+    numpy 1's module name ``numpy.core.multiarray`` for the array reconstruction."""
+    buf = io.BytesIO()
+    _Python2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+
+
+@pytest.mark.parametrize("layout", ["python2", "protocol2", "protocol4", "protocol5"])
+def test_cifar_batches_in_every_real_layout_load(tmp_path, layout):
+    """The restricted unpickler admits what a CIFAR batch needs: the real files' layout (Python 2, numpy.core
+    names) and what Python 3 writes with numpy 2 (numpy._core names, _codecs.encode at protocol 2,
+    _frombuffer at protocol 5)."""
+    rng = np.random.default_rng(7)
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    batches = {name: _cifar_batch(3, rng, b"labels") for name in names}
+    for name, b in batches.items():
+        raw = _python2_batch(b) if layout == "python2" else pickle.dumps(b, protocol=int(layout[-1]))
+        (d / name).write_bytes(raw)
+    if layout == "python2":
+        assert b"numpy.core.multiarray\n_reconstruct" in raw and b"_codecs" not in raw
+    ds = load_dataset("cifar10", root=str(tmp_path))
+    np.testing.assert_array_equal(ds.test_x.reshape(3, 3072), batches["test_batch"][b"data"])
+    np.testing.assert_array_equal(ds.train_y, np.concatenate([batches[f"data_batch_{i}"][b"labels"]
+                                                              for i in range(1, 6)]))
+
+
+class _Planted:
+    """A pickle payload that would run a shell command (a harmless one: it creates a marker file)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_cifar_pickle_is_refused_and_runs_nothing(tmp_path):
+    """Guards: the CIFAR loader used pickle.load, so a file planted in data.root ran code when loaded. Now the
+    global it names is refused, with one line naming the file and the global, and the entry point exits 2."""
+    from noprop_dist import run
+
+    rng = np.random.default_rng(8)
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _dump(d / name, _cifar_batch(2, rng, b"labels"))
+    marker = tmp_path / "pwned"
+    planted = _cifar_batch(2, rng, b"labels") | {b"batch_label": _Planted(marker)}
+    _dump(d / "data_batch_3", planted)
+    with pytest.raises(data.DatasetFileError) as e:
+        load_dataset("cifar10", root=str(tmp_path))
+    msg = str(e.value)
+    assert "\n" not in msg and str(d / "data_batch_3") in msg and f"{os.system.__module__}.system" in msg, msg
+    assert not marker.exists(), "unpickling the planted file ran its command"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run.main(["--set", "data.name=cifar10", f"data.root={tmp_path}", f"run.dir={tmp_path / 'run'}"])
+    lines = err.getvalue().strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "data_batch_3" in lines[0] and "system" in lines[0], err.getvalue()
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02garbage", pickle.dumps([1, 2, 3]), pickle.dumps({b"data": 1}),
+                                     pickle.dumps({b"data": np.zeros((2, 5), np.uint8), b"labels": [1, 2]})])
+def test_a_cifar_file_that_is_not_a_batch_is_one_line_naming_it(tmp_path, content):
+    """Truncated, garbage or wrongly shaped batch files: one DatasetFileError naming the file, no traceback."""
+    rng = np.random.default_rng(9)
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        _dump(d / name, _cifar_batch(2, rng, b"labels"))
+    (d / "test_batch").write_bytes(content)
+    with pytest.raises(data.DatasetFileError) as e:
+        load_dataset("cifar10", root=str(tmp_path))
+    assert "\n" not in str(e.value) and str(d / "test_batch") in str(e.value)

@@ -2,6 +2,7 @@
 
 The losses and non-finite flags are read back at every exchange (train.sync_every mini-batches), so a NaN is
 handled at the end of its stretch; with sync_every = 1 that is the mini-batch it happened in."""
+import io
 import math
 
 import pytest
@@ -84,3 +85,52 @@ def test_too_many_rollbacks_stop_the_block():
     assert "train.max_nonfinite=1" in stats[1]["stopped"]
     assert "rolled back" in logs[0] and "stopped" in logs[1]
     assert not math.isnan(stats[2]["loss"])
+
+
+def _round_trip(states: dict) -> dict:
+    """The block states as a checkpoint file holds them: torch.save, then torch.load(weights_only=True)."""
+    buf = io.BytesIO()
+    torch.save(states, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("policy, max_nonfinite", [("stop", 3), ("rollback", 0)])
+def test_a_stopped_block_stays_stopped_after_a_restart(policy, max_nonfinite):
+    """Guards: the stop flag and event count were not in the block's checkpoint, so a block stopped for NaN
+    (train.on_nonfinite=stop, or past train.max_nonfinite rollbacks) trained again after a restart or resume."""
+    group, _, _, _ = _group(policy, max_nonfinite=max_nonfinite)
+    group.train_epoch(0, on_step=_poison(group, 2, at_batch=2))
+    assert group.stats[2].stopped
+    fresh, server, _, _ = _group(policy, max_nonfinite=max_nonfinite)  # the restarted worker
+    fresh.load_state_dicts(_round_trip(group.state_dicts()))
+    kept = {k: v.clone() for k, v in fresh.trainers[2].block.state_dict().items()}
+    stats = fresh.train_epoch(1)
+    assert stats[2]["stopped"] == group.stats[2].stopped and stats[2]["nonfinite_events"] == 1
+    assert stats[2]["total_steps"] == 0, "the stopped block trained again after the restart"
+    assert all(torch.equal(v, kept[k]) for k, v in fresh.trainers[2].block.state_dict().items())
+    assert stats[1]["total_steps"] == stats[3]["total_steps"] == 10  # the others go on
+
+
+def test_rollbacks_before_a_restart_count_towards_max_nonfinite_and_keep_the_lowered_lr():
+    """Guards: after a restart the event count began at 0 again, so a block could roll back
+    train.max_nonfinite more times per restart instead of stopping; its lowered learning rate is kept too."""
+    group, _, _, cfg = _group("rollback", max_nonfinite=1)
+    group.train_epoch(0, on_step=_poison(group, 1, at_batch=1))
+    assert group.stats[1].nonfinite_events == 1 and not group.stats[1].stopped
+    fresh, _, logs, _ = _group("rollback", max_nonfinite=1)
+    fresh.load_state_dicts(_round_trip(group.state_dicts()))
+    assert fresh.trainers[1].optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.lr * 0.5)
+    stats = fresh.train_epoch(1, on_step=_poison(fresh, 1, at_batch=1))
+    assert stats[1]["nonfinite_events"] == 2 and "train.max_nonfinite=1" in stats[1]["stopped"], logs
+
+
+def test_a_checkpoint_from_before_the_nonfinite_record_loads_as_not_stopped():
+    """Block checkpoints written before the record was kept have no "nonfinite" entry: not stopped, 0 events."""
+    group, _, _, _ = _group("stop")
+    group.train_epoch(0, on_step=_poison(group, 3, at_batch=2))
+    old = {t: {k: v for k, v in s.items() if k != "nonfinite"} for t, s in group.state_dicts().items()}
+    fresh, _, _, _ = _group("stop")
+    fresh.load_state_dicts(_round_trip(old))
+    assert all(st.nonfinite_events == 0 and st.stopped == "" for st in fresh.stats.values())
+    assert fresh.train_epoch(1)[3]["total_steps"] == 10

@@ -99,19 +99,27 @@ def test_block_t_trains_at_noise_level_abar_t_minus_1():
 
 
 @pytest.mark.parametrize("class_prob", ["softmax", "radial"])
-def test_cross_entropy_applies_softmax_once(class_prob):
-    """The CE equals -log of ONE softmax of the class scores (pitfall 5: no softmax before the CE)."""
+def test_shared_loss_applies_one_softmax_before_its_cross_entropy(class_prob):
+    """Pitfall 5: the DT head's loss is -log of ONE softmax of the class scores. shared_loss is recomputed by
+    hand from the same noise draws (z_T = sqrt(abar_T) u_y + sqrt(1 - abar_T) eps); a softmax applied to the
+    scores before the cross-entropy changes its value (and squashes it towards log m)."""
     spec = make_spec("learned", class_prob=class_prob)
     shared = build_shared(spec, 0)
-    gen = torch.Generator().manual_seed(0)  # seeded: the result must not depend on tests run before
-    z = torch.randn(32, spec.embed_dim, generator=gen)
-    y = torch.randint(0, 10, (32,), generator=gen)
-    # sigma 0.1 (the default): the scores spread, so one softmax and two give clearly different CEs.
-    scores = class_logits(shared, z, class_prob, 0.1)
-    manual = -(scores.exp() / scores.exp().sum(1, keepdim=True))[torch.arange(32), y].log().mean()
-    assert float(F.cross_entropy(scores, y).detach()) == pytest.approx(float(manual.detach()), rel=1e-5)
-    double = F.cross_entropy(torch.softmax(scores, 1), y)
-    assert float(double) != pytest.approx(float(manual), rel=1e-3)
+    with torch.no_grad():  # a confident head: one softmax and two then give clearly different values
+        shared.head.weight.mul_(20.0)
+    schedule = DTSchedule.cosine(spec.num_blocks)
+    y = torch.arange(32) % 10
+    loss = shared_loss(shared, schedule, y, class_prob, 0.1, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        u_y = shared.embed[y]
+        eps = torch.randn(u_y.shape, generator=torch.Generator().manual_seed(5))
+        ab_T, ab_0 = schedule.abar_values[-1], schedule.abar_values[0]
+        scores = class_logits(shared, ab_T**0.5 * u_y + (1 - ab_T) ** 0.5 * eps, class_prob, 0.1)
+        p_y = scores.exp()[torch.arange(32), y] / scores.exp().sum(1)
+        manual = -p_y.log().mean() + 0.5 * ab_0 * u_y.pow(2).sum(1).mean()
+        squashed = F.cross_entropy(torch.softmax(scores, 1), y) + 0.5 * ab_0 * u_y.pow(2).sum(1).mean()
+    assert float(loss) == pytest.approx(float(manual), rel=1e-5)
+    assert abs(float(squashed) - float(manual)) > 0.05  # the check above can tell the two apart
 
 
 def test_radial_probability_favours_nearest_embedding():

@@ -51,8 +51,18 @@ def test_two_workers_train_assemble_and_evaluate_above_chance(ray_cluster, tmp_p
     assert all(w["zero_copy_data"] for w in summary["workers"]), "workers copied the dataset"
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["test_accuracy"] == summary["test_accuracy"]
-    # The saved chain, without Ray, gives the same accuracy and usable predictions.
+    # The run's sampler (the default, mean) and the paper's (eq3) side by side; the accuracy along the chain.
+    assert summary["sampler"] == "mean" and summary["paper_sampler"] == "eq3"
+    by = summary["test_accuracy_by_sampler"]
+    assert set(by) == {"mean", "eq3"} and by["mean"] == summary["test_accuracy"]
+    assert [s["block"] for s in summary["stages"]] == list(range(1, 11))
+    assert summary["stages"][-1]["chain_accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert all(0 <= s["own_accuracy"] <= 1 for s in summary["stages"])
+    report = (tmp_path / "report.md").read_text()
+    assert "## Inference" in report and "`eq3` " in report and "| 10 |" in report
+    # The saved chain, without Ray, gives the same accuracy and usable predictions, with either sampler.
     assert evaluate_run(str(tmp_path)) == summary["test_accuracy"]
+    assert evaluate_run(str(tmp_path), sampler="eq3") == by["eq3"]
     ds = load_dataset("digits")
     preds = predict(str(tmp_path), ds.test_x[:50])
     assert preds.shape == (50,) and (preds == ds.test_y[:50]).mean() > 0.5

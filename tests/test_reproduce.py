@@ -196,10 +196,20 @@ def test_results_merge_and_table(tmp_path):
     backprop = next(line for line in lines if line.startswith("| Backprop (DT setting) | mnist | one-hot | 99.46 |"))
     dt = next(line for line in lines if line.startswith("| NoProp-DT | mnist | one-hot | 99.47 |"))
     assert lines.index(backprop) < lines.index(dt)  # the paper's order
-    assert "| 96.00 ± 0.41 | 4 (2 x 2) |" in dt and "| 2 / 100 |" in dt and "900 MiB (rss) | 0.49 |" in dt
-    assert "| 99.40 ± 0.10 | 2 (2 x 1) |" in backprop
+    assert "| 96.00 ± 0.41 | 96.00 ± 0.41 | 4 (2 x 2) |" in dt and "| 2 / 100 |" in dt and "900 MiB (rss) | 0.49 |" in dt
+    assert "| 99.40 ± 0.10 | - | 2 (2 x 1) |" in backprop
     assert "98.63 (mnist)" in table  # Forward-Forward, for reference
     assert "![fig3_mnist_one_hot](fig3_mnist_one_hot.png)" in table
+
+
+def test_row_reports_the_papers_sampler_beside_the_runs():
+    """A run evaluated with `mean` keeps Table 1's sampler (eq3) in its own column, from its own values."""
+    summary = _summary(0.99) | {"sampler": "mean"}
+    seeds = [seed_record(0, "/nonexistent/seed0", summary, [0.99, 0.99], paper_values=[0.97, 0.96])]
+    row = build_row("noprop_dt", "mnist", "one_hot", "configs/mnist.yaml", [], 2, seeds, [summary])
+    assert row["sampler"] == "mean" and row["paper_sampler"] == "eq3"
+    assert row["test"]["mean"] == pytest.approx(0.99) and row["test_paper_sampler"]["mean"] == pytest.approx(0.965)
+    assert "| 99.00 ± 0.00 | 96.50 ± 0.50 |" in reproduce.table_line(row)
 
 
 # ----------------------------------------------------------------------------- time to accuracy

@@ -9,9 +9,10 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from noprop_dist.atomic_io import append_lines, read_jsonl, repair_torn_tail
-from noprop_dist.checkpoint import RunDir
+from noprop_dist.checkpoint import CONFIG_HISTORY, RunDir
 from noprop_dist.config import ConfigError, load_config
 from noprop_dist.report import METRICS_FILE, MetricsLog, read_metrics
 
@@ -228,3 +229,66 @@ def test_the_holder_itself_checks_and_prepares_under_its_lock(tmp_path):
     with rd.lock():
         rd.prepare(cfg)
         assert rd.check(cfg) is False
+
+
+def test_every_invocation_keeps_its_config_in_the_history(tmp_path):
+    """Guards: prepare() rewrote config.yaml on every invocation, so the configs of earlier invocations (and
+    when they ran) were lost. config.yaml stays the current config; config_history.jsonl gets one line each."""
+    rd = _prepared(tmp_path, "train.epochs=3")
+    for epoch in (1, 2, 3):
+        _save(rd, epoch)
+    _prepared(tmp_path, "train.epochs=5", "train.log_every_seconds=9")  # a resume with more epochs
+    history = rd.config_history()
+    assert [h["epochs_done"] for h in history] == [0, 3]
+    assert [h["config"]["train"]["epochs"] for h in history] == [3, 5]
+    assert history[1]["config"]["train"]["log_every_seconds"] == 9 and all(h["time"] for h in history)
+    current = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert current == history[-1]["config"] and current["train"]["epochs"] == 5
+
+
+def test_a_torn_history_line_is_cut_off_before_the_next_one(tmp_path):
+    """A crash mid-append leaves a torn last line: the next invocation's line starts on a line of its own."""
+    rd = _prepared(tmp_path)
+    with open(tmp_path / CONFIG_HISTORY, "a") as f:
+        f.write('{"time": "2026-')
+    _prepared(tmp_path, "train.epochs=30")
+    assert [h["config"]["train"]["epochs"] for h in rd.config_history(warn=pytest.fail)] == [20, 30]
+
+
+def test_overwrite_removes_the_history_and_a_foreign_file_stays(tmp_path):
+    """run.overwrite clears the old run's history with its other files (the new run's starts afresh); a file
+    of the user's beside it, or one behind a symlink named like it, is never deleted."""
+    _prepared(tmp_path)
+    _prepared(tmp_path)
+    assert len(RunDir(str(tmp_path)).config_history()) == 2
+    (tmp_path / "config_history.jsonl.bak").write_text("mine")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "config.0001.yaml").write_text("mine too")
+    rd = _prepared(tmp_path, "model.embedding=one_hot", "run.overwrite=true")
+    history = rd.config_history()
+    assert len(history) == 1 and history[0]["config"]["model"]["embedding"] == "one_hot"
+    assert (tmp_path / "config_history.jsonl.bak").read_text() == "mine"
+    assert (tmp_path / "configs" / "config.0001.yaml").read_text() == "mine too"
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = elsewhere / "history.jsonl"
+    target.write_text("not the run's\n")
+    run = tmp_path / "run"
+    _prepared(run)
+    os.remove(run / CONFIG_HISTORY)
+    os.symlink(target, run / CONFIG_HISTORY)
+    RunDir(str(run)).clear()
+    assert target.exists() and (run / CONFIG_HISTORY).is_symlink(), "clear() deleted through a symlink"
+    with pytest.raises(ConfigError, match="not a regular file of the run"):
+        _prepared(run)  # an append would follow the symlink into the user's file
+    assert target.read_text() == "not the run's\n"
+
+
+def test_a_refused_invocation_adds_no_history_line(tmp_path):
+    """check() writes nothing: a config refused for its run.dir leaves the history as it was."""
+    _prepared(tmp_path)
+    before = (tmp_path / CONFIG_HISTORY).read_bytes()
+    with pytest.raises(ConfigError):
+        _prepared(tmp_path, "model.embedding=one_hot")
+    assert (tmp_path / CONFIG_HISTORY).read_bytes() == before

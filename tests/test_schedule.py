@@ -25,6 +25,44 @@ def test_loss_weights_strictly_positive_and_finite(T):
     assert all(w > 0 and math.isfinite(w) for w in weights), weights
 
 
+@pytest.mark.parametrize("abar_max", [0.99, 0.999, 0.9999])
+def test_loss_weights_follow_model_abar_max_and_stay_bounded(abar_max):
+    """Pitfall 2: the schedule a run trains with comes from ``model.abar_max`` (through the config, the spec
+    and the block loss), and its largest weight eta T/2 (SNR(T) - SNR(T-1)) stays below
+    eta T/2 * abar_max / (1 - abar_max) <= eta T/2 * 1e4 at the highest cap the config accepts."""
+    from noprop_dist.config import ABAR_MAX_LIMIT, load_config
+    from noprop_dist.core import build_block, build_shared, variants
+    from noprop_dist.core.objectives import block_loss, denoised_estimate
+    from noprop_dist.training import model_spec
+
+    cfg = load_config(None, [f"model.abar_max={abar_max}", "model.num_blocks=10"])
+    spec = model_spec(cfg, (1, 8, 8), 10)
+    schedule = variants.dt_schedule(spec.num_blocks, spec.abar_max)  # what variants.shard_loss trains with
+    assert schedule.abar_values[-1] == pytest.approx(abar_max, rel=1e-9)
+    weights = [spec.eta * spec.num_blocks / 2 * w for w in schedule.loss_weights]
+    bound = spec.eta * spec.num_blocks / 2 * abar_max / (1 - abar_max)
+    assert all(0 < w <= bound for w in weights), weights
+    assert bound <= spec.eta * spec.num_blocks / 2 * ABAR_MAX_LIMIT / (1 - ABAR_MAX_LIMIT) * (1 + 1e-9)
+    # The weight that reaches block T's loss is this schedule's: replay its noise and compare.
+    block, shared = build_block(spec, spec.num_blocks, 0).eval(), build_shared(spec, 0)
+    x, y = torch.randn(8, 1, 8, 8), torch.arange(8)
+    loss = block_loss(block, shared, schedule, spec.num_blocks, x, y, spec.eta, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        u_y = shared.embed[y]
+        ab = schedule.abar_values[-2]
+        z = ab**0.5 * u_y + (1 - ab) ** 0.5 * torch.randn(u_y.shape, generator=torch.Generator().manual_seed(1))
+        err = (denoised_estimate(block(z, x), shared.embed) - u_y).pow(2).sum(1).mean()
+    assert float(loss.detach()) == pytest.approx(weights[-1] * float(err), rel=1e-5)
+
+
+def test_abar_max_beyond_the_ceiling_is_refused():
+    """abar_max = 0.99999 makes the last weight about 1e5: the config refuses it, naming the key."""
+    from noprop_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"model.abar_max: must be in \(0.5, 0.9999\], got 0.99999"):
+        load_config(None, ["model.abar_max=0.99999"])
+
+
 def test_uncapped_schedule_rejected():
     with pytest.raises(ValueError, match="non-increasing"):
         cosine_abar(10, abar_max=0.6)

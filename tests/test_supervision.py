@@ -7,7 +7,7 @@ import torch
 from noprop_dist.checkpoint import RunDir
 from noprop_dist.config import ConfigError, load_config
 from noprop_dist.distributed.driver import run_training
-from noprop_dist.distributed.faults import ENV_VAR, parse_faults
+from noprop_dist.distributed.faults import END, ENV_VAR, parse_faults
 from noprop_dist.distributed.supervisor import RestartBudget, TrainingFailed
 from noprop_dist.shared_server import SharedStateServer
 
@@ -100,6 +100,49 @@ def test_killed_server_restores_its_checkpoint_workers_resync_and_nan_rolls_back
     assert s["test_accuracy"] > 0.4
 
 
+# Faults at an epoch's end and hangs: a smaller run (600 images, batch 64: 10 steps an epoch, 3 epochs).
+SHORT = ["data.train_limit=600", "data.test_limit=200", "train.batch_size=64", "train.epochs=3"]
+SHORT_STEPS = 3 * 4 * 10  # epochs x blocks x steps: the server's version when every step is applied once
+
+
+def test_stopped_worker_is_detected_as_hung_killed_and_restarted(ray_cluster, tmp_path, monkeypatch, capsys):
+    """SIGSTOP (a hang, not a death): after cluster.hang_timeout_s without a step the worker is killed and
+    restarted from its checkpoint, counted as a restart; the other worker, stalled waiting for its pushes
+    but still answering, is left alone."""
+    s = _run(tmp_path, "run", "stop:1@2.3", monkeypatch, *SHORT, "cluster.hang_timeout_s=10")
+    out = capsys.readouterr().out
+    assert "worker 1 (blocks 3-4) made no step for" in out and "in epoch 2 (cluster.hang_timeout_s=10)" in out
+    assert [(e["kind"], e["cause"], e["worker"], e["resumed_from_epoch"]) for e in s["restarts"]] == [
+        ("worker", "hung", 1, 1)]
+    assert {w["rank"]: w["restarts"] for w in s["workers"]} == {0: 0, 1: 1}
+    assert s["shared_state_version"] == SHORT_STEPS, "a hung worker's steps were lost or applied twice"
+
+
+def test_worker_dying_at_the_end_of_an_epoch_is_restarted_like_one_dying_in_it(ray_cluster, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """Killed when the driver gathers its states for the checkpoint: restarted, its blocks redo the epoch
+    from the last checkpoint, the gather is done again; the run finishes with every block."""
+    s = _run(tmp_path, "run", "kill:1@2.end", monkeypatch, *SHORT)
+    out = capsys.readouterr().out
+    assert "worker 1 (blocks 3-4) died at the end of epoch 2, before its checkpoint" in out
+    assert [(e["cause"], e["worker"], e["epoch"], e["resumed_from_epoch"]) for e in s["restarts"]] == [
+        ("died", 1, 2, 1)]
+    assert RunDir(str(tmp_path / "run")).read_manifest()["epochs_done"] == 3
+    assert [b["block"] for b in s["blocks"]] == [1, 2, 3, 4]
+    assert s["shared_state_version"] == SHORT_STEPS
+
+
+def test_server_dying_at_the_end_of_an_epoch_makes_every_worker_redo_it(ray_cluster, tmp_path, monkeypatch,
+                                                                         capsys):
+    """The server restores the previous epoch's checkpoint, so the epoch's updates are gone from it: every
+    worker redoes the epoch from that checkpoint, and the final state holds every block step once."""
+    s = _run(tmp_path, "run", "kill_ps:0@2.end", monkeypatch, *SHORT)
+    out = capsys.readouterr().out
+    assert "parameter server died at the end of epoch 2; every worker redoes epoch 2 from its last checkpoint" in out
+    assert [e["kind"] for e in s["restarts"]] == ["server"]
+    assert s["shared_state_version"] == SHORT_STEPS
+
+
 def test_past_max_restarts_the_run_fails_naming_the_limit(ray_cluster, tmp_path, monkeypatch):
     with pytest.raises(TrainingFailed, match=r"worker 0 \(blocks 1-2\) died in epoch 1.*cluster.max_restarts_per_worker=0"):
         _run(tmp_path, "run", "kill:0@1.2", monkeypatch, "cluster.max_restarts_per_worker=0")
@@ -165,9 +208,9 @@ def test_sync_server_applies_a_round_once_every_worker_pushed_it_in_rank_order()
 
 
 def test_fault_plan_parsing_names_a_bad_item():
-    f = parse_faults("kill:1@2.5, nan:0:3@1.4,kill_ps:0@3.1")
+    f = parse_faults("kill:1@2.5, nan:0:3@1.4,kill_ps:0@3.1,stop:1@2.end")
     assert [(x.kind, x.worker, x.block, x.epoch, x.step) for x in f] == [
-        ("kill", 1, None, 2, 5), ("nan", 0, 3, 1, 4), ("kill_ps", 0, None, 3, 1)]
+        ("kill", 1, None, 2, 5), ("nan", 0, 3, 1, 4), ("kill_ps", 0, None, 3, 1), ("stop", 1, None, 2, END)]
     with pytest.raises(ValueError, match="'nan:0@1.2'"):
         parse_faults("nan:0@1.2")
     assert parse_faults(None) == [] and parse_faults("") == []

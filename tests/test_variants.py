@@ -87,7 +87,7 @@ def test_load_chain_reads_old_dt_files_without_method(tmp_path):
     path = str(tmp_path / "old.pt")
     chain.save(path)
     payload = torch.load(path, weights_only=True)
-    for key in ("method", "inference_steps", "ct_inference"):
+    for key in ("method", "inference_steps", "sampler", "ensemble_draws"):
         payload["spec"].pop(key)
     payload.pop("method", None)
     torch.save(payload, path)
@@ -119,7 +119,7 @@ def _train(spec, digits, steps: int, seed: int = 0):
     return variants.build_chain(spec, [n.state_dict() for n in nets], shared.state_dict())
 
 
-@pytest.mark.parametrize("method,embedding,steps,samplers", [("noprop_ct", "learned", 500, ("chain", "ode")),
+@pytest.mark.parametrize("method,embedding,steps,samplers", [("noprop_ct", "learned", 500, ("eq3", "mean", "ode")),
                                                              ("noprop_fm", "learned", 200, (None,))])
 def test_tiny_training_learns_digits(digits, method, embedding, steps, samplers):
     """K = 2 shards, Adam lr 1e-3, eta 1 as in the paper's CT / FM runs, 100 inference steps: clearly above

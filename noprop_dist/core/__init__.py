@@ -4,7 +4,7 @@
 package-level ``shard_loss`` stays the DT function, with its DT signature).
 """
 from .blocks import DTBlock, ModelSpec, build_block
-from .chain import DTChain, default_device, evaluate_chain
+from .chain import DTChain, default_device, evaluate_chain, evaluate_stages, mean_probabilities
 from .continuous import (
     ContinuousChain, continuous_shard_loss, ct_shard_loss, euler_integrate, fm_path, fm_shard_loss, sample_times,
     shard_interval, step_shards,
@@ -17,7 +17,8 @@ from .shared import SharedState, build_shared, prototype_embedding
 from .variants import METHODS, build_chain, build_shard, load_chain
 
 __all__ = [
-    "DTBlock", "ModelSpec", "build_block", "DTChain", "default_device", "evaluate_chain", "block_loss", "class_logits",
+    "DTBlock", "ModelSpec", "build_block", "DTChain", "default_device", "evaluate_chain", "evaluate_stages",
+    "mean_probabilities", "block_loss", "class_logits",
     "denoised_estimate", "shard_loss", "shared_loss", "DTSchedule", "cosine_abar", "randn_like", "sample_marginal",
     "SharedState", "build_shared", "prototype_embedding",
     "ContinuousChain", "continuous_shard_loss", "ct_shard_loss", "euler_integrate", "fm_path", "fm_shard_loss",

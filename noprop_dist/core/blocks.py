@@ -23,7 +23,10 @@ class ModelSpec:
     abar_max: float
     method: str = "noprop_dt"  # noprop_dt | noprop_ct | noprop_fm (older saved chains have no key: DT)
     inference_steps: int = 1000  # CT / FM: steps of the inference chain / ODE solver
-    ct_inference: str = "chain"  # CT: chain | ode
+    # The chain's default inference sampler (config.SAMPLERS); None: the paper's (config.PAPER_SAMPLER), which
+    # is what chains saved before samplers existed ran, so they re-evaluate as they did.
+    sampler: str | None = None
+    ensemble_draws: int = 8
 
     @property
     def image_like_label(self) -> bool:
@@ -38,6 +41,9 @@ class ModelSpec:
     def from_dict(cls, d: dict) -> "ModelSpec":
         d = dict(d)
         d["image_shape"] = tuple(d["image_shape"])
+        old = d.pop("ct_inference", None)  # the CT sampler's name before eval.sampler: chain | ode
+        if old is not None and "sampler" not in d:
+            d["sampler"] = {"chain": "eq3"}.get(old, old)
         return cls(**d)
 
 

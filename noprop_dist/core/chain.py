@@ -12,12 +12,24 @@ import torch
 from torch import nn
 
 from ..atomic_io import atomic_torch_save
+from ..config import PAPER_SAMPLER, SAMPLERS
 from .blocks import DTBlock, ModelSpec
 from .objectives import class_logits, denoised_estimate
 from .schedule import DTSchedule, randn_like
 from .shared import SharedState
 
 CHAIN_FORMAT = 1
+
+# What a chain records per stage (DT block t, or CT / FM shard k at the end of its interval) when asked to
+# trace: (log-probabilities read out from z after the stage (B, m), the stage's own class log-probabilities
+# from its network's logits (B, m), None for FM whose network outputs a velocity).
+StageTrace = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
+def mean_probabilities(log_probs: list[torch.Tensor]) -> torch.Tensor:
+    """log of the mean of the class probabilities of several runs: [(B, m)] log-probs or logits -> (B, m)."""
+    stacked = torch.log_softmax(torch.stack(log_probs), dim=-1)
+    return torch.logsumexp(stacked, dim=0) - math.log(len(log_probs))
 
 
 def read_chain_file(path: str, map_location: str = "cpu") -> tuple[ModelSpec, dict[str, Any]]:
@@ -87,6 +99,50 @@ class SavedChain(nn.Module):
         self.blocks = nn.ModuleList(shards)
         self.shared = shared
 
+    def sampler_name(self, sampler: str | None = None) -> str:
+        """The sampler a call runs: ``sampler``, else the spec's, else the paper's for the method; ValueError
+        naming the allowed ones when it does not apply to this chain's method."""
+        method = self.spec.method
+        name = sampler or self.spec.sampler or PAPER_SAMPLER[method]
+        allowed = [k for k, methods in SAMPLERS.items() if method in methods]
+        if name not in allowed:
+            raise ValueError(f"sampler {name!r} does not apply to a {method} chain; allowed: {', '.join(allowed)}")
+        return name
+
+    @torch.no_grad()
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, sampler: str | None = None,
+        draws: int | None = None, trace: list[StageTrace] | None = None, **kwargs: Any,
+    ) -> torch.Tensor:
+        """x: (B, C, H, W) normalised images -> class log-probabilities (B, m).
+
+        sampler: config.SAMPLERS (default: :meth:`sampler_name`); draws: the ensemble's noisy runs (default
+        spec.ensemble_draws). trace: a list that gets one :data:`StageTrace` per stage (for the ensemble, each
+        averaged over its runs). kwargs go to the subclass's ``_sample`` (CT / FM: ``steps``).
+        """
+        name = self.sampler_name(sampler)
+        if name != "ensemble":
+            return self._sample(x, generator, name, trace, **kwargs)
+        n = int(draws or self.spec.ensemble_draws)
+        if n < 1:
+            raise ValueError(f"draws must be >= 1, got {n}")
+        noisy = "mean" if self.spec.method == "noprop_fm" else "eq3"  # FM's randomness is its z_0 only
+        runs, traces = [], []
+        for _ in range(n):
+            traces.append([] if trace is not None else None)
+            runs.append(self._sample(x, generator, noisy, traces[-1], **kwargs))
+        if trace is not None:
+            for stage in zip(*traces):  # the n runs' traces of one stage
+                readouts, owns = zip(*stage)
+                trace.append((mean_probabilities(list(readouts)),
+                              None if owns[0] is None else mean_probabilities(list(owns))))
+        return mean_probabilities(runs)
+
+    def _sample(self, x: torch.Tensor, generator: torch.Generator | None, sampler: str,
+                trace: list[StageTrace] | None, **kwargs: Any) -> torch.Tensor:
+        """One run of a single-run sampler (not ensemble): (B, C, H, W) -> log-probabilities (B, m)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
         """(B, C, H, W) -> predicted classes (B,)."""
@@ -125,7 +181,11 @@ class SavedChain(nn.Module):
 
 
 class DTChain(SavedChain):
-    """T blocks + shared state. ``forward(x)`` -> class log-probabilities (B, m)."""
+    """T blocks + shared state. ``forward(x)`` -> class log-probabilities (B, m).
+
+    z_0 ~ N(0, I); block t (t = 1..T, in that order: block t was trained on z_{t-1}'s noise level) gives
+    u_hat_t = softmax(logits_t) @ W_embed and ``z_t = a_t u_hat_t + b_t z_{t-1} (+ sqrt(c_t) eps with eq3)``.
+    """
 
     shard_class = DTBlock
 
@@ -134,16 +194,23 @@ class DTChain(SavedChain):
         self.schedule = DTSchedule.cosine(spec.num_blocks, spec.abar_max)
         self.coefficients = [self.schedule.posterior_coefficients(t) for t in range(1, spec.num_blocks + 1)]
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x: (B, C, H, W) normalised images -> log p(y | z_T), (B, m)."""
+    def readout(self, z: torch.Tensor) -> torch.Tensor:
+        """The head's class log-probabilities at z: (B, d) -> (B, m)."""
+        return torch.log_softmax(class_logits(self.shared, z, self.spec.class_prob, self.spec.radial_sigma), dim=1)
+
+    def _sample(self, x: torch.Tensor, generator: torch.Generator | None, sampler: str,
+                trace: list[StageTrace] | None) -> torch.Tensor:
+        """eq3 or mean: x (B, C, H, W) normalised images -> log p(y | z_T), (B, m)."""
         embed = self.shared.embed
         z = randn_like(x.new_empty((x.shape[0], embed.shape[1])), generator)
         for block, (a, b, c) in zip(self.blocks, self.coefficients):
-            u_hat = denoised_estimate(block(z, x), embed)
-            z = a * u_hat + b * z + math.sqrt(c) * randn_like(z, generator)
-        logits = class_logits(self.shared, z, self.spec.class_prob, self.spec.radial_sigma)
-        return torch.log_softmax(logits, dim=1)
+            logits = block(z, x)
+            z = a * denoised_estimate(logits, embed) + b * z
+            if sampler == "eq3":
+                z = z + math.sqrt(c) * randn_like(z, generator)
+            if trace is not None:
+                trace.append((self.readout(z), torch.log_softmax(logits, dim=1)))
+        return self.readout(z)
 
 
 def default_device() -> torch.device:
@@ -160,24 +227,61 @@ def evaluate_chain(
     seed: int,
     normalize: Any,
     device: torch.device | str | None = None,
+    **forward_kwargs: Any,
 ) -> tuple[float, torch.Tensor]:
     """Accuracy of the chain on uint8 images (N, C, H, W); labels only score, never feed, the chain.
 
     ``normalize(uint8 batch) -> float batch``. The chain runs on ``device`` (None: :func:`default_device`) and
     is moved back where it was;
     its noise comes from a CPU generator seeded with ``seed``, so the draws do not depend on the device.
+    forward_kwargs go to ``chain.predict`` (a NoProp chain's ``sampler``, ``draws``, ``steps``).
     Returns (accuracy in [0, 1], predictions (N,) on the CPU).
     """
+    acc, preds, _ = evaluate_stages(chain, images, labels, batch_size, seed, normalize, device, stages=False,
+                                    **forward_kwargs)
+    return acc, preds
+
+
+@torch.no_grad()
+def evaluate_stages(
+    chain: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    normalize: Any,
+    device: torch.device | str | None = None,
+    stages: bool = True,
+    **forward_kwargs: Any,
+) -> tuple[float, torch.Tensor, list[dict[str, float | None]]]:
+    """:func:`evaluate_chain` (same predictions for the same seed) plus, with ``stages``, one entry per stage
+    of a NoProp chain (DT block, CT / FM shard): ``{"chain_accuracy": accuracy of the chain stopped after the
+    stage, read out at its z; "own_accuracy": the stage's network's own prediction, None for FM}``.
+    Returns (accuracy, predictions (N,), stage entries: [] without ``stages``)."""
     chain.eval()
     device = default_device() if device is None else torch.device(device)
     home = next(chain.parameters()).device
     chain.to(device)
+    preds: list[torch.Tensor] = []
+    right: list[list[float]] = []  # per stage: [chain correct, own correct]
     try:
         gen = torch.Generator().manual_seed(seed)
-        preds = torch.cat([
-            chain.predict(normalize(images[i : i + batch_size].to(device)), gen).cpu()
-            for i in range(0, images.shape[0], batch_size)
-        ])
+        for i in range(0, images.shape[0], batch_size):
+            x = normalize(images[i : i + batch_size].to(device))
+            if not stages:
+                preds.append(chain.predict(x, gen, **forward_kwargs).cpu())
+                continue
+            trace: list[StageTrace] = []
+            preds.append(chain(x, gen, trace=trace, **forward_kwargs).argmax(dim=1).cpu())
+            y = labels[i : i + batch_size]
+            if not right:
+                right = [[0.0, 0.0] for _ in trace]
+            for counts, (readout, own) in zip(right, trace, strict=True):
+                counts[0] += float((readout.argmax(dim=1).cpu() == y).sum())
+                counts[1] = float("nan") if own is None else counts[1] + float((own.argmax(dim=1).cpu() == y).sum())
     finally:
         chain.to(home)
-    return float((preds == labels).float().mean()), preds
+    pred = torch.cat(preds)
+    n = images.shape[0]
+    table = [{"chain_accuracy": c / n, "own_accuracy": None if math.isnan(o) else o / n} for c, o in right]
+    return float((pred == labels).float().mean()), pred, table

@@ -19,13 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from .blocks import ModelSpec
-from .chain import SavedChain
+from .chain import SavedChain, StageTrace
 from .ct_blocks import CTBlock
 from .objectives import class_logits, denoised_estimate
 from .schedule import randn_like
 from .shared import SharedState
-
-CT_SAMPLERS = ("chain", "ode")
 
 
 def shard_interval(spec: ModelSpec, k: int) -> tuple[float, float]:
@@ -182,55 +180,74 @@ class ContinuousChain(SavedChain):
     def _time(self, t: float, ref: torch.Tensor) -> torch.Tensor:
         return torch.full((ref.shape[0],), t, dtype=torch.float32, device=ref.device)
 
-    @torch.no_grad()
-    def forward(
-        self, x: torch.Tensor, generator: torch.Generator | None = None, steps: int | None = None,
-        sampler: str | None = None,
-    ) -> torch.Tensor:
-        """x: (B, C, H, W) normalised images -> class log-probabilities (B, m).
+    def readout(self, z: torch.Tensor) -> torch.Tensor:
+        """Class log-probabilities at the end of the chain, z_1: (B, d) -> (B, m). CT: the head; FM: the nearest
+        class embedding (log_softmax of -||z - u_c||^2: the paper predicts the nearest embedding, and unit
+        temperature makes the distances proper log-probabilities)."""
+        if self.spec.method == "noprop_fm":
+            return torch.log_softmax(-torch.cdist(z, self.shared.embed).pow(2), dim=1)
+        return torch.log_softmax(class_logits(self.shared, z, self.spec.class_prob, self.spec.radial_sigma), dim=1)
 
-        steps: N (default spec.inference_steps). sampler (CT only): "chain" | "ode" (default spec.ct_inference).
-        """
+    def _sample(
+        self, x: torch.Tensor, generator: torch.Generator | None, sampler: str,
+        trace: list[StageTrace] | None, steps: int | None = None,
+    ) -> torch.Tensor:
+        """One run of sampler eq3 | mean | ode (CT) or mean (FM's Euler solve): x (B, C, H, W) normalised images
+        -> class log-probabilities (B, m). steps: N (default spec.inference_steps).
+
+        trace gets one entry per shard, taken after the shard's last step: the readout there (for FM of the
+        endpoint the step's velocity points at, z + (1 - t) v) and, for CT, the shard's own class prediction."""
         n_steps = int(steps or self.spec.inference_steps)
         if n_steps < 1:
             raise ValueError(f"steps must be >= 1, got {n_steps}")
         embed = self.shared.embed
         features = [net.encode_image(x) for net in self.blocks]
         shard_of = step_shards(n_steps, len(self.blocks))
+        last_of_shard = {n for n in range(n_steps) if n == n_steps - 1 or shard_of[n + 1] != shard_of[n]}
         z0 = randn_like(torch.empty((x.shape[0], embed.shape[1]), device=x.device), generator)
 
         def logits_at(z: torch.Tensor, t: float, n: int) -> torch.Tensor:
             k = shard_of[n]
             return self.blocks[k].forward_features(features[k], z, self._time(t, z))
 
+        def record(n: int, z_next: torch.Tensor, logits: torch.Tensor) -> None:
+            """The trace entry of step n's shard when n is its last step; z_next is z at t_{n+1}."""
+            if trace is None or n not in last_of_shard:
+                return
+            if self.spec.method == "noprop_fm":
+                ahead = z_next + (1 - (n + 1) / n_steps) * fm_velocity(logits, embed)
+                trace.append((self.readout(ahead), None))
+            else:
+                trace.append((self.readout(z_next), torch.log_softmax(logits, dim=1)))
+
         if self.spec.method == "noprop_fm":
-            return self._fm(z0, logits_at, n_steps)
-        sampler = sampler or self.spec.ct_inference
-        if sampler == "chain":
-            z = self._ct_chain(z0, logits_at, n_steps, generator)
-        elif sampler == "ode":
-            z = self._ct_ode(z0, logits_at, n_steps)
+            z = self._fm(z0, logits_at, n_steps, record)
+        elif sampler in ("eq3", "mean"):
+            z = self._ct_chain(z0, logits_at, n_steps, generator if sampler == "eq3" else None, record)
         else:
-            raise ValueError(f"unknown CT sampler {sampler!r}; allowed: {', '.join(CT_SAMPLERS)}")
-        logits = class_logits(self.shared, z, self.spec.class_prob, self.spec.radial_sigma)
-        return torch.log_softmax(logits, dim=1)
+            z = self._ct_ode(z0, logits_at, n_steps, record)
+        return self.readout(z)
 
     def _abar_grid(self, n_steps: int, device: torch.device) -> torch.Tensor:
         """abar(t_n) of the learned schedule on t_n = n/N, n = 0..N, in float64: (N + 1,)."""
         grid = torch.arange(n_steps + 1, dtype=torch.float64, device=device) / n_steps
         return self.shared.schedule.abar(grid)
 
-    def _ct_chain(self, z: torch.Tensor, logits_at: Callable, n_steps: int,
-                  generator: torch.Generator | None) -> torch.Tensor:
-        """Eq. 3 between abar(t_n) and abar(t_{n+1}) with u_y replaced by u_hat: the DT chain on a fine grid."""
+    def _ct_chain(self, z: torch.Tensor, logits_at: Callable, n_steps: int, noise: torch.Generator | None,
+                  record: Callable) -> torch.Tensor:
+        """Eq. 3 between abar(t_n) and abar(t_{n+1}) with u_y replaced by u_hat: the DT chain on a fine grid.
+        noise: the generator of its noise term (eq3), or None to leave the term out (mean)."""
         a, b, c = (v.tolist() for v in ct_chain_coefficients(self._abar_grid(n_steps, z.device)))
         embed = self.shared.embed
         for n in range(n_steps):
-            u_hat = denoised_estimate(logits_at(z, n / n_steps, n), embed)
-            z = a[n] * u_hat + b[n] * z + c[n] ** 0.5 * randn_like(z, generator)
+            logits = logits_at(z, n / n_steps, n)
+            z = a[n] * denoised_estimate(logits, embed) + b[n] * z
+            if noise is not None:
+                z = z + c[n] ** 0.5 * randn_like(z, noise)
+            record(n, z, logits)
         return z
 
-    def _ct_ode(self, z: torch.Tensor, logits_at: Callable, n_steps: int) -> torch.Tensor:
+    def _ct_ode(self, z: torch.Tensor, logits_at: Callable, n_steps: int, record: Callable) -> torch.Tensor:
         """Deterministic probability-flow ODE of the variance-preserving process, DDIM form:
         ``z_{n+1} = sqrt(abar_{n+1}) u_hat + sqrt(1 - abar_{n+1}) eps_hat``,
         ``eps_hat = (z_n - sqrt(abar_n) u_hat) / sqrt(1 - abar_n)``.
@@ -245,17 +262,21 @@ class ContinuousChain(SavedChain):
         sa, s1a = abar.sqrt().tolist(), (1 - abar).sqrt().tolist()
         embed = self.shared.embed
         for n in range(n_steps):
-            u_hat = denoised_estimate(logits_at(z, n / n_steps, n), embed)
+            logits = logits_at(z, n / n_steps, n)
+            u_hat = denoised_estimate(logits, embed)
             eps_hat = (z - sa[n] * u_hat) / s1a[n]
             z = sa[n + 1] * u_hat + s1a[n + 1] * eps_hat
+            record(n, z, logits)
         return z
 
-    def _fm(self, z0: torch.Tensor, logits_at: Callable, n_steps: int) -> torch.Tensor:
-        """Euler from t = 0 to 1 with v = logits @ W_embed; returns log_softmax(-||z_1 - u_c||^2) over classes c.
-
-        The paper predicts the nearest class embedding; negative squared distances as class scores make the
-        argmax exactly that, and turn the distances into proper log-probabilities (unit temperature).
-        """
+    def _fm(self, z: torch.Tensor, logits_at: Callable, n_steps: int, record: Callable) -> torch.Tensor:
+        """Euler from t = 0 to 1 with v = logits @ W_embed (:func:`euler_integrate`'s steps); returns z_1."""
         embed = self.shared.embed
-        z1 = euler_integrate(lambda z, t, n: fm_velocity(logits_at(z, t, n), embed), z0, n_steps)
-        return torch.log_softmax(-torch.cdist(z1, embed).pow(2), dim=1)
+
+        def field(z_n: torch.Tensor, t: float, n: int) -> torch.Tensor:
+            logits = logits_at(z_n, t, n)
+            v = fm_velocity(logits, embed)
+            record(n, z_n + v / n_steps, logits)
+            return v
+
+        return euler_integrate(field, z, n_steps)

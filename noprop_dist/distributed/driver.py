@@ -19,7 +19,8 @@ from ..metrics import run_id as metrics_run_id
 from ..progress import ProgressDisplay
 from ..report import MetricsLog, write_report
 from ..training import (
-    assign_blocks, evaluate_states, initial_prototypes, model_spec, peak_rss_mb, replica_key, train_subset_accuracy,
+    assign_blocks, evaluate_states, final_evaluation, initial_prototypes, model_spec, peak_rss_mb, replica_key,
+    train_subset_accuracy,
 )
 from .cluster import connect
 from .faults import faults_from_env
@@ -28,6 +29,9 @@ from .supervisor import RestartBudget, TrainingFailed
 from .worker import Worker
 
 PLACEMENT_TIMEOUT_S = 120
+# The automatic cluster.hang_timeout_s never goes below this: starting an actor, importing torch and the first
+# steps of a restarted worker take tens of seconds on a loaded machine.
+HANG_FLOOR_S = 120.0
 CURVE_FILE = "curve.json"  # test accuracy against cumulative training time, one point per evaluation
 
 
@@ -100,9 +104,24 @@ class _Supervisor:
                             f"({', '.join(replica_key(g) for g in self.groups)}): their optimizers start afresh")
         self.workers = [self._worker(w, resume, 0) for w in range(c.num_workers)]
         self.last_progress: dict[int, dict] = {}
+        # Hang detection: per worker (its pid, its steps so far, when that count was first seen); the longest
+        # gap between two steps of one process seen in the run; when the server last answered.
+        self.advanced: dict[int, tuple[int | None, int | None, float]] = {}
+        self.slowest_gap = 0.0
+        self.server_seen, self.server_answers = time.monotonic(), True  # its last answer; whether the last call got one
+        self.answered: dict[int, bool] = {}  # whether the worker's last progress call was answered
 
-    def _worker(self, w: int, resume: Resume | None, restarts: int) -> "ray.actor.ActorHandle":
-        """Worker w, with its blocks' and its replica's states from ``resume`` (None: a fresh start)."""
+    def hang_timeout(self) -> float:
+        """Seconds without a step after which a training worker counts as hung (cluster.hang_timeout_s)."""
+        fixed = self.cfg.cluster.hang_timeout_s
+        return fixed if fixed > 0 else max(HANG_FLOOR_S, 10 * self.slowest_gap)
+
+    def _worker(self, w: int, resume: Resume | None, restarts: int, first: bool | None = None
+                ) -> "ray.actor.ActorHandle":
+        """Worker w, with its blocks' and its replica's states from ``resume`` (None: a fresh start).
+        first: whether this is its first incarnation, the only one injected faults fire in (default: no
+        restarts yet)."""
+        first = restarts == 0 if first is None else first
         c, group = self.cfg.cluster, self.groups[w]
         states = {t: resume.block_states[t] for t in group} if resume else None
         replica = resume.replica_states.get(replica_key(group)) if resume else None
@@ -112,23 +131,25 @@ class _Supervisor:
         ).remote(
             w, self.spec, group, self.cfg.train, worker_threads(c), c.device, self.x_ref, self.y_ref,
             self.dataset.mean, self.dataset.std, self.server, states, replica, run_id=self.run_label,
-            restarts=restarts, faults=[f for f in self.faults if f.worker == w] if restarts == 0 else None,
+            restarts=restarts, faults=[f for f in self.faults if f.worker == w] if first else None,
         )
 
     def _blocks(self, w: int) -> str:
         g = self.groups[w]
         return f"block {g[0]}" if len(g) == 1 else f"blocks {g[0]}-{g[-1]}"
 
-    def _restart(self, w: int, epoch: int, error: Exception) -> "ray.ObjectRef":
-        """Worker w died during ``epoch`` (0-based): a new one in its bundle, from the last checkpoint."""
-        what = f"worker {w} ({self._blocks(w)}) died in epoch {epoch + 1} ({type(error).__name__})"
+    def _restart(self, w: int, epoch: int, why: str, kind: str = "died") -> "ray.ObjectRef":
+        """Worker w died (or hung) during ``epoch`` (0-based): a new one in its bundle, from the last checkpoint,
+        redoing the epochs since. ``why``: what happened, for the message; ``kind``: died | hung."""
+        what = f"worker {w} ({self._blocks(w)}) {why}"
         n = self.budget.worker_restart(w, what)
-        ray.kill(self.workers[w])  # already gone; makes sure its bundle is free
+        ray.kill(self.workers[w])  # already gone, or hung: makes sure its bundle is free
         resume = self.rundir.load_resume(self.spec.num_blocks, warn=self.display.message)
         from_epoch = resume.epochs_done if resume else 0
         self.workers[w] = self._worker(w, resume, n)
-        self.events.append({"kind": "worker", "worker": w, "blocks": self.groups[w], "epoch": epoch + 1,
-                            "restart": n, "resumed_from_epoch": from_epoch, "time": time.time()})
+        self.advanced[w] = (None, None, time.monotonic())
+        self.events.append({"kind": "worker", "cause": kind, "worker": w, "blocks": self.groups[w],
+                            "epoch": epoch + 1, "restart": n, "resumed_from_epoch": from_epoch, "time": time.time()})
         self.display.message(
             f"{what}; restarted ({n}/{self.cfg.cluster.max_restarts_per_worker}), its blocks redo "
             f"epoch{'s' if epoch > from_epoch else ''} {from_epoch + 1}{f'-{epoch + 1}' if epoch > from_epoch else ''} "
@@ -137,15 +158,54 @@ class _Supervisor:
         )
         return self.workers[w].train_epochs.remote(list(range(from_epoch, epoch + 1)))
 
+    def _check_hangs(self, pending: dict[int, Any], epoch: int) -> None:
+        """Restart the pending workers that have made no step for :meth:`hang_timeout` seconds.
+
+        In sync mode one hung worker soon stalls the others (they wait for its pushes), but those still
+        answer progress calls: only the silent ones are restarted. Nothing is restarted while the server is silent: the workers wait for it, and it is the one
+        to restart (:meth:`_watch_server`).
+        """
+        now = time.monotonic()
+        if not self.server_answers:
+            return
+        stalled = []
+        for w in pending:
+            report = self.last_progress.get(w)
+            pid = report["pid"] if report else None
+            steps = sum(b["total_steps"] for b in report["blocks"].values()) if report else None
+            seen_pid, seen_steps, since = self.advanced.get(w, (None, None, now))
+            if (pid, steps) != (seen_pid, seen_steps):
+                if pid == seen_pid and seen_steps is not None:  # a step of the same process: a gap measured
+                    self.slowest_gap = max(self.slowest_gap, now - since)
+                self.advanced[w] = (pid, steps, now)
+            elif now - since > self.hang_timeout():
+                stalled.append((w, now - since))
+        silent = [(w, gap) for w, gap in stalled if not self.answered.get(w, False)]
+        limit = self.cfg.cluster.hang_timeout_s
+        rule = f"cluster.hang_timeout_s={limit:g}" if limit > 0 else \
+            f"automatic hang timeout {self.hang_timeout():.0f}s; cluster.hang_timeout_s sets it"
+        # Stalled workers that still answer wait for a silent or a slow one; they are restarted only when
+        # every worker is stalled and answering (a deadlock the silent ones do not explain).
+        hung = silent or (stalled if len(stalled) == len(pending) else [])
+        for w, gap in hung:
+            pending[w] = self._restart(w, epoch, f"made no step for {gap:.0f}s in epoch {epoch + 1} ({rule})", "hung")
+
     def _watch_server(self) -> None:
         """Notice a restarted parameter server (new pid); fail when it is gone for good."""
         try:
             ident = ray.get(self.server.identity.remote(), timeout=2.0)
         except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+            self.server_answers = False
+            silent = time.monotonic() - self.server_seen
+            if silent > self.hang_timeout():  # hung (stopped, deadlocked): kill it and let Ray restart it
+                self.display.message(f"parameter server did not answer for {silent:.0f}s; killed, Ray restarts it")
+                ray.kill(self.server, no_restart=False)
+                self.server_seen = time.monotonic()  # give the new incarnation the same time to come up
             return  # restarting, or busy: look again next time
         except ray.exceptions.RayActorError as e:
             raise TrainingFailed(f"parameter server died and was not restarted "
                                  f"(cluster.max_restarts={self.cfg.cluster.max_restarts}): {e}") from None
+        self.server_seen, self.server_answers = time.monotonic(), True
         if ident["pid"] != self.server_pid:
             self.server_pid = ident["pid"]
             what = ("parameter server restarted; it restored "
@@ -162,13 +222,20 @@ class _Supervisor:
         for w, ref in refs.items():
             try:
                 self.last_progress[w] = ray.get(ref, timeout=5.0)
+                self.answered[w] = True
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                pass
+                self.answered[w] = False
         return list(self.last_progress.values())
 
     def run_epoch(self, epoch: int, mlog: MetricsLog) -> list[dict]:
         """Every worker trains ``epoch``; dead workers are restarted until the limits. Returns the reports."""
-        pending = {w: h.train_epoch.remote(epoch) for w, h in enumerate(self.workers)}
+        now = time.monotonic()
+        self.advanced = {w: (None, None, now) for w in range(len(self.workers))}
+        return self._drive({w: h.train_epoch.remote(epoch) for w, h in enumerate(self.workers)}, epoch, mlog)
+
+    def _drive(self, pending: dict[int, Any], epoch: int, mlog: MetricsLog) -> list[dict]:
+        """Wait for the workers' train calls of ``epoch`` in ``pending`` (worker -> ref), restarting dead and hung
+        ones; returns their reports in worker order."""
         results: dict[int, dict] = {}
         while pending:
             ray.wait(list(pending.values()), num_returns=len(pending), timeout=1.0)
@@ -180,21 +247,75 @@ class _Supervisor:
                 try:
                     results[w] = self.last_progress[w] = ray.get(ref)
                 except ray.exceptions.RayActorError as e:  # its process died
-                    pending[w] = self._restart(w, epoch, e)
+                    pending[w] = self._restart(w, epoch, f"died in epoch {epoch + 1} ({type(e).__name__})")
                 except ray.exceptions.RayTaskError as e:
                     first = str(e.cause if e.cause is not None else e).strip().splitlines()[-1]
                     raise TrainingFailed(f"worker {w} ({self._blocks(w)}) failed in epoch {epoch + 1}: {first}") from None
             self._watch_server()
             blocks, by_rank = _split(self._poll(pending))
+            self._check_hangs(pending, epoch)
             self.display.update(blocks, self.owner)
             mlog.record(blocks, by_rank, self.owner)
         return [results[w] for w in sorted(results)]
 
-    def states(self) -> tuple[dict[int, dict], dict, dict[str, dict]]:
-        """(block states, server state, replica states by group key) as they stand between epochs."""
-        blocks = {t: s for part in ray.get([w.state_dicts.remote() for w in self.workers]) for t, s in part.items()}
-        replicas = dict(ray.get([w.replica_state.remote() for w in self.workers]))
-        return blocks, ray.get(self.server.state_dict.remote()), replicas
+    def states(self, epoch: int, mlog: MetricsLog) -> tuple[dict[int, dict], dict, dict[str, dict]]:
+        """(block states, server state, replica states by group key) at the end of ``epoch`` (0-based).
+
+        A worker that dies after its epoch ended, before its states are gathered, is restarted like one that
+        died in the epoch: it redoes the epochs since the last checkpoint, then the gather is done again. A
+        parameter server that dies then has lost the epoch's updates (it restores the last checkpoint), so
+        every worker redoes the epoch from that checkpoint.
+        """
+        while True:
+            parts, replicas = {}, {}
+            for w, h in enumerate(self.workers):
+                try:
+                    parts[w] = ray.get(h.state_dicts.remote(epoch))
+                    key, replica = ray.get(h.replica_state.remote())
+                    replicas[key] = replica
+                except ray.exceptions.RayActorError as e:
+                    ref = self._restart(w, epoch, f"died at the end of epoch {epoch + 1}, before its checkpoint "
+                                                  f"({type(e).__name__})")
+                    self._drive({w: ref}, epoch, mlog)
+                    break
+            else:
+                try:
+                    server = ray.get(self.server.state_dict.remote())
+                except ray.exceptions.RayActorError:
+                    self._redo_epoch(epoch, mlog)
+                    continue
+                blocks = {t: s for part in parts.values() for t, s in part.items()}
+                return blocks, server, replicas
+
+    def _redo_epoch(self, epoch: int, mlog: MetricsLog) -> None:
+        """The server died after the workers finished ``epoch``: once Ray has restarted it (from the last
+        checkpoint), every worker starts again from that checkpoint and redoes the epochs since. The server's
+        restart counts against cluster.max_restarts; the workers' do not (nothing was wrong with them)."""
+        deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
+        while True:
+            self._watch_server()
+            try:
+                ray.get(self.server.identity.remote(), timeout=2.0)
+                break
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
+                if time.monotonic() > deadline:
+                    raise TrainingFailed(f"parameter server did not come back within {PLACEMENT_TIMEOUT_S}s "
+                                         f"after dying at the end of epoch {epoch + 1}") from None
+                time.sleep(0.5)
+        self._watch_server()  # counts the restart (a new pid)
+        resume = self.rundir.load_resume(self.spec.num_blocks, warn=self.display.message)
+        from_epoch = resume.epochs_done if resume else 0
+        self.display.message(f"parameter server died at the end of epoch {epoch + 1}; every worker redoes "
+                             f"epoch{'s' if epoch > from_epoch else ''} {from_epoch + 1}"
+                             f"{f'-{epoch + 1}' if epoch > from_epoch else ''} from its last checkpoint")
+        pending = {}
+        for w, h in enumerate(self.workers):
+            ray.kill(h)
+            self.workers[w] = self._worker(w, resume, self.budget.by_worker.get(w, 0), first=False)
+            pending[w] = self.workers[w].train_epochs.remote(list(range(from_epoch, epoch + 1)))
+        now = time.monotonic()
+        self.advanced = {w: (None, None, now) for w in pending}
+        self._drive(pending, epoch, mlog)
 
     def close(self) -> None:
         for w in self.workers:
@@ -230,7 +351,7 @@ def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: An
             every = cfg.eval.every_epochs
             evaluate_now = every > 0 and done % every == 0 and done < cfg.train.epochs
             if done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs or evaluate_now:
-                states, shared_state, replicas = sup.states()
+                states, shared_state, replicas = sup.states(epoch, mlog)
             if done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs:
                 rundir.save_epoch(done, states, shared_state, train_seconds, replicas)
                 display.message(f"epoch {done}/{cfg.train.epochs} done in {epoch_seconds[-1]:.1f}s; "
@@ -317,7 +438,8 @@ def _run(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Callable[[str]
     finally:
         if started:
             ray.shutdown()
-    chain, accuracy = evaluate_states(spec, dataset, states, shared_state, cfg.eval.batch_size, cfg.eval.seed)
+    chain, evaluation = final_evaluation(spec, dataset, states, shared_state, cfg.eval.batch_size, cfg.eval.seed)
+    accuracy = evaluation["test_accuracy"]
     if not curve or curve[-1]["epoch"] < cfg.train.epochs:
         curve.append({"epoch": cfg.train.epochs, "train_seconds": train_seconds, "test_accuracy": accuracy})
         atomic_write_json(rundir.file(CURVE_FILE), curve)
@@ -328,7 +450,7 @@ def _run(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Callable[[str]
         "eval_seed": cfg.eval.seed, "eval_batch_size": cfg.eval.batch_size,
     })
     summary = _summary(cfg, spec, accuracy, train_accuracy, train_seconds, reports, shared_state, rundir, curve,
-                       events) | {"run_id": run_label}
+                       events) | {"run_id": run_label} | evaluation
     atomic_write_json(rundir.file("summary.json"), summary)
     write_report(rundir.path, summary, run_label)
     return summary

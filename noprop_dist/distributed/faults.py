@@ -4,8 +4,10 @@ The driver reads the plan from the environment variable ``NOPROP_FAULTS`` (never
 is not something a run should carry) and hands each worker its part. Comma-separated items:
 
     kill:W@E.S       worker W kills its own process (SIGKILL) after step S of epoch E (1-based;
-                     S = 0: before the epoch's first step)
+                     S = 0: before the epoch's first step; S = end: after the epoch ended, when the driver
+                     gathers the worker's states for the checkpoint)
     kill_ps:W@E.S    worker W SIGKILLs the parameter server's process at that point
+    stop:W@E.S       worker W stops its own process (SIGSTOP: a hang, not a death) at that point
     nan:W:B@E.S      worker W fills block B's weights with NaN at that point
 
 Each item fires once, in the worker's first incarnation only (a restarted worker runs clean).
@@ -21,15 +23,16 @@ from typing import Callable
 import torch
 
 ENV_VAR = "NOPROP_FAULTS"
-_ITEM = re.compile(r"^(kill|kill_ps|nan):(\d+)(?::(\d+))?@(\d+)\.(\d+)$")
+_ITEM = re.compile(r"^(kill|kill_ps|stop|nan):(\d+)(?::(\d+))?@(\d+)\.(\d+|end)$")
+END = -1  # the step number of ".end": after the epoch, at the gather of the worker's states
 
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # kill | kill_ps | nan
+    kind: str  # kill | kill_ps | stop | nan
     worker: int
     epoch: int  # 1-based, as progress lines count
-    step: int  # 1-based step (mini-batch) within the epoch; 0: before the first
+    step: int  # 1-based step (mini-batch) within the epoch; 0: before the first; END: at the gather after it
     block: int | None = None
 
 
@@ -39,9 +42,10 @@ def parse_faults(text: str | None) -> list[Fault]:
     for item in filter(None, (t.strip() for t in (text or "").split(","))):
         m = _ITEM.match(item)
         if m is None or (m.group(1) == "nan") != (m.group(3) is not None):
-            raise ValueError(f"{ENV_VAR}: malformed item {item!r}; expected kill:W@E.S, kill_ps:W@E.S or nan:W:B@E.S")
+            raise ValueError(f"{ENV_VAR}: malformed item {item!r}; expected kill:W@E.S, kill_ps:W@E.S, stop:W@E.S "
+                             "or nan:W:B@E.S (S: a step number or end)")
         kind, w, b, e, s = m.groups()
-        faults.append(Fault(kind, int(w), int(e), int(s), int(b) if b else None))
+        faults.append(Fault(kind, int(w), int(e), END if s == "end" else int(s), int(b) if b else None))
     return faults
 
 
@@ -53,15 +57,18 @@ def fault_hook(
     faults: list[Fault], blocks: dict[int, torch.nn.Module], server_pid: Callable[[], int],
     log: Callable[[str], None],
 ) -> Callable[[int, int], None]:
-    """A per-step callback ``(epoch 0-based, step) -> None`` that fires this worker's faults."""
+    """A per-step callback ``(epoch 0-based, step) -> None`` that fires this worker's faults (step END: the
+    driver gathers the states after that epoch)."""
     pending = list(faults)
 
     def hook(epoch: int, step: int) -> None:
         for f in [f for f in pending if (f.epoch, f.step) == (epoch + 1, step)]:
             pending.remove(f)
-            log(f"fault injection: {f.kind} at epoch {f.epoch} step {f.step}")
+            log(f"fault injection: {f.kind} at epoch {f.epoch} " + ("end" if f.step == END else f"step {f.step}"))
             if f.kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            elif f.kind == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
             elif f.kind == "kill_ps":
                 os.kill(server_pid(), signal.SIGKILL)
             else:

@@ -13,7 +13,7 @@ from ..config import TrainConfig
 from ..core import ModelSpec
 from ..shared_server import Round, ServerRestarted, Snapshot
 from ..training import ShardGroup, peak_rss_mb
-from .faults import Fault, fault_hook
+from .faults import END, Fault, fault_hook
 from .param_server import WireSnapshot, snapshot_from_wire, to_wire
 from .telemetry import WorkerTelemetry
 
@@ -227,7 +227,10 @@ class Worker:
         """What ``train_epoch`` returns, mid-epoch: the worker's report and its blocks' counters."""
         return self.report() | {"blocks": {t: st.as_dict() for t, st in self.group.stats.items()}}
 
-    def state_dicts(self) -> dict[int, dict]:
+    def state_dicts(self, epoch: int | None = None) -> dict[int, dict]:
+        """The blocks' states; epoch (0-based): the one just trained, for faults injected at its gather."""
+        if self.faults is not None and epoch is not None:
+            self.faults(epoch, END)
         return self.group.state_dicts()
 
     def replica_state(self) -> tuple[str, dict]:
