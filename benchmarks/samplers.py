@@ -15,6 +15,7 @@ and samplers_<name>.png (accuracy along the chain, one line per sampler).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -67,7 +68,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     seen = set()
-    for r in rows:
+    most = max((r["steps"] or 0) for r in rows)
+    for r in (r for r in rows if (r["steps"] or 0) == most):  # CT / FM: the largest step count only
         key = (r["sampler"], r.get("draws"), r["steps"])
         if key in seen:  # eq3's further seeds: one line per sampler
             continue
@@ -79,6 +81,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         if r["sampler"] in ("eq3", "mean") and r["stages"][0]["own_accuracy"] is not None:
             ax.plot(k, [100 * s["own_accuracy"] for s in r["stages"]], linestyle=":", color=line.get_color(),
                     label=f"{label}: the stage's own prediction")
+    ax.set_xticks(range(1, len(rows[0]["stages"]) + 1))
     ax.set_xlabel("stage (DT block t / CT shard k): the chain stopped there")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
@@ -95,10 +98,18 @@ def main() -> None:
     p.add_argument("--config", help="config file (default: the built-in defaults, the quickstart)")
     p.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE")
     p.add_argument("--run-dir", help="a finished run to re-measure instead of training one")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot from the result file")
     p.add_argument("--seeds", type=int, default=3, help="noise seeds of the eq3 sampler")
     p.add_argument("--draws", type=int, nargs="*", default=[4, 8], help="ensemble sizes")
     p.add_argument("--steps", type=int, nargs="*", default=[1000], help="CT / FM inference steps")
     args = p.parse_args()
+    png = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"samplers_{args.name}.png")
+    title = f"{args.name}: test accuracy along the chain, by sampler"
+    if args.replot:
+        path = os.path.join(os.path.dirname(png), f"samplers_{args.name}.json")
+        with open(path, encoding="utf-8") as f:
+            plot(json.load(f)["rows"], png, title)
+        return
     summary = None
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run_dir
@@ -115,8 +126,7 @@ def main() -> None:
         payload["train"] = {k: summary.get(k) for k in ("dataset", "method", "epochs", "num_workers", "train_seconds",
                                                        "test_accuracy_by_sampler", "curve")}
     print(f"written: {write_result(f'samplers_{args.name}', payload)}")
-    plot(rows, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"samplers_{args.name}.png"),
-         f"{args.name}: test accuracy along the chain, by sampler")
+    plot(rows, png, title)
 
 
 if __name__ == "__main__":

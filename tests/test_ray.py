@@ -68,6 +68,28 @@ def test_two_workers_train_assemble_and_evaluate_above_chance(ray_cluster, tmp_p
     assert preds.shape == (50,) and (preds == ds.test_y[:50]).mean() > 0.5
 
 
+def test_training_figures_survive_a_driver_killed_during_the_final_evaluation(ray_cluster, tmp_path, monkeypatch):
+    """The per-block figures live only in the driver until summary.json holds them: a driver stopped
+    during the final evaluation (here by an exception there) must leave them for the re-evaluation."""
+    import noprop_dist.distributed.driver as driver
+
+    cfg = _cfg(tmp_path, "model.num_blocks=2", "cluster.num_workers=1", "train.epochs=1")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(driver, "final_evaluation", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(cfg, log=lambda s: None)
+    partial = json.loads((tmp_path / "summary.json").read_text())
+    assert partial["status"] == "evaluating" and partial["test_accuracy"] is None
+    summary = run_training(cfg, log=lambda s: None)  # the run is finished: re-evaluated, not retrained
+    assert summary["status"] == "done" and summary["test_accuracy"] is not None
+    assert [b["block"] for b in summary["blocks"]] == [1, 2]
+    assert summary["blocks"] == partial["blocks"] and summary["epoch_seconds"] == partial["epoch_seconds"]
+
+
 def test_async_mode_trains_and_applies_every_push(ray_cluster, tmp_path):
     cfg = _cfg(tmp_path, "model.num_blocks=4", "cluster.num_workers=2", "train.epochs=3",
                "train.sync_mode=async", "train.sync_every=2", "data.train_limit=1438", "data.test_limit=359")

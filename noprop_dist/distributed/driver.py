@@ -438,6 +438,12 @@ def _run(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Callable[[str]
     finally:
         if started:
             ray.shutdown()
+    if reports:
+        # The training figures exist only in this process until summary.json holds them: written now, before
+        # the evaluation, a driver killed from here on leaves them for the re-evaluation to keep.
+        atomic_write_json(rundir.file("summary.json"), _summary(
+            cfg, spec, None, None, train_seconds, reports, shared_state, rundir, curve, events)
+            | {"run_id": run_label, "status": "evaluating"})
     chain, evaluation = final_evaluation(spec, dataset, states, shared_state, cfg.eval.batch_size, cfg.eval.seed)
     accuracy = evaluation["test_accuracy"]
     if not curve or curve[-1]["epoch"] < cfg.train.epochs:
@@ -450,7 +456,7 @@ def _run(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Callable[[str]
         "eval_seed": cfg.eval.seed, "eval_batch_size": cfg.eval.batch_size,
     })
     summary = _summary(cfg, spec, accuracy, train_accuracy, train_seconds, reports, shared_state, rundir, curve,
-                       events) | {"run_id": run_label} | evaluation
+                       events) | {"run_id": run_label, "status": "done"} | evaluation
     atomic_write_json(rundir.file("summary.json"), summary)
     write_report(rundir.path, summary, run_label)
     return summary
@@ -462,7 +468,7 @@ def _shards(spec: Any) -> str:
     return f"{spec.method}, K={spec.num_blocks} time-shard{'s' if spec.num_blocks > 1 else ''}"
 
 
-def _summary(cfg: Config, spec: Any, accuracy: float, train_accuracy: float, train_seconds: float,
+def _summary(cfg: Config, spec: Any, accuracy: float | None, train_accuracy: float | None, train_seconds: float,
              reports: list[dict], shared_state: dict, rundir: RunDir, curve: list[dict],
              events: list[dict]) -> dict[str, Any]:
     old = {}
@@ -472,6 +478,7 @@ def _summary(cfg: Config, spec: Any, accuracy: float, train_accuracy: float, tra
                 old = json.load(f)
         except (OSError, ValueError):
             old = {}
+        old = old if isinstance(old, dict) else {}
     blocks = [
         {"block": int(t), "worker": r["rank"], "samples_per_second": b["samples_per_second"],
          "final_loss": b["loss"], "last_epoch_mean_loss": b["last_epoch_mean_loss"], "steps": b["total_steps"],
