@@ -84,9 +84,13 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str, warn: Callable[[str], None] = print) -> list[dict]:
-    """The rows of ``<run.dir>/metrics.jsonl``; unreadable lines, and lines without the fields the report
-    reads, are skipped with one message."""
-    rows = read_jsonl(os.path.join(run_dir, METRICS_FILE), warn)
+    """The rows of ``<run.dir>/metrics.jsonl``; unreadable lines are skipped with one message."""
+    return read_jsonl(os.path.join(run_dir, METRICS_FILE), warn)
+
+
+def _report_rows(run_dir: str, warn: Callable[[str], None] = print) -> list[dict]:
+    """:func:`read_metrics`, less the lines without the fields the report and its plot read (one message)."""
+    rows = read_metrics(run_dir, warn)
     good = [r for r in rows if isinstance(r, dict) and all(k in r for k in _ROW_KEYS)]
     if len(good) < len(rows):
         warn(f"{os.path.join(run_dir, METRICS_FILE)}: {len(rows) - len(good)} lines without the fields "
@@ -178,7 +182,7 @@ def _inference_lines(run_dir: str, s: dict) -> list[str]:
 
 def write_report(run_dir: str, summary: dict, run: str) -> str:
     """``<run.dir>/report.md`` from ``summary.json``'s figures and ``metrics.jsonl``; returns its path."""
-    rows = read_metrics(run_dir)
+    rows = _report_rows(run_dir)
     rates: dict[int, list[float]] = {}
     for r in rows:
         if r["samples_per_second"] is not None and r["samples_per_second"] > 0:

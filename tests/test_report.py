@@ -108,3 +108,16 @@ def test_report_of_a_run_whose_metrics_file_has_a_torn_line(tmp_path):
         f.write('{"time": 17, "run": "r-1", "blo')
     report = open(write_report(str(tmp_path), _summary(), "r-1"), encoding="utf-8").read()
     assert "2 lines in `metrics.jsonl`" in report
+
+
+def test_report_skips_metrics_lines_without_the_fields_it_reads(tmp_path, capsys):
+    """A valid JSON line that lacks samples_per_second (say) used to end the run in a KeyError after
+    summary.json was written."""
+    from noprop_dist.report import METRICS_FILE
+
+    (tmp_path / METRICS_FILE).write_text(json.dumps({"block": 1, "time": 1.0}) + "\n")
+    summary = {"dataset": "digits", "num_blocks": 2, "num_workers": 1, "epochs": 1, "sync_mode": "sync",
+               "test_accuracy": 0.5, "train_seconds": 1.0, "epoch_seconds": [1.0], "blocks": [], "workers": []}
+    write_report(str(tmp_path), summary, "r")
+    assert "0 lines in `metrics.jsonl`" in (tmp_path / "report.md").read_text()
+    assert "1 lines without the fields" in capsys.readouterr().out

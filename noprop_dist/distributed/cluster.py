@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import warnings
 from pathlib import Path
@@ -54,9 +55,24 @@ def existing_cluster_address() -> str | None:
         # None, not "auto": "auto" also scans for ANY running gcs_server, e.g. another program's
         # in-process cluster, which a training run must not join by accident.
         address = get_ray_address_from_environment(None, None)
-        return address or None
     except Exception:  # noqa: BLE001 - no cluster or an internal API change: start a local one
         return None
+    if address and not listening(address):
+        # The file outlives its cluster (a crash, a killed `ray start`): joining would wait on a dead address.
+        warnings.warn(f"ignoring the Ray address {address} recorded by an earlier `ray start`: nothing listens "
+                      "there any more; starting a local cluster", stacklevel=2)
+        return None
+    return address or None
+
+
+def listening(address: str, timeout: float = 2.0) -> bool:
+    """Whether something accepts TCP connections at ``host:port``."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def connect(num_cpus_needed: float, quiet: bool = False, metrics: bool = True,

@@ -246,7 +246,8 @@ class _Supervisor:
                 del pending[w]
                 try:
                     results[w] = self.last_progress[w] = ray.get(ref)
-                except ray.exceptions.RayActorError as e:  # its process died
+                # Its process died; or its node did, taking the report it had stored there (object lost).
+                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
                     pending[w] = self._restart(w, epoch, f"died in epoch {epoch + 1} ({type(e).__name__})")
                 except ray.exceptions.RayTaskError as e:
                     first = str(e.cause if e.cause is not None else e).strip().splitlines()[-1]

@@ -1,0 +1,80 @@
+"""A lost node on a real multi-node local Ray cluster: a head and 1-CPU worker nodes on loopback
+(``ray.cluster_utils.Cluster``), the node that holds a worker's bundle killed (raylet and workers) after
+the first epoch's checkpoint. Each scenario runs in its own process: the tests' session cluster is
+single-node, and a process holds one Ray connection."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+# 600 images, batch 64: 10 steps an epoch; 4 blocks, 3 epochs.
+STEPS = 3 * 4 * 10
+
+
+def _scenario(extra_nodes: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, str(extra_nodes)], capture_output=True, text=True, timeout=480,
+                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def test_lost_node_with_room_left_finishes_with_every_block():
+    """Head + 2 nodes (3 CPUs) for 2 one-CPU workers: after the loss Ray places the bundle on the node
+    left, the worker restarts from its checkpoint, and the run ends with every block step applied once."""
+    r = _scenario(2)
+    assert r["error"] is None, r
+    assert r["blocks"] == [1, 2, 3, 4] and r["version"] == STEPS
+    assert r["restarts"] and all(e["kind"] == "worker" for e in r["restarts"])
+
+
+def _run(extra_nodes: int) -> dict:
+    """Start the cluster, train in a thread, kill a bundle's node after epoch 1; what happened."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util import placement_group_table
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(extra_nodes)]
+    ray.init(address=cluster.address)
+    from noprop_dist.config import load_config
+    from noprop_dist.distributed.driver import run_training
+
+    run_dir = tempfile.mkdtemp()
+    cfg = load_config(None, ["model.num_blocks=4", "cluster.num_workers=2", "train.epochs=3", "data.train_limit=600",
+                             "data.test_limit=200", "train.batch_size=64", "metrics.enabled=false",
+                             "eval.every_epochs=0", "cluster.hang_timeout_s=20", f"run.dir={run_dir}"])
+    out: dict = {"error": None}
+
+    def train() -> None:
+        try:
+            s = run_training(cfg, log=print)
+            out.update(blocks=[b["block"] for b in s["blocks"]], version=s["shared_state_version"],
+                       restarts=s["restarts"])
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out["error"] = f"{type(e).__name__}: {e}"
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    manifest = os.path.join(run_dir, "manifest.json")
+    while thread.is_alive() and not (os.path.exists(manifest) and json.load(open(manifest))["epochs_done"] >= 1):
+        time.sleep(0.2)
+    held = {n for pg in placement_group_table().values() for n in pg["bundles_to_node_id"].values()}
+    victim = next(n for n in nodes if n.node_id in held)
+    cluster.remove_node(victim, allow_graceful=False)
+    thread.join()
+    return out
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(_run(int(sys.argv[1]))), flush=True)
