@@ -2,9 +2,10 @@
 
 Prints the test accuracy of ``RUN_DIR/chain.pt`` on the dataset it was trained on (same noise seed and
 batch size as at the end of training, hence the same predictions), or writes predicted classes for
-the images in a ``.npy`` file (uint8 (N, C, H, W), or floats in [0, 1]; see :func:`predict`). ``--sampler eq3|mean|ensemble|ode`` (``--draws N``)
-chooses the inference sampler, ``--stages`` adds the accuracy along the chain, block by block, and
-NoProp-CT / FM chains take ``--steps N`` to measure accuracy against the number of inference steps.
+the images in a ``.npy`` file (uint8 (N, C, H, W), or floats in [0, 1]; see :func:`predict`).
+``--sampler eq3|mean|ensemble|ode`` (``--draws N``) chooses the inference sampler, ``--stages`` adds the
+accuracy along the chain, block by block, and NoProp-CT / FM chains take ``--steps N`` to measure
+accuracy against the number of inference steps.
 """
 from __future__ import annotations
 

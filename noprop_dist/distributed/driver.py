@@ -162,8 +162,8 @@ class _Supervisor:
         """Restart the pending workers that have made no step for :meth:`hang_timeout` seconds.
 
         In sync mode one hung worker soon stalls the others (they wait for its pushes), but those still
-        answer progress calls: only the silent ones are restarted. Nothing is restarted while the server is silent: the workers wait for it, and it is the one
-        to restart (:meth:`_watch_server`).
+        answer progress calls: only the silent ones are restarted. Nothing is restarted while the server is
+        silent: the workers wait for it, and it is the one to restart (:meth:`_watch_server`).
         """
         now = time.monotonic()
         if not self.server_answers:
