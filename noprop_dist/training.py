@@ -366,14 +366,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def assemble_chain(spec: ModelSpec, block_states: dict[int, dict], shared_state: dict) -> torch.nn.Module:
+    """The inference chain from checkpointed shard states (shards 1..K) and the server's state."""
+    return build_chain(
+        spec, [block_states[t]["block"] for t in range(1, spec.num_blocks + 1)], shared_state["shared"]
+    )
+
+
 def evaluate_states(
     spec: ModelSpec, dataset: ImageDataset, block_states: dict[int, dict], shared_state: dict,
     batch_size: int, seed: int,
 ) -> tuple[torch.nn.Module, float]:
     """Assemble the chain from shard and shared states (shards 1..K) and measure its test accuracy."""
-    chain = build_chain(
-        spec, [block_states[t]["block"] for t in range(1, spec.num_blocks + 1)], shared_state["shared"]
-    )
+    chain = assemble_chain(spec, block_states, shared_state)
     acc, _ = evaluate_chain(
         chain, torch.from_numpy(np.ascontiguousarray(dataset.test_x)), torch.from_numpy(dataset.test_y),
         batch_size, seed, lambda xb: normalize(xb, dataset.mean, dataset.std),
@@ -390,9 +395,7 @@ def final_evaluation(
     Table 1 row compares like with like. Returns (chain, {"test_accuracy", "sampler", "paper_sampler",
     "test_accuracy_by_sampler": {name: accuracy}, "stages": [{"block", "chain_accuracy", "own_accuracy"}]}).
     """
-    chain = build_chain(
-        spec, [block_states[t]["block"] for t in range(1, spec.num_blocks + 1)], shared_state["shared"]
-    )
+    chain = assemble_chain(spec, block_states, shared_state)
     test_x, test_y = torch.from_numpy(np.ascontiguousarray(dataset.test_x)), torch.from_numpy(dataset.test_y)
 
     def norm(xb: torch.Tensor) -> torch.Tensor:
