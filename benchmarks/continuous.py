@@ -3,12 +3,15 @@
     python benchmarks/continuous.py accuracy --dataset fashion_mnist --epochs 1
     python benchmarks/continuous.py shards --dataset digits --epochs 20 --shards 1 2 4
     python benchmarks/continuous.py scaling --train-limit 3840 --epochs 2
+    python benchmarks/continuous.py partitions --dataset fashion_mnist --train-limit 4000 --epochs 3 --shards 2 4
 
 accuracy: CT and FM with one-hot and learned (d = 20) embeddings, K = 1 on one worker, test accuracy after
 ``--epochs`` with 10, 100 and 1000 inference steps (CT: Eq. 3 with its noise (eq3), without it (mean), and the
 probability-flow ODE).
 shards: test accuracy for K = 1, 2, 4 time-shards, everything else equal (one worker per shard at most).
 scaling: epoch wall time of K = 1 on 1 worker and K = 2 on 1 and 2 workers, side by side.
+partitions: test accuracy of every model.shard_partition (uniform, log_snr, equal_mass) for each K, CT and FM,
+on min(K, 2) workers, everything else equal (the method's dataset config; ``--set`` for more overrides).
 Each writes benchmarks/results/continuous_<mode>.json.
 """
 from __future__ import annotations
@@ -18,7 +21,8 @@ import tempfile
 
 from common import ray_run, write_result
 
-from noprop_dist.config import load_config
+from noprop_dist.config import SHARD_PARTITIONS, load_config
+from noprop_dist.core import load_chain
 from noprop_dist.evaluate import evaluate_run
 
 STEPS = (10, 100, 1000)
@@ -29,7 +33,9 @@ def _base(args: argparse.Namespace) -> list[str]:
            "eval.every_epochs=0", "cluster.threads_per_worker=1"]
     if args.train_limit:
         out.append(f"data.train_limit={args.train_limit}")
-    return out
+    if args.test_limit:
+        out.append(f"data.test_limit={args.test_limit}")
+    return out + list(args.set)
 
 
 def accuracy(args: argparse.Namespace, tmp: str) -> dict:
@@ -67,6 +73,29 @@ def shards(args: argparse.Namespace, tmp: str) -> dict:
     return rows
 
 
+def partitions(args: argparse.Namespace, tmp: str) -> dict:
+    rows = {}
+    for method in ("noprop_ct", "noprop_fm"):
+        for k in args.shards:
+            for partition in SHARD_PARTITIONS:
+                name = f"{method}_K{k}_{partition}"
+                s = ray_run(load_config(None, _base(args) + [
+                    f"model.method={method}", f"model.num_shards={k}", f"cluster.num_workers={min(k, 2)}",
+                    f"model.shard_partition={partition}", "model.inference_steps=100", f"run.dir={tmp}/{name}"]))
+                bounds = chain_bounds(f"{tmp}/{name}")
+                rows[name] = {"test_accuracy": s["test_accuracy"], "train_seconds": s["train_seconds"],
+                              "bounds": bounds}
+                print(f"{method} K={k} {partition:<10} bounds {[round(b, 3) for b in bounds]}: test accuracy "
+                      f"{100 * s['test_accuracy']:.2f}% (100 steps), {s['train_seconds']:.1f}s training", flush=True)
+    return rows
+
+
+def chain_bounds(run_dir: str) -> list[float]:
+    """The partition boundaries of a finished run's chain (CT's follow its learned schedule)."""
+    chain, _ = load_chain(f"{run_dir}/chain.pt")
+    return chain.shard_bounds()
+
+
 def scaling(args: argparse.Namespace, tmp: str) -> dict:
     rows = {}
     for k, workers in ((1, 1), (2, 1), (2, 2)):
@@ -87,20 +116,23 @@ def scaling(args: argparse.Namespace, tmp: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("accuracy", "shards", "scaling"))
+    p.add_argument("mode", choices=("accuracy", "shards", "scaling", "partitions"))
     p.add_argument("--dataset", default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], help="more config overrides, key=value")
     p.add_argument("--embeddings", nargs="+", default=["one_hot", "learned"])
-    p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--shards", type=int, nargs="+", default=None)
     args = p.parse_args()
     defaults = {"accuracy": ("fashion_mnist", 1, None), "shards": ("digits", 20, None),
-                "scaling": ("fashion_mnist", 2, 3840)}[args.mode]
+                "scaling": ("fashion_mnist", 2, 3840), "partitions": ("fashion_mnist", 3, 4000)}[args.mode]
     args.dataset = args.dataset or defaults[0]
     args.epochs = args.epochs or defaults[1]
     args.train_limit = args.train_limit or defaults[2]
+    args.shards = args.shards or ([2, 4] if args.mode == "partitions" else [1, 2, 4])
     with tempfile.TemporaryDirectory() as tmp:
-        rows = {"accuracy": accuracy, "shards": shards, "scaling": scaling}[args.mode](args, tmp)
+        rows = {"accuracy": accuracy, "shards": shards, "scaling": scaling, "partitions": partitions}[args.mode](args, tmp)
     print("written:", write_result(f"continuous_{args.mode}", {"args": vars(args), "rows": rows}))
 
 

@@ -14,10 +14,13 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from .paper import paper_epochs
+
 DATASET_NAMES = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "bloodmnist", "bloodmnist_64", "bloodmnist_128")
 EMBEDDINGS = ("one_hot", "learned", "prototype")
 CLASS_PROBS = ("softmax", "radial")
 SYNC_MODES = ("sync", "async")
+LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 NONFINITE_POLICIES = ("rollback", "stop")
 DEVICES = ("auto", "cpu", "cuda")
@@ -35,6 +38,11 @@ SAMPLERS: dict[str, tuple[str, ...]] = {
     "ensemble": ("noprop_dt", "noprop_ct", "noprop_fm"),
     "ode": ("noprop_ct",),
 }
+# NoProp-CT / FM: how [0, 1] is split among the K time-shards (core.partition) and NoProp-CT's denoising
+# weight (core.continuous.ct_loss_weight; snr_prime is the paper's).
+SHARD_PARTITIONS = ("uniform", "log_snr", "equal_mass")
+CT_LOSS_WEIGHTS = ("snr_prime", "sigmoid", "flat")
+CT_READOUTS = ("head", "nearest")  # NoProp-CT's class readout at z_1 (core.continuous.ContinuousChain.readout)
 ABAR_MAX_LIMIT = 0.9999  # model.abar_max's ceiling (see validate)
 PAPER_SAMPLER = {"noprop_dt": "eq3", "noprop_ct": "eq3", "noprop_fm": "mean"}  # what the paper's Table 1 ran
 # Keys that were renamed: old (section, key) -> (section, key, value map). Old configs and run snapshots load.
@@ -60,6 +68,13 @@ class ModelConfig:
     method: str = "noprop_dt"
     num_blocks: int = 10  # T, NoProp-DT (and the backprop baseline's chain)
     num_shards: int = 1  # K, NoProp-CT / FM: [0, 1] split into K time intervals, one network each
+    shard_partition: str = "uniform"  # uniform | log_snr | equal_mass: where the K intervals' boundaries lie
+    shard_overlap: float = 0.0  # each shard also trains this fraction of its span into each neighbour's
+    ct_loss_weight: str = "flat"  # NoProp-CT's denoising weight: flat | sigmoid | snr_prime (the paper's)
+    # CT / FM networks: the DT block's BatchNorm after the image path's FC256 (the paper's CT / FM have none)
+    image_batch_norm: bool = False
+    # NoProp-CT's prediction from z_1: nearest (the nearest class embedding, as NoProp-FM's) | head (Eq. 14)
+    ct_readout: str = "nearest"
     inference_steps: int = 1000  # CT / FM: steps of the inference chain or ODE solver (paper: 1000)
     embedding: str = "learned"  # one_hot | learned | prototype
     embedding_dim: int = 20  # used by `learned` only; one_hot has d = m, prototype d = C*H*W
@@ -76,6 +91,10 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-3
+    # constant | cosine: linear warm-up over warmup_epochs, then cosine decay to 0 at train.epochs (every
+    # block's and the shared state's learning rate; training.lr_schedule_factor)
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 0.0
     seed: int = 0
     # Shared state (docs/parameter_server.md): every sync_every mini-batches a worker pushes the sum of its
     # shards' updates and takes fresh state it asked for one exchange earlier. sync: that state holds every
@@ -85,7 +104,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast of the shards' forward and backward; weights stay fp32)
     log_every_seconds: float = 5.0  # progress lines when the output is not a terminal
     # A block whose loss or gradients become NaN/inf applies nothing, rolls back to its state at the
-    # start of the epoch and multiplies its learning rate by `nonfinite_lr_factor` (rollback), or stops
+    # start of the epoch and trains on at `nonfinite_lr_factor` ** (its rollbacks) times its rate (rollback), or stops
     # (stop); after `max_nonfinite` rollbacks it stops too. The other blocks go on either way.
     on_nonfinite: str = "rollback"
     nonfinite_lr_factor: float = 0.5
@@ -245,8 +264,41 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return parts[0], parts[1], value
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then ``--set`` overrides; validated."""
+PRESETS = ("paper",)
+
+
+def preset_values(name: str, method: str, dataset: str) -> dict[str, Any]:
+    """The dotted keys a preset sets for a method and dataset. ``paper``: Table 3 (NOPROP.md, "Paper
+    hyperparameters") and Table 1's inference: batch 128, lr 1e-3, weight decay 1e-3, T = 10 (DT), eta 0.1 (DT)
+    or 1 (CT / FM), a constant learning rate, 1000 inference steps, the paper's epochs and sampler (Eq. 3 with its noise for DT and CT),
+    SNR'(t) as CT's loss weight and its head as CT's readout, uniform time-shards without overlap, CT / FM networks without BatchNorm and the
+    Fig. 6 blocks' dropout 0.2. The
+    number of time-shards and workers (how the run is distributed) stay the config's."""
+    _choice("--preset", name, PRESETS)
+    continuous = method in ("noprop_ct", "noprop_fm")
+    values: dict[str, Any] = {
+        "train.batch_size": 128, "train.lr": 1e-3, "train.weight_decay": 1e-3, "model.dropout": 0.2,
+        "train.lr_schedule": "constant", "train.warmup_epochs": 0.0,
+        # datasets the paper does not use take MNIST's epochs
+        "train.epochs": paper_epochs(method, dataset) or paper_epochs(method, "mnist") or 100,
+        "model.eta": 1.0 if continuous else 0.1,
+    }
+    if method in PAPER_SAMPLER:
+        values["eval.sampler"] = PAPER_SAMPLER[method]
+    if method == "noprop_dt":
+        values["model.num_blocks"] = 10
+    if continuous:
+        values |= {"model.inference_steps": 1000, "model.shard_partition": "uniform", "model.shard_overlap": 0.0,
+                   "model.image_batch_norm": False}
+    if method == "noprop_ct":
+        values |= {"model.ct_loss_weight": "snr_prime", "model.ct_readout": "head"}
+    return values
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                preset: str | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then the preset's values (:func:`preset_values`), then ``--set``
+    overrides; validated."""
     cfg = Config()
     if path is not None:
         if not os.path.isfile(path):
@@ -265,6 +317,14 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise ConfigError(f"--config {path}: not valid YAML ({first})") from None
         _apply_mapping(cfg, mapping, path)
+    if preset is not None:
+        parsed = [parse_override(text) for text in overrides]
+        # the method and dataset the --set overrides ask for decide the preset's values
+        method = next((v for sec, key, v in reversed(parsed) if (sec, key) == ("model", "method")), cfg.model.method)
+        dataset = next((v for sec, key, v in reversed(parsed) if (sec, key) == ("data", "name")), cfg.data.name)
+        for dotted, value in preset_values(preset, str(method), str(dataset)).items():
+            section, name = dotted.split(".")
+            _apply(cfg, section, name, value)
     for text in overrides:
         section, name, value = parse_override(text)
         _apply(cfg, section, name, value)
@@ -336,6 +396,12 @@ def validate(cfg: Config) -> None:
     _in_range("model.num_blocks", m.num_blocks, 1, MAX_SHARDS)
     _in_range("model.num_shards", m.num_shards, 1, MAX_SHARDS)
     _in_range("model.inference_steps", m.inference_steps, 1, MAX_INFERENCE_STEPS)
+    _choice("model.shard_partition", m.shard_partition, SHARD_PARTITIONS)
+    if not 0.0 <= m.shard_overlap < 0.5:
+        raise ConfigError(f"model.shard_overlap: must be in [0, 0.5) (a fraction of a shard's span), "
+                          f"got {m.shard_overlap!r}")
+    _choice("model.ct_loss_weight", m.ct_loss_weight, CT_LOSS_WEIGHTS)
+    _choice("model.ct_readout", m.ct_readout, CT_READOUTS)
     _choice("model.embedding", m.embedding, EMBEDDINGS)
     _in_range("model.embedding_dim", m.embedding_dim, 1, MAX_EMBEDDING_DIM)
     _choice("model.class_prob", m.class_prob, CLASS_PROBS)
@@ -353,6 +419,9 @@ def validate(cfg: Config) -> None:
     _in_range("train.batch_size", t.batch_size, 1, MAX_BATCH_SIZE)
     _positive("train.lr", t.lr)
     _positive("train.weight_decay", t.weight_decay, strict=False)
+    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    if not 0 <= t.warmup_epochs < t.epochs:
+        raise ConfigError(f"train.warmup_epochs: must be in [0, train.epochs = {t.epochs}), got {t.warmup_epochs!r}")
     _in_range("train.seed", t.seed, 0, MAX_TRAIN_SEED)
     _choice("train.sync_mode", t.sync_mode, SYNC_MODES)
     _positive("train.sync_every", t.sync_every)

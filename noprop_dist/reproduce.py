@@ -29,8 +29,8 @@ import time
 from typing import Any, Callable
 
 from .atomic_io import atomic_write_json
-from .config import (BASELINE_METHODS, DATASET_NAMES, EMBEDDINGS, METHODS, NOPROP_METHODS, PAPER_SAMPLER, ConfigError,
-                     load_config)
+from .config import (BASELINE_METHODS, DATASET_NAMES, EMBEDDINGS, METHODS, NOPROP_METHODS, PAPER_SAMPLER, PRESETS,
+                     ConfigError, load_config)
 from .paper import (EARLIER_METHODS, EMBEDDING_LABELS, METHOD_LABELS, paper_epochs, paper_memory_gb,
                     paper_test_accuracy, table1_cells)
 
@@ -133,9 +133,9 @@ def run_overrides(method: str, dataset: str, embedding: str, seed: int, run_dir:
             f"train.seed={seed}", f"run.dir={run_dir}"]
 
 
-def run_command(config: str, overrides: list[str]) -> list[str]:
-    """``python -m noprop_dist.run --config FILE --set K=V ...`` as an argv list."""
-    return [sys.executable, "-m", "noprop_dist.run", "--config", config,
+def run_command(config: str, overrides: list[str], preset: str | None = None) -> list[str]:
+    """``python -m noprop_dist.run --config FILE [--preset P] --set K=V ...`` as an argv list."""
+    return [sys.executable, "-m", "noprop_dist.run", "--config", config, *(["--preset", preset] if preset else []),
             *[arg for o in overrides for arg in ("--set", o)]]
 
 
@@ -387,10 +387,10 @@ def reproduce(args: argparse.Namespace) -> dict[str, Any]:
     for seed in args.seeds:
         run_dir = seed_run_dir(args.out, args.method, args.dataset, args.embedding, seed)
         overrides = run_overrides(args.method, args.dataset, args.embedding, seed, run_dir, args.overrides)
-        cfg = load_config(config, overrides)  # a bad --set fails here, before anything runs
+        cfg = load_config(config, overrides, args.preset)  # a bad --set fails here, before anything runs
         log = f"{run_dir}.log"
         print(f"[reproduce] seed {seed}: training ({cfg.train.epochs} epochs) in {run_dir}; log {log}", flush=True)
-        train_subprocess(run_command(config, overrides), log, echo=not args.quiet)
+        train_subprocess(run_command(config, overrides, args.preset), log, echo=not args.quiet)
         summary = read_summary(run_dir)
         if args.method in BASELINE_METHODS:
             values = [summary["test_accuracy"]]  # deterministic at inference
@@ -407,7 +407,7 @@ def reproduce(args: argparse.Namespace) -> dict[str, Any]:
         summaries.append(summary)
         print(f"[reproduce] seed {seed}: test accuracy {', '.join(f'{100 * v:.2f}' for v in values)} %", flush=True)
     row = build_row(args.method, args.dataset, args.embedding, config, args.overrides, args.inference_runs,
-                    seeds, summaries)
+                    seeds, summaries) | {"preset": args.preset}
     results = merge_row(args.out, row)
     fig = write_fig3(args.out, results, args.dataset, args.embedding)
     table = write_table(args.out, results)
@@ -430,6 +430,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="config overrides for every seed's run, e.g. --set train.epochs=3 cluster.num_workers=2")
     p.add_argument("--out", default="runs/reproduce", help="results, table and runs go here (default %(default)s)")
     p.add_argument("--config", help="config file instead of configs/<dataset>[_<method>].yaml")
+    p.add_argument("--preset", choices=PRESETS, help="paper: train every seed with the paper's Table 3 settings "
+                   "(the configs depart from them where measured better)")
     p.add_argument("--config-dir", help="where the configs are (default: ./configs, else the checkout's)")
     p.add_argument("--quiet", action="store_true", help="training output only into the per-seed logs")
     p.add_argument("--all", action="store_true", help="print the command of every Table 1 cell; run nothing")

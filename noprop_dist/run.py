@@ -1,4 +1,4 @@
-"""Entry point: ``python -m noprop_dist.run [--config FILE] [--set KEY=VALUE ...]``.
+"""Entry point: ``python -m noprop_dist.run [--config FILE] [--preset paper] [--set KEY=VALUE ...]``.
 
 With no --config it runs the quickstart default (configs/quickstart.yaml's values are the defaults).
 Config and data errors, and a run directory or data file it cannot read or write, end with one line on
@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from .checkpoint import CheckpointError
-from .config import BASELINE_METHODS, ConfigError, load_config
+from .config import BASELINE_METHODS, PRESETS, ConfigError, load_config
 from .data import DatasetFileError, DatasetNotFoundError
 from .distributed.supervisor import TrainingFailed  # no Ray import: the CLI stays fast on bad input
 
@@ -18,6 +18,8 @@ from .distributed.supervisor import TrainingFailed  # no Ray import: the CLI sta
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m noprop_dist.run", description=__doc__.splitlines()[0])
     p.add_argument("--config", help="YAML config (see configs/); default: the quickstart")
+    p.add_argument("--preset", choices=PRESETS, help="paper: the paper's Table 3 settings and inference sampler "
+                   "on top of the config (--set still overrides them)")
     # nargs + extend: "--set a=1 b=2" and "--set a=1 --set b=2" both work, as in reproduce and the benchmarks
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override keys, e.g. --set train.epochs=3 cluster.num_workers=1 (repeatable)")
@@ -41,7 +43,7 @@ def _shards(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, args.preset)
         if cfg.model.method in BASELINE_METHODS:  # backprop / adjoint / DTP: the same summary and run dir
             from .baselines.runner import run_baseline
 

@@ -299,6 +299,7 @@ class SharedReplica:
         # fused: its step takes ``found_inf`` and skips itself on the device, with no host sync (BlockTrainer).
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=train.lr, weight_decay=train.weight_decay,
                                            fused=True)
+        self.base_lr = train.lr
         self.anchor = self.flat.clone()
         self.pushed: dict[Round, torch.Tensor] = {}
         self.waiting = False  # an exchange asked for a state not taken yet
@@ -314,6 +315,11 @@ class SharedReplica:
     # --- the shards' side -------------------------------------------------------------------
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def set_lr(self, factor: float) -> None:
+        """Learning rate of the shared-state updates = train.lr x ``factor`` (the lr schedule's)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * factor
 
     def step(self, found_inf: torch.Tensor) -> None:
         """Apply the shared-state gradient of the block step just taken, unless ``found_inf`` (a 0-d float

@@ -34,6 +34,8 @@ def model_spec(cfg: Config, image_shape: tuple[int, int, int], num_classes: int)
         embed_dim=embed_dim, dropout=m.dropout, class_prob=m.class_prob, radial_sigma=m.radial_sigma,
         eta=m.eta, abar_max=m.abar_max, method=m.method, inference_steps=m.inference_steps,
         sampler=cfg.eval.sampler, ensemble_draws=cfg.eval.ensemble_draws,
+        shard_partition=m.shard_partition, shard_overlap=m.shard_overlap, ct_loss_weight=m.ct_loss_weight,
+        image_batch_norm=m.image_batch_norm, ct_readout=m.ct_readout,
     )
 
 
@@ -56,6 +58,18 @@ def assign_blocks(num_blocks: int, num_workers: int) -> list[list[int]]:
         groups.append(list(range(start, start + size)))
         start += size
     return groups
+
+
+def lr_schedule_factor(train: TrainConfig, progress: float) -> float:
+    """train.lr_schedule's learning-rate factor after ``progress`` epochs (a float, epoch + fraction done):
+    constant 1; cosine: a linear warm-up over train.warmup_epochs, then half a cosine from 1 to 0 at
+    train.epochs, so the last updates are small and the chain as evaluated is not caught mid-oscillation."""
+    if train.lr_schedule == "constant":
+        return 1.0
+    if progress < train.warmup_epochs:
+        return max(progress / train.warmup_epochs, 1e-3)
+    span = max(train.epochs - train.warmup_epochs, 1e-9)
+    return 0.5 * (1 + math.cos(math.pi * min((progress - train.warmup_epochs) / span, 1.0)))
 
 
 def nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
@@ -81,6 +95,7 @@ class BlockTrainer:
         self.params = list(self.block.parameters())
         # fused: the step takes ``found_inf`` and skips itself on the device (see ``step``).
         self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
+        self.base_lr = train.lr
         self.generator = torch.Generator(device=device).manual_seed(train.seed * 1_000 + t)
         self.bf16 = train.precision == "bf16"
 
@@ -103,10 +118,12 @@ class BlockTrainer:
         replica.step(found_inf)
         return total.detach(), found_inf
 
-    def scale_lr(self, factor: float) -> float:
+    def set_lr(self, factor: float) -> float:
+        """Learning rate = train.lr x ``factor`` (the lr schedule's times the non-finite cut); returns it."""
+        lr = self.base_lr * factor
         for group in self.optimizer.param_groups:
-            group["lr"] *= factor
-        return self.optimizer.param_groups[0]["lr"]
+            group["lr"] = lr
+        return lr
 
     def state_dict(self) -> dict:
         return {
@@ -271,8 +288,16 @@ class ShardGroup:
             self.log(st.stopped)
             return
         trainer.load_state_dict(clone_state(good))
-        lr = trainer.scale_lr(self.train.nonfinite_lr_factor ** st.nonfinite_events)
+        lr = trainer.set_lr(self._lr_factor(t, epoch, st.step))
         self.log(f"{where}; rolled back to the start of epoch {epoch + 1}, learning rate now {lr:.3g}")
+
+    def _lr_factor(self, t: int, epoch: int, step: int) -> float:
+        """Block t's learning rate over train.lr at (epoch, step of the epoch): train.lr_schedule's factor times
+        train.nonfinite_lr_factor ** (its non-finite events). Recomputed, never compounded, so a cut is the
+        same after a restart or resume (the events are checkpointed)."""
+        steps = max(self.stats[t].steps_per_epoch, 1)
+        return (lr_schedule_factor(self.train, epoch + min(step, steps) / steps)
+                * self.train.nonfinite_lr_factor ** self.stats[t].nonfinite_events)
 
     # --- training ------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -323,10 +348,12 @@ class ShardGroup:
         taken: list[tuple[int, torch.Tensor, torch.Tensor, int, float]] = []
         for i, start in enumerate(starts):
             x, y = self.data.batch(order[start : start + bs])
+            self.replica.set_lr(lr_schedule_factor(self.train, epoch + i / len(starts)))
             for t, trainer in self.trainers.items():
                 if self.stats[t].stopped:
                     continue
                 t0 = time.perf_counter()
+                trainer.set_lr(self._lr_factor(t, epoch, i))
                 loss, bad = trainer.step(x, y, self.replica)
                 taken.append((t, loss, bad, y.shape[0], time.perf_counter() - t0))
             last = i == len(starts) - 1

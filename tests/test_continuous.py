@@ -92,10 +92,20 @@ def test_each_shard_draws_times_inside_its_interval(method):
         assert float(t.max() - t.min()) > 0.8 * (hi - lo)  # spread over the interval, not one value
 
 
-def test_ct_loss_samples_z_t_from_the_learned_marginal_and_weights_by_snr_prime():
+# model.ct_loss_weight -> w(t) from the schedule, written independently of the implementation's forms
+CT_WEIGHTS = {
+    "snr_prime": lambda s, t: s.snr_prime(t),
+    "sigmoid": lambda s, t: s.snr_prime(t) / (1 + s.snr(t)),  # Kingma & Gao's sigmoid(lambda) times the ELBO's
+    "flat": lambda s, t: (s.snr_prime(t) / s.snr(t)),  # d log SNR / dt
+}
+
+
+@pytest.mark.parametrize("weight", list(CT_WEIGHTS))
+def test_ct_loss_samples_z_t_from_the_learned_marginal_and_weights_it(weight):
     """Replays the generator: z_t = sqrt(abar(t)) u_y + sqrt(1 - abar(t)) eps (pitfall 6) and
-    denoise = eta/2 mean SNR'(t) ||u_hat - u_y||^2; the CE and KL use abar(1) and abar(0)."""
-    spec, shared, _ = _parts("noprop_ct", "learned", num_blocks=2)
+    denoise = eta/2 mean w(t) ||u_hat - u_y||^2 (w = SNR'(t), the paper's, by default); the CE and KL use abar(1)
+    and abar(0)."""
+    spec, shared, _ = _parts("noprop_ct", "learned", num_blocks=2, ct_loss_weight=weight)
     probe = _probe(spec, 2)
     x, y = _batch(spec)
     total, denoise = ct_shard_loss(probe, shared, spec, 2, x, y, torch.Generator().manual_seed(5))
@@ -110,7 +120,7 @@ def test_ct_loss_samples_z_t_from_the_learned_marginal_and_weights_by_snr_prime(
         call = probe.calls[0]
         assert torch.allclose(call["t"], t) and torch.allclose(call["z"], z_t, atol=1e-6)
         u_hat = torch.softmax(call["logits"], 1) @ shared.embed
-        expected = spec.eta / 2 * (sched.snr_prime(t) * (u_hat - u).pow(2).sum(1)).mean()
+        expected = spec.eta / 2 * (CT_WEIGHTS[weight](sched, t) * (u_hat - u).pow(2).sum(1)).mean()
         assert float(denoise) == pytest.approx(float(expected), rel=1e-5)
         ab0, ab1 = sched.abar(torch.tensor([0.0, 1.0]))
         z1 = ab1.sqrt() * u + (1 - ab1).sqrt() * eps1
@@ -400,3 +410,48 @@ def test_network_reads_time_through_the_sinusoidal_embedding():
     x, z = torch.randn(3, 1, 8, 8), torch.randn(3, spec.embed_dim)
     with torch.no_grad():
         assert not torch.allclose(net(z, x, torch.full((3,), 0.1)), net(z, x, torch.full((3,), 0.4)))
+
+
+@pytest.mark.parametrize("method", ["noprop_ct", "noprop_fm"])
+def test_image_batch_norm_keeps_eval_features_per_example_and_round_trips(tmp_path, method):
+    """model.image_batch_norm: a BatchNorm after the image path, trained on batch statistics; in eval mode an
+    example's features do not depend on its batch, and a saved chain brings the running statistics back, with
+    the partition and loss-weight keys of its spec."""
+    spec, shared, _ = _parts(method, "learned", num_blocks=2, image_batch_norm=True, shard_partition="equal_mass",
+                             shard_overlap=0.1)
+    nets = [build_ct_block(spec, k, 0) for k in (1, 2)]
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in nets[0].image_path.modules())
+    x = torch.randn(32, 1, 8, 8)
+    for net in nets:  # train mode: running statistics move away from (0, 1)
+        net.train()
+        net.encode_image(x * 3 + 1)
+    chain = ContinuousChain(spec, nets, shared).eval()
+    alone = chain.blocks[0].encode_image(x[:1])
+    assert torch.allclose(alone, chain.blocks[0].encode_image(x)[:1], atol=1e-5)
+    before = chain(x, torch.Generator().manual_seed(3), steps=12)
+    path = str(tmp_path / "chain.pt")
+    chain.save(path)
+    loaded, _ = ContinuousChain.load(path)
+    assert loaded.spec.image_batch_norm and loaded.spec.shard_partition == "equal_mass"
+    assert torch.equal(before, loaded(x, torch.Generator().manual_seed(3), steps=12))
+
+
+@pytest.mark.parametrize("readout", ["head", "nearest"])
+def test_ct_readout_is_the_head_or_the_nearest_class_embedding(readout):
+    """model.ct_readout: the head (Eq. 14) reads z_1 through f_out; nearest picks the class embedding closest to
+    z_1, whatever the head says. The head is rigged to answer the class after the nearest one."""
+    spec, shared, nets = _parts("noprop_ct", "learned", num_blocks=2, ct_readout=readout)
+    chain = ContinuousChain(spec, nets, shared).eval()
+    emb = shared.embed.detach()
+    with torch.no_grad():  # head(z) = scores of the embeddings rolled by one class
+        shared.head.weight.copy_(emb.roll(1, dims=0) * 50)
+        shared.head.bias.zero_()
+    z = emb[torch.arange(10)] + 0.01 * torch.randn(10, spec.embed_dim, generator=torch.Generator().manual_seed(0))
+    pred = chain.readout(z).argmax(1)
+    nearest = torch.cdist(z, emb).argmin(1)
+    assert torch.equal(nearest, torch.arange(10))
+    if readout == "nearest":
+        assert torch.equal(pred, nearest)
+        assert torch.allclose(chain.readout(z).exp().sum(1), torch.ones(10))  # log-probabilities
+    else:
+        assert torch.equal(pred, (torch.arange(10) + 1) % 10)

@@ -134,3 +134,43 @@ def test_a_checkpoint_from_before_the_nonfinite_record_loads_as_not_stopped():
     fresh.load_state_dicts(_round_trip(old))
     assert all(st.nonfinite_events == 0 and st.stopped == "" for st in fresh.stats.values())
     assert fresh.train_epoch(1)[3]["total_steps"] == 10
+
+
+def test_the_lr_cut_does_not_compound_across_epochs():
+    """Guards: the cut was a multiply of the rate restored from the epoch-start state, which already held
+    the earlier cuts, so a second rollback gave lr x 0.5 x 0.25 (0.125) where the README says 0.5 ** 2."""
+    group, _, _, cfg = _group("rollback", max_nonfinite=5)
+    group.train_epoch(0, on_step=_poison(group, 1, at_batch=2))
+    group.train_epoch(1, on_step=_poison(group, 1, at_batch=2))
+    assert group.stats[1].nonfinite_events == 2
+    assert group.trainers[1].optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.lr * 0.25)
+
+
+def test_cosine_lr_schedule_warms_up_decays_to_zero_and_reaches_block_and_shared_state():
+    from noprop_dist.training import lr_schedule_factor
+
+    cfg = load_config(None, ["train.lr_schedule=cosine", "train.warmup_epochs=1", "train.epochs=5"])
+    factors = [lr_schedule_factor(cfg.train, p) for p in (0.0, 0.5, 1.0, 3.0, 5.0)]
+    assert factors == pytest.approx([1e-3, 0.5, 1.0, 0.5, 0.0], abs=1e-12)
+    assert lr_schedule_factor(load_config(None, []).train, 3.7) == 1.0  # constant by default
+    group, _, _, _ = _group("rollback")
+    group.train = load_config(None, ["model.num_blocks=3", "cluster.num_workers=1", "train.lr_schedule=cosine",
+                                     "train.epochs=2", "train.batch_size=64"]).train
+    lrs = []
+    group.train_epoch(1, on_step=lambda: lrs.append((group.trainers[2].optimizer.param_groups[0]["lr"],
+                                                     group.replica.optimizer.param_groups[0]["lr"])))
+    # epoch 2 of 2: half a cosine from 0.5 down towards 0, the block's and the shared state's alike
+    assert lrs[0][0] == pytest.approx(group.train.lr * 0.5) and lrs[-1][0] < 0.02 * group.train.lr
+    assert all(b == pytest.approx(s) for b, s in lrs) and all(a > b for (a, _), (b, _) in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.lr_schedule=step", "train.lr_schedule: 'step' is not allowed; allowed: constant, cosine"),
+    ("train.warmup_epochs=20", "train.warmup_epochs: must be in [0, train.epochs = 20), got 20"),
+])
+def test_bad_lr_schedule_keys_name_the_key(override, needle):
+    from noprop_dist.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)

@@ -27,6 +27,14 @@ class ModelSpec:
     # is what chains saved before samplers existed ran, so they re-evaluate as they did.
     sampler: str | None = None
     ensemble_draws: int = 8
+    # CT / FM (core.partition, core.continuous): how [0, 1] is split among the K shards, how far each shard's
+    # training interval reaches into its neighbours', and CT's denoising weight. The defaults are what chains
+    # saved before these keys existed used.
+    shard_partition: str = "uniform"
+    shard_overlap: float = 0.0
+    ct_loss_weight: str = "snr_prime"
+    image_batch_norm: bool = False  # CT / FM networks: BatchNorm after the image path (DT blocks always have it)
+    ct_readout: str = "head"  # CT's class readout at z_1: head (Eq. 14) | nearest (class embedding, as FM's)
 
     @property
     def image_like_label(self) -> bool:

@@ -1,9 +1,10 @@
 """NoProp-CT and NoProp-FM with time shards: per-shard losses and the assembled inference chain (NOPROP.md,
 "NoProp-CT", "NoProp-FM").
 
-Shard k in 1..K owns the time interval [(k-1)/K, k/K] and its own network; K = 1 is the paper's single
-network. A shard's loss draws t only inside its interval, so it trains at exactly the times at which the chain
-uses it, and it reaches only its own network and the shared state (W_embed, head, CT's schedule).
+Shard k in 1..K owns the time interval [b_{k-1}, b_k] of the partition ``model.shard_partition`` (uniform: b_k =
+k/K; core.partition) and its own network; K = 1 is the paper's single network. A shard's loss draws t only inside
+its interval (widened by ``model.shard_overlap``), so it trains at the times at which the chain uses it, and it
+reaches only its own network and the shared state (W_embed, head, CT's schedule).
 
 Time runs from NOISE (t = 0) to CLEAN (t = 1).
 
@@ -15,35 +16,113 @@ from __future__ import annotations
 
 from typing import Callable
 
+import bisect
+import math
+
 import torch
 import torch.nn.functional as F
 
+from ..config import CT_LOSS_WEIGHTS
 from .blocks import ModelSpec
 from .chain import SavedChain, StageTrace
 from .ct_blocks import CTBlock
+from .ct_schedule import LearnedSchedule
 from .objectives import class_logits, denoised_estimate
+from .partition import log_snr_levels, widen
 from .schedule import randn_like
 from .shared import SharedState
 
+# NoProp-FM's log-SNR 2 logit(t) is infinite at t = 0 and 1; the log_snr partition takes equal steps over the
+# range of NoProp-CT's initial schedule, lambda in [-5, 5] (ct_schedule.G0_INIT, G1_INIT).
+FM_LOG_SNR_RANGE = (-5.0, 5.0)
+CT_BOUNDS_GRID = 1024  # times at which the learned schedule is evaluated to invert it
 
-def shard_interval(spec: ModelSpec, k: int) -> tuple[float, float]:
-    """(t_lo, t_hi) = ((k-1)/K, k/K) of shard k in 1..K."""
+
+def shard_bounds(spec: ModelSpec, shared: SharedState | None = None) -> torch.Tensor:
+    """The K + 1 boundaries 0 = b_0 < ... < b_K = 1 of ``spec.shard_partition`` (core.partition): (K + 1,)
+    float64 on the shared state's device, no gradient.
+
+    Non-uniform partitions place the boundaries at log-SNR levels of the method's process: NoProp-FM's path
+    ``z_t = t u_y + (1 - t) z_0`` has lambda(t) = 2 logit(t), inverted in closed form; NoProp-CT's is the learned
+    schedule's -gamma(t), so its boundaries follow the schedule as it trains (``shared`` is needed), inverted
+    by interpolation on a grid of CT_BOUNDS_GRID + 1 times. FM's lambda is infinite at both ends: ``log_snr``
+    takes equal steps over FM_LOG_SNR_RANGE.
+    """
+    k = spec.num_blocks
+    device = shared.embed.device if shared is not None else torch.device("cpu")
+    frac = torch.arange(k + 1, dtype=torch.float64, device=device) / k
+    if spec.shard_partition == "uniform" or k == 1:
+        return frac
+    with torch.no_grad():
+        if spec.method == "noprop_fm":
+            lo, hi = FM_LOG_SNR_RANGE if spec.shard_partition == "log_snr" else (-math.inf, math.inf)
+            levels = log_snr_levels(spec.shard_partition, k, torch.tensor(lo, dtype=torch.float64, device=device),
+                                    torch.tensor(hi, dtype=torch.float64, device=device))
+            bounds = torch.sigmoid(levels / 2)
+        else:
+            if shared is None or not hasattr(shared, "schedule"):
+                raise ValueError("NoProp-CT's non-uniform shard partition needs the shared state's schedule")
+            grid = torch.linspace(0.0, 1.0, CT_BOUNDS_GRID + 1, dtype=torch.float64, device=device)
+            lam = -shared.schedule.gamma(grid)  # strictly increasing
+            levels = log_snr_levels(spec.shard_partition, k, lam[0], lam[-1])
+            i = torch.searchsorted(lam, levels).clamp(1, CT_BOUNDS_GRID)
+            w = ((levels - lam[i - 1]) / (lam[i] - lam[i - 1])).clamp(0.0, 1.0)
+            bounds = grid[i - 1] + w * (grid[i] - grid[i - 1])
+        bounds[0], bounds[-1] = 0.0, 1.0
+        return bounds
+
+
+def _training_interval(
+    spec: ModelSpec, k: int, shared: SharedState | None, device: torch.device | str = "cpu",
+) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """(lo, hi) of the times shard k in 1..K trains on: its partition interval widened by spec.shard_overlap.
+    Python floats for the uniform partition without overlap (exact k/K); 0-d tensors on the device otherwise,
+    never read back (no host sync in a training step)."""
     if not 1 <= k <= spec.num_blocks:
         raise ValueError(f"shard {k} outside 1..{spec.num_blocks}")
-    return (k - 1) / spec.num_blocks, k / spec.num_blocks
+    if spec.shard_partition == "uniform" and spec.shard_overlap == 0:
+        return (k - 1) / spec.num_blocks, k / spec.num_blocks
+    lo, hi = widen(shard_bounds(spec, shared), k, spec.shard_overlap)
+    return lo.to(device=device, dtype=torch.float32), hi.to(device=device, dtype=torch.float32)
+
+
+def shard_interval(spec: ModelSpec, k: int, shared: SharedState | None = None) -> tuple[float, float]:
+    """(t_lo, t_hi) of the times shard k in 1..K trains on, as floats: ((k-1)/K, k/K) for the uniform partition
+    without overlap."""
+    lo, hi = _training_interval(spec, k, shared)
+    return float(lo), float(hi)
 
 
 def sample_times(
     spec: ModelSpec, k: int, batch: int, generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", shared: SharedState | None = None,
 ) -> torch.Tensor:
-    """t ~ U(t_lo, t_hi) of shard k, one per sample: (batch,) float32."""
-    lo, hi = shard_interval(spec, k)
+    """t ~ U(t_lo, t_hi) of shard k's training interval, one per sample: (batch,) float32."""
     # Drawn where the generator lives (as randn_like does), then moved.
     u = torch.rand(batch, generator=generator, device=generator.device if generator is not None else device)
+    lo, hi = _training_interval(spec, k, shared, u.device)
     return (lo + (hi - lo) * u).to(device)
 
 
+def ct_loss_weight(spec: ModelSpec, schedule: LearnedSchedule, t: torch.Tensor) -> torch.Tensor:
+    """w(t) of NoProp-CT's denoising term ``eta/2 w(t) ||u_hat - u_y||^2`` (``spec.ct_loss_weight``): (B,) -> (B,).
+
+    - ``snr_prime``: SNR'(t), the paper's (the ELBO). It grows like exp(lambda): with lambda over [-5, 5] it
+      spans a factor of about 2e4 across [0, 1], so the clean end, where z_t alone gives the label away,
+      dominates the loss and mid-noise times, where the image must decide, get almost no weight.
+    - ``sigmoid``: lambda'(t) sigmoid(lambda(t)) = SNR'(t) / (1 + SNR(t)) = -gamma'(t) abar(t), Kingma & Gao
+      (2023)'s sigmoid weighting (bias 0) of the ELBO: the same weight at the noisy end, bounded by lambda' at
+      the clean end. Like the ELBO it is an integral over lambda (``int sigmoid(lambda) ||.||^2 dlambda``), so
+      it depends on the schedule only through its endpoints, which the loss still trains.
+    - ``flat``: lambda'(t) = -gamma'(t), the same weight for every log-SNR level (``int ||.||^2 dlambda``).
+    """
+    if spec.ct_loss_weight == "snr_prime":
+        return schedule.snr_prime(t)
+    if spec.ct_loss_weight == "sigmoid":
+        return -schedule.gamma_prime(t) * schedule.abar(t)
+    if spec.ct_loss_weight == "flat":
+        return -schedule.gamma_prime(t)
+    raise ValueError(f"unknown ct_loss_weight {spec.ct_loss_weight!r}; allowed: {', '.join(CT_LOSS_WEIGHTS)}")
 
 
 def ct_marginal(u_y: torch.Tensor, abar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -57,17 +136,18 @@ def ct_shard_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(total, denoise) of NoProp-CT shard k. x: (B, C, H, W), y: (B,) int64.
 
-    ``denoise = eta/2 * mean_i SNR'(t_i) ||u_hat(z_t, x, t) - u_y||^2`` with t ~ U(I_k), z_t ~ q(z_t | y);
+    ``denoise = eta/2 * mean_i w(t_i) ||u_hat(z_t, x, t) - u_y||^2`` with t ~ U(I_k), z_t ~ q(z_t | y) and w
+    from :func:`ct_loss_weight` (the paper's: SNR'(t));
     ``total = denoise + CE(-log p_out(y | z_1), z_1 ~ q(z_1 | y)) + 0.5 abar(0) mean ||u_y||^2`` (KL at t = 0).
-    Every abar and SNR' comes from the learned schedule and stays differentiable: the loss trains it.
+    Every abar and weight comes from the learned schedule and stays differentiable: the loss trains it.
     """
     sched = shared.schedule
     embed = shared.embed
     u_y = embed[y]
-    t = sample_times(spec, k, y.shape[0], generator, y.device)
+    t = sample_times(spec, k, y.shape[0], generator, y.device, shared)
     z_t = ct_marginal(u_y, sched.abar(t), randn_like(u_y, generator))
     u_hat = denoised_estimate(net(z_t, x, t), embed)
-    denoise = spec.eta / 2 * (sched.snr_prime(t) * (u_hat - u_y).pow(2).sum(dim=1)).mean()
+    denoise = spec.eta / 2 * (ct_loss_weight(spec, sched, t) * (u_hat - u_y).pow(2).sum(dim=1)).mean()
     ends = torch.tensor([0.0, 1.0], device=y.device)
     abar_0, abar_1 = sched.abar(ends).unbind()
     z_1 = ct_marginal(u_y, abar_1.expand(y.shape[0]), randn_like(u_y, generator))
@@ -103,7 +183,7 @@ def fm_shard_loss(
     """
     embed = shared.embed
     z_1 = embed[y]
-    t = sample_times(spec, k, y.shape[0], generator, y.device)
+    t = sample_times(spec, k, y.shape[0], generator, y.device, shared)
     z_0 = randn_like(z_1, generator)
     z_t, target = fm_path(z_0, z_1, t)
     v = fm_velocity(net(z_t, x, t), embed)
@@ -130,11 +210,15 @@ def continuous_shard_loss(
 # ---------------------------------------------------------------- inference
 
 
-def step_shards(steps: int, num_shards: int) -> list[int]:
+def step_shards(steps: int, num_shards: int, bounds: list[float] | None = None) -> list[int]:
     """0-based shard used by each step n = 0..N-1: the one whose interval contains the start time t_n = n/N
     (at a boundary, the interval that starts there; t = 1 is never a start time, so the last interval is
-    closed). Integer arithmetic: floor(n K / N), free of rounding at the boundaries."""
-    return [min(n * num_shards // steps, num_shards - 1) for n in range(steps)]
+    closed). bounds: the partition's K + 1 boundaries (None: uniform, in integer arithmetic, floor(n K / N),
+    free of rounding at the boundaries)."""
+    if bounds is None:
+        return [min(n * num_shards // steps, num_shards - 1) for n in range(steps)]
+    inner = bounds[1:-1]
+    return [min(bisect.bisect_right(inner, n / steps), num_shards - 1) for n in range(steps)]
 
 
 def euler_integrate(
@@ -167,7 +251,7 @@ class ContinuousChain(SavedChain):
     """K shard networks + shared state of NoProp-CT or NoProp-FM. ``forward(x)`` -> log-probabilities (B, m).
 
     Inference never sees a label: z_0 ~ N(0, I), N steps on the grid t_n = n/N, step n run by the network whose
-    interval contains t_n. Image features are computed once per network (eval mode: dropout off, so exact).
+    partition interval contains t_n (overlaps only widen the training intervals). Image features are computed once per network (eval mode: dropout off, so exact).
     """
 
     shard_class = CTBlock
@@ -177,14 +261,20 @@ class ContinuousChain(SavedChain):
             raise ValueError(f"ContinuousChain is for noprop_ct / noprop_fm, got {spec.method!r}")
         super().__init__(spec, nets, shared)
 
+    def shard_bounds(self) -> list[float]:
+        """The K + 1 boundaries at which the chain switches from one shard's network to the next."""
+        return shard_bounds(self.spec, self.shared).tolist()
+
     def _time(self, t: float, ref: torch.Tensor) -> torch.Tensor:
         return torch.full((ref.shape[0],), t, dtype=torch.float32, device=ref.device)
 
     def readout(self, z: torch.Tensor) -> torch.Tensor:
-        """Class log-probabilities at the end of the chain, z_1: (B, d) -> (B, m). CT: the head; FM: the nearest
-        class embedding (log_softmax of -||z - u_c||^2: the paper predicts the nearest embedding, and unit
-        temperature makes the distances proper log-probabilities)."""
-        if self.spec.method == "noprop_fm":
+        """Class log-probabilities at the end of the chain, z_1: (B, d) -> (B, m). FM, and CT with
+        ``spec.ct_readout = nearest``: the nearest class embedding (log_softmax of -||z - u_c||^2: the paper
+        predicts FM's nearest embedding, and unit temperature makes the distances proper log-probabilities).
+        CT with ``head`` (the paper's Eq. 14): the shared head, which only K shard losses per mini-batch train,
+        against T = 10 for NoProp-DT's, so it lags the shards early on (docs/continuous_time.md)."""
+        if self.spec.method == "noprop_fm" or self.spec.ct_readout == "nearest":
             return torch.log_softmax(-torch.cdist(z, self.shared.embed).pow(2), dim=1)
         return torch.log_softmax(class_logits(self.shared, z, self.spec.class_prob, self.spec.radial_sigma), dim=1)
 
@@ -202,7 +292,8 @@ class ContinuousChain(SavedChain):
             raise ValueError(f"steps must be >= 1, got {n_steps}")
         embed = self.shared.embed
         features = [net.encode_image(x) for net in self.blocks]
-        shard_of = step_shards(n_steps, len(self.blocks))
+        uniform = self.spec.shard_partition == "uniform"
+        shard_of = step_shards(n_steps, len(self.blocks), None if uniform else self.shard_bounds())
         last_of_shard = {n for n in range(n_steps) if n == n_steps - 1 or shard_of[n + 1] != shard_of[n]}
         z0 = randn_like(torch.empty((x.shape[0], embed.shape[1]), device=x.device), generator)
 

@@ -1,8 +1,9 @@
 """Networks of NoProp-CT and NoProp-FM: the Fig. 6 block without BatchNorm plus a time path (NOPROP.md,
-"Block architecture"). One network per time shard; K = 1 is the paper's single network.
+"Block architecture"), optionally with the DT block's BatchNorm after the image path
+(``model.image_batch_norm``). One network per time shard; K = 1 is the paper's single network.
 
-Without BatchNorm a network's output for one example does not depend on the rest of the batch, and in
-eval mode (dropout off) the image features are a pure function of x: samplers compute them once
+In eval mode (dropout off, BatchNorm on its running statistics) a network's output for one example does not
+depend on the rest of the batch and the image features are a pure function of x: samplers compute them once
 (``encode_image``) and reuse them for all inference steps (``forward_features``).
 """
 from __future__ import annotations
@@ -55,7 +56,9 @@ class CTBlock(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.image_path = ConvEncoder(spec.image_shape, spec.dropout, batch_norm=False)
+        # image_batch_norm: the BatchNorm the DT block has after its FC256 (the paper's CT / FM network has none);
+        # in eval mode it uses running statistics, so the features stay a function of x alone.
+        self.image_path = ConvEncoder(spec.image_shape, spec.dropout, batch_norm=spec.image_batch_norm)
         # Prototype labels live in image space: the same kind of conv path (own weights) as the image.
         self.label_path: nn.Module = (
             ConvEncoder(spec.image_shape, spec.dropout, batch_norm=False) if spec.image_like_label
