@@ -14,10 +14,9 @@ K = 1 it is the paper's loss.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import bisect
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
