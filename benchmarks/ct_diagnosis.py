@@ -1,6 +1,6 @@
 """Why NoProp-CT learns slowly: the schedule, the loss by time and the chain, epoch by epoch.
 
-    python benchmarks/ct_diagnosis.py --name paper --preset paper --set train.epochs=10 --dataset digits --shards 2
+    python benchmarks/ct_diagnosis.py --name digits_paper --preset paper --dataset digits --epochs 10 --shards 2
     python benchmarks/ct_diagnosis.py --name sigmoid --set model.ct_loss_weight=sigmoid ...
 
 Trains in one process (the reference run, ``training.train_in_process``: the code a Ray worker runs, with the
@@ -60,7 +60,8 @@ def per_time(spec, group, shared, x: torch.Tensor, y: torch.Tensor, bins: int, s
                 logits[sel] = net(z[sel], x[sel], t[sel])
         err = (denoised_estimate(logits, shared.embed) - u_y).pow(2).sum(dim=1)
         w = ct_loss_weight(spec, shared.schedule, t)
-        out.append({"t": (b + 0.5) / bins, "error": float(err.mean()), "weighted": float((w * err).mean() * spec.eta / 2),
+        out.append({"t": (b + 0.5) / bins, "error": float(err.mean()),
+                    "weighted": float((w * err).mean() * spec.eta / 2),
                     "own_accuracy": float((logits.argmax(1) == y).float().mean())})
     return out
 
@@ -156,7 +157,8 @@ def main() -> None:
         ends = torch.tensor([0.0, 0.5, 1.0])
         with torch.no_grad():  # the head on z_1 ~ q(z_1 | y), what its CE trains on (uses the label: diagnosis only)
             emb, ab1 = chain.shared.embed[ty], sched.abar(torch.ones(1))
-            z1 = ab1.sqrt() * emb + (1 - ab1).sqrt() * torch.randn(emb.shape, generator=torch.Generator().manual_seed(0))
+            noise = torch.randn(emb.shape, generator=torch.Generator().manual_seed(0))
+            z1 = ab1.sqrt() * emb + (1 - ab1).sqrt() * noise
             head_q = float((chain.readout(z1).argmax(1) == ty).float().mean())
             nearest = float((torch.cdist(z1, chain.shared.embed).argmin(1) == ty).float().mean())
         # the same chain read out by the nearest class embedding instead of the head (FM's readout)
@@ -171,7 +173,8 @@ def main() -> None:
         row["eval_seconds"] = time.perf_counter() - t0
         rows.append(row)
         print(f"epoch {epoch + 1}: mean {100 * acc:.2f}% eq3 {100 * eq3:.2f}% last shard's own "
-              f"{100 * stages[-1]['own_accuracy']:.2f}% head on q(z_1|y) {100 * head_q:.1f}% nearest {100 * nearest:.1f}% "
+              f"{100 * stages[-1]['own_accuracy']:.2f}% head on q(z_1|y) {100 * head_q:.1f}% "
+              f"nearest {100 * nearest:.1f}% "
               f"chain read out by the nearest embedding {100 * nearest_chain:.2f}%  g0 {g0:.2f} g1 {g1:.2f}  "
               f"own acc by t " + " ".join(f"{100 * r['own_accuracy']:.0f}" for r in row["by_time"])
               + "  weighted " + " ".join(f"{r['weighted']:.3g}" for r in row["by_time"]), flush=True)

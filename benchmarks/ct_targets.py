@@ -6,7 +6,8 @@
 
 Trains, with the dataset's configs (configs/<dataset>_ct.yaml, _fm.yaml and, for the wall-time comparison,
 <dataset>.yaml for NoProp-DT, ``--dt-epochs`` epochs), K = ``--shards`` time-shards on 2 workers, the test
-accuracy of the chain after every epoch (``curve``, with the training seconds at each point), and each CT / FM chain re-evaluated with 10, 100 and 1000 inference steps.
+accuracy of the chain after every epoch (``curve``, with the training seconds at each point), and each CT / FM
+chain re-evaluated with 10, 100 and 1000 inference steps.
 ``--paper`` adds CT and FM runs with ``--preset paper`` (the paper's loss weight, dropout, sampler) beside
 them. digits and MNIST read the MNIST configs. Writes benchmarks/results/ct_targets_<dataset>.json and
 prints one line per run: the curve, its largest drop after epoch 3, the steps a user needs for within
@@ -68,7 +69,8 @@ def main() -> None:
                               preset)
             s = ray_run(cfg)
             curve = [p["test_accuracy"] for p in s["curve"]]  # one point per epoch, the last one included
-            row = {"test_accuracy": s["test_accuracy"], "sampler": s.get("sampler"), "train_seconds": s["train_seconds"],
+            row = {"test_accuracy": s["test_accuracy"], "sampler": s.get("sampler"),
+                   "train_seconds": s["train_seconds"],
                    "curve": curve, "curve_seconds": [p["train_seconds"] for p in s["curve"]],
                    "largest_drop_after_epoch_3": largest_drop(curve)}
             if method != "noprop_dt":

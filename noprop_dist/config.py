@@ -104,8 +104,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast of the shards' forward and backward; weights stay fp32)
     log_every_seconds: float = 5.0  # progress lines when the output is not a terminal
     # A block whose loss or gradients become NaN/inf applies nothing, rolls back to its state at the
-    # start of the epoch and trains on at `nonfinite_lr_factor` ** (its rollbacks) times its rate (rollback), or stops
-    # (stop); after `max_nonfinite` rollbacks it stops too. The other blocks go on either way.
+    # start of the epoch and trains on at `nonfinite_lr_factor` ** (its rollbacks) times its rate
+    # (rollback), or stops (stop); after `max_nonfinite` rollbacks it stops too. The other blocks go on either way.
     on_nonfinite: str = "rollback"
     nonfinite_lr_factor: float = 0.5
     max_nonfinite: int = 3
@@ -269,11 +269,11 @@ PRESETS = ("paper",)
 
 def preset_values(name: str, method: str, dataset: str) -> dict[str, Any]:
     """The dotted keys a preset sets for a method and dataset. ``paper``: Table 3 (NOPROP.md, "Paper
-    hyperparameters") and Table 1's inference: batch 128, lr 1e-3, weight decay 1e-3, T = 10 (DT), eta 0.1 (DT)
-    or 1 (CT / FM), a constant learning rate, 1000 inference steps, the paper's epochs and sampler (Eq. 3 with its noise for DT and CT),
-    SNR'(t) as CT's loss weight and its head as CT's readout, uniform time-shards without overlap, CT / FM networks without BatchNorm and the
-    Fig. 6 blocks' dropout 0.2. The
-    number of time-shards and workers (how the run is distributed) stay the config's."""
+    hyperparameters") and Table 1's inference: batch 128, lr 1e-3, weight decay 1e-3, a constant learning
+    rate, T = 10 and eta 0.1 (DT) or eta 1 and 1000 inference steps (CT / FM), the paper's epochs and sampler
+    (Eq. 3 with its noise for DT and CT), SNR'(t) as CT's loss weight and its head as CT's readout, uniform
+    time-shards without overlap, CT / FM networks without BatchNorm, and the Fig. 6 blocks' dropout 0.2.
+    The number of time-shards and workers (how the run is distributed) stay the config's."""
     _choice("--preset", name, PRESETS)
     continuous = method in ("noprop_ct", "noprop_fm")
     values: dict[str, Any] = {

@@ -95,7 +95,8 @@ def test_paper_preset_restores_the_papers_settings_and_set_still_wins():
     paper = load_config(ct, ["model.num_shards=2", "cluster.num_workers=2", "train.epochs=3"], "paper")
     assert (paper.model.ct_loss_weight, paper.model.image_batch_norm, paper.train.lr_schedule) == \
         ("snr_prime", False, "constant")
-    assert (paper.model.dropout, paper.model.eta, paper.model.inference_steps, paper.eval.sampler) == (0.2, 1.0, 1000, "eq3")
+    assert (paper.model.dropout, paper.model.eta, paper.model.inference_steps, paper.eval.sampler) == \
+        (0.2, 1.0, 1000, "eq3")
     assert paper.model.num_shards == 2 and paper.train.epochs == 3  # distribution and --set stay the user's
     assert load_config(ct, [], "paper").train.epochs == 500  # Table 3: CT on CIFAR-10
     dt = load_config(None, ["data.name=cifar100"], "paper")

@@ -250,7 +250,8 @@ class ContinuousChain(SavedChain):
     """K shard networks + shared state of NoProp-CT or NoProp-FM. ``forward(x)`` -> log-probabilities (B, m).
 
     Inference never sees a label: z_0 ~ N(0, I), N steps on the grid t_n = n/N, step n run by the network whose
-    partition interval contains t_n (overlaps only widen the training intervals). Image features are computed once per network (eval mode: dropout off, so exact).
+    partition interval contains t_n (overlaps only widen the training intervals). Image features are computed
+    once per network (eval mode: dropout off, so exact).
     """
 
     shard_class = CTBlock
