@@ -288,16 +288,15 @@ class ShardGroup:
             self.log(st.stopped)
             return
         trainer.load_state_dict(clone_state(good))
-        lr = trainer.set_lr(self._lr_factor(t, epoch, st.step))
+        steps = max(st.steps_per_epoch, 1)
+        lr = trainer.set_lr(lr_schedule_factor(self.train, epoch + min(st.step, steps) / steps) * self._lr_cut(t))
         self.log(f"{where}; rolled back to the start of epoch {epoch + 1}, learning rate now {lr:.3g}")
 
-    def _lr_factor(self, t: int, epoch: int, step: int) -> float:
-        """Block t's learning rate over train.lr at (epoch, step of the epoch): train.lr_schedule's factor times
-        train.nonfinite_lr_factor ** (its non-finite events). Recomputed, never compounded, so a cut is the
-        same after a restart or resume (the events are checkpointed)."""
-        steps = max(self.stats[t].steps_per_epoch, 1)
-        return (lr_schedule_factor(self.train, epoch + min(step, steps) / steps)
-                * self.train.nonfinite_lr_factor ** self.stats[t].nonfinite_events)
+    def _lr_cut(self, t: int) -> float:
+        """Block t's non-finite cut of its learning rate, train.nonfinite_lr_factor ** (its non-finite events),
+        which multiplies the lr schedule's factor. Recomputed, never compounded, so a cut is the same after a
+        restart or resume (the events are checkpointed)."""
+        return self.train.nonfinite_lr_factor ** self.stats[t].nonfinite_events
 
     # --- training ------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -348,12 +347,13 @@ class ShardGroup:
         taken: list[tuple[int, torch.Tensor, torch.Tensor, int, float]] = []
         for i, start in enumerate(starts):
             x, y = self.data.batch(order[start : start + bs])
-            self.replica.set_lr(lr_schedule_factor(self.train, epoch + i / len(starts)))
+            schedule = lr_schedule_factor(self.train, epoch + i / len(starts))  # the blocks' and the shared state's
+            self.replica.set_lr(schedule)
             for t, trainer in self.trainers.items():
                 if self.stats[t].stopped:
                     continue
                 t0 = time.perf_counter()
-                trainer.set_lr(self._lr_factor(t, epoch, i))
+                trainer.set_lr(schedule * self._lr_cut(t))
                 loss, bad = trainer.step(x, y, self.replica)
                 taken.append((t, loss, bad, y.shape[0], time.perf_counter() - t0))
             last = i == len(starts) - 1
