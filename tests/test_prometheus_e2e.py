@@ -36,9 +36,11 @@ REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "cluster" / "grafana" / "dashboards" / "noprop-blocks.json"
 PROMETHEUS_CONFIG = REPO / "cluster" / "prometheus" / "prometheus.yml"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-EPOCHS, BLOCKS, WORKERS = 4, ("1", "2", "3", "4"), ("0", "1")
-# ~250 steps per block: several seconds of training, so several 1 s scrapes, even on an idle machine.
-RUN = ["data.train_limit=1000", "data.test_limit=100", "model.num_blocks=4", "cluster.num_workers=2",
+EPOCHS, BLOCKS, WORKERS = 8, ("1", "2", "3", "4"), ("0", "1")
+# ~720 steps per block (all 1,438 digits): over ten seconds of training, so several 1 s scrapes of every
+# worker even on an idle machine, where Ray exports a worker's first values some seconds after it starts.
+# A quarter of that once left one sample per block, too few for rate().
+RUN = ["data.test_limit=100", "model.num_blocks=4", "cluster.num_workers=2",
        f"train.epochs={EPOCHS}", "train.batch_size=16", "metrics.write_every_seconds=1"]
 
 pytestmark = [
