@@ -270,7 +270,7 @@ PRESETS = ("paper",)
 def preset_values(name: str, method: str, dataset: str) -> dict[str, Any]:
     """The dotted keys a preset sets for a method and dataset. ``paper``: Table 3 (NOPROP.md, "Paper
     hyperparameters") and Table 1's inference: batch 128, lr 1e-3, weight decay 1e-3, a constant learning
-    rate, T = 10 and eta 0.1 (DT) or eta 1 and 1000 inference steps (CT / FM), the paper's epochs and sampler
+    rate, fp32, T = 10 and eta 0.1 (DT) or eta 1 and 1000 inference steps (CT / FM), the paper's epochs and sampler
     (Eq. 3 with its noise for DT and CT), SNR'(t) as CT's loss weight and its head as CT's readout, uniform
     time-shards without overlap, CT / FM networks without BatchNorm, and the Fig. 6 blocks' dropout 0.2.
     The number of time-shards and workers (how the run is distributed) stay the config's."""
@@ -278,7 +278,7 @@ def preset_values(name: str, method: str, dataset: str) -> dict[str, Any]:
     continuous = method in ("noprop_ct", "noprop_fm")
     values: dict[str, Any] = {
         "train.batch_size": 128, "train.lr": 1e-3, "train.weight_decay": 1e-3, "model.dropout": 0.2,
-        "train.lr_schedule": "constant", "train.warmup_epochs": 0.0,
+        "train.lr_schedule": "constant", "train.warmup_epochs": 0.0, "train.precision": "fp32",
         # datasets the paper does not use take MNIST's epochs
         "train.epochs": paper_epochs(method, dataset) or paper_epochs(method, "mnist") or 100,
         "model.eta": 1.0 if continuous else 0.1,
