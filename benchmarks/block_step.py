@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from common import write_result
 
+from noprop_dist.config import Config
 from noprop_dist.core.blocks import DTBlock, ModelSpec
+from noprop_dist.training import model_spec
 
 MODES = ("fp32", "bf16", "fp32_cl", "bf16_cl")  # _cl: weights and images channels_last
 STEPS = 10
@@ -44,8 +46,7 @@ def step_seconds(spec: ModelSpec, batch: int, mode: str) -> float:
 
 def main() -> None:
     torch.set_num_threads(1)
-    spec = ModelSpec(image_shape=(1, 28, 28), num_classes=10, num_blocks=10, embedding="learned", embed_dim=20,
-                     dropout=0.2, class_prob="softmax", radial_sigma=0.1, eta=0.1, abar_max=0.999)
+    spec = model_spec(Config(), image_shape=(1, 28, 28), num_classes=10)  # the default block: learned d = 20
     rows = []
     for batch in (128, 256):
         for mode in MODES:

@@ -37,7 +37,7 @@ DASHBOARD = REPO / "cluster" / "grafana" / "dashboards" / "noprop-blocks.json"
 PROMETHEUS_CONFIG = REPO / "cluster" / "prometheus" / "prometheus.yml"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 EPOCHS, BLOCKS, WORKERS = 8, ("1", "2", "3", "4"), ("0", "1")
-# ~720 steps per block (all 1,438 digits): over ten seconds of training, so several 1 s scrapes of every
+# ~720 steps per block (all 1,437 training digits): over ten seconds of training, so several 1 s scrapes of every
 # worker even on an idle machine, where Ray exports a worker's first values some seconds after it starts.
 # A quarter of that once left one sample per block, too few for rate().
 RUN = ["data.test_limit=100", "model.num_blocks=4", "cluster.num_workers=2",
