@@ -1,8 +1,13 @@
 """One DT block's training step at 1 torch thread: fp32 against bf16 autocast, NCHW against channels_last,
 batch 128 and 256 (Fashion-MNIST's 28x28 shape), side by side in one process. Prints ms per step and
-samples/s and writes benchmarks/results/block_step.json. ``python benchmarks/block_step.py``"""
+samples/s and writes benchmarks/results/<name>.json (default block_step), with the CPU's bf16 flags.
+
+    python benchmarks/block_step.py
+    python benchmarks/block_step.py --steps 3 --batches 128 --name block_step_avx2   # emulated bf16 is slow
+"""
 from __future__ import annotations
 
+import argparse
 import datetime
 import time
 
@@ -12,13 +17,12 @@ from common import write_result
 
 from noprop_dist.config import Config
 from noprop_dist.core.blocks import DTBlock, ModelSpec
-from noprop_dist.training import model_spec
+from noprop_dist.training import model_spec, resolve_precision
 
 MODES = ("fp32", "bf16", "fp32_cl", "bf16_cl")  # _cl: weights and images channels_last
-STEPS = 10
 
 
-def step_seconds(spec: ModelSpec, batch: int, mode: str) -> float:
+def step_seconds(spec: ModelSpec, batch: int, mode: str, steps: int) -> float:
     """Mean seconds of one AdamW step of a fresh block on random (B, 1, 28, 28) images, after 3 warm-up steps."""
     torch.manual_seed(0)
     block = DTBlock(spec)
@@ -39,21 +43,31 @@ def step_seconds(spec: ModelSpec, batch: int, mode: str) -> float:
     for _ in range(3):
         step()
     start = time.perf_counter()
-    for _ in range(STEPS):
+    for _ in range(steps):
         step()
-    return (time.perf_counter() - start) / STEPS
+    return (time.perf_counter() - start) / steps
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per mode (after 3 warm-up steps)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--name", default="block_step", help="results file name")
+    args = parser.parse_args()
     torch.set_num_threads(1)
+    caps = torch.cpu.get_capabilities()
+    native = {k: bool(caps.get(k)) for k in ("avx512_bf16", "amx_bf16")}
+    print(f"CPU {caps.get('cpu_name')}: {native}; train.precision=auto picks "
+          f"{resolve_precision('auto', torch.device('cpu'))}", flush=True)
     spec = model_spec(Config(), image_shape=(1, 28, 28), num_classes=10)  # the default block: learned d = 20
     rows = []
-    for batch in (128, 256):
+    for batch in args.batches:
         for mode in MODES:
-            dt = step_seconds(spec, batch, mode)
+            dt = step_seconds(spec, batch, mode, args.steps)
             print(f"batch {batch} {mode:8s} {dt * 1e3:6.1f} ms/step {batch / dt:6.0f} samples/s", flush=True)
             rows.append({"batch": batch, "mode": mode, "ms_per_step": dt * 1e3, "samples_per_second": batch / dt})
-    print(write_result("block_step", {"date": datetime.date.today().isoformat(), "steps": STEPS, "rows": rows}))
+    print(write_result(args.name, {"date": datetime.date.today().isoformat(), "steps": args.steps,
+                                   "cpu": caps.get("cpu_name"), "native_bf16": native, "rows": rows}))
 
 
 if __name__ == "__main__":

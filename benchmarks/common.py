@@ -12,7 +12,7 @@ from noprop_dist.config import Config
 from noprop_dist.core import build_shared
 from noprop_dist.core.variants import build_shard, shard_loss
 from noprop_dist.data import ImageDataset
-from noprop_dist.training import TrainingData, initial_prototypes, model_spec
+from noprop_dist.training import TrainingData, initial_prototypes, model_spec, resolve_precision
 
 
 def machine() -> dict:
@@ -53,6 +53,7 @@ def plain_loop(cfg: Config, data: ImageDataset, epochs: int, blocks: list[int] |
     stats, no exchanges, no checks; batches gathered on the device like the shard loop's."""
     spec = model_spec(cfg, data.image_shape, data.num_classes)
     tr = cfg.train
+    bf16 = resolve_precision(tr.precision, device) == "bf16"
     blocks = blocks or list(range(1, spec.num_blocks + 1))
     nets = {t: build_shard(spec, t, tr.seed).to(device) for t in blocks}
     shared = build_shared(spec, tr.seed, initial_prototypes(spec, data, tr.seed)).to(device)
@@ -70,7 +71,7 @@ def plain_loop(cfg: Config, data: ImageDataset, epochs: int, blocks: list[int] |
                 net.train()
                 opts[t].zero_grad(set_to_none=True)
                 shared_opt.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tr.precision == "bf16"):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     total, _ = shard_loss(net, shared, spec, t, x, y, gens[t])
                 total.backward()
                 opts[t].step()

@@ -21,7 +21,7 @@ EMBEDDINGS = ("one_hot", "learned", "prototype")
 CLASS_PROBS = ("softmax", "radial")
 SYNC_MODES = ("sync", "async")
 LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 NONFINITE_POLICIES = ("rollback", "stop")
 DEVICES = ("auto", "cpu", "cuda")
 NOPROP_METHODS = ("noprop_dt", "noprop_ct", "noprop_fm")
@@ -101,7 +101,9 @@ class TrainConfig:
     # worker's updates up to that exchange (runs repeat exactly); async: whatever the server had (never waits).
     sync_mode: str = "sync"
     sync_every: int = 1
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the shards' forward and backward; weights stay fp32)
+    # fp32 | bf16 (autocast of the shards' forward and backward; weights stay fp32) | auto: bf16 where the
+    # worker's device computes it natively, else fp32 (training.resolve_precision)
+    precision: str = "fp32"
     log_every_seconds: float = 5.0  # progress lines when the output is not a terminal
     # A block whose loss or gradients become NaN/inf applies nothing, rolls back to its state at the
     # start of the epoch and trains on at `nonfinite_lr_factor` ** (its rollbacks) times its rate

@@ -85,6 +85,30 @@ def nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     return found
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls and convolutions in hardware: a CUDA GPU that supports bf16, or a
+    CPU with AVX512-BF16 or AMX. Elsewhere torch emulates bf16 on the CPU, several times slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """train.precision as the shards on ``device`` run it: "bf16" or "fp32" ("auto": bf16 where native).
+
+    An explicit bf16 on a device without native bf16 is kept (the user asked for it) with a warning, since
+    there it is slower than fp32, not faster."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and not native_bf16(device):
+        warnings.warn(f"train.precision=bf16 on {device}, which has no native bf16 (no AVX512-BF16 or AMX on a "
+                      "CPU): torch emulates it, slower than fp32; set train.precision=auto or fp32", stacklevel=2)
+    return precision
+
+
 class BlockTrainer:
     """Shard t's network (a DT block or a CT/FM time interval's network), its own AdamW and its own noise
     generator: everything the shard owns. ``spec.method`` picks the network and the loss (core.variants)."""
@@ -99,7 +123,8 @@ class BlockTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
         self.base_lr = train.lr
         self.generator = torch.Generator(device=device).manual_seed(train.seed * 1_000 + t)
-        self.bf16 = train.precision == "bf16"
+        self.precision = resolve_precision(train.precision, device)
+        self.bf16 = self.precision == "bf16"
 
     def step(self, x: torch.Tensor, y: torch.Tensor, replica: SharedReplica) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step of the block, and of the worker's shared-state replica, on (x (B,C,H,W), y (B,)).
@@ -254,6 +279,11 @@ class ShardGroup:
         self.data = TrainingData(self.train_x, self.train_y, self.mean, self.std, self.device)
 
     # --- state ---------------------------------------------------------------------------
+    @property
+    def precision(self) -> str:
+        """"bf16" or "fp32": train.precision as this group's shards run it on its device."""
+        return next(iter(self.trainers.values())).precision
+
     @property
     def key(self) -> str:
         """Names the group in checkpoints (its replica's optimizer state belongs to this set of blocks)."""

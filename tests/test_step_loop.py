@@ -1,6 +1,8 @@
 """The shard loop at accelerator speed: one fused finiteness check, skipped steps on the device, no host sync
 per step, batches gathered where the data sits, bf16 autocast. The GPU-only paths run here on the CPU."""
 import copy
+import os
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from noprop_dist.config import TrainConfig, load_config
 from noprop_dist.core import build_chain, evaluate_chain, randn_like
 from noprop_dist.data import load_dataset, normalize
 from noprop_dist.shared_server import LocalClient, SharedReplica, SharedStateServer
-from noprop_dist.training import BlockTrainer, ShardGroup, TrainingData, model_spec, nonfinite
+from noprop_dist.training import BlockTrainer, ShardGroup, TrainingData, model_spec, nonfinite, resolve_precision
 
 from conftest import make_spec
 
@@ -145,5 +147,26 @@ def test_bf16_training_lowers_the_loss_like_fp32_and_keeps_fp32_weights():
 
 
 def test_precision_is_checked():
-    with pytest.raises(Exception, match="train.precision: 'fp16' is not allowed; allowed: fp32, bf16"):
+    with pytest.raises(Exception, match="train.precision: 'fp16' is not allowed; allowed: fp32, bf16, auto"):
         load_config(None, ["train.precision=fp16"])
+
+
+def test_precision_auto_is_bf16_only_where_the_cpu_computes_it_natively():
+    """bf16 without AVX512-BF16 or AMX is emulated and slower than fp32 (benchmarks/README.md): ``auto`` must
+    not pick it there, and an explicit bf16 there warns. The CPU flags are read here from /proc/cpuinfo,
+    independently of torch's capability report that resolve_precision uses."""
+    flags = set()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags to check against")
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert resolve_precision("auto", CPU) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", CPU) == "fp32"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_precision("bf16", CPU) == "bf16"
+    assert bool(caught) != native, [str(w.message) for w in caught]
+    trainer, _ = _trainer_and_replica(make_spec(), load_config(None, ["train.precision=auto"]).train)
+    assert trainer.bf16 == native

@@ -519,7 +519,7 @@ def _summary(cfg: Config, spec: Any, accuracy: float | None, train_accuracy: flo
         # Wall time of each epoch trained in this invocation; the first includes starting the actors.
         "epoch_seconds": reports[0]["epoch_wall_seconds"] if reports else old.get("epoch_seconds", []),
         "workers": [
-            {k: r[k] for k in ("rank", "pid", "device", "peak_rss_mb", "peak_gpu_mb", "exchanges", "exchange_seconds",
+            {k: r[k] for k in ("rank", "pid", "device", "precision", "peak_rss_mb", "peak_gpu_mb", "exchanges", "exchange_seconds",
                                "push_seconds", "pull_seconds", "embedding_version_lag", "max_embedding_version_lag",
                                "max_stale_exchanges", "polls", "epoch_seconds", "zero_copy_data", "data_on_device",
                                "restarts", "server_resyncs")}

@@ -213,7 +213,8 @@ class Worker:
     def report(self) -> dict:
         ex = self.group.replica.stats
         return {
-            "rank": self.rank, "pid": os.getpid(), "device": self.device, "peak_rss_mb": peak_rss_mb(),
+            "rank": self.rank, "pid": os.getpid(), "device": self.device, "precision": self.group.precision,
+            "peak_rss_mb": peak_rss_mb(),
             "exchanges": ex.exchanges, "exchange_seconds": ex.seconds, "push_seconds": ex.push_seconds,
             "pull_seconds": ex.take_seconds, "embedding_version_lag": ex.lag, "max_embedding_version_lag": ex.max_lag,
             "max_stale_exchanges": ex.max_stale_exchanges, "polls": self.client.polls,
