@@ -129,6 +129,11 @@ class ClusterConfig:
     # against the restart limits. 0: automatic, 10x the longest gap between two steps seen so far in the
     # run and at least HANG_FLOOR_S (actor start and the first steps are slow).
     hang_timeout_s: float = 0.0
+    # Seconds the run waits for Ray to place its workers' bundles: at the start, and after a node is lost and
+    # Ray looks for room for the bundles it held (an autoscaler may be adding a node). A bundle still without a
+    # node then fails the run with one line that says what the cluster has left; its workers are not counted
+    # as hung meanwhile.
+    placement_timeout_s: float = 120.0
     # false: refuse to start or join a Ray cluster when RAY_AUTH_MODE turns token authentication off
     # (anyone who reaches an unauthenticated cluster's ports can run code on it); true: go on, with a warning.
     allow_unauthenticated: bool = False
@@ -449,6 +454,7 @@ def validate(cfg: Config) -> None:
     _in_range("cluster.max_restarts_per_worker", c.max_restarts_per_worker, 0, MAX_RESTARTS)
     _in_range("cluster.max_restarts", c.max_restarts, 0, MAX_RESTARTS)
     _positive("cluster.hang_timeout_s", c.hang_timeout_s, strict=False)
+    _positive("cluster.placement_timeout_s", c.placement_timeout_s)
     if c.device == "cuda" and c.gpus_per_worker == 0:
         raise ConfigError("cluster.device: 'cuda' needs cluster.gpus_per_worker > 0")
     if not cfg.run.dir:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,8 @@ def _scenario(extra_nodes: int) -> dict:
                           env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    # The driver's messages (restarts and why) reach the process's stdout.
+    return json.loads(lines[-1].removeprefix("RESULT ")) | {"hung_restarts": proc.stdout.count("made no step")}
 
 
 def test_lost_node_with_room_left_finishes_with_every_block():
@@ -35,6 +37,19 @@ def test_lost_node_with_room_left_finishes_with_every_block():
     assert r["error"] is None, r
     assert r["blocks"] == [1, 2, 3, 4] and r["version"] == STEPS
     assert r["restarts"] and all(e["kind"] == "worker" for e in r["restarts"])
+
+
+def test_lost_node_without_room_fails_with_one_line_naming_what_is_left():
+    """Head + 1 node (2 CPUs) for 2 one-CPU workers: after the loss the bundle has no node to go to. The run
+    must not restart the waiting worker as hung until its budget is spent (a message that blames a hang);
+    after cluster.placement_timeout_s it fails with one line: the worker, its blocks, what the cluster has
+    left, and the number of workers that fit."""
+    r = _scenario(1)
+    error = r["error"] or ""
+    assert re.match(r"TrainingFailed: worker (0 \(blocks 1-2\)|1 \(blocks 3-4\)) lost its node in epoch 2", error), r
+    assert "found no room" in error and "1 CPU left" in error and "cluster.num_workers=1" in error, error
+    assert "\n" not in error and "made no step" not in error, error
+    assert r["hung_restarts"] == 0, r
 
 
 def _run(extra_nodes: int) -> dict:
@@ -53,7 +68,8 @@ def _run(extra_nodes: int) -> dict:
     run_dir = tempfile.mkdtemp()
     cfg = load_config(None, ["model.num_blocks=4", "cluster.num_workers=2", "train.epochs=3", "data.train_limit=600",
                              "data.test_limit=200", "train.batch_size=64", "metrics.enabled=false",
-                             "eval.every_epochs=0", "cluster.hang_timeout_s=20", f"run.dir={run_dir}"])
+                             "eval.every_epochs=0", "cluster.hang_timeout_s=20", "cluster.placement_timeout_s=15",
+                             f"run.dir={run_dir}"])
     out: dict = {"error": None}
 
     def train() -> None:
@@ -72,7 +88,9 @@ def _run(extra_nodes: int) -> dict:
     held = {n for pg in placement_group_table().values() for n in pg["bundles_to_node_id"].values()}
     victim = next(n for n in nodes if n.node_id in held)
     cluster.remove_node(victim, allow_graceful=False)
+    lost = time.monotonic()
     thread.join()
+    out["seconds_after_loss"] = round(time.monotonic() - lost, 1)
     return out
 
 

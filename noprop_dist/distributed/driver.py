@@ -9,7 +9,7 @@ import time
 from typing import Any, Callable
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from ..checkpoint import Resume, RunDir, atomic_write_json
@@ -28,7 +28,6 @@ from .param_server import ParameterServer
 from .supervisor import RestartBudget, TrainingFailed
 from .worker import Worker
 
-PLACEMENT_TIMEOUT_S = 120
 # The automatic cluster.hang_timeout_s never goes below this: starting an actor, importing torch and the first
 # steps of a restarted worker take tens of seconds on a loaded machine.
 HANG_FLOOR_S = 120.0
@@ -81,11 +80,12 @@ class _Supervisor:
         # Once into the object store; every worker maps the same bytes read-only (no per-task copy).
         self.x_ref, self.y_ref = ray.put(dataset.train_x), ray.put(dataset.train_y)
         self.pg = placement_group([_bundle(cfg)] * c.num_workers, strategy="PACK")
-        ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        ready, _ = ray.wait([self.pg.ready()], timeout=c.placement_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
             raise RuntimeError(
-                f"placement group of {c.num_workers} x {_bundle(cfg)} not placed within {PLACEMENT_TIMEOUT_S}s; "
+                f"placement group of {c.num_workers} x {_bundle(cfg)} not placed within {c.placement_timeout_s:g}s "
+                "(cluster.placement_timeout_s); "
                 f"cluster resources: {ray.cluster_resources()}"
             )
         # On the driver's node: a restarted server reads the last checkpoint from run.dir, which only the
@@ -110,6 +110,7 @@ class _Supervisor:
         self.slowest_gap = 0.0
         self.server_seen, self.server_answers = time.monotonic(), True  # its last answer; whether the last call got one
         self.answered: dict[int, bool] = {}  # whether the worker's last progress call was answered
+        self.unplaced_since: dict[int, float] = {}  # worker -> since when its bundle has had no node
 
     def hang_timeout(self) -> float:
         """Seconds without a step after which a training worker counts as hung (cluster.hang_timeout_s)."""
@@ -158,7 +159,30 @@ class _Supervisor:
         )
         return self.workers[w].train_epochs.remote(list(range(from_epoch, epoch + 1)))
 
-    def _check_hangs(self, pending: dict[int, Any], epoch: int) -> None:
+    def _watch_placement(self, epoch: int) -> set[int]:
+        """The workers whose bundle has no node (theirs was lost; Ray is looking for room): they cannot step, so
+        they are not hung. Fails the run with one line once one has waited cluster.placement_timeout_s."""
+        table = placement_group_table(self.pg)
+        unplaced = {int(b) for b, node in table.get("bundles_to_node_id", {}).items() if not node}
+        now, limit = time.monotonic(), self.cfg.cluster.placement_timeout_s
+        for w in set(self.unplaced_since) - unplaced:  # placed again: its hang clock starts now
+            del self.unplaced_since[w]
+            self.advanced[w] = (None, None, now)
+        for w in sorted(unplaced):
+            waited = now - self.unplaced_since.setdefault(w, now)
+            if waited > limit:
+                bundle, left = _bundle(self.cfg), ray.cluster_resources()
+                fit = min(int(left.get(k, 0) // v) for k, v in bundle.items())
+                have = ", ".join(f"{left.get(k, 0):g} {k}" for k in bundle)
+                fewer = (f"resume with cluster.num_workers={fit} (run.dir keeps the checkpoint of the last epoch "
+                         "done)" if fit else "no worker fits")
+                raise TrainingFailed(
+                    f"worker {w} ({self._blocks(w)}) lost its node in epoch {epoch + 1} and Ray found no room for "
+                    f"its bundle {bundle} within {limit:g}s (cluster.placement_timeout_s): the cluster has {have} "
+                    f"left, {len(self.groups)} workers need {len(self.groups)} x {bundle}; add a node, or {fewer}")
+        return unplaced
+
+    def _check_hangs(self, pending: dict[int, Any], epoch: int, unplaced: set[int] = frozenset()) -> None:
         """Restart the pending workers that have made no step for :meth:`hang_timeout` seconds.
 
         In sync mode one hung worker soon stalls the others (they wait for its pushes), but those still
@@ -169,7 +193,7 @@ class _Supervisor:
         if not self.server_answers:
             return
         stalled = []
-        for w in pending:
+        for w in set(pending) - unplaced:
             report = self.last_progress.get(w)
             pid = report["pid"] if report else None
             steps = sum(b["total_steps"] for b in report["blocks"].values()) if report else None
@@ -253,8 +277,9 @@ class _Supervisor:
                     first = str(e.cause if e.cause is not None else e).strip().splitlines()[-1]
                     raise TrainingFailed(f"worker {w} ({self._blocks(w)}) failed in epoch {epoch + 1}: {first}") from None
             self._watch_server()
+            unplaced = self._watch_placement(epoch)
             blocks, by_rank = _split(self._poll(pending))
-            self._check_hangs(pending, epoch)
+            self._check_hangs(pending, epoch, unplaced)
             self.display.update(blocks, self.owner)
             mlog.record(blocks, by_rank, self.owner)
         return [results[w] for w in sorted(results)]
@@ -292,7 +317,8 @@ class _Supervisor:
         """The server died after the workers finished ``epoch``: once Ray has restarted it (from the last
         checkpoint), every worker starts again from that checkpoint and redoes the epochs since. The server's
         restart counts against cluster.max_restarts; the workers' do not (nothing was wrong with them)."""
-        deadline = time.monotonic() + PLACEMENT_TIMEOUT_S
+        limit = self.cfg.cluster.placement_timeout_s
+        deadline = time.monotonic() + limit
         while True:
             self._watch_server()
             try:
@@ -300,8 +326,9 @@ class _Supervisor:
                 break
             except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
                 if time.monotonic() > deadline:
-                    raise TrainingFailed(f"parameter server did not come back within {PLACEMENT_TIMEOUT_S}s "
-                                         f"after dying at the end of epoch {epoch + 1}") from None
+                    raise TrainingFailed(f"parameter server did not come back within {limit:g}s "
+                                         f"(cluster.placement_timeout_s) after dying at the end of epoch "
+                                         f"{epoch + 1}") from None
                 time.sleep(0.5)
         self._watch_server()  # counts the restart (a new pid)
         resume = self.rundir.load_resume(self.spec.num_blocks, warn=self.display.message)
