@@ -43,6 +43,7 @@ SAMPLERS: dict[str, tuple[str, ...]] = {
 SHARD_PARTITIONS = ("uniform", "log_snr", "equal_mass")
 CT_LOSS_WEIGHTS = ("snr_prime", "sigmoid", "flat")
 CT_READOUTS = ("head", "nearest")  # NoProp-CT's class readout at z_1 (core.continuous.ContinuousChain.readout)
+FM_TARGETS = ("velocity", "endpoint")  # what a NoProp-FM network predicts (core.continuous.fm_field)
 ABAR_MAX_LIMIT = 0.9999  # model.abar_max's ceiling (see validate)
 PAPER_SAMPLER = {"noprop_dt": "eq3", "noprop_ct": "eq3", "noprop_fm": "mean"}  # what the paper's Table 1 ran
 # Keys that were renamed: old (section, key) -> (section, key, value map). Old configs and run snapshots load.
@@ -75,6 +76,9 @@ class ModelConfig:
     image_batch_norm: bool = False
     # NoProp-CT's prediction from z_1: nearest (the nearest class embedding, as NoProp-FM's) | head (Eq. 14)
     ct_readout: str = "nearest"
+    # NoProp-FM's network predicts: velocity (the paper's: v = logits @ W_embed, regressed on z_1 - z_0) |
+    # endpoint (z1_hat = softmax(logits) @ W_embed, regressed on z_1; v = (z1_hat - z_t) / (1 - t))
+    fm_target: str = "endpoint"
     inference_steps: int = 1000  # CT / FM: steps of the inference chain or ODE solver (paper: 1000)
     embedding: str = "learned"  # one_hot | learned | prototype
     embedding_dim: int = 20  # used by `learned` only; one_hot has d = m, prototype d = C*H*W
@@ -299,6 +303,8 @@ def preset_values(name: str, method: str, dataset: str) -> dict[str, Any]:
                    "model.image_batch_norm": False}
     if method == "noprop_ct":
         values |= {"model.ct_loss_weight": "snr_prime", "model.ct_readout": "head"}
+    if method == "noprop_fm":
+        values["model.fm_target"] = "velocity"
     return values
 
 
@@ -409,6 +415,7 @@ def validate(cfg: Config) -> None:
                           f"got {m.shard_overlap!r}")
     _choice("model.ct_loss_weight", m.ct_loss_weight, CT_LOSS_WEIGHTS)
     _choice("model.ct_readout", m.ct_readout, CT_READOUTS)
+    _choice("model.fm_target", m.fm_target, FM_TARGETS)
     _choice("model.embedding", m.embedding, EMBEDDINGS)
     _in_range("model.embedding_dim", m.embedding_dim, 1, MAX_EMBEDDING_DIM)
     _choice("model.class_prob", m.class_prob, CLASS_PROBS)

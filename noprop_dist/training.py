@@ -35,7 +35,7 @@ def model_spec(cfg: Config, image_shape: tuple[int, int, int], num_classes: int)
         eta=m.eta, abar_max=m.abar_max, method=m.method, inference_steps=m.inference_steps,
         sampler=cfg.eval.sampler, ensemble_draws=cfg.eval.ensemble_draws,
         shard_partition=m.shard_partition, shard_overlap=m.shard_overlap, ct_loss_weight=m.ct_loss_weight,
-        image_batch_norm=m.image_batch_norm, ct_readout=m.ct_readout,
+        image_batch_norm=m.image_batch_norm, ct_readout=m.ct_readout, fm_target=m.fm_target,
     )
 
 

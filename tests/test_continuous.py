@@ -166,6 +166,45 @@ def test_fm_loss_replayed(embedding):
             assert float(anchor) > 0.1
 
 
+@pytest.mark.parametrize("embedding", ["one_hot", "learned"])
+def test_fm_endpoint_loss_replayed(embedding):
+    """model.fm_target=endpoint: the network names the class, z1_hat = softmax(logits) @ W_embed, and the
+    denoising loss is ||z1_hat - z_1||^2 (the velocity error times (1 - t)^2, without its blow-up at t -> 1);
+    the anchor reads the same z1_hat."""
+    spec, shared, _ = _parts("noprop_fm", embedding, num_blocks=2, fm_target="endpoint")
+    probe = _probe(spec, 1)
+    x, y = _batch(spec)
+    total, denoise = fm_shard_loss(probe, shared, spec, 1, x, y, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        z1 = shared.embed[y]
+        z1_hat = torch.softmax(probe.calls[0]["logits"], 1) @ shared.embed
+        assert float(denoise) == pytest.approx(float((z1_hat - z1).pow(2).sum(1).mean()), rel=1e-5)
+        if embedding == "one_hot":
+            assert torch.equal(total, denoise)
+        else:
+            anchor = F.cross_entropy(shared.head(z1_hat), y)
+            assert float(total - denoise) == pytest.approx(float(anchor), rel=1e-5)
+
+
+def test_fm_endpoint_chain_follows_the_field_and_lands_on_the_last_prediction():
+    """With fm_target=endpoint the Euler step is z + (z1_hat - z) / ((1 - t) N): a plain loop reproduces the
+    chain, and the last step (t = (N - 1) / N) lands exactly on the last network's z1_hat."""
+    chain = _chain("noprop_fm", "learned", num_blocks=2, fm_target="endpoint")
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    steps = 10
+    out = chain(x, torch.Generator().manual_seed(0), steps=steps)
+    embed, nets = chain.shared.embed, chain.blocks
+    z = torch.randn(5, embed.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for n in range(steps):
+            t = n / steps
+            z1_hat = torch.softmax(nets[0 if t < 0.5 else 1](z, x, torch.full((5,), t)), 1) @ embed
+            z = z + (z1_hat - z) / ((1 - t) * steps)
+        assert torch.allclose(z, z1_hat, atol=1e-5)
+        ref = torch.log_softmax(-torch.cdist(z, embed).pow(2), 1)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["noprop_ct", "noprop_fm"])
 @pytest.mark.parametrize("class_prob", ["softmax", "radial"])
 def test_cross_entropy_applies_softmax_once_cifar100(method, class_prob):

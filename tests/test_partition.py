@@ -138,6 +138,7 @@ def test_ct_bounds_follow_the_schedule_as_it_trains():
     ("model.shard_overlap=-0.1", "model.shard_overlap: must be in [0, 0.5)"),
     ("model.ct_loss_weight=elbo", "model.ct_loss_weight: 'elbo' is not allowed; allowed: snr_prime, sigmoid, flat"),
     ("model.ct_readout=argmax", "model.ct_readout: 'argmax' is not allowed; allowed: head, nearest"),
+    ("model.fm_target=noise", "model.fm_target: 'noise' is not allowed; allowed: velocity, endpoint"),
 ])
 def test_bad_partition_keys_are_refused_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:

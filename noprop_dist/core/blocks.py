@@ -35,6 +35,7 @@ class ModelSpec:
     ct_loss_weight: str = "snr_prime"
     image_batch_norm: bool = False  # CT / FM networks: BatchNorm after the image path (DT blocks always have it)
     ct_readout: str = "head"  # CT's class readout at z_1: head (Eq. 14) | nearest (class embedding, as FM's)
+    fm_target: str = "velocity"  # FM's network predicts: velocity (the paper's) | endpoint (core.continuous.fm_field)
 
     @property
     def image_like_label(self) -> bool:

@@ -162,9 +162,24 @@ def fm_path(z_0: torch.Tensor, z_1: torch.Tensor, t: torch.Tensor) -> tuple[torc
     return tt * z_1 + (1 - tt) * z_0, z_1 - z_0
 
 
-def fm_velocity(logits: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
-    """v = logits @ W_embed (no softmax: any direction in embedding space). (B, m), (m, d) -> (B, d)."""
-    return logits @ embed
+def fm_field(
+    logits: torch.Tensor, embed: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, target: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v, z1_hat), both (B, d): the velocity at (z_t, t) and the endpoint it points at, z1_hat = z_t + (1 - t) v.
+
+    logits: (B, m) the network's output, embed: (m, d) W_embed, z_t: (B, d), t: (B,) in [0, 1).
+    target velocity (the paper's): v = logits @ W_embed, any direction in embedding space.
+    target endpoint: z1_hat = softmax(logits) @ W_embed, a convex combination of class embeddings, as
+    NoProp-DT's and CT's denoised estimate; v = (z1_hat - z_t) / (1 - t). The velocity network must learn
+    the -z_t / (1 - t) part of the field itself, which grows without bound towards t = 1; the endpoint form
+    gives it exactly, so the network only has to name the class.
+    """
+    tt = t[:, None]
+    if target == "endpoint":
+        z1_hat = denoised_estimate(logits, embed)
+        return (z1_hat - z_t) / (1 - tt), z1_hat
+    v = logits @ embed
+    return v, z_t + (1 - tt) * v
 
 
 def fm_shard_loss(
@@ -173,7 +188,9 @@ def fm_shard_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(total, denoise) of NoProp-FM shard k. x: (B, C, H, W), y: (B,) int64.
 
-    ``denoise = mean_i ||v(z_t, x, t) - (z_1 - z_0)||^2`` with z_0 ~ N(0, I), z_1 = u_y, t ~ U(I_k).
+    ``denoise = mean_i ||v(z_t, x, t) - (z_1 - z_0)||^2`` with z_0 ~ N(0, I), z_1 = u_y, t ~ U(I_k)
+    (spec.fm_target velocity); endpoint: ``mean_i ||z1_hat - z_1||^2``, which is the same error times
+    (1 - t)^2: the velocity loss would weight the last steps without bound.
     No eta: NOPROP.md states the FM loss without it and the paper's FM runs use eta = 1; eta balances the
     ELBO's denoising term against its CE / KL terms, and FM has no ELBO. Scaling by a DT-style eta = 0.1
     would silently weaken the flow against the anchor.
@@ -185,11 +202,13 @@ def fm_shard_loss(
     t = sample_times(spec, k, y.shape[0], generator, y.device, shared)
     z_0 = randn_like(z_1, generator)
     z_t, target = fm_path(z_0, z_1, t)
-    v = fm_velocity(net(z_t, x, t), embed)
-    denoise = (v - target).pow(2).sum(dim=1).mean()
+    v, z1_hat = fm_field(net(z_t, x, t), embed, z_t, t, spec.fm_target)
+    if spec.fm_target == "endpoint":
+        denoise = (z1_hat - z_1).pow(2).sum(dim=1).mean()
+    else:
+        denoise = (v - target).pow(2).sum(dim=1).mean()
     if spec.embedding == "one_hot":
         return denoise, denoise
-    z1_hat = z_t + (1 - t)[:, None] * v
     anchor = F.cross_entropy(class_logits(shared, z1_hat, spec.class_prob, spec.radial_sigma), y)
     return denoise + anchor, denoise
 
@@ -306,13 +325,13 @@ class ContinuousChain(SavedChain):
             if trace is None or n not in last_of_shard:
                 return
             if self.spec.method == "noprop_fm":
-                ahead = z_next + (1 - (n + 1) / n_steps) * fm_velocity(logits, embed)
-                trace.append((self.readout(ahead), None))
+                trace.append((self.readout(ahead["z1_hat"]), None))
             else:
                 trace.append((self.readout(z_next), torch.log_softmax(logits, dim=1)))
 
         if self.spec.method == "noprop_fm":
-            z = self._fm(z0, logits_at, n_steps, record)
+            ahead: dict[str, torch.Tensor] = {}  # the endpoint the last step's velocity points at (for the trace)
+            z = self._fm(z0, logits_at, n_steps, record, ahead)
         elif sampler in ("eq3", "mean"):
             z = self._ct_chain(z0, logits_at, n_steps, generator if sampler == "eq3" else None, record)
         else:
@@ -360,13 +379,16 @@ class ContinuousChain(SavedChain):
             record(n, z, logits)
         return z
 
-    def _fm(self, z: torch.Tensor, logits_at: Callable, n_steps: int, record: Callable) -> torch.Tensor:
-        """Euler from t = 0 to 1 with v = logits @ W_embed (:func:`euler_integrate`'s steps); returns z_1."""
+    def _fm(self, z: torch.Tensor, logits_at: Callable, n_steps: int, record: Callable,
+            ahead: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Euler from t = 0 to 1 with :func:`fm_field`'s velocity (:func:`euler_integrate`'s steps); returns z_1.
+        ahead["z1_hat"] is the endpoint the latest step's velocity points at, when ``record`` is called."""
         embed = self.shared.embed
 
         def field(z_n: torch.Tensor, t: float, n: int) -> torch.Tensor:
             logits = logits_at(z_n, t, n)
-            v = fm_velocity(logits, embed)
+            v, z1_hat = fm_field(logits, embed, z_n, self._time(t, z_n), self.spec.fm_target)
+            ahead["z1_hat"] = z1_hat
             record(n, z_n + v / n_steps, logits)
             return v
 
