@@ -380,7 +380,7 @@ class ContinuousChain(SavedChain):
         return z
 
     def _fm(self, z: torch.Tensor, logits_at: Callable, n_steps: int, record: Callable,
-            ahead: dict[int, torch.Tensor]) -> torch.Tensor:
+            ahead: dict[str, torch.Tensor]) -> torch.Tensor:
         """Euler from t = 0 to 1 with :func:`fm_field`'s velocity (:func:`euler_integrate`'s steps); returns z_1.
         ahead["z1_hat"] is the endpoint the latest step's velocity points at, when ``record`` is called."""
         embed = self.shared.embed
