@@ -320,18 +320,18 @@ class ContinuousChain(SavedChain):
             k = shard_of[n]
             return self.blocks[k].forward_features(features[k], z, self._time(t, z))
 
-        def record(n: int, z_next: torch.Tensor, logits: torch.Tensor) -> None:
-            """The trace entry of step n's shard when n is its last step; z_next is z at t_{n+1}."""
+        def record(n: int, z_next: torch.Tensor, logits: torch.Tensor, z1_hat: torch.Tensor | None = None) -> None:
+            """The trace entry of step n's shard when n is its last step; z_next is z at t_{n+1}; FM's z1_hat
+            is the endpoint step n's velocity points at."""
             if trace is None or n not in last_of_shard:
                 return
             if self.spec.method == "noprop_fm":
-                trace.append((self.readout(ahead["z1_hat"]), None))
+                trace.append((self.readout(z1_hat), None))
             else:
                 trace.append((self.readout(z_next), torch.log_softmax(logits, dim=1)))
 
         if self.spec.method == "noprop_fm":
-            ahead: dict[str, torch.Tensor] = {}  # the endpoint the last step's velocity points at (for the trace)
-            z = self._fm(z0, logits_at, n_steps, record, ahead)
+            z = self._fm(z0, logits_at, n_steps, record)
         elif sampler in ("eq3", "mean"):
             z = self._ct_chain(z0, logits_at, n_steps, generator if sampler == "eq3" else None, record)
         else:
@@ -379,17 +379,14 @@ class ContinuousChain(SavedChain):
             record(n, z, logits)
         return z
 
-    def _fm(self, z: torch.Tensor, logits_at: Callable, n_steps: int, record: Callable,
-            ahead: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Euler from t = 0 to 1 with :func:`fm_field`'s velocity (:func:`euler_integrate`'s steps); returns z_1.
-        ahead["z1_hat"] is the endpoint the latest step's velocity points at, when ``record`` is called."""
+    def _fm(self, z: torch.Tensor, logits_at: Callable, n_steps: int, record: Callable) -> torch.Tensor:
+        """Euler from t = 0 to 1 with :func:`fm_field`'s velocity (:func:`euler_integrate`'s steps); returns z_1."""
         embed = self.shared.embed
 
         def field(z_n: torch.Tensor, t: float, n: int) -> torch.Tensor:
             logits = logits_at(z_n, t, n)
             v, z1_hat = fm_field(logits, embed, z_n, self._time(t, z_n), self.spec.fm_target)
-            ahead["z1_hat"] = z1_hat
-            record(n, z_n + v / n_steps, logits)
+            record(n, z_n + v / n_steps, logits, z1_hat)
             return v
 
         return euler_integrate(field, z, n_steps)
