@@ -37,9 +37,9 @@ from common import write_result
 from torch import nn
 
 from noprop_dist.baselines.learner import GradientLearner, accuracy, build_learner
-from noprop_dist.config import load_config
+from noprop_dist.config import CONFIG_DIR, load_config
 from noprop_dist.data import load_dataset
-from noprop_dist.reproduce import config_path, default_config_dir
+from noprop_dist.paper.harness import config_path
 
 VARIANTS = {"backprop": ("chain", "chain, default head", "block T alone"),
             "adjoint": ("model", "default head", "rate 1", "rate 1, default head")}
@@ -108,7 +108,7 @@ def main() -> int:
     torch.set_num_threads(1)
     dim = ["model.embedding_dim=10"] if args.embedding == "one_hot" else []
     config_dataset = "mnist" if args.dataset == "digits" else args.dataset  # digits has no baseline configs
-    cfg = load_config(config_path(args.method, config_dataset, default_config_dir()),
+    cfg = load_config(config_path(args.method, config_dataset, CONFIG_DIR),
                       [f"data.name={args.dataset}", f"model.embedding={args.embedding}", *dim, *args.overrides])
     limits = {} if args.dataset == "digits" else {"train_limit": args.train_limit, "test_limit": args.test_limit}
     dataset = load_dataset(args.dataset, cfg.data.root, **limits)

@@ -12,7 +12,12 @@ from noprop_dist.config import Config
 from noprop_dist.core import build_shared
 from noprop_dist.core.variants import build_shard, shard_loss
 from noprop_dist.data import ImageDataset
-from noprop_dist.training import TrainingData, initial_prototypes, model_spec, resolve_precision
+from noprop_dist.training import (
+    TrainingData,
+    initial_prototypes,
+    model_spec,
+    resolve_precision,
+)
 
 
 def machine() -> dict:
@@ -54,7 +59,7 @@ def plain_loop(cfg: Config, data: ImageDataset, epochs: int, blocks: list[int] |
     spec = model_spec(cfg, data.image_shape, data.num_classes)
     tr = cfg.train
     bf16 = resolve_precision(tr.precision, device) == "bf16"
-    blocks = blocks or list(range(1, spec.num_blocks + 1))
+    blocks = blocks or list(range(1, spec.num_shards + 1))
     nets = {t: build_shard(spec, t, tr.seed).to(device) for t in blocks}
     shared = build_shared(spec, tr.seed, initial_prototypes(spec, data, tr.seed)).to(device)
     opts = {t: torch.optim.AdamW(n.parameters(), lr=tr.lr, weight_decay=tr.weight_decay, fused=True)

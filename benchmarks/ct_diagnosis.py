@@ -28,12 +28,11 @@ import time
 
 import numpy as np
 import torch
-
 from common import write_result
 
 from noprop_dist.config import load_config
 from noprop_dist.core import evaluate_chain, evaluate_stages
-from noprop_dist.core.continuous import ct_marginal, ct_loss_weight, shard_bounds
+from noprop_dist.core.continuous import ct_loss_weight, ct_marginal, shard_bounds
 from noprop_dist.core.objectives import denoised_estimate
 from noprop_dist.core.schedule import randn_like
 from noprop_dist.data import load_dataset, normalize
@@ -117,7 +116,7 @@ def main() -> None:
     ap.add_argument("--preset", default=None, help="paper: the paper's settings (config.preset_values)")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides, key=value")
     args = ap.parse_args()
-    cfg = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "mnist_ct.yaml"), [
+    cfg = load_config("mnist_ct", [
         f"data.name={args.dataset}", "data.root=null", f"train.epochs={args.epochs}", f"model.num_shards={args.shards}",
         f"model.inference_steps={args.steps}", "eval.sampler=mean", "metrics.enabled=false",
         "cluster.threads_per_worker=1", *([f"data.train_limit={args.train_limit}"] if args.train_limit else []),

@@ -4,7 +4,7 @@
     python benchmarks/ct_targets.py --dataset fashion_mnist --train-limit 8000 --test-limit 2000 --epochs 10 \
         --dt-epochs 2
 
-Trains, with the dataset's configs (configs/<dataset>_ct.yaml, _fm.yaml and, for the wall-time comparison,
+Trains, with the dataset's configs (noprop_dist/configs/<dataset>_ct.yaml, _fm.yaml and, for the wall-time comparison,
 <dataset>.yaml for NoProp-DT, ``--dt-epochs`` epochs), K = ``--shards`` time-shards on 2 workers, the test
 accuracy of the chain after every epoch (``curve``, with the training seconds at each point), and each CT / FM
 chain re-evaluated with 10, 100 and 1000 inference steps.
@@ -21,10 +21,10 @@ import tempfile
 
 from common import ray_run, write_result
 
-from noprop_dist.config import load_config
+from noprop_dist.config import CONFIG_DIR, load_config
 from noprop_dist.evaluate import evaluate_run
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+CONFIGS = CONFIG_DIR
 STEPS = (10, 100, 1000)
 
 

@@ -11,8 +11,13 @@ from common import write_result
 
 from noprop_dist.config import load_config
 from noprop_dist.data import load_dataset
-from noprop_dist.shared_server import SharedStateServer
-from noprop_dist.training import ShardGroup, evaluate_states, model_spec, train_in_process
+from noprop_dist.training import (
+    ShardGroup,
+    evaluate_states,
+    model_spec,
+    train_in_process,
+)
+from noprop_dist.training.shared_state import SharedStateServer
 
 
 def main() -> None:

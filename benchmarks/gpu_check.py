@@ -25,10 +25,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from common import epoch_batches, plain_loop  # noqa: E402
+
 from noprop_dist.config import load_config  # noqa: E402
 from noprop_dist.data import ImageDataset, load_dataset  # noqa: E402
-from noprop_dist.shared_server import LocalClient, SharedStateServer  # noqa: E402
 from noprop_dist.training import ShardGroup, model_spec  # noqa: E402
+from noprop_dist.training.shared_state import LocalClient, SharedStateServer  # noqa: E402
 
 
 def dataset(shape: str, n: int) -> ImageDataset:

@@ -4,7 +4,7 @@ it (mean), averaged over n noisy runs (ensemble), CT's ODE, and the accuracy alo
     python benchmarks/samplers.py --name digits_dt                          # the quickstart: digits, DT, 20 epochs
     python benchmarks/samplers.py --name fashion_dt --set data.name=fashion_mnist data.train_limit=8000 \\
         data.test_limit=2000 train.epochs=5
-    python benchmarks/samplers.py --name digits_ct --config configs/mnist_ct.yaml --set data.name=digits \\
+    python benchmarks/samplers.py --name digits_ct --config mnist_ct --set data.name=digits \\
         model.num_shards=2 train.epochs=20 --steps 10 100 1000
     python benchmarks/samplers.py --name digits_dt --run-dir DIR            # re-measure a finished run
 
@@ -35,7 +35,7 @@ def _pct(x: float | None) -> str:
 
 def measure(run_dir: str, seeds: int, draws: list[int], steps: list[int]) -> list[dict]:
     """One row per (sampler, steps, seed or draws): test accuracy, stage table, seconds."""
-    chain, _ = load_chain(run_dir)
+    chain = load_chain(run_dir).chain
     method = chain.spec.method
     step_list = steps if method != "noprop_dt" else [None]
     rows = []

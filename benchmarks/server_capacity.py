@@ -26,7 +26,7 @@ from noprop_dist.core import ModelSpec, SharedState
 from noprop_dist.distributed.cluster import connect
 from noprop_dist.distributed.param_server import ParameterServer
 from noprop_dist.distributed.worker import RayClient
-from noprop_dist.shared_server import SharedReplica
+from noprop_dist.training.shared_state import SharedReplica
 
 # (name, image shape, classes, embedding, d): the shared states of Table 1's settings.
 STATES = {
@@ -38,7 +38,7 @@ STATES = {
 
 def spec_of(name: str) -> ModelSpec:
     shape, m, embedding, d = STATES[name]
-    return ModelSpec(image_shape=shape, num_classes=m, num_blocks=10, embedding=embedding, embed_dim=d,
+    return ModelSpec(image_shape=shape, num_classes=m, num_shards=10, embedding=embedding, embed_dim=d,
                      dropout=0.0, class_prob="softmax", radial_sigma=0.1, eta=0.1, abar_max=0.999)
 
 

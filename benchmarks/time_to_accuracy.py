@@ -25,8 +25,14 @@ import tempfile
 
 from common import write_result
 
-from noprop_dist.plots import PlotError, plot_curves, run_label
-from noprop_dist.reproduce import HarnessError, config_path, default_config_dir, run_command, train_subprocess
+from noprop_dist.config import CONFIG_DIR
+from noprop_dist.paper.harness import (
+    HarnessError,
+    config_path,
+    run_command,
+    train_subprocess,
+)
+from noprop_dist.paper.plots import PlotError, plot_curves, run_label
 
 # The DT setting (NoProp-DT against DDP backprop, the default) and the CT setting (the paper's Fig. 3:
 # NoProp-CT and NoProp-FM against the adjoint method; --workers 1, as K = 1 time-shard has one worker).
@@ -79,12 +85,12 @@ def method_config(method: str, dataset: str) -> str:
     config (the paper runs it "in the DT setting": same blocks, batch, optimiser) and a CT-setting method its
     MNIST config (Table 3's settings for it: eta, steps, optimiser; data.name is overridden), with a note."""
     try:
-        return config_path(method, dataset, default_config_dir())
+        return config_path(method, dataset, CONFIG_DIR)
     except HarnessError as e:
         if method == "noprop_dt":
             raise
         fallback = config_path(*(("noprop_dt", dataset) if method in DT_SETTING else (method, "mnist")),
-                               default_config_dir())
+                               CONFIG_DIR)
         print(f"note: {e}; using {fallback} with model.method={method}", flush=True)
         return fallback
 

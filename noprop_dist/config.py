@@ -10,29 +10,49 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .paper import paper_epochs
+from .paper.numbers import paper_epochs
 
-DATASET_NAMES = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "bloodmnist", "bloodmnist_64", "bloodmnist_128")
-EMBEDDINGS = ("one_hot", "learned", "prototype")
-CLASS_PROBS = ("softmax", "radial")
-SYNC_MODES = ("sync", "async")
-LR_SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("fp32", "bf16", "auto")
-NONFINITE_POLICIES = ("rollback", "stop")
-DEVICES = ("auto", "cpu", "cuda")
-NOPROP_METHODS = ("noprop_dt", "noprop_ct", "noprop_fm")
-BASELINE_METHODS = ("backprop", "adjoint", "dtp")
-METHODS = NOPROP_METHODS + BASELINE_METHODS
+# Keys with a fixed set of values have a Literal type; the tuple of its values (what validation allows and
+# error messages list) comes from that type, so each set is written once.
+DatasetName = Literal["digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "bloodmnist", "bloodmnist_64",
+                      "bloodmnist_128"]
+Embedding = Literal["one_hot", "learned", "prototype"]
+ClassProb = Literal["softmax", "radial"]
+SyncMode = Literal["sync", "async"]
+LrSchedule = Literal["constant", "cosine"]
+Precision = Literal["fp32", "bf16", "auto"]
+NonfinitePolicy = Literal["rollback", "stop"]
+Device = Literal["auto", "cpu", "cuda"]
+NoPropMethod = Literal["noprop_dt", "noprop_ct", "noprop_fm"]
+BaselineMethod = Literal["backprop", "adjoint", "dtp"]
+Method = Literal[NoPropMethod, BaselineMethod]
+Sampler = Literal["eq3", "mean", "ensemble", "ode"]
+ShardPartition = Literal["uniform", "log_snr", "equal_mass"]
+CtLossWeight = Literal["snr_prime", "sigmoid", "flat"]
+CtReadout = Literal["head", "nearest"]
+FmTarget = Literal["velocity", "endpoint"]
+
+DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
+EMBEDDINGS: tuple[str, ...] = get_args(Embedding)
+CLASS_PROBS: tuple[str, ...] = get_args(ClassProb)
+SYNC_MODES: tuple[str, ...] = get_args(SyncMode)
+LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+NONFINITE_POLICIES: tuple[str, ...] = get_args(NonfinitePolicy)
+DEVICES: tuple[str, ...] = get_args(Device)
+NOPROP_METHODS: tuple[str, ...] = get_args(NoPropMethod)
+BASELINE_METHODS: tuple[str, ...] = get_args(BaselineMethod)
+METHODS: tuple[str, ...] = get_args(Method)
 # Inference samplers of the NoProp chains, and the methods each applies to (README "Inference samplers").
 # eq3: Eq. 3 with its noise term, as the paper runs it; mean: the same update without the noise term (the
 # posterior mean); ensemble: class probabilities averaged over eval.ensemble_draws noisy (eq3) runs; ode:
 # NoProp-CT's probability-flow ODE. NoProp-FM's flow has no noise term: mean is its Euler solve, ensemble
 # averages it over draws of z_0.
-SAMPLERS: dict[str, tuple[str, ...]] = {
+SAMPLERS: dict[Sampler, tuple[NoPropMethod, ...]] = {
     "eq3": ("noprop_dt", "noprop_ct"),
     "mean": ("noprop_dt", "noprop_ct", "noprop_fm"),
     "ensemble": ("noprop_dt", "noprop_ct", "noprop_fm"),
@@ -40,10 +60,10 @@ SAMPLERS: dict[str, tuple[str, ...]] = {
 }
 # NoProp-CT / FM: how [0, 1] is split among the K time-shards (core.partition) and NoProp-CT's denoising
 # weight (core.continuous.ct_loss_weight; snr_prime is the paper's).
-SHARD_PARTITIONS = ("uniform", "log_snr", "equal_mass")
-CT_LOSS_WEIGHTS = ("snr_prime", "sigmoid", "flat")
-CT_READOUTS = ("head", "nearest")  # NoProp-CT's class readout at z_1 (core.continuous.ContinuousChain.readout)
-FM_TARGETS = ("velocity", "endpoint")  # what a NoProp-FM network predicts (core.continuous.fm_field)
+SHARD_PARTITIONS: tuple[str, ...] = get_args(ShardPartition)
+CT_LOSS_WEIGHTS: tuple[str, ...] = get_args(CtLossWeight)
+CT_READOUTS: tuple[str, ...] = get_args(CtReadout)  # NoProp-CT's readout at z_1 (core.continuous.ContinuousChain)
+FM_TARGETS: tuple[str, ...] = get_args(FmTarget)  # what a NoProp-FM network predicts (core.continuous.fm_field)
 ABAR_MAX_LIMIT = 0.9999  # model.abar_max's ceiling (see validate)
 PAPER_SAMPLER = {"noprop_dt": "eq3", "noprop_ct": "eq3", "noprop_fm": "mean"}  # what the paper's Table 1 ran
 # Keys that were renamed: old (section, key) -> (section, key, value map). Old configs and run snapshots load.
@@ -56,7 +76,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "digits"
+    name: DatasetName = "digits"
     root: str | None = None  # None: the loader's defaults (see noprop_dist.data)
     download: bool = False  # fetch through torchvision when files are missing and a network is there
     train_limit: int | None = None  # keep only this many training examples (smoke runs, CI)
@@ -66,23 +86,23 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     # noprop_dt | noprop_ct | noprop_fm (layer-parallel on Ray), or a baseline: backprop | adjoint | dtp
-    method: str = "noprop_dt"
+    method: Method = "noprop_dt"
     num_blocks: int = 10  # T, NoProp-DT (and the backprop baseline's chain)
     num_shards: int = 1  # K, NoProp-CT / FM: [0, 1] split into K time intervals, one network each
-    shard_partition: str = "uniform"  # uniform | log_snr | equal_mass: where the K intervals' boundaries lie
+    shard_partition: ShardPartition = "uniform"  # uniform | log_snr | equal_mass: where the K intervals' boundaries lie
     shard_overlap: float = 0.0  # each shard also trains this fraction of its span into each neighbour's
-    ct_loss_weight: str = "flat"  # NoProp-CT's denoising weight: flat | sigmoid | snr_prime (the paper's)
+    ct_loss_weight: CtLossWeight = "flat"  # NoProp-CT's denoising weight: flat | sigmoid | snr_prime (the paper's)
     # CT / FM networks: the DT block's BatchNorm after the image path's FC256 (the paper's CT / FM have none)
     image_batch_norm: bool = False
     # NoProp-CT's prediction from z_1: nearest (the nearest class embedding, as NoProp-FM's) | head (Eq. 14)
-    ct_readout: str = "nearest"
+    ct_readout: CtReadout = "nearest"
     # NoProp-FM's network predicts: velocity (the paper's: v = logits @ W_embed, regressed on z_1 - z_0) |
     # endpoint (z1_hat = softmax(logits) @ W_embed, regressed on z_1; v = (z1_hat - z_t) / (1 - t))
-    fm_target: str = "endpoint"
+    fm_target: FmTarget = "endpoint"
     inference_steps: int = 1000  # CT / FM: steps of the inference chain or ODE solver (paper: 1000)
-    embedding: str = "learned"  # one_hot | learned | prototype
+    embedding: Embedding = "learned"  # one_hot | learned | prototype
     embedding_dim: int = 20  # used by `learned` only; one_hot has d = m, prototype d = C*H*W
-    class_prob: str = "softmax"  # softmax (Eq. 14) | radial (Eq. 15-16)
+    class_prob: ClassProb = "softmax"  # softmax (Eq. 14) | radial (Eq. 15-16)
     radial_sigma: float = 0.1  # radial width; 1.0 left the head untrained (README, "Method")
     eta: float = 0.1
     abar_max: float = 0.999  # cap of the cosine schedule at t = T (keeps the last SNR finite)
@@ -97,22 +117,22 @@ class TrainConfig:
     weight_decay: float = 1e-3
     # constant | cosine: linear warm-up over warmup_epochs, then cosine decay to 0 at train.epochs (every
     # block's and the shared state's learning rate; training.lr_schedule_factor)
-    lr_schedule: str = "constant"
+    lr_schedule: LrSchedule = "constant"
     warmup_epochs: float = 0.0
     seed: int = 0
     # Shared state (docs/parameter_server.md): every sync_every mini-batches a worker pushes the sum of its
     # shards' updates and takes fresh state it asked for one exchange earlier. sync: that state holds every
     # worker's updates up to that exchange (runs repeat exactly); async: whatever the server had (never waits).
-    sync_mode: str = "sync"
+    sync_mode: SyncMode = "sync"
     sync_every: int = 1
     # fp32 | bf16 (autocast of the shards' forward and backward; weights stay fp32) | auto: bf16 where the
     # worker's device computes it natively, else fp32 (training.resolve_precision)
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     log_every_seconds: float = 5.0  # progress lines when the output is not a terminal
     # A block whose loss or gradients become NaN/inf applies nothing, rolls back to its state at the
     # start of the epoch and trains on at `nonfinite_lr_factor` ** (its rollbacks) times its rate
     # (rollback), or stops (stop); after `max_nonfinite` rollbacks it stops too. The other blocks go on either way.
-    on_nonfinite: str = "rollback"
+    on_nonfinite: NonfinitePolicy = "rollback"
     nonfinite_lr_factor: float = 0.5
     max_nonfinite: int = 3
 
@@ -123,7 +143,7 @@ class ClusterConfig:
     gpus_per_worker: float = 0.0  # fractional allowed: several workers share a GPU
     cpus_per_worker: float = 1.0
     threads_per_worker: int = 0  # torch threads per worker; 0 = max(1, floor(cpus_per_worker))
-    device: str = "auto"  # auto: cuda when the worker was given a GPU, else cpu
+    device: Device = "auto"  # auto: cuda when the worker was given a GPU, else cpu
     # A worker process that dies is restarted in its placement-group bundle and its shards resume from
     # their last checkpoint; the parameter server comes back from its last checkpoint (Ray restarts it).
     max_restarts_per_worker: int = 3  # restarts of one worker (its shard group) before the run fails
@@ -131,7 +151,7 @@ class ClusterConfig:
     # A worker that makes no step for this long in an epoch (stopped, deadlocked, its node unreachable) is
     # killed and restarted like a dead one, and so is a parameter server that does not answer; both count
     # against the restart limits. 0: automatic, 10x the longest gap between two steps seen so far in the
-    # run and at least HANG_FLOOR_S (actor start and the first steps are slow).
+    # run and at least supervisor.HANG_FLOOR_S (actor start and the first steps are slow).
     hang_timeout_s: float = 0.0
     # Seconds the run waits for Ray to place its workers' bundles: at the start, and after a node is lost and
     # Ray looks for room for the bundles it held (an autoscaler may be adding a node). A bundle still without a
@@ -157,7 +177,7 @@ class EvalConfig:
     every_epochs: int = 1  # test accuracy of the chain as it stands every this many epochs (0: at the end only)
     # eq3 | mean | ensemble | ode (CT): see SAMPLERS. mean keeps what the blocks learned: Eq. 3's noise term
     # pulls z away from the blocks' estimate at every step (benchmarks/README.md, "Inference samplers").
-    sampler: str = "mean"
+    sampler: Sampler = "mean"
     ensemble_draws: int = 8  # noisy runs averaged by the ensemble sampler
 
 
@@ -166,6 +186,7 @@ class MetricsConfig:
     enabled: bool = True  # workers and the parameter server export Prometheus metrics through Ray
     run_id: str | None = None  # the `run` label; None: <run.dir name>-<hash of the run's config>
     write_every_seconds: float = 5.0  # <run.dir>/metrics.jsonl gets a line per block this often (and per epoch)
+    tensorboard: bool = False  # the same lines as TensorBoard event files in <run.dir>/tensorboard/ (extra: tensorboard)
 
 
 @dataclass
@@ -190,6 +211,8 @@ def _section_types(section_cls: type) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Convert a YAML / command-line value to the declared type, or raise ConfigError naming `key`."""
+    if get_origin(typ) is Literal:  # a fixed set of strings: validate() checks the value and lists the set
+        typ = str
     optional = typ in (int | None, str | None, float | None)
     base = {int | None: int, str | None: str, float | None: float}.get(typ, typ)
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
@@ -308,14 +331,42 @@ def preset_values(name: str, method: str, dataset: str) -> dict[str, Any]:
     return values
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                preset: str | None = None) -> Config:
-    """Defaults, then the YAML file (if any), then the preset's values (:func:`preset_values`), then ``--set``
-    overrides; validated."""
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # the packaged configs
+
+
+def config_names() -> list[str]:
+    """The names of the packaged configs (``noprop_dist/configs/<name>.yaml``): what ``--config NAME`` takes."""
+    return sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".yaml"))
+
+
+def config_file(name_or_path: str | os.PathLike) -> str:
+    """The YAML file ``--config`` means: a path to an existing file, else the packaged config of that name
+    (``mnist``, ``mnist.yaml`` or ``configs/mnist.yaml``), which works from any directory. ConfigError lists
+    the names otherwise."""
+    path = os.fspath(name_or_path)
+    if os.path.isfile(path):
+        return path
+    name = path[:-5] if path.endswith(".yaml") else path
+    if os.path.dirname(name) == "configs":  # the repository's configs/<name>.yaml, as earlier commands spell it
+        name = os.path.basename(name)
+    packaged = os.path.join(CONFIG_DIR, name + ".yaml")
+    if os.sep not in name and "/" not in name and os.path.isfile(packaged):
+        return packaged
+    raise ConfigError(f"--config: file not found: {path}; packaged configs: {', '.join(config_names())}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                preset: str | None = None, values: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file (if any: a path or a packaged config's name, see :func:`config_file`), then
+    the preset's values (:func:`preset_values`), then the ``--set`` overrides, then ``values`` (dotted keys to
+    Python values, ``{"train.epochs": 3}``, the Python API's overrides); validated."""
     cfg = Config()
+    values = dict(values or {})
+    for dotted in values:
+        if len(dotted.split(".")) != 2 or not all(dotted.split(".")):
+            raise ConfigError(f"{dotted!r}: a key must be section.name, e.g. train.epochs")
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"--config: file not found: {path}")
+        path = config_file(path)
         try:
             with open(path, encoding="utf-8") as f:
                 mapping = yaml.safe_load(f)
@@ -331,7 +382,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"--config {path}: not valid YAML ({first})") from None
         _apply_mapping(cfg, mapping, path)
     if preset is not None:
-        parsed = [parse_override(text) for text in overrides]
+        parsed = [parse_override(text) for text in overrides] + [(*k.split("."), v) for k, v in values.items()]
         # the method and dataset the --set overrides ask for decide the preset's values
         method = next((v for sec, key, v in reversed(parsed) if (sec, key) == ("model", "method")), cfg.model.method)
         dataset = next((v for sec, key, v in reversed(parsed) if (sec, key) == ("data", "name")), cfg.data.name)
@@ -340,6 +391,9 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             _apply(cfg, section, name, value)
     for text in overrides:
         section, name, value = parse_override(text)
+        _apply(cfg, section, name, value)
+    for dotted, value in values.items():
+        section, name = dotted.split(".")
         _apply(cfg, section, name, value)
     validate(cfg)
     return cfg
@@ -481,6 +535,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"metrics.run_id: {run_id!r} is not allowed; allowed: letters, digits and _ . : - "
                           "(starting with a letter or digit)")
     _positive("metrics.write_every_seconds", cfg.metrics.write_every_seconds)
+    if cfg.metrics.tensorboard:
+        if cfg.model.method in BASELINE_METHODS:
+            raise ConfigError(f"metrics.tensorboard: the per-block metrics are NoProp's; model.method={m.method} "
+                              "writes its curve to summary.json only")
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("metrics.tensorboard: needs the tensorboard package: "
+                              "pip install 'noprop_dist[tensorboard]'")
 
 
 def shards_key(m: ModelConfig) -> str | None:

@@ -29,6 +29,7 @@ T = TypeVar("T")
 
 # Used when ``root`` is None (relative to the working directory; ignored by git).
 DEFAULT_ROOT = "data"
+TRAIN_ACCURACY_LIMIT = 10_000  # train_accuracy is measured on at most this many training images
 # Where Debian's `apt-get install dataset-fashion-mnist` puts the four gzipped IDX files.
 # Module-level so tests can point it elsewhere.
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -142,6 +143,14 @@ class ImageDataset:
         c, h, w = self.train_x.shape[1:]
         return int(c), int(h), int(w)
 
+    def train_accuracy_subset(self, limit: int = TRAIN_ACCURACY_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+        """The training images every method's ``train_accuracy`` is measured on, so Table 1's train column
+        compares like with like: at most ``limit`` of them, evenly spaced through the training set (all of
+        them if fewer). Returns (x uint8 (n, C, H, W), y int64 (n,)), C-contiguous."""
+        n = len(self.train_y)
+        idx = np.linspace(0, n - 1, min(n, limit)).astype(np.int64)
+        return np.ascontiguousarray(self.train_x[idx]), np.ascontiguousarray(self.train_y[idx])
+
 
 def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
     """(B, C, H, W) uint8 -> float32 ``(x/255 - mean) / std`` per channel, on ``x``'s device.
@@ -200,7 +209,9 @@ def _load_digits():
     ``np.random.default_rng(0)`` (one generator, classes in ascending order) and the first
     ``round(0.2 * n_c)`` go to test, the rest to train; both sides keep ascending index order.
     """
-    from sklearn.datasets import load_digits  # local import: only this dataset needs sklearn
+    from sklearn.datasets import (
+        load_digits,  # local import: only this dataset needs sklearn
+    )
 
     bunch = load_digits()
     x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 1, 8, 8)

@@ -22,10 +22,49 @@ from .core import evaluate_stages, variants
 from .data import DatasetNotFoundError, load_dataset, normalize
 
 
-def load_chain(run_dir: str, steps: int | None = None, sampler: str | None = None,
-               draws: int | None = None) -> tuple[torch.nn.Module, dict]:
-    """The run's chain and its extra info; steps (CT / FM), sampler and draws (ensemble) override the
-    chain's inference settings. A value that does not apply to the chain is a ValueError naming it."""
+class TrainedChain(torch.nn.Module):
+    """A run's saved chain with its training set's statistics: it takes raw images, not normalised ones.
+
+    ``chain``: the inference chain (core), ``extra``: what the run saved with it (dataset, mean, std, seeds),
+    ``spec``: its ModelSpec. Images are uint8 (N, C, H, W), (N, H, W) for one channel, or floats of that
+    shape in [0, 1] (see :func:`as_chain_images`), as a numpy array or a torch tensor.
+    """
+
+    def __init__(self, chain: torch.nn.Module, extra: dict) -> None:
+        super().__init__()
+        self.chain, self.extra = chain, extra
+
+    @property
+    def spec(self):  # noqa: ANN201 - core.ModelSpec
+        return self.chain.spec
+
+    def inputs(self, images: object, source: str = "images") -> torch.Tensor:
+        """Raw images -> the normalised float (N, C, H, W) batch the chain takes (ValueError naming ``source``)."""
+        if isinstance(images, torch.Tensor):
+            images = images.detach().cpu().numpy()
+        x = as_chain_images(images, self.spec.image_shape, source)
+        return normalize(torch.from_numpy(x), self.extra["mean"], self.extra["std"])
+
+    def forward(self, images: object, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Class log-probabilities (N, m) of raw ``images``; ``generator`` seeds the sampler's noise."""
+        return self.chain(self.inputs(images), generator)
+
+    def predict(self, images: object, seed: int = 0, source: str = "images") -> np.ndarray:
+        """Predicted classes (N,) int64 of raw ``images``, the sampler's noise seeded by ``seed``."""
+        low, high = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not low <= int(seed) <= high:
+            raise ValueError(f"seed: must be an integer in [{low}, {high}], got {seed!r}")
+        x = self.inputs(images, source)
+        if len(x) == 0:
+            return np.zeros(0, dtype=np.int64)
+        return self.chain.predict(x, torch.Generator().manual_seed(int(seed))).numpy()
+
+
+def load_chain(run_dir: str | os.PathLike, steps: int | None = None, sampler: str | None = None,
+               draws: int | None = None) -> TrainedChain:
+    """The run's chain (``<run_dir>/chain.pt``), ready for raw images; no Ray needed. steps (CT / FM), sampler
+    and draws (ensemble) override the chain's inference settings. A value that does not apply to the chain is
+    a ValueError naming it."""
     path = os.path.join(run_dir, "chain.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no chain.pt in {run_dir}: has the run finished?")
@@ -42,7 +81,7 @@ def load_chain(run_dir: str, steps: int | None = None, sampler: str | None = Non
         raise ValueError(f"--draws applies to the ensemble sampler; this evaluation runs {name!r}")
     chain.spec = dataclasses.replace(chain.spec, inference_steps=steps or chain.spec.inference_steps,
                                      sampler=name, ensemble_draws=draws or chain.spec.ensemble_draws)
-    return chain, extra
+    return TrainedChain(chain, extra)
 
 
 def evaluate_run(run_dir: str, seed: int | None = None, steps: int | None = None, sampler: str | None = None,
@@ -61,7 +100,8 @@ def evaluation(run_dir: str, seed: int | None = None, steps: int | None = None, 
     Returns {"test_accuracy", "sampler", "steps" (CT / FM, else None), "seed"} and, with ``stages``,
     "stages": the accuracy along the chain (:func:`noprop_dist.core.evaluate_stages`).
     """
-    chain, extra = load_chain(run_dir, steps, sampler, draws)
+    trained = load_chain(run_dir, steps, sampler, draws)
+    chain, extra = trained.chain, trained.extra
     data = load_dataset(extra["dataset"], extra["data_root"], test_limit=extra["test_limit"])
     seed = extra["eval_seed"] if seed is None else seed
     acc, _, table = evaluate_stages(
@@ -111,19 +151,8 @@ def as_chain_images(images: object, image_shape: tuple[int, int, int], source: s
 
 
 def predict(run_dir: str, images: np.ndarray, seed: int = 0, source: str = "images") -> np.ndarray:
-    """Predicted classes (N,) int64 of ``images``: uint8 (N, C, H, W) with the chain's C, H, W
-    (``chain.spec.image_shape``), (N, H, W) for a one-channel chain, or float images of that shape with
-    values in [0, 1], read as uint8 x / 255 (see :func:`as_chain_images`). Anything else, or a seed torch
-    cannot take, is a one-line ValueError naming ``source``. Normalised with the run's training statistics."""
-    low, high = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not low <= int(seed) <= high:
-        raise ValueError(f"seed: must be an integer in [{low}, {high}], got {seed!r}")
-    chain, extra = load_chain(run_dir)
-    x = as_chain_images(images, chain.spec.image_shape, source)
-    if len(x) == 0:
-        return np.zeros(0, dtype=np.int64)
-    x = normalize(torch.from_numpy(x), extra["mean"], extra["std"])
-    return chain.predict(x, torch.Generator().manual_seed(int(seed))).numpy()
+    """Predicted classes (N,) int64 of raw ``images`` by the run's chain (:meth:`TrainedChain.predict`)."""
+    return load_chain(run_dir).predict(images, seed, source)
 
 
 def load_images(path: str) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Entry point: ``python -m noprop_dist.run [--config FILE] [--preset paper] [--set KEY=VALUE ...]``.
 
-With no --config it runs the quickstart default (configs/quickstart.yaml's values are the defaults).
+With no --config it runs the quickstart default (noprop_dist/configs/quickstart.yaml's values are the defaults).
 Config and data errors, and a run directory or data file it cannot read or write, end with one line on
 stderr and exit code 2, no traceback.
 """
@@ -9,15 +9,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoint import CheckpointError
+from .api import run_config
 from .config import BASELINE_METHODS, PRESETS, ConfigError, load_config
 from .data import DatasetFileError, DatasetNotFoundError
-from .distributed.supervisor import TrainingFailed  # no Ray import: the CLI stays fast on bad input
+from .distributed.restart_policy import (
+    TrainingFailed,  # no Ray import: the CLI stays fast on bad input
+)
+from .storage.run_dir import CheckpointError
+from .storage.summary import describe_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m noprop_dist.run", description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="YAML config (see configs/); default: the quickstart")
+    p.add_argument("--config", help="a packaged config's name (mnist, fashion_mnist_ct, ...; see noprop_dist/configs/) "
+                   "or a YAML file; default: the quickstart")
     p.add_argument("--preset", choices=PRESETS, help="paper: the paper's Table 3 settings and inference sampler "
                    "on top of the config (--set still overrides them)")
     # nargs + extend: "--set a=1 b=2" and "--set a=1 --set b=2" both work, as in reproduce and the benchmarks
@@ -32,26 +37,11 @@ def _os_error(e: OSError) -> str:
     return f"{paths}: {e.strerror or e.__class__.__name__}; check the path and its permissions"
 
 
-def _shards(summary: dict) -> str:
-    if summary.get("method", "noprop_dt") in ("noprop_dt", "backprop"):
-        return f"{summary['method']}, {summary['num_blocks']} blocks"
-    if summary["method"] in BASELINE_METHODS:
-        return summary["method"]
-    return f"{summary['method']}, {summary['num_shards']} time-shard{'s' if summary['num_shards'] > 1 else ''}"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, args.preset)
-        if cfg.model.method in BASELINE_METHODS:  # backprop / adjoint / DTP: the same summary and run dir
-            from .baselines.runner import run_baseline
-
-            summary = run_baseline(cfg)
-        else:
-            from .distributed.driver import run_training  # imports Ray: only once the config is known good
-
-            summary = run_training(cfg)
+        summary = run_config(cfg)  # imports torch and Ray: only once the config is known good
     except (ConfigError, DatasetNotFoundError, DatasetFileError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -65,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     baseline, workers = cfg.model.method in BASELINE_METHODS, summary["num_workers"]
     print(f"test accuracy of the {'model' if baseline else 'assembled chain'}: {summary['test_accuracy']:.4f} "
-          f"({summary['dataset']}, {_shards(summary)}, {workers} worker{'' if workers == 1 else 's'}, "
+          f"({summary['dataset']}, {describe_model(summary['method'], summary['num_shards'])}, "
+          f"{workers} worker{'' if workers == 1 else 's'}, "
           f"{summary['train_seconds']:.1f}s training)")
     if baseline:
         print(f"run saved in {summary['run_dir']} (summary.json, checkpoints)")

@@ -11,13 +11,13 @@ import torch
 from noprop_dist.core import ModelSpec
 
 
-def make_spec(embedding: str = "learned", num_blocks: int = 4, class_prob: str = "softmax",
+def make_spec(embedding: str = "learned", num_shards: int = 4, class_prob: str = "softmax",
               image_shape: tuple[int, int, int] = (1, 8, 8), num_classes: int = 10, *,
               method: str = "noprop_dt", **fields) -> ModelSpec:
     """A small spec for unit tests; ``fields`` set any other ModelSpec field (shard_partition, ...)."""
     c, h, w = image_shape
     d = {"one_hot": num_classes, "learned": 20, "prototype": c * h * w}[embedding]
-    return ModelSpec(image_shape=image_shape, num_classes=num_classes, num_blocks=num_blocks, embedding=embedding,
+    return ModelSpec(image_shape=image_shape, num_classes=num_classes, num_shards=num_shards, embedding=embedding,
                      embed_dim=d, dropout=0.1, class_prob=class_prob, radial_sigma=1.0, eta=0.1, abar_max=0.999,
                      method=method, **fields)
 

@@ -9,18 +9,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torchdiffeq import odeint
 from conftest import make_spec
+from torchdiffeq import odeint
 
 from noprop_dist.baselines import run_baseline
-from noprop_dist.baselines.adjoint import NOISE_LEFT, AdjointODE, fixed_grid, initial_rate
+from noprop_dist.baselines.adjoint import (
+    NOISE_LEFT,
+    AdjointODE,
+    fixed_grid,
+    initial_rate,
+)
 from noprop_dist.baselines.backprop import BackpropChain
-from noprop_dist.baselines.head import HEAD_LOGIT_STD, widen_head
 from noprop_dist.baselines.dtp import DTPNet, dtp_hyper, dtp_losses
+from noprop_dist.baselines.head import HEAD_LOGIT_STD, widen_head
 from noprop_dist.baselines.learner import build_learner
 from noprop_dist.config import ConfigError, load_config
 from noprop_dist.core import build_shared
-from noprop_dist.data import normalize
+from noprop_dist.data import load_dataset, normalize
+from noprop_dist.storage.summary import RunSummary
 
 SUMMARY_KEYS = {"method", "dataset", "embedding", "num_workers", "epochs", "seed", "test_accuracy", "train_accuracy",
                 "train_seconds", "curve", "peak_memory_mb", "peak_memory_kind", "run_dir"}
@@ -59,7 +65,7 @@ def test_backprop_lowers_its_loss(digits, embedding):
 
 
 def test_backprop_gradient_reaches_the_first_block_from_the_output_loss(digits):
-    spec = make_spec("learned", num_blocks=3)
+    spec = make_spec("learned", num_shards=3)
     model = BackpropChain(spec, seed=0)
     x, y = _batch(digits, 16)
     logits = model(normalize(x, digits.mean, digits.std), torch.randn(16, spec.embed_dim))
@@ -132,7 +138,7 @@ def test_adjoint_gradients_match_direct_backprop(solver, steps, rtol):
     is 6.2 and 6.7 at these step counts): O((r h)^4) for rk4 (relative error 2.1e-4 measured at 32 steps; tolerance
     1e-3 of the gradient norm), O(r h) for Euler (9.1e-3 at 128 steps; tolerance 3e-2).
     """
-    spec = dataclasses.replace(make_spec("learned"), method="noprop_ct", num_blocks=1, inference_steps=steps)
+    spec = dataclasses.replace(make_spec("learned"), method="noprop_ct", num_shards=1, inference_steps=steps)
     gen = torch.Generator().manual_seed(0)
     x, z0 = torch.randn(5, 1, 8, 8, generator=gen), torch.randn(5, spec.embed_dim, generator=gen)
     y = torch.arange(5)
@@ -194,6 +200,9 @@ def test_run_baseline_writes_summary_checkpoints_and_does_not_retrain(tmp_path):
         on_disk = json.load(f)
     assert on_disk == summary and SUMMARY_KEYS <= summary.keys()
     assert summary["method"] == "dtp" and summary["dataset"] == "digits" and summary["num_workers"] == 1
+    assert set(RunSummary.__annotations__) <= set(summary), "the keys every run's summary has"
+    ds = load_dataset(cfg.data.name, cfg.data.root, False, cfg.data.train_limit, cfg.data.test_limit)
+    assert summary["train_accuracy_examples"] == len(ds.train_accuracy_subset()[1])
     assert 0.5 < summary["test_accuracy"] <= 1 and 0 <= summary["train_accuracy"] <= 1
     assert [c["epoch"] for c in summary["curve"]] == [1, 2]
     assert summary["curve"][-1]["test_accuracy"] == summary["test_accuracy"]

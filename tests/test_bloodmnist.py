@@ -62,8 +62,8 @@ def test_bloodmnist_bad_file_is_refused(tmp_path, no_default_dir):
 
 
 def test_bloodmnist_configs_validate():
-    for path in ("configs/bloodmnist_dt.yaml", "configs/bloodmnist_ct.yaml", "configs/bloodmnist_128_dt.yaml",
-                 "configs/bloodmnist_128_ct.yaml"):
+    for path in ("noprop_dist/configs/bloodmnist_dt.yaml", "noprop_dist/configs/bloodmnist_ct.yaml", "noprop_dist/configs/bloodmnist_128_dt.yaml",
+                 "noprop_dist/configs/bloodmnist_128_ct.yaml"):
         cfg = load_config(path)
         assert cfg.data.name.startswith("bloodmnist")
 

@@ -1,15 +1,14 @@
 """The assembled chain: predictions come from images alone; save and load give the same predictions."""
 import pytest
 import torch
+from conftest import make_spec
 
 from noprop_dist.core import DTChain, build_block, build_shared, evaluate_chain
 from noprop_dist.data import normalize
 
-from conftest import make_spec
-
 
 def _chain(embedding="learned", class_prob="softmax"):
-    spec = make_spec(embedding, num_blocks=3, class_prob=class_prob)
+    spec = make_spec(embedding, num_shards=3, class_prob=class_prob)
     proto = torch.randn(spec.num_classes, spec.embed_dim) if embedding == "prototype" else None
     return DTChain(spec, [build_block(spec, t, 0) for t in (1, 2, 3)], build_shared(spec, 0, proto)).eval()
 
@@ -47,7 +46,7 @@ def test_save_load_round_trip(tmp_path, embedding, class_prob):
 
 
 def test_chain_needs_all_blocks():
-    spec = make_spec(num_blocks=3)
+    spec = make_spec(num_shards=3)
     with pytest.raises(ValueError, match="3 shard networks, got 1"):
         DTChain(spec, [build_block(spec, 1, 0)], build_shared(spec, 0))
 
@@ -65,7 +64,7 @@ def _saved(tmp_path, mutate) -> str:
 @pytest.mark.parametrize("mutate,message", [
     (lambda p: p["blocks"][1].pop(next(iter(p["blocks"][1]))), "shard 2 of 3: the saved weights do not fit"),
     (lambda p: p["shared"].__setitem__("head.weight", torch.zeros(3, 3)), "shared state: the saved weights"),
-    (lambda p: p["spec"].__setitem__("num_blocks", 4), "4 shard networks but 3 weight sets"),
+    (lambda p: p["spec"].__setitem__("num_shards", 4), "4 shard networks but 3 weight sets"),
     (lambda p: p["spec"].__setitem__("colour", "red"), "chain spec does not fit"),
     (lambda p: p.pop("shared"), "chain file lacks shared"),
     (lambda p: p.__setitem__("format", 99), "unsupported chain format 99"),
@@ -75,6 +74,15 @@ def test_broken_chain_file_is_a_value_error(tmp_path, mutate, message):
     path = _saved(tmp_path, mutate)
     with pytest.raises(ValueError, match=message):
         DTChain.load(path)
+
+
+def test_chain_saved_with_the_old_spec_key_num_blocks_loads(tmp_path):
+    """Chains saved before ModelSpec.num_blocks became num_shards keep loading, and predict the same."""
+    path = _saved(tmp_path, lambda p: p["spec"].__setitem__("num_blocks", p["spec"].pop("num_shards")))
+    old, new = DTChain.load(path)[0], _chain()
+    assert old.spec == new.spec
+    x = torch.randn(5, *new.spec.image_shape)
+    assert torch.equal(old(x, torch.Generator().manual_seed(0)), new(x, torch.Generator().manual_seed(0)))
 
 
 def test_truncated_chain_file_is_a_value_error(tmp_path):

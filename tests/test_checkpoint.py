@@ -5,7 +5,12 @@ import os
 import pytest
 import torch
 
-from noprop_dist.checkpoint import CheckpointError, RunDir, atomic_torch_save, sha256_file
+from noprop_dist.storage.run_dir import (
+    CheckpointError,
+    RunDir,
+    atomic_torch_save,
+    sha256_file,
+)
 
 
 def _states(value: float, blocks=(1, 2)):

@@ -1,13 +1,13 @@
 """Config loading: defaults, YAML, --set overrides, and errors that name the key."""
 import pytest
 
-from noprop_dist.config import ConfigError, load_config, config_from_dict
+from noprop_dist.config import ConfigError, config_file, config_from_dict, load_config
 
 
 def test_defaults_are_the_quickstart():
     cfg = load_config()
     assert (cfg.data.name, cfg.model.num_blocks, cfg.cluster.num_workers) == ("digits", 10, 2)
-    assert load_config("configs/quickstart.yaml").to_dict() == cfg.to_dict()
+    assert load_config("noprop_dist/configs/quickstart.yaml").to_dict() == cfg.to_dict()
 
 
 def test_overrides_parse_yaml_values():
@@ -86,10 +86,9 @@ def test_metrics_defaults_and_overrides():
 
 
 def test_paper_preset_restores_the_papers_settings_and_set_still_wins():
-    """configs/*_ct.yaml depart from the paper where measured better; --preset paper puts Table 3 back."""
-    import os
+    """noprop_dist/configs/*_ct.yaml depart from the paper where measured better; --preset paper puts Table 3 back."""
 
-    ct = os.path.join(os.path.dirname(__file__), "..", "configs", "cifar10_ct.yaml")
+    ct = config_file("cifar10_ct")
     ours = load_config(ct)
     assert (ours.model.ct_loss_weight, ours.model.image_batch_norm, ours.train.lr_schedule) == ("flat", True, "cosine")
     paper = load_config(ct, ["model.num_shards=2", "cluster.num_workers=2", "train.epochs=3"], "paper")

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from noprop_dist import run
-from noprop_dist.checkpoint import CheckpointError, RunDir
 from noprop_dist.config import Config, load_config
-from noprop_dist.report import MetricsLog, read_metrics
+from noprop_dist.observability.run_log import MetricsLog, read_metrics
+from noprop_dist.storage.run_dir import CheckpointError, RunDir
 
 SECTIONS = {name: typing.get_type_hints(type(section)) for name, section in vars(Config()).items()}
 KEYS = [(s, k, t) for s, hints in SECTIONS.items() for k, t in hints.items()]

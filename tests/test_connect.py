@@ -13,6 +13,7 @@ def address_file(monkeypatch):
     """Ray's address file, restored afterwards (a session cluster of the tests may have written one)."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     path = get_ray_address_file(None)
+    os.makedirs(os.path.dirname(path), exist_ok=True)  # Ray's temp dir exists only once a cluster has started here
     before = open(path).read() if os.path.exists(path) else None
     yield path
     if before is None:

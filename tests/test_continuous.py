@@ -7,15 +7,26 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_spec
 
 from noprop_dist.core import (
-    ContinuousChain, CTBlock, DTSchedule, build_ct_block, build_shared, class_logits, continuous_shard_loss,
-    ct_shard_loss, euler_integrate, evaluate_chain, fm_path, fm_shard_loss, shard_interval, step_shards,
+    ContinuousChain,
+    CTBlock,
+    DTSchedule,
+    build_ct_block,
+    build_shared,
+    class_logits,
+    continuous_shard_loss,
+    ct_shard_loss,
+    euler_integrate,
+    evaluate_chain,
+    fm_path,
+    fm_shard_loss,
+    shard_interval,
+    step_shards,
 )
 from noprop_dist.core.continuous import ct_chain_coefficients
 from noprop_dist.core.objectives import denoised_estimate
-
-from conftest import make_spec
 
 EMBEDDINGS = ["one_hot", "learned", "prototype"]
 
@@ -40,7 +51,7 @@ def _probe(spec, k, seed=0, tag=None):
 
 
 def _parts(method, embedding="learned", num_blocks=2, class_prob="softmax", seed=0, **kw):
-    spec = make_spec(embedding, num_blocks=num_blocks, class_prob=class_prob, method=method, **kw)
+    spec = make_spec(embedding, num_shards=num_blocks, class_prob=class_prob, method=method, **kw)
     proto = torch.randn(spec.num_classes, spec.embed_dim, generator=torch.Generator().manual_seed(9)) \
         if embedding == "prototype" else None
     return spec, build_shared(spec, seed, proto), [build_ct_block(spec, k, seed) for k in range(1, num_blocks + 1)]
@@ -425,7 +436,7 @@ def test_chain_rejects_wrong_shapes_and_samplers():
                                          "ensemble, ode"):
         chain(torch.randn(2, 1, 8, 8), steps=3, sampler="rk4")
     with pytest.raises(ValueError, match="noprop_ct / noprop_fm"):
-        ContinuousChain(make_spec(num_blocks=3), nets, shared)
+        ContinuousChain(make_spec(num_shards=3), nets, shared)
 
 
 def test_chain_coefficients_are_the_dt_posterior():

@@ -1,11 +1,10 @@
 """The learnable NoProp-CT schedule: direction (noise at t = 0, clean at t = 1), monotone by construction, SNR'."""
 import pytest
 import torch
+from conftest import make_spec
 
 from noprop_dist.core import LearnedSchedule, build_shared
 from noprop_dist.core.ct_schedule import G0_INIT, G1_INIT, MIN_GAMMA_RANGE
-
-from conftest import make_spec
 
 
 def _assert_valid(sched: LearnedSchedule, n: int = 20_001, dtype=torch.float64) -> None:

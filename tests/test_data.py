@@ -13,9 +13,13 @@ import pytest
 import torch
 
 from noprop_dist import data
-from noprop_dist.data import (DATASET_NAMES, DatasetNotFoundError, ImageDataset, load_dataset,
-                              normalize)
-
+from noprop_dist.data import (
+    DATASET_NAMES,
+    DatasetNotFoundError,
+    ImageDataset,
+    load_dataset,
+    normalize,
+)
 
 # ---------------------------------------------------------------- helpers writing real formats
 
@@ -415,3 +419,14 @@ def test_a_cifar_file_that_is_not_a_batch_is_one_line_naming_it(tmp_path, conten
     with pytest.raises(data.DatasetFileError) as e:
         load_dataset("cifar10", root=str(tmp_path))
     assert "\n" not in str(e.value) and str(d / "test_batch") in str(e.value)
+
+
+def test_train_accuracy_subset_is_one_rule_evenly_spaced_and_capped():
+    """Every method's train_accuracy counts the same images: evenly spaced, at most the limit, first and last in."""
+    ds = load_dataset("digits")
+    x, y = ds.train_accuracy_subset(limit=100)
+    idx = np.linspace(0, len(ds.train_y) - 1, 100).astype(np.int64)
+    assert np.array_equal(x, ds.train_x[idx]) and np.array_equal(y, ds.train_y[idx])
+    assert x.flags.c_contiguous and y.dtype == np.int64
+    x_all, y_all = ds.train_accuracy_subset()  # fewer images than the limit: all of them
+    assert np.array_equal(x_all, ds.train_x) and np.array_equal(y_all, ds.train_y)

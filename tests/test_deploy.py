@@ -20,7 +20,7 @@ import yaml
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from noprop_dist.config import load_config
+from noprop_dist.config import config_names, load_config
 from noprop_dist.run import parse_args
 
 try:
@@ -178,9 +178,8 @@ def test_rayjob_entrypoint_is_a_valid_run_that_fits_its_worker_group():
     argv = shlex.split(job["entrypoint"])
     assert argv[:3] == ["python", "-m", "noprop_dist.run"], argv
     args = parse_args(argv[3:])
-    assert not Path(args.config).is_absolute() and (REPO / args.config).is_file(), args.config
-    assert any(ins == "COPY" and "configs/" in a.split() for ins, a in _dockerfile()), "configs/ not in the image"
-    cfg = load_config(str(REPO / args.config), args.overrides)  # the project's own validation
+    assert args.config in config_names(), f"{args.config}: not a packaged config (the image has no configs/ dir)"
+    cfg = load_config(args.config, args.overrides)  # the project's own validation
     # Only the driver (on the head) touches run.dir and data.root: both absolute, on the head's volume.
     mounts = [m["mountPath"] for c in job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
               for m in c.get("volumeMounts", [])]
@@ -316,7 +315,7 @@ def _build_context_into(root: Path) -> Path:
 def test_dockerignore_keeps_the_context_to_the_copied_files():
     rules = _dockerignore_rules()
     assert not _dockerignored("noprop_dist/core/chain.py", rules)
-    assert not _dockerignored("configs/fashion_mnist.yaml", rules)
+    assert not _dockerignored("noprop_dist/configs/fashion_mnist.yaml", rules)
     for path in ("runs/quickstart/chain.pt", "data/FashionMNIST/raw/x", ".git/HEAD", "tests/test_ray.py",
                  "noprop_dist/__pycache__/run.cpython-311.pyc"):
         assert _dockerignored(path, rules), path
@@ -327,7 +326,8 @@ def test_package_installs_with_the_dockerfiles_command(tmp_path):
     argv = shlex.split(run)
     assert argv[:4] == ["python", "-m", "pip", "install"] and argv[-1] == ".", argv
     workdir = _build_context_into(tmp_path / "image")
-    assert (workdir / "noprop_dist" / "run.py").is_file() and (workdir / "configs" / "fashion_mnist.yaml").is_file()
+    assert (workdir / "noprop_dist" / "run.py").is_file()
+    assert (workdir / "noprop_dist" / "configs" / "fashion_mnist.yaml").is_file()
     venv = tmp_path / "venv"
     # System site packages hold torch, ray etc. already (as the base image holds Ray): nothing big is fetched.
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=120)
@@ -339,3 +339,7 @@ def test_package_installs_with_the_dockerfiles_command(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert Path(p.stdout.strip()).is_relative_to(venv), f"imported {p.stdout.strip()}, not the venv's install"
     assert (venv / "bin" / "noprop-run").is_file()
+    # The packaged configs come with the install: --config NAME works in the image from any directory.
+    probe = "from noprop_dist.config import config_file; print(config_file('fashion_mnist'))"
+    p = subprocess.run([python, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and Path(p.stdout.strip()).is_relative_to(venv), (p.stdout + p.stderr)[-3000:]

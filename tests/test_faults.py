@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from noprop_dist.checkpoint import RunDir
 from noprop_dist.config import load_config
 from noprop_dist.data import load_dataset
+from noprop_dist.storage.run_dir import RunDir
 from noprop_dist.training import train_in_process
 
 pytestmark = pytest.mark.ray

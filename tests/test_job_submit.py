@@ -25,7 +25,6 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from conftest import stop_process_tree
 
 pytestmark = pytest.mark.ray
@@ -163,7 +162,7 @@ def test_submitted_training_succeeds_and_writes_summary(head, tmp_path):
         (src / probe).parent.mkdir(parents=True, exist_ok=True)
         (src / probe).write_bytes(b"\0" * 1024)
     run_dir = tmp_path / "run"  # absolute: the driver's cwd is a temporary copy of the working dir
-    entry = [sys.executable, "-m", "noprop_dist.run", "--config", "configs/quickstart.yaml"]
+    entry = [sys.executable, "-m", "noprop_dist.run", "--config", "noprop_dist/configs/quickstart.yaml"]
     for kv in [f"run.dir={run_dir}", *SHORT_RUN]:
         entry += ["--set", kv]
     _submit(head, "train-ok", entry, "--working-dir", ".", "--runtime-env-json", EXCLUDES, cwd=src)
@@ -175,19 +174,19 @@ def test_submitted_training_succeeds_and_writes_summary(head, tmp_path):
     assert summary["num_workers"] == 2 and len(summary["blocks"]) == 2
     assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["train_seconds"] > 0
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["train_limit"] == 300
-    # What was uploaded: the package and configs, not .git, runs/ or data/.
+    # What was uploaded: the package (configs inside), not .git, runs/ or data/.
     packages = [p for p in head.temp_dir.glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*")
                 if p.is_dir()]
     assert len(packages) == 1, packages
     uploaded = {p.name for p in packages[0].iterdir()}
-    assert {"noprop_dist", "configs", "pyproject.toml"} <= uploaded, uploaded
+    assert {"noprop_dist", "pyproject.toml"} <= uploaded, uploaded
     assert not uploaded & {".git", "runs", "data"}, uploaded
 
 
 def test_bad_config_job_fails_with_the_one_line_error(head):
     # No working_dir: the driver starts in the directory `ray start` ran in (as in the image, its WORKDIR),
     # so the relative --config resolves; the error is then the config's, not a missing file.
-    entry = [sys.executable, "-m", "noprop_dist.run", "--config", "configs/quickstart.yaml", "--set", "train.epoch=3"]
+    entry = [sys.executable, "-m", "noprop_dist.run", "--config", "noprop_dist/configs/quickstart.yaml", "--set", "train.epoch=3"]
     _submit(head, "bad-key", entry)
     assert _wait_for_job(head, "bad-key", timeout=60) == "FAILED"
     logs = _job_logs(head, "bad-key")

@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 
-from noprop_dist import metrics as M
 from noprop_dist.config import load_config
-from noprop_dist.shared_server import ExchangeStats
+from noprop_dist.observability import metrics as M
 from noprop_dist.training import BlockStats
+from noprop_dist.training.shared_state import ExchangeStats
 
 PROMETHEUS_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
@@ -68,7 +68,7 @@ def test_run_id_is_stable_across_a_resume_and_differs_between_runs(tmp_path):
 
 
 def test_definitions_and_report_import_neither_ray_nor_prometheus_client():
-    code = ("import sys, noprop_dist.metrics, noprop_dist.report; "
+    code = ("import sys, noprop_dist.observability.metrics, noprop_dist.observability.run_log; "
             "bad = [m for m in ('ray', 'prometheus_client') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from noprop_dist import metrics as M
+from noprop_dist.observability import metrics as M
 
 REPO = Path(__file__).resolve().parent.parent
 GRAFANA = REPO / "cluster" / "grafana"

@@ -10,8 +10,8 @@ import torch
 
 from noprop_dist.config import load_config
 from noprop_dist.data import load_dataset
-from noprop_dist.shared_server import LocalClient, SharedStateServer
 from noprop_dist.training import ShardGroup, model_spec
+from noprop_dist.training.shared_state import LocalClient, SharedStateServer
 
 
 def _group(policy: str, max_nonfinite: int = 3, sync_every: int = 1):

@@ -4,15 +4,25 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
-from noprop_dist.core import (
-    DTBlock, DTSchedule, block_loss, build_block, build_shared, class_logits, shard_loss, shared_loss,
-)
-from noprop_dist.config import TrainConfig
-from noprop_dist.shared_server import LocalClient, SharedReplica, SharedStateServer
-from noprop_dist.training import BlockTrainer
-
 from conftest import make_spec
+
+from noprop_dist.config import TrainConfig
+from noprop_dist.core import (
+    DTBlock,
+    DTSchedule,
+    block_loss,
+    build_block,
+    build_shared,
+    class_logits,
+    shard_loss,
+    shared_loss,
+)
+from noprop_dist.training import BlockTrainer
+from noprop_dist.training.shared_state import (
+    LocalClient,
+    SharedReplica,
+    SharedStateServer,
+)
 
 
 def _batch(spec, n=16, seed=0):
@@ -24,7 +34,7 @@ def _batch(spec, n=16, seed=0):
 
 @pytest.mark.parametrize("embedding", ["one_hot", "learned", "prototype"])
 def test_block_loss_reaches_only_its_block_and_shared_state(embedding):
-    spec = make_spec(embedding, num_blocks=3)
+    spec = make_spec(embedding, num_shards=3)
     proto = torch.randn(spec.num_classes, spec.embed_dim) if embedding == "prototype" else None
     shared = build_shared(spec, 0, proto)
     blocks = [build_block(spec, t, 0) for t in (1, 2, 3)]
@@ -46,7 +56,7 @@ def test_block_loss_reaches_only_its_block_and_shared_state(embedding):
 
 
 def test_trainer_step_changes_only_its_own_block_and_the_shared_replica():
-    spec = make_spec("learned", num_blocks=2)
+    spec = make_spec("learned", num_shards=2)
     train = TrainConfig(seed=0)
     t1, t2 = (BlockTrainer(spec, t, train, torch.device("cpu")) for t in (1, 2))
     server = SharedStateServer(spec, 0)
@@ -80,7 +90,7 @@ class _Probe(DTBlock):
 
 def test_block_t_trains_at_noise_level_abar_t_minus_1():
     """Block 1 sees pure noise (abar_0 = 0); block T sees z_{T-1}, close to the clean u_y (pitfall 1)."""
-    spec = make_spec("one_hot", num_blocks=10)
+    spec = make_spec("one_hot", num_shards=10)
     shared = build_shared(spec, 0)
     schedule = DTSchedule.cosine(10)
     x = torch.zeros((4000, *spec.image_shape))
@@ -107,7 +117,7 @@ def test_shared_loss_applies_one_softmax_before_its_cross_entropy(class_prob):
     shared = build_shared(spec, 0)
     with torch.no_grad():  # a confident head: one softmax and two then give clearly different values
         shared.head.weight.mul_(20.0)
-    schedule = DTSchedule.cosine(spec.num_blocks)
+    schedule = DTSchedule.cosine(spec.num_shards)
     y = torch.arange(32) % 10
     loss = shared_loss(shared, schedule, y, class_prob, 0.1, torch.Generator().manual_seed(5))
     with torch.no_grad():

@@ -4,14 +4,23 @@ import math
 
 import pytest
 import torch
+from conftest import make_spec
 
 from noprop_dist.config import SHARD_PARTITIONS, ConfigError, load_config
-from noprop_dist.core import build_shared, continuous_shard_loss, shard_interval, step_shards
-from noprop_dist.core.continuous import FM_LOG_SNR_RANGE, ContinuousChain, sample_times, shard_bounds
+from noprop_dist.core import (
+    build_shared,
+    continuous_shard_loss,
+    shard_interval,
+    step_shards,
+)
+from noprop_dist.core.continuous import (
+    FM_LOG_SNR_RANGE,
+    ContinuousChain,
+    sample_times,
+    shard_bounds,
+)
 from noprop_dist.core.ct_blocks import build_ct_block
 from noprop_dist.core.partition import EQUAL_MASS_MEAN, EQUAL_MASS_STD
-
-from conftest import make_spec
 
 METHODS = ["noprop_ct", "noprop_fm"]
 
@@ -42,7 +51,7 @@ def _log_snr(spec, shared, t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("partition", SHARD_PARTITIONS)
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 7])
 def test_bounds_cover_0_to_1_strictly_increasing_without_gaps(method, partition, k):
-    spec = make_spec("learned", num_blocks=k, method=method, shard_partition=partition)
+    spec = make_spec("learned", num_shards=k, method=method, shard_partition=partition)
     shared = _shared(spec)
     b = shard_bounds(spec, shared)
     assert b.shape == (k + 1,) and float(b[0]) == 0.0 and float(b[-1]) == 1.0
@@ -56,7 +65,7 @@ def test_bounds_cover_0_to_1_strictly_increasing_without_gaps(method, partition,
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_log_snr_partition_has_equal_log_snr_spans(method, k):
-    spec = make_spec("learned", num_blocks=k, method=method, shard_partition="log_snr")
+    spec = make_spec("learned", num_shards=k, method=method, shard_partition="log_snr")
     shared = _shared(spec)
     b = shard_bounds(spec, shared)
     if method == "noprop_ct":  # the schedule's own range, split evenly
@@ -77,7 +86,7 @@ def test_log_snr_partition_has_equal_log_snr_spans(method, k):
 def test_equal_mass_partition_gives_every_shard_the_same_probability(method, k):
     """Mass of lambda ~ N(2.4, 2.4^2) (EDM's ln sigma ~ N(-1.2, 1.2^2)) between consecutive boundaries, truncated
     to the process's range: equal for every shard, in closed form through the normal CDF."""
-    spec = make_spec("learned", num_blocks=k, method=method, shard_partition="equal_mass")
+    spec = make_spec("learned", num_shards=k, method=method, shard_partition="equal_mass")
     shared = _shared(spec)
     b = shard_bounds(spec, shared)
     cdf = torch.special.ndtr((_log_snr(spec, shared, b) - EQUAL_MASS_MEAN) / EQUAL_MASS_STD)
@@ -91,7 +100,7 @@ def test_equal_mass_partition_gives_every_shard_the_same_probability(method, k):
 
 
 def test_overlap_widens_training_intervals_but_not_the_chains_switch_points():
-    spec = make_spec("learned", num_blocks=4, method="noprop_fm", shard_partition="uniform", shard_overlap=0.25)
+    spec = make_spec("learned", num_shards=4, method="noprop_fm", shard_partition="uniform", shard_overlap=0.25)
     shared = _shared(spec)
     assert shard_interval(spec, 1, shared) == pytest.approx((0.0, 0.3125))  # clipped at 0
     assert shard_interval(spec, 2, shared) == pytest.approx((0.1875, 0.5625))
@@ -106,7 +115,7 @@ def test_overlap_widens_training_intervals_but_not_the_chains_switch_points():
 @pytest.mark.parametrize("method", METHODS)
 def test_chain_and_training_use_the_same_intervals(method):
     """Each inference step's start time lies in the interval its shard trained on (a non-uniform partition)."""
-    spec = make_spec("learned", num_blocks=3, method=method, shard_partition="equal_mass")
+    spec = make_spec("learned", num_shards=3, method=method, shard_partition="equal_mass")
     shared = _shared(spec)
     chain = ContinuousChain(spec, [build_ct_block(spec, j, 0) for j in range(1, 4)], shared)
     bounds = chain.shard_bounds()
@@ -126,7 +135,7 @@ def test_chain_and_training_use_the_same_intervals(method):
 
 
 def test_ct_bounds_follow_the_schedule_as_it_trains():
-    spec = make_spec("learned", num_blocks=2, method="noprop_ct", shard_partition="log_snr")
+    spec = make_spec("learned", num_shards=2, method="noprop_ct", shard_partition="log_snr")
     straight, bent = _shared(spec, bend=False), _shared(spec, bend=True)
     assert float(shard_bounds(spec, straight)[1]) == pytest.approx(0.5, abs=0.02)  # near linear at start
     assert abs(float(shard_bounds(spec, bent)[1]) - 0.5) > 0.05
@@ -147,5 +156,5 @@ def test_bad_partition_keys_are_refused_naming_the_key(override, needle):
 
 
 def test_fm_bounds_are_closed_form():
-    spec = make_spec("learned", num_blocks=2, method="noprop_fm", shard_partition="equal_mass")
+    spec = make_spec("learned", num_shards=2, method="noprop_fm", shard_partition="equal_mass")
     assert float(shard_bounds(spec)[1]) == pytest.approx(1 / (1 + math.exp(-EQUAL_MASS_MEAN / 2)), abs=1e-12)

@@ -1,4 +1,4 @@
-"""Fig. 3 (accuracy against training time) and Fig. 2 (class embeddings as images): noprop_dist.plots."""
+"""Fig. 3 (accuracy against training time) and Fig. 2 (class embeddings as images): noprop_dist.paper.plots."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from noprop_dist import plots
-from noprop_dist.plots import PlotError
+from noprop_dist.paper import plots
+from noprop_dist.paper.plots import PlotError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
@@ -121,7 +121,7 @@ def test_fig2_of_a_real_prototype_run(tmp_path):
     embed, shape = plots.load_embedding(str(run_dir))
     assert embed.shape == (10, 64) and shape == (1, 8, 8)
     out = tmp_path / "fig2.png"
-    cli = subprocess.run([sys.executable, "-m", "noprop_dist.plots", "embeddings", str(run_dir), "--out", str(out)],
+    cli = subprocess.run([sys.executable, "-m", "noprop_dist.paper.plots", "embeddings", str(run_dir), "--out", str(out)],
                          capture_output=True, text=True, timeout=120, env=ENV)
     assert cli.returncode == 0, cli.stderr
     assert _is_png(out)

@@ -1,7 +1,7 @@
 """The per-block progress display in non-terminal mode (CI, `ray job logs`)."""
 import io
 
-from noprop_dist.progress import ProgressDisplay
+from noprop_dist.observability.progress import ProgressDisplay
 from noprop_dist.training import BlockStats
 
 

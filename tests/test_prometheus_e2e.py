@@ -28,9 +28,9 @@ from typing import Iterator
 import psutil
 import pytest
 import yaml
-
 from conftest import stop_process_tree
-from noprop_dist import metrics as M
+
+from noprop_dist.observability import metrics as M
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "cluster" / "grafana" / "dashboards" / "noprop-blocks.json"

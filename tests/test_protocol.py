@@ -2,19 +2,22 @@
 applied exactly once, sync runs that repeat bit for bit with several workers, on a real local Ray cluster."""
 import pytest
 import torch
+from conftest import make_spec
 
-from noprop_dist.checkpoint import RunDir
 from noprop_dist.config import TrainConfig, load_config
 from noprop_dist.distributed.driver import run_training
-from noprop_dist.shared_server import LocalClient, SharedReplica, SharedStateServer
-
-from conftest import make_spec
+from noprop_dist.storage.run_dir import RunDir
+from noprop_dist.training.shared_state import (
+    LocalClient,
+    SharedReplica,
+    SharedStateServer,
+)
 
 EXCHANGES = 6
 
 
 def _replicas(mode: str) -> tuple[SharedStateServer, list[SharedReplica]]:
-    spec = make_spec("learned", num_blocks=2)
+    spec = make_spec("learned", num_shards=2)
     server = SharedStateServer(spec, 0, sources=["w0", "w1"], mode=mode)
     server.flat.zero_()  # integer-valued updates on a zero state: every sum below is exact
     train = TrainConfig(sync_mode=mode)

@@ -4,11 +4,13 @@ import json
 import pytest
 import torch
 
-from noprop_dist.checkpoint import RunDir
+import noprop_dist
 from noprop_dist.config import load_config
 from noprop_dist.data import load_dataset
 from noprop_dist.distributed.driver import run_training
 from noprop_dist.evaluate import evaluate_run, predict
+from noprop_dist.storage.run_dir import RunDir
+from noprop_dist.storage.summary import RunSummary
 from noprop_dist.training import train_in_process
 
 pytestmark = pytest.mark.ray
@@ -39,10 +41,14 @@ def test_one_worker_sync_equals_in_process_reference(ray_cluster, tmp_path):
 
 
 def test_two_workers_train_assemble_and_evaluate_above_chance(ray_cluster, tmp_path):
-    cfg = load_config(None, [f"run.dir={tmp_path}", "train.epochs=4", "cluster.num_workers=2"])
-    summary = run_training(cfg, log=lambda s: None)
+    """Through the Python API (noprop_dist.train, load_chain), with the TensorBoard event files on."""
+    result = noprop_dist.train("quickstart", run={"dir": str(tmp_path)}, train={"epochs": 4},
+                               cluster={"num_workers": 2}, log=lambda s: None, **{"metrics.tensorboard": True})
+    summary = result.summary
+    assert result.run_dir == str(tmp_path)
     assert summary["test_accuracy"] > 0.5, summary["test_accuracy"]  # chance is 0.1
     assert summary["num_workers"] == 2 and summary["train_seconds"] > 0
+    assert set(RunSummary.__annotations__) <= set(summary), "the keys every run's summary has"
     assert [b["block"] for b in summary["blocks"]] == list(range(1, 11))
     assert {b["worker"] for b in summary["blocks"]} == {0, 1}
     assert all(b["samples_per_second"] > 0 for b in summary["blocks"])
@@ -67,6 +73,23 @@ def test_two_workers_train_assemble_and_evaluate_above_chance(ray_cluster, tmp_p
     ds = load_dataset("digits")
     preds = predict(str(tmp_path), ds.test_x[:50])
     assert preds.shape == (50,) and (preds == ds.test_y[:50]).mean() > 0.5
+    chain = noprop_dist.load_chain(result.run_dir)  # a torch module that takes raw images
+    assert isinstance(chain, torch.nn.Module)
+    assert (chain.predict(ds.test_x[:50]) == preds).all()
+    assert (chain.predict(torch.from_numpy(ds.test_x[:50]).float() / 255) == preds).all()  # floats in [0, 1]
+    assert chain(ds.test_x[:4]).shape == (4, 10)
+    # TensorBoard's own reader finds every block's loss, one run per block, and the chain's accuracy.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for t in (1, 10):
+        acc = EventAccumulator(str(tmp_path / "tensorboard" / f"block_{t:02d}")).Reload()
+        losses = acc.Scalars("loss")
+        mine = [r for r in rows if r["block"] == t and r["loss"] is not None]
+        assert [e.step for e in losses] == [r["total_steps"] for r in mine]
+        assert [e.value for e in losses] == pytest.approx([r["loss"] for r in mine], rel=1e-6)
+    curve = EventAccumulator(str(tmp_path / "tensorboard" / "chain")).Reload().Scalars("test_accuracy")
+    assert curve[-1].step == 4 and curve[-1].value == pytest.approx(summary["test_accuracy"], rel=1e-6)
 
 
 def test_training_figures_survive_a_driver_killed_during_the_final_evaluation(ray_cluster, tmp_path, monkeypatch):

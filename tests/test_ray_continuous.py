@@ -1,15 +1,15 @@
 """NoProp-CT and NoProp-FM time-shards on a real local Ray cluster: parity with the in-process run, and
 K = 2 shards on two workers learning real digits."""
-import os
 
 import pytest
 import torch
 
-from noprop_dist.checkpoint import RunDir
 from noprop_dist.config import load_config
 from noprop_dist.data import load_dataset
 from noprop_dist.distributed.driver import run_training
-from noprop_dist.evaluate import evaluate_run, main as evaluate_main
+from noprop_dist.evaluate import evaluate_run
+from noprop_dist.evaluate import main as evaluate_main
+from noprop_dist.storage.run_dir import RunDir
 from noprop_dist.training import train_in_process
 
 pytestmark = pytest.mark.ray
@@ -38,7 +38,7 @@ def test_two_time_shards_on_two_workers_learn_digits(ray_cluster, tmp_path, meth
     """The shipped MNIST config on digits, 10 epochs. Guards NoProp-CT's and NoProp-FM's learning: with the
     paper's settings (``--preset paper``), CT's head readout (``model.ct_readout=head``) or FM's velocity
     network (``model.fm_target=velocity``) the same run scores well below the floor (docs/continuous_time.md)."""
-    config = os.path.join(os.path.dirname(__file__), "..", "configs", f"mnist_{method.split('_')[1]}.yaml")
+    config = f"mnist_{method.split('_')[1]}"
     cfg = load_config(config, ["data.name=digits", "data.root=null", "model.num_shards=2", "cluster.num_workers=2",
                                "train.epochs=10", "model.inference_steps=100", f"run.dir={tmp_path}",
                                "metrics.enabled=false", "eval.every_epochs=0"])

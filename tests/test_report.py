@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from noprop_dist.report import MetricsLog, read_metrics, write_report
+from noprop_dist.observability.run_log import MetricsLog, read_metrics, write_report
 from noprop_dist.training import BlockStats
 
 
@@ -113,7 +113,7 @@ def test_report_of_a_run_whose_metrics_file_has_a_torn_line(tmp_path):
 def test_report_skips_metrics_lines_without_the_fields_it_reads(tmp_path, capsys):
     """A valid JSON line that lacks samples_per_second (say) used to end the run in a KeyError after
     summary.json was written."""
-    from noprop_dist.report import METRICS_FILE
+    from noprop_dist.observability.run_log import METRICS_FILE
 
     (tmp_path / METRICS_FILE).write_text(json.dumps({"block": 1, "time": 1.0}) + "\n")
     summary = {"dataset": "digits", "num_blocks": 2, "num_workers": 1, "epochs": 1, "sync_mode": "sync",

@@ -1,4 +1,4 @@
-"""The Table 1 harness (noprop_dist.reproduce), the paper's numbers, and the time-to-accuracy logic.
+"""The Table 1 harness (noprop_dist.paper.harness), the paper's numbers, and the time-to-accuracy logic.
 
 The end-to-end test trains two tiny digits runs through the real command (Ray, subprocesses) and
 checks table.md, results.json and the Fig. 3 plot; everything else runs on hand-made summaries.
@@ -14,8 +14,9 @@ import sys
 
 import pytest
 
-from noprop_dist import paper, reproduce
-from noprop_dist.reproduce import HarnessError, build_row, mean_se, seed_record
+from noprop_dist.paper import harness as reproduce
+from noprop_dist.paper import numbers as paper
+from noprop_dist.paper.harness import HarnessError, build_row, mean_se, seed_record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
@@ -291,7 +292,7 @@ def test_harness_end_to_end_on_tiny_digits_runs(tmp_path):
     assert "fig3_digits_learned.png" in table
 
     # A learned d = 20 embedding is no image: Fig. 2 refuses it, naming the dimension.
-    from noprop_dist.plots import PlotError, plot_embeddings
+    from noprop_dist.paper.plots import PlotError, plot_embeddings
     with pytest.raises(PlotError, match="d = 20 is not the image size 1x8x8 = 64"):
         plot_embeddings(row["per_seed"][0]["run_dir"], str(tmp_path / "fig2.png"))
 

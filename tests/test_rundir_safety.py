@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from noprop_dist.atomic_io import append_lines, read_jsonl, repair_torn_tail
-from noprop_dist.checkpoint import CONFIG_HISTORY, RunDir
 from noprop_dist.config import ConfigError, load_config
-from noprop_dist.report import METRICS_FILE, MetricsLog, read_metrics
+from noprop_dist.observability.run_log import METRICS_FILE, MetricsLog, read_metrics
+from noprop_dist.storage.atomic import append_lines, read_jsonl, repair_torn_tail
+from noprop_dist.storage.run_dir import CONFIG_HISTORY, RunDir
 
 
 def _save(rd: RunDir, epoch: int) -> None:
@@ -133,7 +133,7 @@ def test_unreadable_lines_are_skipped_with_one_message(tmp_path):
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from noprop_dist.checkpoint import RunDir
+    from noprop_dist.storage.run_dir import RunDir
     with RunDir(sys.argv[1]).lock("a test holder"):
         print("held", flush=True)
         time.sleep(600)

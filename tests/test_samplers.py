@@ -4,14 +4,13 @@ import math
 
 import pytest
 import torch
+from conftest import make_spec
 from torch import nn
 
 from noprop_dist.config import PAPER_SAMPLER, SAMPLERS, ConfigError, load_config
 from noprop_dist.core import DTChain, build_shared, evaluate_stages, mean_probabilities
 from noprop_dist.core.blocks import ModelSpec
 from noprop_dist.training import model_spec
-
-from conftest import make_spec
 
 
 class ConstantBlock(nn.Module):
@@ -30,7 +29,7 @@ class ConstantBlock(nn.Module):
 
 def _constant_chain(T: int = 4) -> DTChain:
     """Block t predicts class t - 1: a chain whose every step can be written down by hand."""
-    spec = make_spec("learned", num_blocks=T)
+    spec = make_spec("learned", num_shards=T)
     return DTChain(spec, [ConstantBlock(t - 1) for t in range(1, T + 1)], build_shared(spec, 0)).eval()
 
 
@@ -41,14 +40,14 @@ def _assert_runs_in_order(chain: DTChain) -> None:
     out = chain(x, torch.Generator().manual_seed(0), sampler="mean", trace=trace)
     embed = chain.shared.embed.detach()
     z = torch.randn(6, embed.shape[1], generator=torch.Generator().manual_seed(0))
-    for t in range(1, chain.spec.num_blocks + 1):
+    for t in range(1, chain.spec.num_shards + 1):
         block = chain.blocks[t - 1]
         assert block.c == t - 1, f"position {t} holds the block trained as block {block.c + 1}"
         assert torch.allclose(block.seen[-1], z, atol=1e-6), f"block {t} must see z_{t - 1}"
         a, b, _ = chain.schedule.posterior_coefficients(t)
         z = a * embed[t - 1] + b * z
     assert torch.allclose(out, torch.log_softmax(chain.shared.head(z), dim=1), atol=1e-5)
-    assert [int(own.argmax(1)[0]) for _, own in trace] == list(range(chain.spec.num_blocks)), "stage t is block t"
+    assert [int(own.argmax(1)[0]) for _, own in trace] == list(range(chain.spec.num_shards)), "stage t is block t"
 
 
 def test_dt_chain_runs_its_blocks_in_order_one_to_T():
@@ -149,7 +148,7 @@ def _saved_dt_run(tmp_path) -> str:
     from noprop_dist.data import load_dataset
 
     ds = load_dataset("digits", test_limit=60)
-    spec = make_spec("learned", num_blocks=3)
+    spec = make_spec("learned", num_shards=3)
     spec = ModelSpec.from_dict(spec.to_dict() | {"sampler": "mean"})
     chain = DTChain(spec, [build_block(spec, t, 0) for t in (1, 2, 3)], build_shared(spec, 0)).eval()
     chain.save(str(tmp_path / "chain.pt"), extra={

@@ -37,16 +37,16 @@ def test_loss_weights_follow_model_abar_max_and_stay_bounded(abar_max):
 
     cfg = load_config(None, [f"model.abar_max={abar_max}", "model.num_blocks=10"])
     spec = model_spec(cfg, (1, 8, 8), 10)
-    schedule = variants.dt_schedule(spec.num_blocks, spec.abar_max)  # what variants.shard_loss trains with
+    schedule = variants.dt_schedule(spec.num_shards, spec.abar_max)  # what variants.shard_loss trains with
     assert schedule.abar_values[-1] == pytest.approx(abar_max, rel=1e-9)
-    weights = [spec.eta * spec.num_blocks / 2 * w for w in schedule.loss_weights]
-    bound = spec.eta * spec.num_blocks / 2 * abar_max / (1 - abar_max)
+    weights = [spec.eta * spec.num_shards / 2 * w for w in schedule.loss_weights]
+    bound = spec.eta * spec.num_shards / 2 * abar_max / (1 - abar_max)
     assert all(0 < w <= bound for w in weights), weights
-    assert bound <= spec.eta * spec.num_blocks / 2 * ABAR_MAX_LIMIT / (1 - ABAR_MAX_LIMIT) * (1 + 1e-9)
+    assert bound <= spec.eta * spec.num_shards / 2 * ABAR_MAX_LIMIT / (1 - ABAR_MAX_LIMIT) * (1 + 1e-9)
     # The weight that reaches block T's loss is this schedule's: replay its noise and compare.
-    block, shared = build_block(spec, spec.num_blocks, 0).eval(), build_shared(spec, 0)
+    block, shared = build_block(spec, spec.num_shards, 0).eval(), build_shared(spec, 0)
     x, y = torch.randn(8, 1, 8, 8), torch.arange(8)
-    loss = block_loss(block, shared, schedule, spec.num_blocks, x, y, spec.eta, torch.Generator().manual_seed(1))
+    loss = block_loss(block, shared, schedule, spec.num_shards, x, y, spec.eta, torch.Generator().manual_seed(1))
     with torch.no_grad():
         u_y = shared.embed[y]
         ab = schedule.abar_values[-2]

@@ -7,15 +7,25 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import make_spec
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from noprop_dist.config import TrainConfig, load_config
 from noprop_dist.core import build_chain, evaluate_chain, randn_like
 from noprop_dist.data import load_dataset, normalize
-from noprop_dist.shared_server import LocalClient, SharedReplica, SharedStateServer
-from noprop_dist.training import BlockTrainer, ShardGroup, TrainingData, model_spec, nonfinite, resolve_precision
-
-from conftest import make_spec
+from noprop_dist.training import (
+    BlockTrainer,
+    ShardGroup,
+    TrainingData,
+    model_spec,
+    nonfinite,
+    resolve_precision,
+)
+from noprop_dist.training.shared_state import (
+    LocalClient,
+    SharedReplica,
+    SharedStateServer,
+)
 
 CPU = torch.device("cpu")
 
@@ -50,7 +60,7 @@ def test_nonfinite_flags_a_bad_loss_or_any_bad_gradient(where, bad):
 
 
 def test_a_nonfinite_step_changes_neither_the_block_nor_its_optimizer_nor_the_shared_replica():
-    spec = make_spec("learned", num_blocks=2)
+    spec = make_spec("learned", num_shards=2)
     trainer, replica = _trainer_and_replica(spec)
     x, y = _batch(spec)
     trainer.step(x, y, replica)  # a good step first: the optimizers have state to protect
@@ -115,7 +125,7 @@ def test_noise_is_drawn_where_the_generator_lives():
 
 
 def test_evaluation_on_an_explicit_device_gives_the_default_predictions():
-    spec = make_spec("learned", num_blocks=2)
+    spec = make_spec("learned", num_shards=2)
     trainer, replica = _trainer_and_replica(spec)
     chain = build_chain(spec, [trainer.block.state_dict(), trainer.block.state_dict()], replica.shared.state_dict())
     data = load_dataset("digits", test_limit=64)

@@ -3,15 +3,14 @@ SIGKILLed mid-epoch, a block's weights turn NaN; restart limits; refusals that w
 
 import pytest
 import torch
+from conftest import make_spec
 
-from noprop_dist.checkpoint import RunDir
 from noprop_dist.config import ConfigError, load_config
 from noprop_dist.distributed.driver import run_training
 from noprop_dist.distributed.faults import END, ENV_VAR, parse_faults
-from noprop_dist.distributed.supervisor import RestartBudget, TrainingFailed
-from noprop_dist.shared_server import SharedStateServer
-
-from conftest import make_spec
+from noprop_dist.distributed.restart_policy import RestartBudget, TrainingFailed
+from noprop_dist.storage.run_dir import RunDir
+from noprop_dist.training.shared_state import SharedStateServer
 
 pytestmark = pytest.mark.ray
 
@@ -168,7 +167,7 @@ def test_restart_budget_counts_per_worker_and_per_run():
 
 
 def test_a_repeated_push_is_applied_once_also_after_a_restore():
-    spec = make_spec("learned", num_blocks=2)
+    spec = make_spec("learned", num_shards=2)
     server = SharedStateServer(spec, seed=0, sources=["w0", "w1"], mode="async")
     delta = torch.ones(server.layout.size)
     before = server.flat.clone()
@@ -192,7 +191,7 @@ def test_a_repeated_push_is_applied_once_also_after_a_restore():
 
 
 def test_sync_server_applies_a_round_once_every_worker_pushed_it_in_rank_order():
-    spec = make_spec("learned", num_blocks=2)
+    spec = make_spec("learned", num_shards=2)
     server = SharedStateServer(spec, seed=0, sources=["w0", "w1"], mode="sync")
     one = torch.ones(server.layout.size)
     assert server.push(one, 2, "w1", (0, 1)) == 0 and not server.ready("w1", (0, 1))  # held: w0 is behind

@@ -4,14 +4,22 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import make_spec
 
 from noprop_dist.core import (
-    ContinuousChain, CTBlock, DTBlock, DTChain, DTSchedule, build_block, build_ct_block, build_shared, objectives,
-    prototype_embedding, variants,
+    ContinuousChain,
+    CTBlock,
+    DTBlock,
+    DTChain,
+    DTSchedule,
+    build_block,
+    build_ct_block,
+    build_shared,
+    objectives,
+    prototype_embedding,
+    variants,
 )
 from noprop_dist.data import normalize
-
-from conftest import make_spec
 
 
 def _batch(spec, n=16, seed=0):
@@ -22,7 +30,7 @@ def _batch(spec, n=16, seed=0):
 @pytest.mark.parametrize("embedding", ["one_hot", "learned", "prototype"])
 def test_dt_dispatch_is_the_dt_code(embedding):
     """Same initial weights, the same loss values and gradients, the same chain outputs as calling DT directly."""
-    spec = make_spec(embedding, num_blocks=3)
+    spec = make_spec(embedding, num_shards=3)
     proto = torch.randn(spec.num_classes, spec.embed_dim) if embedding == "prototype" else None
     shared = build_shared(spec, 0, proto)
     x, y = _batch(spec)
@@ -50,7 +58,7 @@ def test_dt_dispatch_is_the_dt_code(embedding):
 def test_dispatch_builds_the_right_networks_and_chains():
     for method, net_type, chain_type in [("noprop_dt", DTBlock, DTChain), ("noprop_ct", CTBlock, ContinuousChain),
                                          ("noprop_fm", CTBlock, ContinuousChain)]:
-        spec = make_spec("learned", num_blocks=2, method=method)
+        spec = make_spec("learned", num_shards=2, method=method)
         nets = [variants.build_shard(spec, k, 5) for k in (1, 2)]
         assert all(type(n) is net_type for n in nets)
         chain = variants.build_chain(spec, [n.state_dict() for n in nets], build_shared(spec, 5).state_dict())
@@ -60,7 +68,7 @@ def test_dispatch_builds_the_right_networks_and_chains():
 
 
 def test_ct_shards_are_deterministic_and_distinct():
-    spec = make_spec("learned", num_blocks=2, method="noprop_ct")
+    spec = make_spec("learned", num_shards=2, method="noprop_ct")
     a, b, c = build_ct_block(spec, 1, 0), variants.build_shard(spec, 1, 0), build_ct_block(spec, 2, 0)
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert not torch.equal(a.fuse[0].weight, c.fuse[0].weight)
@@ -68,7 +76,7 @@ def test_ct_shards_are_deterministic_and_distinct():
 
 @pytest.mark.parametrize("method", ["noprop_dt", "noprop_ct", "noprop_fm"])
 def test_load_chain_reads_every_method(tmp_path, method):
-    spec = make_spec("learned", num_blocks=2, method=method)
+    spec = make_spec("learned", num_shards=2, method=method)
     nets = [variants.build_shard(spec, k, 0) for k in (1, 2)]
     chain = variants.build_chain(spec, [n.state_dict() for n in nets], build_shared(spec, 0).state_dict())
     path = str(tmp_path / "chain.pt")
@@ -82,7 +90,7 @@ def test_load_chain_reads_every_method(tmp_path, method):
 
 def test_load_chain_reads_old_dt_files_without_method(tmp_path):
     """Chain files written before CT / FM existed: no "method" in the payload nor in the spec."""
-    spec = make_spec("one_hot", num_blocks=2)
+    spec = make_spec("one_hot", num_shards=2)
     chain = DTChain(spec, [build_block(spec, k, 0) for k in (1, 2)], build_shared(spec, 0)).eval()
     path = str(tmp_path / "old.pt")
     chain.save(path)
@@ -105,7 +113,7 @@ def _train(spec, digits, steps: int, seed: int = 0):
     y = torch.from_numpy(digits.train_y).long()
     proto = prototype_embedding(x, y, spec.num_classes) if spec.embedding == "prototype" else None
     shared = build_shared(spec, seed, proto)
-    nets = [variants.build_shard(spec, k, seed) for k in range(1, spec.num_blocks + 1)]
+    nets = [variants.build_shard(spec, k, seed) for k in range(1, spec.num_shards + 1)]
     params = list(shared.parameters()) + [p for n in nets for p in n.parameters()]
     opt = torch.optim.Adam(params, lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
@@ -129,7 +137,7 @@ def test_tiny_training_learns_digits(digits, method, embedding, steps, samplers)
     away, and smallest at mid noise, where the chain decides the class and shard 2 must read the image (with
     K = 2 that is the start of shard 2's interval). Measured (seed 0): CT 57% after 300 steps, 87% after 500;
     FM about 97% after 300."""
-    spec = replace(make_spec(embedding, num_blocks=2, method=method), eta=1.0, dropout=0.0)
+    spec = replace(make_spec(embedding, num_shards=2, method=method), eta=1.0, dropout=0.0)
     start = time.perf_counter()
     chain = _train(spec, digits, steps=steps)
     x = normalize(torch.from_numpy(digits.test_x), digits.mean, digits.std)

@@ -38,10 +38,10 @@ class BackpropChain(nn.Module):
         super().__init__()
         self.spec = spec
         # Same initial blocks and W_embed as NoProp-DT for the same seed; the head is widened (module docstring).
-        self.blocks = nn.ModuleList(build_block(spec, t, seed) for t in range(1, spec.num_blocks + 1))
+        self.blocks = nn.ModuleList(build_block(spec, t, seed) for t in range(1, spec.num_shards + 1))
         self.shared = build_shared(spec, seed, prototype_init)
         self.head_gain = widen_head(self.shared)  # kept for baseline_start.py's default-init variant
-        self.w = nn.Parameter(torch.full((spec.num_blocks,), math.atanh(A_INIT)))
+        self.w = nn.Parameter(torch.full((spec.num_shards,), math.atanh(A_INIT)))
 
     @property
     def embed_dim(self) -> int:

@@ -141,7 +141,7 @@ class DTPLearner(Learner):
 def baseline_spec(cfg: Config, dataset: ImageDataset) -> ModelSpec:
     """The ModelSpec of a backprop (T = model.num_blocks DT blocks) or adjoint (one CT network) model."""
     spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
-    return dataclasses.replace(spec, num_blocks=cfg.model.num_blocks if cfg.model.method == "backprop" else 1)
+    return dataclasses.replace(spec, num_shards=cfg.model.num_blocks if cfg.model.method == "backprop" else 1)
 
 
 def build_learner(cfg: Config, dataset: ImageDataset, device: torch.device,

@@ -8,30 +8,27 @@ loaded with ``weights_only=True``.
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from ..atomic_io import atomic_write_json
-from ..checkpoint import RunDir
-from ..config import Config, ConfigError, worker_threads
+from ..config import BASELINE_METHODS, Config, ConfigError, worker_threads
 from ..data import ImageDataset, load_dataset
+from ..storage.run_dir import RunDir
+from ..storage.summary import run_summary, write_summary
 from ..training import peak_rss_mb
 from .learner import Learner, accuracy, build_learner
-
-BASELINES = ("backprop", "adjoint", "dtp")
-TRAIN_EVAL_LIMIT = 10_000  # train_accuracy is measured on at most this many training images (a fixed subset)
 
 Log = Callable[[str], None]
 
 
 def check_baseline(cfg: Config) -> None:
     """Config errors specific to the baselines (ConfigError naming the key)."""
-    if cfg.model.method not in BASELINES:
-        raise ConfigError(f"model.method: {cfg.model.method!r} is not a baseline; allowed: {', '.join(BASELINES)}")
+    if cfg.model.method not in BASELINE_METHODS:
+        raise ConfigError(f"model.method: {cfg.model.method!r} is not a baseline; "
+                          f"allowed: {', '.join(BASELINE_METHODS)}")
     if cfg.model.method == "dtp" and cfg.cluster.num_workers != 1:
         raise ConfigError(f"cluster.num_workers: must be 1 for model.method=dtp (its layer-local updates are not "
                           f"data-parallel here), got {cfg.cluster.num_workers}")
@@ -142,29 +139,30 @@ def train_epochs(
             report(metrics)
 
 
-def train_subset(dataset: ImageDataset, limit: int = TRAIN_EVAL_LIMIT) -> tuple[np.ndarray, np.ndarray]:
-    """At most ``limit`` training images: the first of a fixed (seed 0) permutation; all of them if fewer."""
-    n = len(dataset.train_y)
-    idx = np.sort(np.random.default_rng(0).permutation(n)[:limit]) if n > limit else np.arange(n)
-    return dataset.train_x[idx], dataset.train_y[idx]
+DataParallel = Callable[[Config, ImageDataset, RunDir, Any, Log], Any]
 
 
-def run_baseline(cfg: Config, log: Log = print) -> dict[str, Any]:
+def run_baseline(cfg: Config, log: Log = print, data_parallel: DataParallel | None = None) -> dict[str, Any]:
     """Train (or resume) the baseline ``cfg.model.method`` names, evaluate it, write ``<run.dir>/summary.json``.
 
-    cluster.num_workers = 1 trains in this process; more run data-parallel (DDP) under Ray Train's TorchTrainer
-    (``ray_train.fit``). A run whose checkpoints already hold train.epochs epochs is re-evaluated, not retrained.
-    Returns the summary (see ``summary.json``).
+    cluster.num_workers = 1 trains in this process; more run data-parallel through ``data_parallel(cfg, dataset,
+    rundir, resume, log)``, which trains the remaining epochs into ``rundir`` (``distributed.ray_train.fit``:
+    DDP under Ray Train; this package does not import Ray, so the caller passes it). A run whose checkpoints
+    already hold train.epochs epochs is re-evaluated, not retrained. Returns the summary (see ``summary.json``).
     """
     check_baseline(cfg)
+    if cfg.cluster.num_workers > 1 and data_parallel is None:
+        raise ConfigError(f"cluster.num_workers: {cfg.cluster.num_workers} workers need a data-parallel trainer "
+                          "(noprop_dist.train and python -m noprop_dist.run pass Ray Train's)")
     dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.train_limit, cfg.data.test_limit)
     rundir = RunDir(cfg.run.dir)
     rundir.check(cfg)  # refuses (a driver already on run.dir included) before the lock creates anything
     with rundir.lock(f"a {cfg.model.method} baseline run"):
-        return _run_locked(cfg, dataset, rundir, log)
+        return _run_locked(cfg, dataset, rundir, log, data_parallel)
 
 
-def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Log) -> dict[str, Any]:
+def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Log,
+                data_parallel: DataParallel | None) -> dict[str, Any]:
     rundir.prepare(cfg)
     device = local_device(cfg)
     torch.set_num_threads(worker_threads(cfg.cluster))
@@ -185,15 +183,11 @@ def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Log) ->
             progress = resume.shared_state if resume else empty_progress()
             train_epochs(cfg, dataset, learner, rundir, done, resume.train_seconds if resume else 0.0, progress, log)
         else:
-            from .ray_train import (
-                fit,  # imports Ray Train: only multi-worker runs need it
-            )
-
-            fit(cfg, dataset, rundir, resume, log)
+            data_parallel(cfg, dataset, rundir, resume, log)
         resume = rundir.load_resume(1, warn=log)
     learner.load_state_dict(resume.block_states[1]["learner"])
     summary = _summary(cfg, dataset, learner, resume.shared_state, resume.train_seconds, rundir)
-    atomic_write_json(rundir.file("summary.json"), summary)
+    write_summary(rundir.path, summary)
     log(f"[{cfg.model.method}] test accuracy {summary['test_accuracy']:.4f}, train accuracy "
         f"{summary['train_accuracy']:.4f}, {summary['train_seconds']:.1f}s training; summary in "
         f"{rundir.file('summary.json')}")
@@ -202,30 +196,22 @@ def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Log) ->
 
 def _summary(cfg: Config, dataset: ImageDataset, learner: Learner, progress: dict[str, Any], train_seconds: float,
              rundir: RunDir) -> dict[str, Any]:
-    """The keys the NoProp driver's summary has (the reproduction harness reads them), plus baseline details."""
+    """The keys every run's summary has (:func:`storage.summary.run_summary`), plus the baseline's details."""
     test_acc = accuracy(learner, dataset.test_x, dataset.test_y, cfg.eval.batch_size, cfg.eval.seed)
-    tx, ty = train_subset(dataset)
+    tx, ty = dataset.train_accuracy_subset()
     train_acc = accuracy(learner, tx, ty, cfg.eval.batch_size, cfg.eval.seed)
     m = cfg.model
+    common = run_summary(
+        cfg, test_accuracy=test_acc, train_accuracy=train_acc, train_accuracy_examples=len(ty),
+        train_seconds=train_seconds, curve=progress["curve"], peak_memory_mb=float(progress["peak_memory_mb"]),
+        peak_memory_kind=progress["peak_memory_kind"], num_shards=m.num_blocks if m.method == "backprop" else None,
+        run_dir=rundir.path)
     return {
-        "method": m.method,
-        "dataset": cfg.data.name,
-        "embedding": m.embedding if m.method != "dtp" else "none",
-        "num_workers": cfg.cluster.num_workers,
-        "epochs": cfg.train.epochs,
-        "seed": cfg.train.seed,
-        "test_accuracy": test_acc,
-        "train_accuracy": train_acc,
-        "train_accuracy_examples": len(ty),  # a fixed subset of at most 10k training images
-        "train_seconds": train_seconds,
-        "curve": list(progress["curve"]),
-        "peak_memory_mb": float(progress["peak_memory_mb"]),
-        "peak_memory_kind": progress["peak_memory_kind"],
+        **common,
         "final_loss": float(progress["last_epoch_loss"]),
         "nonfinite_steps": int(progress["nonfinite_steps"]),
         # DDP only: the largest spread of the replicas' weight fingerprints over the epochs; 0.0 when in sync
         "replica_divergence": progress.get("replica_divergence"),
         "num_blocks": m.num_blocks if m.method == "backprop" else None,
         "inference_steps": m.inference_steps if m.method == "adjoint" else None,
-        "run_dir": os.fspath(rundir.path),
     }

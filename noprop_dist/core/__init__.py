@@ -4,17 +4,36 @@
 package-level ``shard_loss`` stays the DT function, with its DT signature).
 """
 from .blocks import DTBlock, ModelSpec, build_block
-from .chain import DTChain, default_device, evaluate_chain, evaluate_stages, mean_probabilities
+from .chain import (
+    DTChain,
+    default_device,
+    evaluate_chain,
+    evaluate_stages,
+    mean_probabilities,
+)
 from .continuous import (
-    ContinuousChain, continuous_shard_loss, ct_shard_loss, euler_integrate, fm_path, fm_shard_loss, sample_times,
-    shard_interval, step_shards,
+    ContinuousChain,
+    continuous_shard_loss,
+    ct_shard_loss,
+    euler_integrate,
+    fm_path,
+    fm_shard_loss,
+    sample_times,
+    shard_interval,
+    step_shards,
 )
 from .ct_blocks import CTBlock, build_ct_block, sinusoidal_time_embedding
 from .ct_schedule import LearnedSchedule
-from .objectives import block_loss, class_logits, denoised_estimate, shard_loss, shared_loss
+from .objectives import (
+    block_loss,
+    class_logits,
+    denoised_estimate,
+    shard_loss,
+    shared_loss,
+)
 from .schedule import DTSchedule, cosine_abar, randn_like, sample_marginal
 from .shared import SharedState, build_shared, prototype_embedding
-from .variants import METHODS, build_chain, build_shard, load_chain
+from .variants import build_chain, build_shard, load_chain
 
 __all__ = [
     "DTBlock", "ModelSpec", "build_block", "DTChain", "default_device", "evaluate_chain", "evaluate_stages",
@@ -23,5 +42,5 @@ __all__ = [
     "SharedState", "build_shared", "prototype_embedding",
     "ContinuousChain", "continuous_shard_loss", "ct_shard_loss", "euler_integrate", "fm_path", "fm_shard_loss",
     "sample_times", "shard_interval", "step_shards", "CTBlock", "build_ct_block", "sinusoidal_time_embedding",
-    "LearnedSchedule", "METHODS", "build_chain", "build_shard", "load_chain",
+    "LearnedSchedule", "build_chain", "build_shard", "load_chain",
 ]

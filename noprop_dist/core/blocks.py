@@ -13,7 +13,7 @@ class ModelSpec:
 
     image_shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int  # m
-    num_blocks: int  # number of shards: T blocks (noprop_dt) or K time intervals (noprop_ct / noprop_fm)
+    num_shards: int  # the networks trained apart: T blocks (noprop_dt) or K time intervals (noprop_ct / fm)
     embedding: str  # one_hot | learned | prototype
     embed_dim: int  # d: m for one_hot, C*H*W for prototype
     dropout: float
@@ -50,6 +50,8 @@ class ModelSpec:
     def from_dict(cls, d: dict) -> "ModelSpec":
         d = dict(d)
         d["image_shape"] = tuple(d["image_shape"])
+        if "num_blocks" in d and "num_shards" not in d:  # the key's name in chains saved before 2026-12
+            d["num_shards"] = d.pop("num_blocks")
         old = d.pop("ct_inference", None)  # the CT sampler's name before eval.sampler: chain | ode
         if old is not None and "sampler" not in d:
             d["sampler"] = {"chain": "eq3"}.get(old, old)

@@ -11,8 +11,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..atomic_io import atomic_torch_save
 from ..config import PAPER_SAMPLER, SAMPLERS
+from ..storage.atomic import atomic_torch_save
 from .blocks import DTBlock, ModelSpec
 from .objectives import class_logits, denoised_estimate
 from .schedule import DTSchedule, randn_like
@@ -93,8 +93,8 @@ class SavedChain(nn.Module):
 
     def __init__(self, spec: ModelSpec, shards: list[nn.Module], shared: SharedState) -> None:
         super().__init__()
-        if len(shards) != spec.num_blocks:
-            raise ValueError(f"chain needs {spec.num_blocks} shard networks, got {len(shards)}")
+        if len(shards) != spec.num_shards:
+            raise ValueError(f"chain needs {spec.num_shards} shard networks, got {len(shards)}")
         self.spec = spec
         self.blocks = nn.ModuleList(shards)
         self.shared = shared
@@ -170,11 +170,11 @@ class SavedChain(nn.Module):
         cls, spec: ModelSpec, shard_states: list[dict[str, torch.Tensor]], shared_state: dict[str, torch.Tensor]
     ) -> "SavedChain":
         """Assemble from state dicts (shards in order 1..K); returned in eval mode on the CPU."""
-        shards = [cls.shard_class(spec) for _ in range(spec.num_blocks)]
-        if len(shard_states) != spec.num_blocks:
-            raise ValueError(f"chain spec has {spec.num_blocks} shard networks but {len(shard_states)} weight sets")
+        shards = [cls.shard_class(spec) for _ in range(spec.num_shards)]
+        if len(shard_states) != spec.num_shards:
+            raise ValueError(f"chain spec has {spec.num_shards} shard networks but {len(shard_states)} weight sets")
         for k, (net, state) in enumerate(zip(shards, shard_states, strict=True), start=1):
-            _load_weights(net, state, f"shard {k} of {spec.num_blocks}")
+            _load_weights(net, state, f"shard {k} of {spec.num_shards}")
         shared = SharedState(spec)
         _load_weights(shared, shared_state, "shared state")
         return cls(spec, shards, shared).eval()
@@ -191,8 +191,8 @@ class DTChain(SavedChain):
 
     def __init__(self, spec: ModelSpec, blocks: list[DTBlock], shared: SharedState) -> None:
         super().__init__(spec, blocks, shared)
-        self.schedule = DTSchedule.cosine(spec.num_blocks, spec.abar_max)
-        self.coefficients = [self.schedule.posterior_coefficients(t) for t in range(1, spec.num_blocks + 1)]
+        self.schedule = DTSchedule.cosine(spec.num_shards, spec.abar_max)
+        self.coefficients = [self.schedule.posterior_coefficients(t) for t in range(1, spec.num_shards + 1)]
 
     def readout(self, z: torch.Tensor) -> torch.Tensor:
         """The head's class log-probabilities at z: (B, d) -> (B, m)."""

@@ -47,7 +47,7 @@ def shard_bounds(spec: ModelSpec, shared: SharedState | None = None) -> torch.Te
     by interpolation on a grid of CT_BOUNDS_GRID + 1 times. FM's lambda is infinite at both ends: ``log_snr``
     takes equal steps over FM_LOG_SNR_RANGE.
     """
-    k = spec.num_blocks
+    k = spec.num_shards
     device = shared.embed.device if shared is not None else torch.device("cpu")
     frac = torch.arange(k + 1, dtype=torch.float64, device=device) / k
     if spec.shard_partition == "uniform" or k == 1:
@@ -77,10 +77,10 @@ def _training_interval(
     """(lo, hi) of the times shard k in 1..K trains on: its partition interval widened by spec.shard_overlap.
     Python floats for the uniform partition without overlap (exact k/K); 0-d tensors on the device otherwise,
     never read back (no host sync in a training step)."""
-    if not 1 <= k <= spec.num_blocks:
-        raise ValueError(f"shard {k} outside 1..{spec.num_blocks}")
+    if not 1 <= k <= spec.num_shards:
+        raise ValueError(f"shard {k} outside 1..{spec.num_shards}")
     if spec.shard_partition == "uniform" and spec.shard_overlap == 0:
-        return (k - 1) / spec.num_blocks, k / spec.num_blocks
+        return (k - 1) / spec.num_shards, k / spec.num_shards
     lo, hi = widen(shard_bounds(spec, shared), k, spec.shard_overlap)
     return lo.to(device=device, dtype=torch.float32), hi.to(device=device, dtype=torch.float32)
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import NOPROP_METHODS
 from . import objectives
 from .blocks import ModelSpec, build_block
 from .chain import DTChain, load_chain_file
@@ -20,12 +21,10 @@ from .ct_blocks import build_ct_block
 from .schedule import DTSchedule
 from .shared import SharedState
 
-METHODS = ("noprop_dt", "noprop_ct", "noprop_fm")
-
 
 def _check(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    if method not in NOPROP_METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(NOPROP_METHODS)}")
     return method
 
 
@@ -36,7 +35,7 @@ def dt_schedule(num_blocks: int, abar_max: float) -> DTSchedule:
 
 
 def build_shard(spec: ModelSpec, k: int, seed: int) -> nn.Module:
-    """The network of shard k in 1..spec.num_blocks; initial weights depend only on (seed, k)."""
+    """The network of shard k in 1..spec.num_shards; initial weights depend only on (seed, k)."""
     if _check(spec.method) == "noprop_dt":
         return build_block(spec, k, seed)
     return build_ct_block(spec, k, seed)
@@ -48,7 +47,7 @@ def shard_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(total, denoising part) of shard k's loss; reaches only ``net`` and ``shared``. x: (B, C, H, W), y: (B,)."""
     if _check(spec.method) == "noprop_dt":
-        schedule = dt_schedule(spec.num_blocks, spec.abar_max)
+        schedule = dt_schedule(spec.num_shards, spec.abar_max)
         return objectives.shard_loss(net, shared, spec, schedule, k, x, y, generator)
     return continuous_shard_loss(net, shared, spec, k, x, y, generator)
 

@@ -9,9 +9,9 @@ import numpy as np
 import ray
 import torch
 
-from ..checkpoint import RunDir
 from ..core import ModelSpec
-from ..shared_server import Round, SharedStateServer, Snapshot
+from ..storage.run_dir import RunDir
+from ..training.shared_state import Round, SharedStateServer, Snapshot
 from .telemetry import ServerTelemetry
 
 

@@ -1,4 +1,4 @@
-"""Recording the metrics of ``noprop_dist.metrics`` from inside the actors, through ``ray.util.metrics``.
+"""Recording the metrics of ``noprop_dist.observability.metrics`` from inside the actors, through ``ray.util.metrics``.
 
 A recorded value goes to the process's Ray core worker, which sends it to its node's metrics agent every
 ``metrics_report_interval_ms`` (10 s by default); the agent serves it on the node's metrics-export port,
@@ -14,12 +14,24 @@ from typing import Union
 import torch
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from ..metrics import (
-    BLOCK_EPOCHS_DONE, BLOCK_LOSS, BLOCK_PROGRESS, BLOCK_SAMPLES, BLOCK_STEP_SECONDS, EMBEDDING_LAG, GPU_MEMORY,
-    GPU_UTILIZATION, PS_APPLY_SECONDS, PS_PULL_SECONDS, PS_PUSH_SECONDS, WORKER_METRICS, WORKER_RESTARTS, MetricSpec,
+from ..observability.metrics import (
+    BLOCK_EPOCHS_DONE,
+    BLOCK_LOSS,
+    BLOCK_PROGRESS,
+    BLOCK_SAMPLES,
+    BLOCK_STEP_SECONDS,
+    EMBEDDING_LAG,
+    GPU_MEMORY,
+    GPU_UTILIZATION,
+    PS_APPLY_SECONDS,
+    PS_PULL_SECONDS,
+    PS_PUSH_SECONDS,
+    WORKER_METRICS,
+    WORKER_RESTARTS,
+    MetricSpec,
 )
-from ..shared_server import ExchangeStats
 from ..training import BlockStats
+from ..training.shared_state import ExchangeStats
 
 Instrument = Union[Counter, Gauge, Histogram]
 

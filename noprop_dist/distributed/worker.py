@@ -11,8 +11,8 @@ import torch
 
 from ..config import TrainConfig
 from ..core import ModelSpec
-from ..shared_server import Round, ServerRestarted, Snapshot
 from ..training import ShardGroup, peak_rss_mb
+from ..training.shared_state import Round, ServerRestarted, Snapshot
 from .faults import END, Fault, fault_hook
 from .param_server import WireSnapshot, snapshot_from_wire, to_wire
 from .telemetry import WorkerTelemetry

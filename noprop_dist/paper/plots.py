@@ -1,7 +1,7 @@
-"""The paper's figures from finished runs: ``python -m noprop_dist.plots curves|embeddings ...``.
+"""The paper's figures from finished runs: ``python -m noprop_dist.paper.plots curves|embeddings ...``.
 
-    python -m noprop_dist.plots curves RUN_DIR [RUN_DIR ...] --out fig3.png   # Fig. 3
-    python -m noprop_dist.plots embeddings RUN_DIR --out fig2.png             # Fig. 2
+    python -m noprop_dist.paper.plots curves RUN_DIR [RUN_DIR ...] --out fig3.png   # Fig. 3
+    python -m noprop_dist.paper.plots embeddings RUN_DIR --out fig2.png             # Fig. 2
 
 Fig. 3: test accuracy against cumulative training time, one line per run, from each run's
 ``summary.json`` ``curve``. Fig. 2: the learned class embeddings as images, one tile per class, from
@@ -11,13 +11,14 @@ matplotlib is optional (the ``report`` extra): it is imported only when a figure
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 from typing import Any
 
 import numpy as np
+
+from ..storage.summary import SummaryError, read_summary
 
 
 class PlotError(ValueError):
@@ -39,16 +40,12 @@ def pyplot() -> Any:
 
 # ----------------------------------------------------------------------------- Fig. 3: accuracy vs time
 
-def read_summary(run_dir: str) -> dict:
+def _read_summary(run_dir: str) -> dict:
     """``<run_dir>/summary.json``, or PlotError naming the file."""
-    path = os.path.join(run_dir, "summary.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError:
-        raise PlotError(f"no summary.json in {run_dir}: has the run finished?") from None
-    except ValueError as e:
-        raise PlotError(f"{path}: not valid JSON ({e})") from None
+        return read_summary(run_dir)
+    except SummaryError as e:
+        raise PlotError(str(e)) from None
 
 
 def run_curve(summary: dict) -> list[dict]:
@@ -105,7 +102,7 @@ def plot_curves(runs: list[tuple[str, list[dict]]], path: str, title: str | None
 
 def plot_curves_from_dirs(run_dirs: list[str], path: str, title: str | None = None) -> str:
     """Fig. 3 from run directories (label: method and workers)."""
-    summaries = [read_summary(d) for d in run_dirs]
+    summaries = [_read_summary(d) for d in run_dirs]
     if title is None:
         s = summaries[0]
         title = f"{s.get('dataset', '?')}, {s.get('embedding', '?')} embedding"
@@ -178,7 +175,7 @@ def _save(fig: Any, plt: Any, path: str) -> None:
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m noprop_dist.plots", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m noprop_dist.paper.plots", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="figure", required=True)
     curves = sub.add_parser("curves", help="Fig. 3: test accuracy against cumulative training time")
     curves.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

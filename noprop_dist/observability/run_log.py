@@ -15,7 +15,15 @@ import statistics
 import time
 from typing import Any, Callable
 
-from .atomic_io import append_lines, atomic_save_with, atomic_write_bytes, read_jsonl, repair_torn_tail
+from ..storage.atomic import (
+    append_lines,
+    atomic_save_with,
+    atomic_write_bytes,
+    read_jsonl,
+    repair_torn_tail,
+)
+from ..storage.summary import describe_model
+from .tensorboard import TensorBoardLog
 
 METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.md"
@@ -36,8 +44,11 @@ class MetricsLog:
     off when the log is opened, with one message, so the next append starts on a line of its own.
     """
 
-    def __init__(self, run_dir: str, run: str, every_seconds: float, warn: Callable[[str], None] = print) -> None:
+    def __init__(self, run_dir: str, run: str, every_seconds: float, warn: Callable[[str], None] = print,
+                 tensorboard: bool = False) -> None:
         self.path = os.path.join(run_dir, METRICS_FILE)
+        # the same rows as TensorBoard event files (metrics.tensorboard)
+        self.tensorboard = TensorBoardLog(run_dir) if tensorboard else None
         removed = repair_torn_tail(self.path)
         if removed:
             warn(f"{self.path}: removed a torn last line ({removed} bytes, left by a crash); appending after it")
@@ -61,7 +72,18 @@ class MetricsLog:
             return False
         self.last_write = now
         append_lines(self.path, [json.dumps(r) for r in rows])
+        if self.tensorboard is not None:
+            self.tensorboard.write_rows(rows)
         return True
+
+    def accuracy(self, epoch: int, accuracy: float, train_seconds: float) -> None:
+        """A point of the chain's accuracy curve (curve.json holds them all); TensorBoard gets it too."""
+        if self.tensorboard is not None:
+            self.tensorboard.write_accuracy(epoch, accuracy, train_seconds)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def _row(self, now: float, event: str, b: dict, w: dict, worker: int) -> dict:
         t, spe = b["block"], b["steps_per_epoch"]
@@ -190,7 +212,8 @@ def write_report(run_dir: str, summary: dict, run: str) -> str:
     s = summary
     lines = [
         f"# Run report: {run}", "",
-        f"{s['dataset']}, T = {s['num_blocks']} blocks on {s['num_workers']} workers, {s['epochs']} epochs "
+        f"{s['dataset']}, {describe_model(s.get('method', 'noprop_dt'), s.get('num_shards', s['num_blocks']))} on "
+        f"{s['num_workers']} workers, {s['epochs']} epochs "
         f"({s['sync_mode']} mode). Test accuracy of the assembled chain: **{s['test_accuracy']:.4f}**.",
         f"Training took {s['train_seconds']:.1f} s; epoch wall times (this invocation): "
         f"{', '.join(f'{x:.1f}' for x in s['epoch_seconds']) or '-'} s. "

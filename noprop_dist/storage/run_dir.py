@@ -36,10 +36,17 @@ from typing import Any, Callable, Iterator
 import torch
 import yaml
 
-from .atomic_io import (append_lines, atomic_torch_save, atomic_write_bytes, atomic_write_json, read_jsonl,
-                        repair_torn_tail, sha256_file, tmp_pattern)
-
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
+from .atomic import (
+    append_lines,
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_jsonl,
+    repair_torn_tail,
+    sha256_file,
+    tmp_pattern,
+)
 
 MANIFEST_FORMAT = 1
 # Appended once per invocation that prepares run.dir (config.yaml keeps only the latest config).

@@ -19,8 +19,8 @@ import os
 import re
 from dataclasses import dataclass
 
-from .checkpoint import _IDENTITY_SECTIONS, _IDENTITY_TRAIN_KEYS
-from .config import Config
+from ..config import Config
+from ..storage.run_dir import _IDENTITY_SECTIONS, _IDENTITY_TRAIN_KEYS
 
 RAY_PREFIX = "ray_"  # what Ray's exporter puts in front of every application metric
 KINDS = ("counter", "gauge", "histogram")

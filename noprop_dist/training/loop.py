@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-import resource
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -16,48 +15,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import PAPER_SAMPLER, Config, TrainConfig, worker_threads
-from .core import ModelSpec, default_device, evaluate_chain, evaluate_stages, prototype_embedding
-from .core.variants import build_chain, build_shard, shard_loss
-from .data import ImageDataset, normalize
-from .shared_server import LocalClient, SharedReplica, SharedStateClient, SharedStateServer
-
-
-def model_spec(cfg: Config, image_shape: tuple[int, int, int], num_classes: int) -> ModelSpec:
-    """The ModelSpec a config asks for on a dataset of this shape (its chain samples with eval.sampler)."""
-    m = cfg.model
-    c, h, w = image_shape
-    embed_dim = {"one_hot": num_classes, "learned": m.embedding_dim, "prototype": c * h * w}[m.embedding]
-    return ModelSpec(
-        image_shape=tuple(image_shape), num_classes=num_classes,
-        num_blocks=m.num_blocks if m.method == "noprop_dt" else m.num_shards, embedding=m.embedding,
-        embed_dim=embed_dim, dropout=m.dropout, class_prob=m.class_prob, radial_sigma=m.radial_sigma,
-        eta=m.eta, abar_max=m.abar_max, method=m.method, inference_steps=m.inference_steps,
-        sampler=cfg.eval.sampler, ensemble_draws=cfg.eval.ensemble_draws,
-        shard_partition=m.shard_partition, shard_overlap=m.shard_overlap, ct_loss_weight=m.ct_loss_weight,
-        image_batch_norm=m.image_batch_norm, ct_readout=m.ct_readout, fm_target=m.fm_target,
-    )
-
-
-def initial_prototypes(spec: ModelSpec, dataset: ImageDataset, seed: int) -> torch.Tensor | None:
-    """(m, C*H*W) prototype initialisation for the prototype embedding, else None."""
-    if spec.embedding != "prototype":
-        return None
-    images = normalize(torch.from_numpy(np.ascontiguousarray(dataset.train_x)), dataset.mean, dataset.std)
-    return prototype_embedding(images, torch.from_numpy(dataset.train_y), spec.num_classes, seed=seed)
-
-
-def assign_blocks(num_blocks: int, num_workers: int) -> list[list[int]]:
-    """Blocks 1..T in contiguous, balanced groups: T=10, W=3 -> [[1,2,3,4],[5,6,7],[8,9,10]]."""
-    if not 1 <= num_workers <= num_blocks:
-        raise ValueError(f"num_workers must be in [1, {num_blocks}], got {num_workers}")
-    base, extra = divmod(num_blocks, num_workers)
-    groups, start = [], 1
-    for w in range(num_workers):
-        size = base + (1 if w < extra else 0)
-        groups.append(list(range(start, start + size)))
-        start += size
-    return groups
+from ..config import TrainConfig
+from ..core import ModelSpec
+from ..core.variants import build_shard, shard_loss
+from ..data import normalize
+from .assignment import replica_key
+from .hardware import resolve_precision
+from .shared_state import SharedReplica, SharedStateClient
 
 
 def lr_schedule_factor(train: TrainConfig, progress: float) -> float:
@@ -83,30 +47,6 @@ def nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     tensors = [loss.detach().float().reshape(1), *(p.grad for p in params if p.grad is not None)]
     torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, torch.ones((), device=loss.device))
     return found
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` runs bf16 matmuls and convolutions in hardware: a CUDA GPU that supports bf16, or a
-    CPU with AVX512-BF16 or AMX. Elsewhere torch emulates bf16 on the CPU, several times slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-        return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """train.precision as the shards on ``device`` run it: "bf16" or "fp32" ("auto": bf16 where native).
-
-    An explicit bf16 on a device without native bf16 is kept (the user asked for it) with a warning, since
-    there it is slower than fp32, not faster."""
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    if precision == "bf16" and not native_bf16(device):
-        warnings.warn(f"train.precision=bf16 on {device}, which has no native bf16 (no AVX512-BF16 or AMX on a "
-                      "CPU): torch emulates it, slower than fp32; set train.precision=auto or fp32", stacklevel=2)
-    return precision
 
 
 class BlockTrainer:
@@ -413,98 +353,3 @@ def clone_state(state: Any) -> Any:
     if isinstance(state, (list, tuple)):
         return type(state)(clone_state(v) for v in state)
     return copy.deepcopy(state)
-
-
-def replica_key(block_ids: list[int]) -> str:
-    """'1-5' for blocks 1..5: the checkpoint name of the replica state of the worker that trains them."""
-    return f"{block_ids[0]}-{block_ids[-1]}" if len(block_ids) > 1 else str(block_ids[0])
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def assemble_chain(spec: ModelSpec, block_states: dict[int, dict], shared_state: dict) -> torch.nn.Module:
-    """The inference chain from checkpointed shard states (shards 1..K) and the server's state."""
-    return build_chain(
-        spec, [block_states[t]["block"] for t in range(1, spec.num_blocks + 1)], shared_state["shared"]
-    )
-
-
-def evaluate_states(
-    spec: ModelSpec, dataset: ImageDataset, block_states: dict[int, dict], shared_state: dict,
-    batch_size: int, seed: int,
-) -> tuple[torch.nn.Module, float]:
-    """Assemble the chain from shard and shared states (shards 1..K) and measure its test accuracy."""
-    chain = assemble_chain(spec, block_states, shared_state)
-    acc, _ = evaluate_chain(
-        chain, torch.from_numpy(np.ascontiguousarray(dataset.test_x)), torch.from_numpy(dataset.test_y),
-        batch_size, seed, lambda xb: normalize(xb, dataset.mean, dataset.std),
-    )
-    return chain, acc
-
-
-def final_evaluation(
-    spec: ModelSpec, dataset: ImageDataset, block_states: dict[int, dict], shared_state: dict,
-    batch_size: int, seed: int,
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The end-of-run evaluation of the assembled chain: its test accuracy with the run's sampler, the
-    accuracy along the chain (stage by stage), and the paper's sampler beside it when the run's differs, so a
-    Table 1 row compares like with like. Returns (chain, {"test_accuracy", "sampler", "paper_sampler",
-    "test_accuracy_by_sampler": {name: accuracy}, "stages": [{"block", "chain_accuracy", "own_accuracy"}]}).
-    """
-    chain = assemble_chain(spec, block_states, shared_state)
-    test_x, test_y = torch.from_numpy(np.ascontiguousarray(dataset.test_x)), torch.from_numpy(dataset.test_y)
-
-    def norm(xb: torch.Tensor) -> torch.Tensor:
-        return normalize(xb, dataset.mean, dataset.std)
-
-    sampler, paper = chain.sampler_name(), PAPER_SAMPLER[spec.method]
-    acc, _, stages = evaluate_stages(chain, test_x, test_y, batch_size, seed, norm)
-    by_sampler = {sampler: acc}
-    if paper != sampler:
-        by_sampler[paper], _ = evaluate_chain(chain, test_x, test_y, batch_size, seed, norm, sampler=paper)
-    return chain, {
-        "test_accuracy": acc, "sampler": sampler, "paper_sampler": paper, "test_accuracy_by_sampler": by_sampler,
-        "stages": [{"block": k} | s for k, s in enumerate(stages, start=1)],
-    }
-
-
-def train_subset_accuracy(chain: torch.nn.Module, dataset: ImageDataset, batch_size: int, seed: int,
-                          limit: int = 10_000) -> float:
-    """Accuracy of the chain on at most ``limit`` training images, evenly spaced through the training set."""
-    n = dataset.train_y.shape[0]
-    idx = np.linspace(0, n - 1, min(n, limit)).astype(np.int64)
-    acc, _ = evaluate_chain(
-        chain, torch.from_numpy(np.ascontiguousarray(dataset.train_x[idx])), torch.from_numpy(dataset.train_y[idx]),
-        batch_size, seed, lambda xb: normalize(xb, dataset.mean, dataset.std),
-    )
-    return acc
-
-
-def train_in_process(
-    cfg: Config, dataset: ImageDataset,
-    on_epoch: Callable[[int, ShardGroup, SharedStateServer], None] | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[dict[int, dict], dict, ShardGroup]:
-    """The reference run: every block and the shared-state server in this process, no Ray.
-
-    Runs exactly the code a single Ray worker runs (same ShardGroup, same protocol and server logic, same
-    seeds), on ``device`` (None: the GPU when there is one).
-    Returns (block states, server state, the group with its stats).
-    """
-    torch.set_num_threads(worker_threads(cfg.cluster))
-    spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
-    server = SharedStateServer(spec, cfg.train.seed, initial_prototypes(spec, dataset, cfg.train.seed),
-                               sources=["w0"], mode=cfg.train.sync_mode)
-    group = ShardGroup(
-        spec, list(range(1, spec.num_blocks + 1)), cfg.train, dataset.train_x, dataset.train_y,
-        dataset.mean, dataset.std, LocalClient(server, "w0"),
-        device=default_device() if device is None else torch.device(device),
-    )
-    for epoch in range(cfg.train.epochs):
-        group.train_epoch(epoch)
-        if on_epoch is not None:  # e.g. time the epoch or evaluate the chain as it stands
-            on_epoch(epoch, group, server)
-    return group.state_dicts(), server.state_dict(), group

@@ -35,8 +35,8 @@ from typing import Callable, NamedTuple, Protocol
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .core import ModelSpec, SharedState, build_shared
+from ..config import TrainConfig
+from ..core import ModelSpec, SharedState, build_shared
 
 Round = tuple[int, int]  # (epoch, exchange within the epoch, from 1): increases along a run
 NO_ROUND: Round = (-1, 0)  # below every real round: nothing received yet

@@ -17,12 +17,12 @@ from typing import Any
 import ray
 import torch
 
-from ..checkpoint import Resume, RunDir
+from ..baselines.learner import build_learner
+from ..baselines.runner import Log, empty_progress, train_epochs
 from ..config import Config, config_from_dict, worker_threads
 from ..data import ImageDataset
-from ..distributed.cluster import connect
-from .learner import build_learner
-from .runner import Log, empty_progress, train_epochs
+from ..storage.run_dir import Resume, RunDir
+from .cluster import connect
 
 
 def fit(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Resume | None, log: Log = print) -> Any:

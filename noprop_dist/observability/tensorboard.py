@@ -1,0 +1,64 @@
+"""The per-block metrics as TensorBoard event files, when ``metrics.tensorboard: true``.
+
+``<run.dir>/tensorboard/block_01/`` ... hold one TensorBoard run per block, so ``tensorboard --logdir run.dir``
+draws every block's loss on one chart; ``tensorboard/chain/`` holds the test accuracy of the assembled chain at
+each evaluation. The x axis is the block's optimizer steps (the chain's: epochs). Needs the ``tensorboard``
+package (the optional extra ``noprop_dist[tensorboard]``); the writer is torch's ``SummaryWriter``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+TENSORBOARD_DIR = "tensorboard"
+# metrics.jsonl field -> TensorBoard tag; what a user compares across blocks
+SCALARS = {
+    "loss": "loss",
+    "loss_ema": "loss_ema",
+    "samples_per_second": "samples_per_second/wall",
+    "compute_samples_per_second": "samples_per_second/compute",
+    "step_seconds_mean": "step_seconds_mean",
+    "embedding_version_lag": "shared_state/embedding_version_lag",
+}
+
+
+class TensorBoardLog:
+    """Writes the rows ``run_log.MetricsLog`` appends to metrics.jsonl, one TensorBoard run per block."""
+
+    def __init__(self, run_dir: str) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:  # torch raises ImportError naming tensorboard when it is missing
+            raise ImportError(f"metrics.tensorboard: {e}; pip install 'noprop_dist[tensorboard]'") from None
+        self._writer_cls = SummaryWriter
+        self.root = os.path.join(run_dir, TENSORBOARD_DIR)
+        self.writers: dict[str, Any] = {}
+
+    def _writer(self, name: str) -> Any:
+        if name not in self.writers:
+            self.writers[name] = self._writer_cls(log_dir=os.path.join(self.root, name))
+        return self.writers[name]
+
+    def write_rows(self, rows: list[dict[str, Any]]) -> None:
+        """metrics.jsonl rows (one per block, see ``MetricsLog._row``): their numeric fields, at the block's step."""
+        for row in rows:
+            writer = self._writer(f"block_{int(row['block']):02d}")
+            for field, tag in SCALARS.items():
+                value = row.get(field)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    writer.add_scalar(tag, float(value), global_step=int(row["total_steps"]),
+                                      walltime=float(row["time"]))
+        for writer in self.writers.values():
+            writer.flush()
+
+    def write_accuracy(self, epoch: int, accuracy: float, train_seconds: float) -> None:
+        """The chain's test accuracy after ``epoch`` epochs (tag ``test_accuracy``, and against training time)."""
+        writer = self._writer("chain")
+        writer.add_scalar("test_accuracy", accuracy, global_step=epoch)
+        writer.add_scalar("test_accuracy_vs_train_seconds", accuracy, global_step=int(round(train_seconds)))
+        writer.flush()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        self.writers.clear()
