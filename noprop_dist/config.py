@@ -47,7 +47,7 @@ DEVICES: tuple[str, ...] = get_args(Device)
 NOPROP_METHODS: tuple[str, ...] = get_args(NoPropMethod)
 BASELINE_METHODS: tuple[str, ...] = get_args(BaselineMethod)
 METHODS: tuple[str, ...] = get_args(Method)
-# Inference samplers of the NoProp chains, and the methods each applies to (README "Inference samplers").
+# Inference samplers of the NoProp chains, and the methods each applies to (docs/method.md, "Inference samplers").
 # eq3: Eq. 3 with its noise term, as the paper runs it; mean: the same update without the noise term (the
 # posterior mean); ensemble: class probabilities averaged over eval.ensemble_draws noisy (eq3) runs; ode:
 # NoProp-CT's probability-flow ODE. NoProp-FM's flow has no noise term: mean is its Euler solve, ensemble
@@ -103,7 +103,7 @@ class ModelConfig:
     embedding: Embedding = "learned"  # one_hot | learned | prototype
     embedding_dim: int = 20  # used by `learned` only; one_hot has d = m, prototype d = C*H*W
     class_prob: ClassProb = "softmax"  # softmax (Eq. 14) | radial (Eq. 15-16)
-    radial_sigma: float = 0.1  # radial width; 1.0 left the head untrained (README, "Method")
+    radial_sigma: float = 0.1  # radial width; 1.0 left the head untrained (docs/method.md, "NoProp-DT")
     eta: float = 0.1
     abar_max: float = 0.999  # cap of the cosine schedule at t = T (keeps the last SNR finite)
     dropout: float = 0.2

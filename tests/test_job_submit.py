@@ -1,4 +1,4 @@
-"""`ray job submit` end to end, as the README's "Deploying" section runs it: a real Ray head started with
+"""`ray job submit` end to end, as docs/deploying.md runs it: a real Ray head started with
 `ray start` on loopback (token authentication on), the real `ray job submit` / `status` / `logs` CLI.
 
 The head runs in the foreground (`ray start --block`) as a child of this module, on free ports and in its
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` CLI of this interpreter
 SHORT_RUN = ["data.train_limit=300", "data.test_limit=100", "model.num_blocks=2", "cluster.num_workers=2",
              "train.epochs=1"]
-EXCLUDES = '{"excludes": [".git"]}'  # the README's --runtime-env-json; .gitignore covers runs/ and data/
+EXCLUDES = '{"excludes": [".git"]}'  # docs/deploying.md's --runtime-env-json; .gitignore covers runs/ and data/
 
 
 @dataclass
@@ -106,7 +106,7 @@ def _alive(p: psutil.Process) -> bool:
 def head():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1")
-    # As the README says: make sure a token exists (~/.ray/auth_token; kept if there is one already).
+    # As docs/deploying.md says: make sure a token exists (~/.ray/auth_token; kept if there is one already).
     token = subprocess.run([*RAY, "get-auth-token", "--generate"], capture_output=True, text=True, env=env,
                            timeout=60)
     assert token.returncode == 0 and token.stdout.strip(), token.stderr
@@ -154,7 +154,7 @@ def test_job_server_requires_the_token(head):
 
 def test_submitted_training_succeeds_and_writes_summary(head, tmp_path):
     # The working dir is a copy of this checkout with what must not be uploaded added: a .git directory,
-    # an old run and a data file (.gitignore'd). The command is the README's, run from its root.
+    # an old run and a data file (.gitignore'd). The command is docs/deploying.md's, run from the repository root.
     src = tmp_path / "checkout"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "runs", "data", ".venv", "*.egg-info",
                                                             "__pycache__", ".pytest_cache"))
