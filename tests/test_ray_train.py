@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from noprop_dist.baselines import run_baseline
+from noprop_dist.api import run_config
 from noprop_dist.config import load_config
 
 pytestmark = pytest.mark.ray
@@ -22,7 +22,7 @@ def test_backprop_on_two_ray_train_workers(ray_cluster, tmp_path):
                              "train.batch_size=64", "train.lr=0.005", "cluster.num_workers=2",
                              "cluster.cpus_per_worker=1", f"run.dir={run_dir}"])
     lines: list[str] = []
-    summary = run_baseline(cfg, log=lines.append)
+    summary = run_config(cfg, log=lines.append)  # run_baseline with Ray Train's DDP as its data-parallel trainer
     assert any("Ray Train: 2 DDP workers" in ln for ln in lines)
     assert SUMMARY_KEYS <= summary.keys() and summary["num_workers"] == 2 and summary["method"] == "backprop"
     assert [c["epoch"] for c in summary["curve"]] == [1, 2] and summary["train_seconds"] > 0
@@ -32,7 +32,7 @@ def test_backprop_on_two_ray_train_workers(ray_cluster, tmp_path):
     assert os.path.isdir(os.path.join(run_dir, "ray_train"))  # Ray Train's storage_path lives under run.dir
     ckpts = os.listdir(os.path.join(run_dir, "checkpoints"))  # written by rank 0, loadable without code
     assert ckpts and all(torch.load(os.path.join(run_dir, "checkpoints", c), weights_only=True) for c in ckpts)
-    # The cluster the test started keeps running: run_baseline joined it and did not shut it down.
+    # The cluster the test started keeps running: the trainer joined it and did not shut it down.
     assert ray_cluster.is_initialized()
 
 
