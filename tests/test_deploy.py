@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 SCHEMA_OF_KIND = {"RayJob": "rayjob", "RayCluster": "raycluster", "PodMonitor": "podmonitor",
+                  "PrometheusRule": "prometheusrule",
                   "ConfigMap": "grafana-dashboard", "PersistentVolumeClaim": "persistentvolumeclaim",
                   "NetworkPolicy": "networkpolicy"}
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())

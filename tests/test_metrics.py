@@ -30,10 +30,10 @@ def test_names_are_unique_valid_and_namespaced():
 
 def test_types_and_the_series_prometheus_sees():
     assert {s.kind for s in M.ALL_METRICS} <= set(M.KINDS)
-    assert M.BLOCK_SAMPLES.series_names() == ("ray_noprop_block_samples_total",)
-    assert M.BLOCK_LOSS.series_names() == ("ray_noprop_block_loss",)
-    assert M.BLOCK_STEP_SECONDS.series_names() == tuple(
-        f"ray_noprop_block_step_seconds_{x}" for x in ("bucket", "sum", "count"))
+    assert M.SHARD_SAMPLES.series_names() == ("ray_noprop_shard_samples_total",)
+    assert M.SHARD_LOSS.series_names() == ("ray_noprop_shard_loss",)
+    assert M.SHARD_STEP_SECONDS.series_names() == tuple(
+        f"ray_noprop_shard_step_seconds_{x}" for x in ("bucket", "sum", "count"))
     for s in M.ALL_METRICS:  # p50 / p95 need histograms; latencies and step times are histograms
         if s.name.endswith("_seconds"):
             assert s.kind == "histogram", s.name
@@ -43,14 +43,25 @@ def test_types_and_the_series_prometheus_sees():
             assert s.buckets == (), s.name
 
 
-def test_labels_are_run_and_block_or_worker_never_a_ray_id():
+def test_labels_are_run_and_shard_or_worker_never_a_ray_id():
     for s in M.ALL_METRICS:
         assert s.labels[0] == "run", s.name
         assert not {"WorkerId", "worker_id", "pid", "actor_id", "node"} & set(s.labels), s.name
-    per_block = [s for s in M.ALL_METRICS if s.name.startswith("noprop_block_")]
-    assert per_block and all(s.labels == ("run", "block", "worker") for s in per_block)
-    assert all(s.labels == ("run", "worker") for s in M.WORKER_METRICS if s not in per_block)
+    per_shard = [s for s in M.ALL_METRICS if s.name.startswith("noprop_shard_")]
+    assert per_shard == list(M.SHARD_METRICS) and all(s.labels == ("run", "shard", "worker") for s in per_shard)
+    assert all(s.labels == ("run", "worker") for s in M.WORKER_METRICS if s not in per_shard)
     assert M.PS_APPLY_SECONDS.labels == ("run",)
+
+
+def test_legacy_rules_give_every_per_shard_series_its_old_name_and_label():
+    """Dashboards written for noprop_block_* {block} keep working: one recording rule per series."""
+    (group,) = M.legacy_recording_rules()["groups"]
+    records = {r["record"]: r["expr"] for r in group["rules"]}
+    new = [n for s in M.SHARD_METRICS for n in s.series_names()]
+    assert sorted(records) == sorted(n.replace("_shard_", "_block_") for n in new)
+    assert records["ray_noprop_block_step_seconds_bucket"] == \
+        'label_replace(ray_noprop_shard_step_seconds_bucket, "block", "$1", "shard", "(.*)")'
+    assert not {n for s in M.ALL_METRICS for n in s.series_names()} & set(records), "an old name is in use again"
 
 
 def test_run_id_is_stable_across_a_resume_and_differs_between_runs(tmp_path):

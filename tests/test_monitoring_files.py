@@ -27,7 +27,7 @@ def test_dashboard_uses_the_datasource_variable_and_defined_metrics_only():
     d = json.loads(DASHBOARD.read_text())
     variables = {v["name"]: v for v in d["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
-    for v in ("run", "block"):
+    for v in ("run", "shard"):
         assert variables[v]["datasource"]["uid"] == "${datasource}"
     known = {n for s in M.ALL_METRICS for n in s.series_names()}
     ids = [p["id"] for p in d["panels"]]
@@ -39,6 +39,18 @@ def test_dashboard_uses_the_datasource_variable_and_defined_metrics_only():
             assert t["datasource"]["uid"] == "${datasource}", p["title"]
             assert set(re.findall(r"ray_noprop_\w+", t["expr"])) <= known, t["expr"]
             assert 'run=~"$run"' in t["expr"], t["expr"]  # every panel follows the run variable
+
+
+def test_the_legacy_rule_files_are_the_ones_metrics_defines():
+    """cluster/prometheus/rules.yml (local Prometheus) and cluster/prometheusrule.yaml (prometheus-operator)
+    hold exactly legacy_recording_rules(): regenerate both from it when a per-shard metric changes."""
+    rules = M.legacy_recording_rules()
+    assert yaml.safe_load((PROMETHEUS_CONFIG.parent / "rules.yml").read_text()) == rules
+    assert yaml.safe_load((REPO / "cluster" / "prometheusrule.yaml").read_text())["spec"] == rules
+    assert yaml.safe_load(PROMETHEUS_CONFIG.read_text())["rule_files"] == ["rules.yml"]
+    compose = yaml.safe_load(COMPOSE.read_text())
+    mounts = compose["services"]["prometheus"]["volumes"]
+    assert "../cluster/prometheus/rules.yml:/etc/prometheus/rules.yml:ro" in mounts
 
 
 def test_grafana_provisioning_points_at_the_dashboards():

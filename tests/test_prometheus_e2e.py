@@ -1,8 +1,8 @@
 """Scraping by a real Prometheus: every PromQL expression of the Grafana dashboard, on a real two-worker run.
 
-Debian's `prometheus` binary runs on loopback with cluster/prometheus/prometheus.yml, changed only in
-its scrape interval (1 s) and in where Ray's service-discovery file is: the training subprocess gets a
-private Ray temp dir (RAY_TMPDIR), so it neither joins nor is confused with other local clusters, and
+Debian's `prometheus` binary runs on loopback with cluster/prometheus/prometheus.yml and its rule file,
+changed only in its scrape and rule intervals (1 s) and in where Ray's service-discovery file is: the
+training subprocess gets a private Ray temp dir (RAY_TMPDIR), so it neither joins nor is confused with other local clusters, and
 its Ray exports metrics every second (RAY_metrics_report_interval_ms) instead of every ten.
 The assertions go through Prometheus' HTTP API, at a moment when the workers were still training.
 """
@@ -36,10 +36,10 @@ REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "cluster" / "grafana" / "dashboards" / "noprop-blocks.json"
 PROMETHEUS_CONFIG = REPO / "cluster" / "prometheus" / "prometheus.yml"
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-EPOCHS, BLOCKS, WORKERS = 8, ("1", "2", "3", "4"), ("0", "1")
-# ~720 steps per block (all 1,437 training digits): over ten seconds of training, so several 1 s scrapes of every
+EPOCHS, SHARDS, WORKERS = 8, ("1", "2", "3", "4"), ("0", "1")
+# ~720 steps per shard (all 1,437 training digits): over ten seconds of training, so several 1 s scrapes of every
 # worker even on an idle machine, where Ray exports a worker's first values some seconds after it starts.
-# A quarter of that once left one sample per block, too few for rate().
+# A quarter of that once left one sample per shard, too few for rate().
 RUN = ["data.test_limit=100", "model.num_blocks=4", "cluster.num_workers=2",
        f"train.epochs={EPOCHS}", "train.batch_size=16", "metrics.write_every_seconds=1"]
 
@@ -51,11 +51,11 @@ pytestmark = [
 
 # What a value of each metric must look like at the end of the run, beyond being finite.
 PLAUSIBLE = {
-    M.BLOCK_SAMPLES: lambda v: v > 0,
-    M.BLOCK_STEP_SECONDS: lambda v: 0 < v < 60,
-    M.BLOCK_LOSS: lambda v: v > 0,
-    M.BLOCK_EPOCHS_DONE: lambda v: 0 < v <= EPOCHS,
-    M.BLOCK_PROGRESS: lambda v: 0 < v <= 1,
+    M.SHARD_SAMPLES: lambda v: v > 0,
+    M.SHARD_STEP_SECONDS: lambda v: 0 < v < 60,
+    M.SHARD_LOSS: lambda v: v > 0,
+    M.SHARD_EPOCHS_DONE: lambda v: 0 < v <= EPOCHS,
+    M.SHARD_PROGRESS: lambda v: 0 < v <= 1,
     M.PS_PUSH_SECONDS: lambda v: 0 < v < 10,
     M.PS_PULL_SECONDS: lambda v: 0 < v < 10,
     M.PS_APPLY_SECONDS: lambda v: v > 0,
@@ -107,6 +107,7 @@ def _listeners(root: psutil.Process) -> list[str]:
 def _start_prometheus(temp: Path) -> tuple[subprocess.Popen, str]:
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(PROMETHEUS_CONFIG.parent / f) for f in config["rule_files"]]  # config moves
     sd = config["scrape_configs"][0]["file_sd_configs"][0]
     sd["files"] = [str(temp / "ray" / Path(f).name) for f in sd["files"]]  # same file, this test's Ray temp dir
     sd["refresh_interval"] = "1s"
@@ -175,7 +176,7 @@ def _scrapes(s: Scraped) -> str:
     for name, q in (("scrapes", f"count_over_time(up{{job='ray'}}{window})"),
                     ("failed", f"count_over_time(up{{job='ray'}}{window}) - sum_over_time(up{{job='ray'}}{window})"),
                     ("slowest_s", f"max_over_time(scrape_duration_seconds{{job='ray'}}{window})"),
-                    ("sample_counts", f'count_over_time(ray_noprop_block_samples_total{{run="{s.run}"}}{window})')):
+                    ("sample_counts", f'count_over_time(ray_noprop_shard_samples_total{{run="{s.run}"}}{window})')):
         result = _api(s.url, "query", query=q, time=str(s.at))["result"]
         out[name] = sorted(r["value"][1] for r in result)
     return f"scrapes during the run: {out}"
@@ -197,7 +198,7 @@ def _specs_in(expr: str) -> list[M.MetricSpec]:
 
 
 def _assert_aggregates(expr: str) -> None:
-    """Ray labels every series with its WorkerId; a panel must aggregate it away (`by (run, block)`) so
+    """Ray labels every series with its WorkerId; a panel must aggregate it away (`by (run, shard)`) so
     that a restarted worker continues its line instead of starting another."""
     found = re.findall(r"\bby \(([^)]*)\)", expr)
     assert found, f"{expr!r} does not aggregate"
@@ -205,10 +206,10 @@ def _assert_aggregates(expr: str) -> None:
 
 
 def _promql(expr: str, s: Scraped) -> str:
-    """The expression as Grafana sends it for this run and all blocks (a single-valued variable goes in as
+    """The expression as Grafana sends it for this run and all shards (a single-valued variable goes in as
     it is; run ids have no regex characters but `.`, which matches itself too). $__rate_interval becomes
     the whole run: however few scrapes fell into the training, every one of them counts."""
-    return expr.replace("$__rate_interval", _whole_run(s)).replace("$run", s.run).replace("$block", ".*")
+    return expr.replace("$__rate_interval", _whole_run(s)).replace("$run", s.run).replace("$shard", ".*")
 
 
 def test_the_local_cluster_listens_on_loopback_only(scraped):
@@ -217,7 +218,7 @@ def test_the_local_cluster_listens_on_loopback_only(scraped):
     assert not public, f"listening beyond loopback: {public}"
 
 
-def test_every_dashboard_expression_gives_one_series_per_block_or_worker(scraped):
+def test_every_dashboard_expression_gives_one_series_per_shard_or_worker(scraped):
     for title, raw in _targets():
         specs = _specs_in(raw)
         result = _api(scraped.url, "query", query=_promql(raw, scraped), time=str(scraped.at))["result"]
@@ -225,11 +226,11 @@ def test_every_dashboard_expression_gives_one_series_per_block_or_worker(scraped
             assert result == [], f"{title}: GPU series from CPU workers"
             continue
         _assert_aggregates(raw)
-        # One line per block for a per-block metric, per worker for a per-worker one: from the definition,
-        # so a panel that sums blocks together fails here.
+        # One line per shard for a per-shard metric, per worker for a per-worker one: from the definition,
+        # so a panel that sums shards together fails here.
         labels = set(specs[0].labels)
-        key = "block" if "block" in labels else "worker" if "worker" in labels else None
-        expected = {"block": BLOCKS, "worker": WORKERS, None: ("",)}[key]
+        key = "shard" if "shard" in labels else "worker" if "worker" in labels else None
+        expected = {"shard": SHARDS, "worker": WORKERS, None: ("",)}[key]
         got = sorted(r["metric"].get(key, "") if key else "" for r in result)
         assert got == sorted(expected), \
             f"{title}: {raw}\nseries: {[r['metric'] for r in result]}\n{_scrapes(scraped)}"
@@ -253,6 +254,8 @@ def test_the_embedding_lag_counts_the_updates_a_replica_missed(scraped):
 def test_the_dashboard_references_only_exported_metrics_and_covers_them_all(scraped):
     series = _api(scraped.url, "series", **{"match[]": f'{{run="{scraped.run}"}}'},
                   start=str(scraped.at - 600), end=str(scraped.at))
+    legacy = {r["record"] for r in M.legacy_recording_rules()["groups"][0]["rules"]}
+    series = [s for s in series if s["__name__"] not in legacy]  # the rule file's, tested below
     exported = {s["__name__"] for s in series}
     dashboard = json.dumps(_dashboard())
     referenced = set(re.findall(r"ray_noprop_\w+", dashboard))
@@ -277,9 +280,32 @@ def test_prometheus_sees_the_defined_types_and_help(scraped):
         assert meta[spec.family][0]["help"] == spec.help, (spec.family, meta[spec.family])
 
 
-def test_the_dashboard_variables_find_the_run_and_its_blocks(scraped):
+def test_old_dashboards_still_find_the_per_shard_series_under_their_old_names(scraped):
+    """The rule file gives every per-shard series again as ray_noprop_block_* with label block = shard: the
+    queries of a dashboard written before the rename see every shard, with the new series' values."""
+    run, window = scraped.run, _whole_run(scraped)
+    old_panels = [
+        f'max by (run, block) (ray_noprop_block_loss{{run=~"{run}", block=~".*"}})',
+        f'sum by (run, block) (rate(ray_noprop_block_samples_total{{run=~"{run}", block=~".*"}}[{window}]))',
+        "histogram_quantile(0.95, sum by (run, block, le) (rate(ray_noprop_block_step_seconds_bucket"
+        f'{{run=~"{run}", block=~".*"}}[{window}])))',
+    ]
+    for q in old_panels:
+        got = _api(scraped.url, "query", query=q, time=str(scraped.at))["result"]
+        assert sorted(r["metric"]["block"] for r in got) == sorted(SHARDS), (q, got)
+        assert all(math.isfinite(float(r["value"][1])) and float(r["value"][1]) > 0 for r in got), (q, got)
+    # A recorded copy is the series itself, as of the rule's last evaluation (at most an interval behind).
+    def samples(name: str, label: str) -> dict[str, float]:
+        q = f'sum by ({label}) ({name}{{run="{run}"}})'
+        return {r["metric"][label]: float(r["value"][1])
+                for r in _api(scraped.url, "query", query=q, time=str(scraped.at))["result"]}
+    old, new = samples("ray_noprop_block_samples_total", "block"), samples("ray_noprop_shard_samples_total", "shard")
+    assert old.keys() == new.keys() and all(0 < old[k] <= new[k] for k in old), (old, new)
+
+
+def test_the_dashboard_variables_find_the_run_and_its_shards(scraped):
     variables = {v["name"]: v for v in _dashboard()["templating"]["list"]}
-    for name, expected in (("run", {scraped.run}), ("block", set(BLOCKS))):
+    for name, expected in (("run", {scraped.run}), ("shard", set(SHARDS))):
         m = re.fullmatch(r"label_values\((.+), (\w+)\)", variables[name]["definition"])
         assert m and m.group(2) == name, variables[name]["definition"]
         values = _api(scraped.url, f"label/{name}/values", **{"match[]": _promql(m.group(1), scraped)},
@@ -301,5 +327,5 @@ def test_the_run_wrote_metrics_over_time_and_a_report(scraped):
     report = (scraped.run_dir / "report.md").read_text()
     assert f'run="{scraped.run}"' in report and "Test accuracy" in report
     assert [ln.split("|")[1].strip() for ln in report.splitlines() if re.match(r"\| \d+ \| \d+ \| \d+ ", ln)] == \
-        list(BLOCKS)
+        list(SHARDS)
     assert f'run="{scraped.run}"' in scraped.output  # the driver says which label to look for

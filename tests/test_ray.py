@@ -83,7 +83,7 @@ def test_two_workers_train_assemble_and_evaluate_above_chance(ray_cluster, tmp_p
 
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for t in (1, 10):
-        acc = EventAccumulator(str(tmp_path / "tensorboard" / f"block_{t:02d}")).Reload()
+        acc = EventAccumulator(str(tmp_path / "tensorboard" / f"shard_{t:02d}")).Reload()
         losses = acc.Scalars("loss")
         mine = [r for r in rows if r["block"] == t and r["loss"] is not None]
         assert [e.step for e in losses] == [r["total_steps"] for r in mine]

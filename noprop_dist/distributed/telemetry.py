@@ -15,17 +15,17 @@ import torch
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from ..observability.metrics import (
-    BLOCK_EPOCHS_DONE,
-    BLOCK_LOSS,
-    BLOCK_PROGRESS,
-    BLOCK_SAMPLES,
-    BLOCK_STEP_SECONDS,
     EMBEDDING_LAG,
     GPU_MEMORY,
     GPU_UTILIZATION,
     PS_APPLY_SECONDS,
     PS_PULL_SECONDS,
     PS_PUSH_SECONDS,
+    SHARD_EPOCHS_DONE,
+    SHARD_LOSS,
+    SHARD_PROGRESS,
+    SHARD_SAMPLES,
+    SHARD_STEP_SECONDS,
     WORKER_METRICS,
     WORKER_RESTARTS,
     MetricSpec,
@@ -88,7 +88,7 @@ class WorkerTelemetry:
         self.gpu = device if device.type == "cuda" else None
         self.m = {s.name: instrument(s) for s in WORKER_METRICS if self.gpu is not None or not s.gpu_only}
         self.worker_tags = {"run": run, "worker": str(rank)}
-        self.block_tags = {t: {"run": run, "block": str(t), "worker": str(rank)} for t in stats}
+        self.shard_tags = {t: {"run": run, "shard": str(t), "worker": str(rank)} for t in stats}
         self.stats, self.total_epochs, self.restarts = stats, total_epochs, restarts
         self.tracker = StepTracker(stats)
         self.counted = {t: st.samples for t, st in stats.items()}  # samples already added to the counter
@@ -101,10 +101,10 @@ class WorkerTelemetry:
     # --- hooks, called from the training thread --------------------------------------------
     def on_step(self) -> None:
         """After every mini-batch (ShardGroup.train_epoch's ``on_step``)."""
-        hist = self.m[BLOCK_STEP_SECONDS.name]
+        hist = self.m[SHARD_STEP_SECONDS.name]
         for t, steps, seconds in self.tracker.advance():
             for _ in range(steps):
-                hist.observe(seconds, tags=self.block_tags[t])
+                hist.observe(seconds, tags=self.shard_tags[t])
 
     def on_push(self, seconds: float) -> None:
         self.m[PS_PUSH_SECONDS.name].observe(seconds, tags=self.worker_tags)
@@ -121,17 +121,17 @@ class WorkerTelemetry:
         """
         with self._lock:
             for t, st in self.stats.items():
-                tags = self.block_tags[t]
+                tags = self.shard_tags[t]
                 new = st.samples - self.counted[t]
                 if new > 0:  # Ray's Counter.inc refuses 0
-                    self.m[BLOCK_SAMPLES.name].inc(new, tags=tags)
+                    self.m[SHARD_SAMPLES.name].inc(new, tags=tags)
                     self.counted[t] += new
                 if math.isfinite(st.loss_ema):
-                    self.m[BLOCK_LOSS.name].set(st.loss_ema, tags=tags)
+                    self.m[SHARD_LOSS.name].set(st.loss_ema, tags=tags)
                 if st.steps_per_epoch > 0:
                     epochs = min(st.epochs_done + st.step / st.steps_per_epoch, self.total_epochs)
-                    self.m[BLOCK_EPOCHS_DONE.name].set(epochs, tags=tags)
-                    self.m[BLOCK_PROGRESS.name].set(epochs / self.total_epochs, tags=tags)
+                    self.m[SHARD_EPOCHS_DONE.name].set(epochs, tags=tags)
+                    self.m[SHARD_PROGRESS.name].set(epochs / self.total_epochs, tags=tags)
             if self.exchange.lag is not None:
                 self.m[EMBEDDING_LAG.name].set(self.exchange.lag, tags=self.worker_tags)
             self.m[WORKER_RESTARTS.name].set(self.restarts, tags=self.worker_tags)

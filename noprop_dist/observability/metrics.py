@@ -5,11 +5,16 @@ dashboard test and the docs all read the same definitions. The recorders live in
 ``distributed/telemetry.py``: workers and the parameter server are Ray actors, so they record through
 ``ray.util.metrics`` and Ray's metrics agent on each node serves the values on that node's
 metrics-export port. Ray prefixes every name with ``ray_`` and appends ``_total`` to counters, so
-``noprop_block_samples`` is scraped as ``ray_noprop_block_samples_total``.
+``noprop_shard_samples`` is scraped as ``ray_noprop_shard_samples_total``.
 
-Labels are the run and the block (or the worker's rank, which the driver assigns and which survives a
-restart), never Ray's worker id. Ray adds its own ``WorkerId`` label to every series it exports; the
-dashboard aggregates it away (``sum by (run, block)``) so a restarted actor continues the same line.
+Labels are the run and the shard (a NoProp-DT block or a NoProp-CT/FM time-shard; or the worker's rank,
+which the driver assigns and which survives a restart), never Ray's worker id. Ray adds its own
+``WorkerId`` label to every series it exports; the dashboard aggregates it away (``sum by (run, shard)``)
+so a restarted actor continues the same line.
+
+The per-shard metrics were called ``noprop_block_*`` with a ``block`` label before; dashboards written for
+those names keep working through the Prometheus recording rules :func:`legacy_recording_rules` writes
+(``cluster/prometheus/rules.yml``), which give every new series again under its old name and label.
 """
 from __future__ import annotations
 
@@ -25,11 +30,11 @@ from ..storage.run_dir import _IDENTITY_SECTIONS, _IDENTITY_TRAIN_KEYS
 RAY_PREFIX = "ray_"  # what Ray's exporter puts in front of every application metric
 KINDS = ("counter", "gauge", "histogram")
 
-BLOCK_LABELS = ("run", "block", "worker")
+SHARD_LABELS = ("run", "shard", "worker")
 WORKER_LABELS = ("run", "worker")
 SERVER_LABELS = ("run",)
 
-# Seconds. A block step is ~1 ms for digits on a CPU core and up to seconds for CIFAR on one core.
+# Seconds. A shard step takes milliseconds on a GPU or for digits, up to seconds for CIFAR on one CPU core.
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 # Seconds. Parameter-server calls are sub-millisecond on one machine, milliseconds across nodes.
 LATENCY_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
@@ -56,21 +61,21 @@ class MetricSpec:
         return (self.family + "_total",) if self.kind == "counter" else (self.family,)
 
 
-BLOCK_SAMPLES = MetricSpec(
-    "noprop_block_samples", "counter", "Training samples the block has taken a step on.", BLOCK_LABELS)
-BLOCK_STEP_SECONDS = MetricSpec(
-    "noprop_block_step_seconds", "histogram",
-    "Wall time of one block step: forward, backward, optimizer steps, and its share of the worker's "
+SHARD_SAMPLES = MetricSpec(
+    "noprop_shard_samples", "counter", "Training samples the shard has taken a step on.", SHARD_LABELS)
+SHARD_STEP_SECONDS = MetricSpec(
+    "noprop_shard_step_seconds", "histogram",
+    "Wall time of one shard step: forward, backward, optimizer steps, and its share of the worker's "
     "parameter-server exchanges.",
-    BLOCK_LABELS, STEP_BUCKETS)
-BLOCK_LOSS = MetricSpec(
-    "noprop_block_loss", "gauge", "The block's training loss, exponential moving average (weight 0.9).", BLOCK_LABELS)
-BLOCK_EPOCHS_DONE = MetricSpec(
-    "noprop_block_epochs_done", "gauge", "Epochs the block has completed, with the current one as a fraction.",
-    BLOCK_LABELS)
-BLOCK_PROGRESS = MetricSpec(
-    "noprop_block_progress_ratio", "gauge", "Fraction of the run's training steps the block has done (0 to 1).",
-    BLOCK_LABELS)
+    SHARD_LABELS, STEP_BUCKETS)
+SHARD_LOSS = MetricSpec(
+    "noprop_shard_loss", "gauge", "The shard's training loss, exponential moving average (weight 0.9).", SHARD_LABELS)
+SHARD_EPOCHS_DONE = MetricSpec(
+    "noprop_shard_epochs_done", "gauge", "Epochs the shard has completed, with the current one as a fraction.",
+    SHARD_LABELS)
+SHARD_PROGRESS = MetricSpec(
+    "noprop_shard_progress_ratio", "gauge", "Fraction of the run's training steps the shard has done (0 to 1).",
+    SHARD_LABELS)
 PS_PUSH_SECONDS = MetricSpec(
     "noprop_ps_push_seconds", "histogram",
     "Time a worker spends sending one shared-state delta (its shards' updates since its last exchange) to the "
@@ -85,7 +90,7 @@ PS_APPLY_SECONDS = MetricSpec(
     SERVER_LABELS, LATENCY_BUCKETS)
 EMBEDDING_LAG = MetricSpec(
     "noprop_worker_embedding_version_lag", "gauge",
-    "Block steps of the other workers that the worker's shared-state replica had missed, measured at its last "
+    "Shard steps of the other workers that the worker's shared-state replica had missed, measured at its last "
     "refresh (0 with one worker).", WORKER_LABELS)
 WORKER_RESTARTS = MetricSpec(
     "noprop_worker_restarts", "gauge",
@@ -98,10 +103,29 @@ GPU_MEMORY = MetricSpec(
     "noprop_worker_gpu_memory_bytes", "gauge", "GPU memory the worker's tensors occupy (torch.cuda.memory_allocated).",
     WORKER_LABELS, gpu_only=True)
 
-WORKER_METRICS = (BLOCK_SAMPLES, BLOCK_STEP_SECONDS, BLOCK_LOSS, BLOCK_EPOCHS_DONE, BLOCK_PROGRESS,
-                  PS_PUSH_SECONDS, PS_PULL_SECONDS, EMBEDDING_LAG, WORKER_RESTARTS, GPU_UTILIZATION, GPU_MEMORY)
+SHARD_METRICS = (SHARD_SAMPLES, SHARD_STEP_SECONDS, SHARD_LOSS, SHARD_EPOCHS_DONE, SHARD_PROGRESS)
+WORKER_METRICS = (*SHARD_METRICS, PS_PUSH_SECONDS, PS_PULL_SECONDS, EMBEDDING_LAG, WORKER_RESTARTS,
+                  GPU_UTILIZATION, GPU_MEMORY)
 SERVER_METRICS = (PS_APPLY_SECONDS,)
 ALL_METRICS = WORKER_METRICS + SERVER_METRICS
+
+LEGACY_PREFIX, LEGACY_LABEL = "noprop_block_", "block"  # the per-shard metrics' names before "shard"
+
+
+def legacy_series_name(series: str) -> str:
+    """The name a per-shard series had before: ``ray_noprop_shard_loss`` -> ``ray_noprop_block_loss``."""
+    return series.replace(RAY_PREFIX + "noprop_shard_", RAY_PREFIX + LEGACY_PREFIX, 1)
+
+
+def legacy_recording_rules() -> dict:
+    """Prometheus recording rules (a rule file's mapping) that give every per-shard series again under its
+    old name with a ``block`` label equal to ``shard``: dashboards and alerts written for ``noprop_block_*``
+    keep working. Each histogram series (``_bucket``, ``_sum``, ``_count``) and counter (``_total``) is
+    recorded as it is, so rate() and histogram_quantile() apply to the old names as before."""
+    rules = [{"record": legacy_series_name(series),
+              "expr": f'label_replace({series}, "{LEGACY_LABEL}", "$1", "shard", "(.*)")'}
+             for spec in SHARD_METRICS for series in spec.series_names()]
+    return {"groups": [{"name": "noprop_dist_legacy_block_names", "rules": rules}]}
 
 
 def run_id(cfg: Config) -> str:

@@ -1,8 +1,8 @@
-"""The per-block metrics as TensorBoard event files, when ``metrics.tensorboard: true``.
+"""The per-shard metrics as TensorBoard event files, when ``metrics.tensorboard: true``.
 
-``<run.dir>/tensorboard/block_01/`` ... hold one TensorBoard run per block, so ``tensorboard --logdir run.dir``
-draws every block's loss on one chart; ``tensorboard/chain/`` holds the test accuracy of the assembled chain at
-each evaluation. The x axis is the block's optimizer steps (the chain's: epochs). Needs the ``tensorboard``
+``<run.dir>/tensorboard/shard_01/`` ... hold one TensorBoard run per shard, so ``tensorboard --logdir run.dir``
+draws every shard's loss on one chart; ``tensorboard/chain/`` holds the test accuracy of the assembled chain at
+each evaluation. The x axis is the shard's optimizer steps (the chain's: epochs). Needs the ``tensorboard``
 package (the optional extra ``noprop_dist[tensorboard]``); the writer is torch's ``SummaryWriter``.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 TENSORBOARD_DIR = "tensorboard"
-# metrics.jsonl field -> TensorBoard tag; what a user compares across blocks
+# metrics.jsonl field -> TensorBoard tag; what a user compares across shards
 SCALARS = {
     "loss": "loss",
     "loss_ema": "loss_ema",
@@ -23,7 +23,7 @@ SCALARS = {
 
 
 class TensorBoardLog:
-    """Writes the rows ``run_log.MetricsLog`` appends to metrics.jsonl, one TensorBoard run per block."""
+    """Writes the rows ``run_log.MetricsLog`` appends to metrics.jsonl, one TensorBoard run per shard."""
 
     def __init__(self, run_dir: str) -> None:
         try:
@@ -40,9 +40,9 @@ class TensorBoardLog:
         return self.writers[name]
 
     def write_rows(self, rows: list[dict[str, Any]]) -> None:
-        """metrics.jsonl rows (one per block, see ``MetricsLog._row``): their numeric fields, at the block's step."""
+        """metrics.jsonl rows (one per shard, see ``MetricsLog._row``): their numeric fields, at the shard's step."""
         for row in rows:
-            writer = self._writer(f"block_{int(row['block']):02d}")
+            writer = self._writer(f"shard_{int(row['block']):02d}")
             for field, tag in SCALARS.items():
                 value = row.get(field)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
