@@ -556,6 +556,7 @@ def shards_key(m: ModelConfig) -> str | None:
 
 
 def worker_threads(c: ClusterConfig) -> int:
-    """Torch threads a worker uses: its share of the cores (measured: 2 single-thread processes beat
-    one 2-thread process by 1.35x on 2 cores)."""
+    """Torch threads a worker uses: its share of the cores, so that workers on one machine do not
+    oversubscribe it (single-thread processes side by side do more work than one process with as many
+    threads: a block's small convolutions parallelise poorly across threads)."""
     return c.threads_per_worker or max(1, int(c.cpus_per_worker))

@@ -102,3 +102,18 @@ def test_paper_preset_restores_the_papers_settings_and_set_still_wins():
     assert (dt.train.epochs, dt.model.eta, dt.model.num_blocks, dt.eval.sampler) == (150, 0.1, 10, "eq3")
     with pytest.raises(ConfigError, match="--preset: 'fast' is not allowed; allowed: paper"):
         load_config(None, [], "fast")
+
+
+def test_each_fixed_set_of_values_is_written_once_as_a_literal_type():
+    """The tuples validation allows come from the Literal types the config's fields carry."""
+    from typing import get_args, get_type_hints
+
+    from noprop_dist import config as C
+
+    assert tuple(C.SAMPLERS) == get_args(C.Sampler)
+    assert C.METHODS == C.NOPROP_METHODS + C.BASELINE_METHODS
+    hints = get_type_hints(C.ModelConfig)
+    assert get_args(hints["method"]) == C.METHODS and get_args(hints["embedding"]) == C.EMBEDDINGS
+    assert get_args(get_type_hints(C.EvalConfig)["sampler"]) == tuple(C.SAMPLERS)
+    with pytest.raises(ConfigError, match="model.method: 'sgd' is not allowed; allowed: noprop_dt, noprop_ct"):
+        load_config(None, ["model.method=sgd"])
