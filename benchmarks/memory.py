@@ -10,13 +10,14 @@ differences between methods matter more than the totals. Writes benchmarks/resul
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 
 from common import write_result
+
+from noprop_dist.storage.summary import read_summary
 
 METHODS = ("noprop_dt", "noprop_ct", "noprop_fm", "backprop", "adjoint", "dtp")
 
@@ -38,8 +39,7 @@ def main() -> None:
             cmd = [sys.executable, "-m", "noprop_dist.run", *[a for kv in over for a in ("--set", kv)]]
             env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-            with open(f"{tmp}/{method}/summary.json", encoding="utf-8") as f:
-                s = json.load(f)
+            s = read_summary(f"{tmp}/{method}")
             rows[method] = {"peak_memory_mb": s["peak_memory_mb"], "kind": s["peak_memory_kind"],
                             "train_seconds": s["train_seconds"]}
             print(f"{method:<10} peak {s['peak_memory_kind']} {s['peak_memory_mb']:.0f} MiB, "

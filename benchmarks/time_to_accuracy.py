@@ -18,7 +18,6 @@ CT-setting method is among --methods.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from noprop_dist.paper.harness import (
     train_subprocess,
 )
 from noprop_dist.paper.plots import PlotError, plot_curves, run_label
+from noprop_dist.storage.summary import read_summary
 
 # The DT setting (NoProp-DT against DDP backprop, the default) and the CT setting (the paper's Fig. 3:
 # NoProp-CT and NoProp-FM against the adjoint method; --workers 1, as K = 1 time-shard has one worker).
@@ -128,8 +128,7 @@ def main() -> int:
                     print(f"{label}: training ({run_dir})", flush=True)
                     train_subprocess(run_command(config, overrides_for(args, method, workers, run_dir)),
                                  f"{run_dir}.log", echo=False)
-                    with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
-                        rows.append(result_row(method, workers, json.load(f), args.target))
+                    rows.append(result_row(method, workers, read_summary(run_dir), args.target))
         except HarnessError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -537,7 +537,7 @@ def validate(cfg: Config) -> None:
     _positive("metrics.write_every_seconds", cfg.metrics.write_every_seconds)
     if cfg.metrics.tensorboard:
         if cfg.model.method in BASELINE_METHODS:
-            raise ConfigError(f"metrics.tensorboard: the per-block metrics are NoProp's; model.method={m.method} "
+            raise ConfigError(f"metrics.tensorboard: the per-shard metrics are NoProp's; model.method={m.method} "
                               "writes its curve to summary.json only")
         import importlib.util
 

@@ -143,12 +143,16 @@ class ImageDataset:
         c, h, w = self.train_x.shape[1:]
         return int(c), int(h), int(w)
 
-    def train_accuracy_subset(self, limit: int = TRAIN_ACCURACY_LIMIT) -> tuple[np.ndarray, np.ndarray]:
-        """The training images every method's ``train_accuracy`` is measured on, so Table 1's train column
-        compares like with like: at most ``limit`` of them, evenly spaced through the training set (all of
-        them if fewer). Returns (x uint8 (n, C, H, W), y int64 (n,)), C-contiguous."""
+    def train_accuracy_indices(self, limit: int = TRAIN_ACCURACY_LIMIT) -> np.ndarray:
+        """Indices (n,) int64 of the training images every method's ``train_accuracy`` is measured on, so
+        Table 1's train column compares like with like: at most ``limit``, evenly spaced through the training
+        set (all of them if fewer)."""
         n = len(self.train_y)
-        idx = np.linspace(0, n - 1, min(n, limit)).astype(np.int64)
+        return np.linspace(0, n - 1, min(n, limit)).astype(np.int64)
+
+    def train_accuracy_subset(self, limit: int = TRAIN_ACCURACY_LIMIT) -> tuple[np.ndarray, np.ndarray]:
+        """The images of :meth:`train_accuracy_indices`: (x uint8 (n, C, H, W), y int64 (n,)), C-contiguous."""
+        idx = self.train_accuracy_indices(limit)
         return np.ascontiguousarray(self.train_x[idx]), np.ascontiguousarray(self.train_y[idx])
 
 

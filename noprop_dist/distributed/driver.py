@@ -10,7 +10,7 @@ from typing import Any, Callable
 import ray
 
 from ..config import Config, ConfigError
-from ..data import TRAIN_ACCURACY_LIMIT, ImageDataset, load_dataset
+from ..data import ImageDataset, load_dataset
 from ..observability.metrics import run_id as metrics_run_id
 from ..observability.progress import ProgressDisplay
 from ..observability.run_log import MetricsLog, write_report
@@ -220,7 +220,7 @@ def _summary(cfg: Config, spec: Any, dataset: ImageDataset, accuracy: float | No
         memory = (old.get("peak_memory_mb"), old.get("peak_memory_kind"))
     common = run_summary(
         cfg, test_accuracy=accuracy, train_accuracy=train_accuracy,
-        train_accuracy_examples=min(len(dataset.train_y), TRAIN_ACCURACY_LIMIT), train_seconds=train_seconds,
+        train_accuracy_examples=len(dataset.train_accuracy_indices()), train_seconds=train_seconds,
         curve=curve, peak_memory_mb=memory[0], peak_memory_kind=memory[1], num_shards=spec.num_shards,
         run_dir=rundir.path)
     return {

@@ -111,13 +111,13 @@ def config_suffix(method: str) -> str:
 def config_path(method: str, dataset: str, config_dir: str | None) -> str:
     """The config of this method and dataset: a file of ``config_dir``, or with None the packaged config's
     name (what ``--config`` takes, the same on every machine); HarnessError naming what is missing."""
-    suffix = config_suffix(method)
+    suffix, directory = config_suffix(method), config_dir or CONFIG_DIR
     stems = [dataset] + ([CONFIG_ALIASES[dataset]] if dataset in CONFIG_ALIASES else [])
     for stem in stems:
-        path = os.path.join(config_dir or CONFIG_DIR, f"{stem}{suffix}.yaml")
+        path = os.path.join(directory, f"{stem}{suffix}.yaml")
         if os.path.isfile(path):
             return path if config_dir else f"{stem}{suffix}"
-    expected = os.path.join(config_dir or CONFIG_DIR, f"{stems[-1]}{suffix}.yaml")
+    expected = os.path.join(directory, f"{stems[-1]}{suffix}.yaml")
     raise HarnessError(f"no config for --method {method} --dataset {dataset}: {expected} does not exist")
 
 
