@@ -2,6 +2,8 @@
 
     python benchmarks/time_to_accuracy.py --dataset digits --epochs 20 --target 0.9
     python benchmarks/time_to_accuracy.py --dataset fashion_mnist --epochs 3 --target 0.8 --train-limit 6000
+    python benchmarks/time_to_accuracy.py --dataset fashion_mnist --embedding learned --epochs 2 --workers 2 \
+        --target 0.88 0.90 --set train.lr_schedule=cosine --name time_to_accuracy_fashion_mnist_full --keep DIR
     python benchmarks/time_to_accuracy.py --dataset digits --methods noprop_ct noprop_fm adjoint --workers 1 \
         --epochs 40 --target 0.8 --set model.inference_steps=100      # the CT setting, as the paper's Fig. 3
 
@@ -10,10 +12,13 @@ All runs go side by side in one invocation, each through the run entry point
 with DDP through Ray Train). Each run's ``summary.json`` ``curve`` has the test accuracy after every
 epoch and the cumulative training seconds at that point; the time to the target is that of the first
 epoch whose test accuracy reaches it (so it is resolved to whole epochs, and excludes evaluation and
-start-up, which ``train_seconds`` does not count). A run that never reaches it shows '-'.
-Writes benchmarks/results/time_to_accuracy_<dataset>[_ct].json and, with matplotlib, the curves as
-time_to_accuracy_<dataset>[_ct].png (test accuracy against training time, the target drawn in); _ct when a
-CT-setting method is among --methods.
+start-up, which ``train_seconds`` does not count). A run that never reaches it shows '-'. A second table
+gives every method's test accuracy after each epoch: the comparison at equal epochs.
+Writes benchmarks/results/<name>.json (--name; default time_to_accuracy_<dataset>[_ct], _ct when a
+CT-setting method is among --methods) and, with matplotlib, the curves as <name>.png (test accuracy against
+training time, the targets drawn in) and <name>_epochs.png (against epochs). With --keep, running the same
+command again re-evaluates finished runs instead of retraining them (the entry point does that), so the
+tables can be rebuilt, or other targets read, from runs already made.
 """
 from __future__ import annotations
 
@@ -53,14 +58,14 @@ def time_to_accuracy(curve: list[dict], target: float) -> dict | None:
     return None
 
 
-def result_row(method: str, workers: int, summary: dict, target: float) -> dict:
-    """What the table shows of one run."""
+def result_row(method: str, workers: int, summary: dict, targets: list[float]) -> dict:
+    """What the tables show of one run: per target, the epoch and training seconds that first reach it."""
     curve = summary.get("curve") or []
-    hit = time_to_accuracy(curve, target)
+    hits = [time_to_accuracy(curve, target) for target in targets]
     return {
-        "method": method, "workers": workers, "target": target,
-        "epochs_to_target": hit["epoch"] if hit else None,
-        "seconds_to_target": hit["train_seconds"] if hit else None,
+        "method": method, "workers": workers, "targets": list(targets),
+        "epochs_to_target": [hit["epoch"] if hit else None for hit in hits],
+        "seconds_to_target": [hit["train_seconds"] if hit else None for hit in hits],
         "final_test_accuracy": summary["test_accuracy"], "epochs": summary["epochs"],
         "train_seconds": summary["train_seconds"], "curve": curve,
         "peak_memory_mb": summary.get("peak_memory_mb"), "peak_memory_kind": summary.get("peak_memory_kind"),
@@ -68,15 +73,32 @@ def result_row(method: str, workers: int, summary: dict, target: float) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Plain-text table of the runs, the target in the header."""
-    target = rows[0]["target"] if rows else float("nan")
-    lines = [f"{'method':<10} {'workers':>7} {'epochs to ' + format(target, '.0%'):>16} "
-             f"{'seconds to target':>18} {'final acc':>10} {'train s':>9}"]
+    """Plain-text table of the runs: per target (in the header) the epochs and seconds to reach it."""
+    targets = rows[0]["targets"] if rows else []
+    head = f"{'method':<10} {'workers':>7}"
+    for target in targets:
+        head += f" {'epochs to ' + format(target, '.0%'):>13} {'seconds to ' + format(target, '.0%'):>14}"
+    lines = [head + f" {'final acc':>10} {'train s':>9}"]
     for r in rows:
-        epochs = "-" if r["epochs_to_target"] is None else str(r["epochs_to_target"])
-        secs = "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}"
-        lines.append(f"{r['method']:<10} {r['workers']:>7} {epochs:>16} {secs:>18} "
-                     f"{100 * r['final_test_accuracy']:>9.2f}% {r['train_seconds']:>9.1f}")
+        line = f"{r['method']:<10} {r['workers']:>7}"
+        for epochs, secs in zip(r["epochs_to_target"], r["seconds_to_target"]):
+            line += f" {'-' if epochs is None else str(epochs):>13} {'-' if secs is None else f'{secs:.1f}':>14}"
+        lines.append(line + f" {100 * r['final_test_accuracy']:>9.2f}% {r['train_seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+def format_epoch_table(rows: list[dict]) -> str:
+    """Test accuracy (%) of every run after each epoch, a column per run: the comparison at equal epochs.
+    An epoch a run has no point for (it ran fewer) shows '-'."""
+    epochs = sorted({p["epoch"] for r in rows for p in r["curve"]})
+    names = [f"{r['method']} w{r['workers']}" for r in rows]
+    lines = [f"{'epoch':>5} " + " ".join(f"{n:>14}" for n in names)]
+    for e in epochs:
+        cells = []
+        for r in rows:
+            acc = next((p["test_accuracy"] for p in r["curve"] if p["epoch"] == e), None)
+            cells.append(f"{'-' if acc is None else f'{100 * acc:.2f}%':>14}")
+        lines.append(f"{e:>5} " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -109,13 +131,19 @@ def main() -> int:
     p.add_argument("--dataset", default="digits")
     p.add_argument("--embedding", default="one_hot")
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--target", type=float, default=0.9, help="test accuracy in [0, 1]; default %(default)s")
+    p.add_argument("--target", dest="targets", type=float, nargs="+", default=[0.9], metavar="ACC",
+                   help="one or more test accuracies in [0, 1]; default %(default)s")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DT_SETTING))
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("--keep", metavar="DIR", help="keep the run directories here (default: a temporary one)")
+    p.add_argument("--name", help="result file name under benchmarks/results, without .json "
+                                  "(default time_to_accuracy_<dataset>[_ct])")
     args = p.parse_args()
+    bad = [t for t in args.targets if not 0.0 <= t <= 1.0]
+    if bad:
+        p.error(f"--target takes test accuracies in [0, 1], got {bad[0]} (0.88, not 88)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = args.keep or tmp
@@ -128,21 +156,26 @@ def main() -> int:
                     print(f"{label}: training ({run_dir})", flush=True)
                     train_subprocess(run_command(config, overrides_for(args, method, workers, run_dir)),
                                  f"{run_dir}.log", echo=False)
-                    rows.append(result_row(method, workers, read_summary(run_dir), args.target))
+                    rows.append(result_row(method, workers, read_summary(run_dir), args.targets))
         except HarnessError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     print(format_table(rows))
+    print()
+    print("test accuracy after each epoch")
+    print(format_epoch_table(rows))
     setting = "_ct" if set(args.methods) & set(CT_SETTING) else ""  # the DT-setting files keep their names
-    name = f"time_to_accuracy_{args.dataset}{setting}"
+    name = args.name or f"time_to_accuracy_{args.dataset}{setting}"
     # --keep is a local directory: record only whether runs were kept, not this machine's path.
     written = write_result(name, {"args": {**vars(args), "keep": bool(args.keep)}, "results": rows})
     print("written:", written)
+    runs = [(run_label({"method": r["method"], "num_workers": r["workers"]}), r["curve"]) for r in rows if r["curve"]]
+    targets = " and ".join(format(t, ".0%") for t in args.targets)
     try:
-        png = plot_curves([(run_label({"method": r["method"], "num_workers": r["workers"]}), r["curve"])
-                           for r in rows if r["curve"]], written[:-len(".json")] + ".png",
-                          f"{args.dataset}: time to {args.target:.0%} test accuracy", target=args.target)
-        print("written:", png)
+        for x, suffix, title in (("train_seconds", "", f"{args.dataset}: time to {targets} test accuracy"),
+                                 ("epoch", "_epochs", f"{args.dataset}: test accuracy at equal epochs")):
+            png = plot_curves(runs, written[:-len(".json")] + suffix + ".png", title, targets=args.targets, x=x)
+            print("written:", png)
     except PlotError as e:  # matplotlib is an optional extra; the JSON holds the same curves
         print(f"note: no plot ({e})")
     return 0

@@ -56,8 +56,12 @@ def test_plot_curves_writes_a_png(tmp_path):
     runs = [("NoProp-DT", CURVE), ("NoProp-DT", CURVE[:2]), ("Backprop", CURVE[::-1])]
     path = plots.plot_curves(runs, str(tmp_path / "sub" / "fig3.png"), "digits")
     assert _is_png(path)
-    with_target = plots.plot_curves(runs, str(tmp_path / "tta.png"), "digits", target=0.9)
+    with_target = plots.plot_curves(runs, str(tmp_path / "tta.png"), "digits", targets=[0.88, 0.9])
     assert _is_png(with_target) and open(with_target, "rb").read() != open(path, "rb").read()
+    by_epoch = plots.plot_curves(runs, str(tmp_path / "epochs.png"), "digits", x="epoch")
+    assert _is_png(by_epoch) and open(by_epoch, "rb").read() != open(path, "rb").read()
+    with pytest.raises(PlotError, match="x must be one of .*got 'seconds'"):
+        plots.plot_curves(runs, str(tmp_path / "bad.png"), x="seconds")
     with pytest.raises(PlotError, match="no runs"):
         plots.plot_curves([], str(tmp_path / "empty.png"))
 

@@ -232,12 +232,19 @@ def test_time_to_accuracy_table():
     s = _summary(0.93)
     s["curve"] = [{"epoch": 1, "train_seconds": 5.0, "test_accuracy": 0.7},
                   {"epoch": 2, "train_seconds": 9.5, "test_accuracy": 0.93}]
-    rows = [m.result_row("noprop_dt", 2, s, 0.9), m.result_row("backprop", 1, s, 0.95)]
-    assert rows[0]["epochs_to_target"] == 2 and rows[0]["seconds_to_target"] == 9.5
-    assert rows[1]["epochs_to_target"] is None
+    rows = [m.result_row("noprop_dt", 2, s, [0.9, 0.7]), m.result_row("backprop", 1, s, [0.95, 0.7])]
+    assert rows[0]["epochs_to_target"] == [2, 1] and rows[0]["seconds_to_target"] == [9.5, 5.0]
+    assert rows[1]["epochs_to_target"] == [None, 1]
     table = m.format_table(rows).splitlines()
-    assert "90%" in table[0] and table[1].split()[:4] == ["noprop_dt", "2", "2", "9.5"]
-    assert table[2].split()[:4] == ["backprop", "1", "-", "-"]
+    assert "90%" in table[0] and "70%" in table[0]
+    assert table[1].split()[:6] == ["noprop_dt", "2", "2", "9.5", "1", "5.0"]
+    assert table[2].split()[:6] == ["backprop", "1", "-", "-", "1", "5.0"]
+    # At equal epochs: a run with fewer epochs shows '-' where it has no point.
+    short = _summary(0.8, epochs=1)
+    short["curve"] = [{"epoch": 1, "train_seconds": 4.0, "test_accuracy": 0.8}]
+    epochs = m.format_epoch_table([rows[0], m.result_row("backprop", 2, short, [0.9])]).splitlines()
+    assert epochs[0].split() == ["epoch", "noprop_dt", "w2", "backprop", "w2"]
+    assert epochs[1].split() == ["1", "70.00%", "80.00%"] and epochs[2].split() == ["2", "93.00%", "-"]
 
 
 def test_time_to_accuracy_config_fallbacks():

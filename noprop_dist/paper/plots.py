@@ -68,28 +68,36 @@ def run_label(summary: dict) -> str:
     return f"{method}, {workers} worker{'' if workers == 1 else 's'}"
 
 
-def plot_curves(runs: list[tuple[str, list[dict]]], path: str, title: str | None = None,
-                target: float | None = None) -> str:
-    """Fig. 3: test accuracy (%) against cumulative training time for each (label, curve); PNG at ``path``.
+X_AXES = {"train_seconds": "training time (s, cumulative)", "epoch": "epoch"}
 
-    Runs that share a label (seeds of one method) share a colour and one legend entry. ``target`` (a test
-    accuracy in [0, 1]) draws a dashed line where a time-to-accuracy benchmark reads its times.
+
+def plot_curves(runs: list[tuple[str, list[dict]]], path: str, title: str | None = None,
+                targets: list[float] = (), x: str = "train_seconds") -> str:
+    """Fig. 3: test accuracy (%) against cumulative training time (``x="train_seconds"``) or against epochs
+    (``x="epoch"``) for each (label, curve); PNG at ``path``.
+
+    Runs that share a label (seeds of one method) share a colour and one legend entry. ``targets`` (test
+    accuracies in [0, 1]) draw dashed lines where a time-to-accuracy benchmark reads its times.
     """
     if not runs:
         raise PlotError("no runs to plot")
+    if x not in X_AXES:
+        raise PlotError(f"x must be one of {sorted(X_AXES)}, got {x!r}")
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours: dict[str, Any] = {}
     for label, curve in runs:
-        seconds = [p["train_seconds"] for p in curve]
+        xs = [p[x] for p in curve]
         accuracy = [100 * p["test_accuracy"] for p in curve]
         first = label not in colours
-        line, = ax.plot(seconds, accuracy, marker="o", markersize=3, color=colours.get(label),
+        line, = ax.plot(xs, accuracy, marker="o", markersize=3, color=colours.get(label),
                         label=label if first else None)
         colours.setdefault(label, line.get_color())
-    if target is not None:
+    for target in targets:
         ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.0%}")
-    ax.set_xlabel("training time (s, cumulative)")
+    if x == "epoch":
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel(X_AXES[x])
     ax.set_ylabel("test accuracy (%)")
     if title:
         ax.set_title(title)
