@@ -74,7 +74,7 @@ def main() -> None:
     cfg = load_config(None, [f"data.name={args.data}", f"train.batch_size={args.batch_size}", "model.num_blocks=10"])
     data = load_dataset(args.data, train_limit=args.train_limit)
     spec = model_spec(cfg, data.image_shape, data.num_classes)
-    started = connect(1, quiet=True, metrics=False)  # the nodes export metrics either way; no Prometheus here
+    started = connect(1, quiet=True, dashboard=False)  # the nodes export metrics either way; no Prometheus here
     try:
         t = cfg.train
         servers = {on: ParameterServer.remote(spec, t.seed, None, None, ["w0"], t.sync_mode,

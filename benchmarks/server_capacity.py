@@ -106,7 +106,7 @@ def main() -> None:
     p.add_argument("--mode", default="sync", choices=["sync", "async"])
     args = p.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    started = connect(max(args.workers), quiet=True, metrics=False)
+    started = connect(max(args.workers), quiet=True, dashboard=False)
     rows = []
     try:
         print(f"{'state':<20}{'floats':>9}{'N':>4}{'steps/push':>11}{'block steps/s':>15}{'pushes/s':>10}"

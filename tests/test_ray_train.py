@@ -46,3 +46,38 @@ def test_replica_fingerprint_tells_replicas_apart():
     with torch.no_grad():
         b.weight[1, 2] += 1e-6
     assert replica_fingerprint(a) != replica_fingerprint(b)
+
+
+STATE_API_PROBE = """
+import ray
+from ray.util.state import get_actor
+from noprop_dist.config import load_config
+from noprop_dist.distributed.ray_train import connect_for_train
+
+assert connect_for_train(load_config(None, ["cluster.num_workers=2"]).cluster)  # started a local cluster
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def ping(self) -> int:
+        return 1
+
+probe = Probe.remote()
+ray.get(probe.ping.remote())
+state = get_actor(probe._actor_id.hex(), timeout=10)  # raises RayStateApiException without the state API
+print("STATE", state.state if state else None)
+ray.shutdown()
+"""
+
+
+def test_a_cluster_started_for_ray_train_answers_the_state_api(tmp_path):
+    """Ray Train's placement-group cleaner reads the controller's liveness from the state API; on a local
+    cluster started without the dashboard it gets no answer and removes the workers' placement group about
+    100 s in, which killed every longer DDP run. A cluster that fit() starts must answer it."""
+    import subprocess
+    import sys
+
+    env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
+    p = subprocess.run([sys.executable, "-c", STATE_API_PROBE], capture_output=True, text=True, timeout=180,
+                       cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "STATE ALIVE" in p.stdout

@@ -188,7 +188,7 @@ AUTH_CHECK = textwrap.dedent("""
     from noprop_dist.config import ConfigError
     from noprop_dist.distributed.cluster import connect
     try:
-        connect(1, quiet=True, metrics=False)
+        connect(1, quiet=True, dashboard=False)
     except ConfigError as e:
         print("refused:", e)
         sys.exit(2)

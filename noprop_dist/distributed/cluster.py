@@ -75,16 +75,18 @@ def listening(address: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def connect(num_cpus_needed: float, quiet: bool = False, metrics: bool = True,
+def connect(num_cpus_needed: float, quiet: bool = False, dashboard: bool = True,
             allow_unauthenticated: bool = False) -> bool:
     """Join the running cluster, else start a local one on loopback. Returns True when we started it.
 
     Token authentication is required (:func:`require_token_auth`), and the token file is made readable by
     its owner only (:func:`protect_token_file`). A local cluster gets at least the
     CPUs the run asks for: oversubscribing a laptop is better than a placement group that never fits.
-    metrics: start the local cluster with Ray's dashboard (on loopback): every node exports metrics
-    either way, but only the dashboard writes the service-discovery file
-    (``<temp dir>/prom_metrics_service_discovery.json``) through which Prometheus finds the nodes.
+    dashboard: start the local cluster with Ray's dashboard (on loopback). Two things need it: Prometheus
+    (every node exports metrics either way, but only the dashboard writes the service-discovery file
+    ``<temp dir>/prom_metrics_service_discovery.json`` through which Prometheus finds the nodes), and Ray
+    Train, whose placement-group cleaner asks the state API (served by the dashboard) whether the train
+    controller lives and, without an answer, takes it for dead and removes the workers' placement group.
     """
     if ray.is_initialized():
         return False
@@ -100,7 +102,7 @@ def connect(num_cpus_needed: float, quiet: bool = False, metrics: bool = True,
         address="local",
         _node_ip_address=LOOPBACK,
         num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999)),
-        include_dashboard=metrics,
+        include_dashboard=dashboard,
         dashboard_host=LOOPBACK,
         logging_level="WARNING" if quiet else "INFO",
     )

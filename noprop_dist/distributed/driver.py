@@ -100,7 +100,7 @@ def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: An
 
 def _connect_checked(cfg: Config) -> bool:
     """Join or start Ray and refuse a run the cluster cannot hold; returns whether this call started Ray."""
-    started = connect(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker, metrics=cfg.metrics.enabled,
+    started = connect(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker, dashboard=cfg.metrics.enabled,
                       allow_unauthenticated=cfg.cluster.allow_unauthenticated)
     try:
         _check_resources(cfg)

@@ -19,10 +19,20 @@ import torch
 
 from ..baselines.learner import build_learner
 from ..baselines.runner import Log, empty_progress, train_epochs
-from ..config import Config, config_from_dict, worker_threads
+from ..config import ClusterConfig, Config, config_from_dict, worker_threads
 from ..data import ImageDataset
 from ..storage.run_dir import Resume, RunDir
 from .cluster import connect
+
+
+def connect_for_train(c: ClusterConfig) -> bool:
+    """``cluster.connect`` as Ray Train needs it; True when a local cluster was started here.
+
+    A local cluster gets the dashboard: Ray Train's placement-group cleaner reads the controller's liveness
+    from the state API and, on a cluster without one, removes the workers' placement group about 100 s into
+    the run, which ends any longer training.
+    """
+    return connect(c.num_workers * c.cpus_per_worker, dashboard=True, allow_unauthenticated=c.allow_unauthenticated)
 
 
 def fit(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Resume | None, log: Log = print) -> Any:
@@ -36,7 +46,7 @@ def fit(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Resume | Non
 
     c = cfg.cluster
     run_dir = os.path.abspath(rundir.path)  # workers do not share the driver's working directory
-    started = connect(c.num_workers * c.cpus_per_worker, metrics=False, allow_unauthenticated=c.allow_unauthenticated)
+    started = connect_for_train(c)
     try:
         resources = {"CPU": c.cpus_per_worker} | ({"GPU": c.gpus_per_worker} if c.gpus_per_worker > 0 else {})
         start = None
