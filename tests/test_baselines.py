@@ -231,3 +231,20 @@ def test_run_baseline_backprop_end_to_end(tmp_path):
     with pytest.raises(ConfigError, match="model.num_blocks"):  # another model in the same run.dir is refused
         run_baseline(_cfg("backprop", "model.num_blocks=3", "train.epochs=1", "data.train_limit=200",
                           "data.test_limit=100", f"run.dir={tmp_path}/bp"), log=lambda s: None)
+
+
+def test_a_long_baseline_epoch_shows_its_progress(tmp_path, monkeypatch):
+    """Within an epoch the baselines log step, loss, rate and ETA (every PROGRESS_EVERY_S seconds; 0 here, so
+    after every step but the last); a full-dataset epoch otherwise runs for many minutes without a line."""
+    from noprop_dist.baselines import runner
+
+    monkeypatch.setattr(runner, "PROGRESS_EVERY_S", 0.0)
+    cfg = _cfg("backprop", "model.num_blocks=2", "train.epochs=1", "train.batch_size=256",
+               f"run.dir={tmp_path / 'bp'}")
+    lines: list[str] = []
+    run_baseline(cfg, log=lines.append)
+    steps = [ln for ln in lines if " step " in ln]
+    train = load_dataset(cfg.data.name, cfg.data.root, False, cfg.data.train_limit, cfg.data.test_limit).train_y
+    n = len(runner.rank_batches(torch.arange(len(train)), 256, 0, 1))
+    assert [ln.split(" step ")[1].split(" ")[0] for ln in steps] == [f"{i}/{n}" for i in range(1, n)]
+    assert all("[backprop] epoch 1/1" in ln and "samples/s | ETA " in ln for ln in steps)

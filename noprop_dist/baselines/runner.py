@@ -16,10 +16,14 @@ import torch
 
 from ..config import BASELINE_METHODS, Config, ConfigError, worker_threads
 from ..data import ImageDataset, load_dataset
+from ..observability.progress import duration
 from ..storage.run_dir import RunDir
 from ..storage.summary import run_summary, write_summary
 from ..training import peak_rss_mb
 from .learner import Learner, accuracy, build_learner
+
+# A line every half minute: a long epoch (minutes on a full dataset) shows it moves; a short one stays quiet.
+PROGRESS_EVERY_S = 30.0
 
 Log = Callable[[str], None]
 
@@ -88,14 +92,16 @@ def train_epochs(
     cfg: Config, dataset: ImageDataset, learner: Learner, rundir: RunDir, start_epoch: int, train_seconds: float,
     progress: dict[str, Any], log: Log = print, rank: int = 0, world: int = 1,
     all_reduce: Callable[[list[float], str], list[float]] | None = None,
-    report: Callable[[dict[str, Any]], None] | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None, progress_every_s: float | None = None,
 ) -> None:
     """Epochs ``start_epoch .. train.epochs - 1`` of one process (rank of world). Rank 0 evaluates, logs and
-    checkpoints; every rank calls ``report`` once per epoch (Ray Train's report is a barrier).
+    checkpoints; every rank calls ``report`` once per epoch (Ray Train's report is a barrier). Within an
+    epoch rank 0 logs its step, loss, rate and ETA every ``progress_every_s`` seconds (None: PROGRESS_EVERY_S).
 
     all_reduce(values, op) with op "mean" or "max" combines per-rank numbers (None: a single process).
     """
     t, every = cfg.train, getattr(cfg.eval, "every_epochs", 1)
+    show_every = PROGRESS_EVERY_S if progress_every_s is None else progress_every_s
     n = len(dataset.train_y)
     for epoch in range(start_epoch, t.epochs):
         # Dropout and the noise (z_0, DTP's corruption) are seeded by (seed, epoch, rank): a resumed run repeats.
@@ -103,10 +109,18 @@ def train_epochs(
         gen = torch.Generator().manual_seed(t.seed * 2_000_003 + epoch * 7_927 + rank)
         t0 = time.perf_counter()
         losses = []
-        for idx in rank_batches(epoch_order(n, t.seed, epoch), t.batch_size, rank, world):
+        batches = rank_batches(epoch_order(n, t.seed, epoch), t.batch_size, rank, world)
+        shown = t0
+        for step, idx in enumerate(batches, 1):
             ids = idx.numpy()
             losses.append(learner.train_step(torch.from_numpy(dataset.train_x[ids]),
                                              torch.from_numpy(dataset.train_y[ids]), gen))
+            now = time.perf_counter()
+            if rank == 0 and now - shown >= show_every and step < len(batches):
+                shown, spent = now, now - t0
+                log(f"[{cfg.model.method}] epoch {epoch + 1}/{t.epochs} step {step}/{len(batches)} | "
+                    f"loss {np.mean(losses[-20:]):.4f} | {step * len(idx) * world / spent:.0f} samples/s | "
+                    f"ETA {duration((len(batches) - step) * spent / step)}")
         epoch_s = time.perf_counter() - t0
         mem, kind = peak_memory(learner.device)
         values = [float(np.mean(losses)) if losses else float("nan"), epoch_s, mem, float(learner.nonfinite_steps)]

@@ -7,7 +7,8 @@ import time
 from typing import TextIO
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """An ETA as 1h05m or 4m09s; "?" when unknown."""
     if not math.isfinite(seconds):
         return "?"
     seconds = int(seconds)
@@ -48,7 +49,7 @@ class ProgressDisplay:
         eta = 0.0 if left <= 0 else (left / rate if rate > 0 else math.inf)
         where = "done" if b["epochs_done"] >= total else f"epoch {b['epochs_done'] + 1}/{total} step {b['step']}/{spe}"
         return (f"block {t:2d}{who} | {where} | loss {b['loss_ema']:.4g} | "
-                f"{b['samples_per_second']:.0f} samples/s | ETA {_duration(eta)}")
+                f"{b['samples_per_second']:.0f} samples/s | ETA {duration(eta)}")
 
     def update(self, blocks: dict[int, dict], workers: dict[int, int] | None = None, force: bool = False) -> None:
         """blocks: block -> stats dict; workers: block -> worker rank (optional)."""
