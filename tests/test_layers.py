@@ -17,8 +17,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("noprop_dist.core",),
     ("noprop_dist.data",),
     ("noprop_dist.training",),
-    ("noprop_dist.baselines",),
-    ("noprop_dist.observability",),
+    ("noprop_dist.observability",),  # progress lines, metrics, run logs: config and storage only
+    ("noprop_dist.baselines",),  # the baselines' runner shows progress as the shard loop does
     ("noprop_dist.distributed",),
     ("noprop_dist.api", "noprop_dist.run", "noprop_dist.evaluate", "noprop_dist"),  # entry points
     ("noprop_dist.paper", "noprop_dist.reproduce"),  # the reproduction harness runs the entry points
