@@ -63,7 +63,9 @@ class Probe:
 
 probe = Probe.remote()
 ray.get(probe.ping.remote())
-state = get_actor(probe._actor_id.hex(), timeout=10)  # raises RayStateApiException without the state API
+# This cluster's own dashboard: the default lookup may find another cluster's on this machine.
+url = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+state = get_actor(probe._actor_id.hex(), address=url, timeout=10)  # fails without the state API
 print("STATE", state.state if state else None)
 ray.shutdown()
 """
@@ -76,8 +78,13 @@ def test_a_cluster_started_for_ray_train_answers_the_state_api(tmp_path):
     import subprocess
     import sys
 
-    env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
-    p = subprocess.run([sys.executable, "-c", STATE_API_PROBE], capture_output=True, text=True, timeout=180,
-                       cwd=tmp_path, env=env)
+    import tempfile
+
+    # Its own Ray temp dir (short: it holds sockets): a `ray start` head another test left recorded in the
+    # default one would be joined instead of starting the cluster under test.
+    with tempfile.TemporaryDirectory(prefix="rt") as ray_tmp:
+        env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp}
+        p = subprocess.run([sys.executable, "-c", STATE_API_PROBE], capture_output=True, text=True, timeout=180,
+                           cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert "STATE ALIVE" in p.stdout
