@@ -77,7 +77,6 @@ def test_a_cluster_started_for_ray_train_answers_the_state_api(tmp_path):
     100 s in, which killed every longer DDP run. A cluster that fit() starts must answer it."""
     import subprocess
     import sys
-
     import tempfile
 
     # Its own Ray temp dir (short: it holds sockets): a `ray start` head another test left recorded in the
