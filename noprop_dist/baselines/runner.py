@@ -92,16 +92,15 @@ def train_epochs(
     cfg: Config, dataset: ImageDataset, learner: Learner, rundir: RunDir, start_epoch: int, train_seconds: float,
     progress: dict[str, Any], log: Log = print, rank: int = 0, world: int = 1,
     all_reduce: Callable[[list[float], str], list[float]] | None = None,
-    report: Callable[[dict[str, Any]], None] | None = None, progress_every_s: float | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
     """Epochs ``start_epoch .. train.epochs - 1`` of one process (rank of world). Rank 0 evaluates, logs and
     checkpoints; every rank calls ``report`` once per epoch (Ray Train's report is a barrier). Within an
-    epoch rank 0 logs its step, loss, rate and ETA every ``progress_every_s`` seconds (None: PROGRESS_EVERY_S).
+    epoch rank 0 logs its step, loss, rate and ETA every PROGRESS_EVERY_S seconds.
 
     all_reduce(values, op) with op "mean" or "max" combines per-rank numbers (None: a single process).
     """
     t, every = cfg.train, getattr(cfg.eval, "every_epochs", 1)
-    show_every = PROGRESS_EVERY_S if progress_every_s is None else progress_every_s
     n = len(dataset.train_y)
     for epoch in range(start_epoch, t.epochs):
         # Dropout and the noise (z_0, DTP's corruption) are seeded by (seed, epoch, rank): a resumed run repeats.
@@ -116,7 +115,7 @@ def train_epochs(
             losses.append(learner.train_step(torch.from_numpy(dataset.train_x[ids]),
                                              torch.from_numpy(dataset.train_y[ids]), gen))
             now = time.perf_counter()
-            if rank == 0 and now - shown >= show_every and step < len(batches):
+            if rank == 0 and now - shown >= PROGRESS_EVERY_S and step < len(batches):
                 shown, spent = now, now - t0
                 log(f"[{cfg.model.method}] epoch {epoch + 1}/{t.epochs} step {step}/{len(batches)} | "
                     f"loss {np.mean(losses[-20:]):.4f} | {step * len(idx) * world / spent:.0f} samples/s | "
