@@ -148,6 +148,29 @@ def test_run_overrides_put_the_harness_keys_last():
 
 # ----------------------------------------------------------------------------- rows, results.json, table.md
 
+def test_a_training_subprocess_log_shows_each_line_while_the_run_goes_on(tmp_path):
+    """A long run's progress must reach its log as it is printed, not when the run ends (a file written
+    through Python's default block buffer stays empty for the first 8 KB)."""
+    import threading
+    import time
+
+    go_on, log = tmp_path / "go_on", tmp_path / "run.log"
+    child = ("import os, time\nprint('epoch 1/2 step 10/469', flush=True)\n"
+             f"while not os.path.exists({str(go_on)!r}):\n    time.sleep(0.05)\n")
+    run = threading.Thread(target=reproduce.train_subprocess, args=([sys.executable, "-c", child], str(log), False))
+    run.start()
+    try:
+        deadline, seen = time.monotonic() + 30, ""
+        while time.monotonic() < deadline and "step 10/469" not in seen:
+            time.sleep(0.1)
+            seen = log.read_text() if log.exists() else ""
+    finally:
+        go_on.touch()
+        run.join(timeout=30)
+    assert "step 10/469" in seen, f"the log held {seen!r} while the run was still going"
+    assert "step 10/469" in log.read_text()
+
+
 def test_inference_runs_use_consecutive_noise_seeds():
     calls = []
 

@@ -154,12 +154,13 @@ def run_command(config: str, overrides: list[str], preset: str | None = None) ->
 def train_subprocess(argv: list[str], log_path: str, echo: bool) -> None:
     """Run one training subprocess, its output into ``log_path`` (and the terminal when ``echo``).
 
+    The log is written line by line, so that ``tail -f`` shows a long run's progress as it comes.
     A config error of the run (exit 2) comes back as its one line; another failure as the log's tail.
     """
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    with open(log_path, "w", encoding="utf-8") as log:
+    with open(log_path, "w", encoding="utf-8", buffering=1) as log:  # 1: flushed at each newline
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         assert proc.stdout is not None
         lines: list[str] = []
