@@ -248,3 +248,69 @@ def test_a_long_baseline_epoch_shows_its_progress(tmp_path, monkeypatch):
     n = len(runner.rank_batches(torch.arange(len(train)), 256, 0, 1))
     assert [ln.split(" step ")[1].split(" ")[0] for ln in steps] == [f"{i}/{n}" for i in range(1, n)]
     assert all("[backprop] epoch 1/1" in ln and "samples/s | ETA " in ln for ln in steps)
+
+
+def _train_recording_lr(cfg, tmp_path) -> tuple[list[list[float]], int]:
+    """train_epochs of cfg's baseline on digits; the rates every optimizer's first group had at each step."""
+    from noprop_dist.baselines import runner
+    from noprop_dist.storage.run_dir import RunDir
+
+    ds = load_dataset(cfg.data.name, cfg.data.root, False, cfg.data.train_limit, cfg.data.test_limit)
+    learner = build_learner(cfg, ds, torch.device("cpu"))
+    seen: list[list[float]] = []
+    step = learner.train_step
+
+    def recording(x, y, gen):
+        seen.append([o.param_groups[0]["lr"] for o in learner.optimizers()])
+        return step(x, y, gen)
+
+    learner.train_step = recording
+    rundir = RunDir(cfg.run.dir)
+    rundir.prepare(cfg)
+    runner.train_epochs(cfg, ds, learner, rundir, 0, 0.0, runner.empty_progress(), log=lambda s: None)
+    return seen, len(runner.rank_batches(torch.arange(len(ds.train_y)), cfg.train.batch_size, 0, 1))
+
+
+@pytest.mark.parametrize("method", ["backprop", "dtp"])
+def test_the_baselines_follow_the_learning_rate_schedule(tmp_path, method):
+    """train.lr_schedule applies to a baseline as to the NoProp blocks: a cosine run comparing NoProp with a
+    baseline held at a constant rate would compare two schedules, not two methods."""
+    from noprop_dist.training import lr_schedule_factor
+
+    cfg = _cfg(method, "model.num_blocks=2", "train.epochs=2", "train.batch_size=256", "train.lr_schedule=cosine",
+               "train.warmup_epochs=0.5", "data.train_limit=1024", "data.test_limit=64", f"run.dir={tmp_path}/c")
+    seen, n = _train_recording_lr(cfg, tmp_path)
+    first = _train_recording_lr(dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, lr_schedule="constant", warmup_epochs=0.0), run=dataclasses.replace(cfg.run, dir=f"{tmp_path}/k")),
+        tmp_path)[0][0]  # the rates as built: train.lr (DTP: its two rates, from it)
+    assert len(seen) == 2 * n
+    for i, rates in enumerate(seen):
+        factor = lr_schedule_factor(cfg.train, i // n + (i % n) / n)
+        assert rates == pytest.approx([r * factor for r in first], rel=1e-9), f"step {i}"
+    assert seen[-1][0] < 0.2 * first[0] and seen[0][0] < 0.01 * first[0]  # cosine's tail; the warm-up's start
+
+
+def test_backprop_trains_under_bf16_autocast_when_asked_and_reports_it(tmp_path, digits):
+    """train.precision=bf16 runs the baseline's training forward in bf16 as it runs the NoProp shards' (not
+    silently fp32, which would time the two in different precisions); evaluation stays fp32."""
+    x, y = _batch(digits)
+    dtypes = {}
+    for precision in ("fp32", "bf16"):
+        learner = build_learner(_cfg("backprop", "model.num_blocks=2", f"train.precision={precision}"), digits,
+                                torch.device("cpu"))
+        seen: list[torch.dtype] = []
+        learner.module.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        learner.train_step(x, y, torch.Generator().manual_seed(0))
+        learner.logits(x, torch.Generator().manual_seed(0))
+        dtypes[precision] = seen
+        assert learner.precision == precision
+    assert dtypes == {"fp32": [torch.float32, torch.float32], "bf16": [torch.bfloat16, torch.float32]}
+    summary = run_baseline(_cfg("backprop", "model.num_blocks=2", "train.epochs=1", "train.precision=bf16",
+                                "data.train_limit=128", "data.test_limit=64", f"run.dir={tmp_path}/bf"),
+                           log=lambda s: None)
+    assert summary["precision"] == "bf16"
+
+
+def test_dtp_refuses_bf16(tmp_path):
+    with pytest.raises(ConfigError, match="train.precision.*dtp"):
+        run_baseline(_cfg("dtp", "train.precision=bf16", f"run.dir={tmp_path}/d"), log=lambda s: None)

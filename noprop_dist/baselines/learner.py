@@ -16,7 +16,7 @@ from torch import nn
 from ..config import Config
 from ..core import ModelSpec
 from ..data import ImageDataset, normalize
-from ..training import initial_prototypes, model_spec
+from ..training import initial_prototypes, model_spec, resolve_precision
 from .backprop import BackpropChain
 from .dtp import DTPHyper, DTPNet, dtp_hyper, dtp_losses
 
@@ -34,6 +34,20 @@ class Learner:
     module: nn.Module  # the unwrapped model: what is checkpointed and evaluated
     device: torch.device
     nonfinite_steps: int = 0
+    _base_lrs: list[list[float]] | None = None
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Every param group's rate = the rate it was built with x ``factor`` (train.lr_schedule's, from
+        ``training.lr_schedule_factor``): the baselines follow the schedule the NoProp blocks follow."""
+        opts = self.optimizers()
+        if self._base_lrs is None:  # read before the first change: the rates the config gave
+            self._base_lrs = [[g["lr"] for g in o.param_groups] for o in opts]
+        for opt, base in zip(opts, self._base_lrs):
+            for group, lr in zip(opt.param_groups, base):
+                group["lr"] = lr * factor
 
     def train_step(self, x_u8: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> float:
         raise NotImplementedError
@@ -52,23 +66,32 @@ class GradientLearner(Learner):
     """Backprop / adjoint: ``model(x, z0) -> logits``, one cross-entropy, one optimizer over everything.
 
     ``net`` is what trains (DDP under Ray Train: its backward all-reduces the gradients); ``module`` is the bare
-    model inside it.
+    model inside it, kept channels_last like the NoProp blocks. ``precision`` ("fp32" or "bf16": train.precision
+    resolved for ``device``) is the autocast of the training forward and backward, as in the NoProp shards;
+    evaluation runs in fp32 in both.
     """
 
     def __init__(self, module: nn.Module, net: nn.Module, optimizer: torch.optim.Optimizer,
-                 mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
+                 mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                 precision: str = "fp32") -> None:
         self.module, self.net, self.optimizer = module, net, optimizer
         self.mean, self.std, self.device = mean, std, device
+        self.precision = precision
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.optimizer]
 
     def _inputs(self, x_u8: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x = normalize(x_u8.to(self.device), self.mean, self.std)
+        x = normalize(x_u8.to(self.device), self.mean, self.std).contiguous(memory_format=torch.channels_last)
         return x, _noise((x.shape[0], self.module.embed_dim), generator, self.device)  # z_0 ~ N(0, I)
 
     def train_step(self, x_u8: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> float:
         self.net.train()
         x, z0 = self._inputs(x_u8, generator)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.net(x, z0), y.to(self.device))  # the model returns logits: one softmax
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits = self.net(x, z0)
+        loss = F.cross_entropy(logits.float(), y.to(self.device))  # the model returns logits: one softmax
         loss.backward()
         value = float(loss.detach())
         finite = math.isfinite(value) and all(
@@ -105,6 +128,10 @@ class DTPLearner(Learner):
 
         self.forward_opt = rmsprop([*net.forward_layers.parameters(), *net.out.parameters()], hyper.forward_lr)
         self.feedback_opt = rmsprop(net.inverse.parameters(), hyper.feedback_lr)
+        self.precision = "fp32"  # its MLP trains in fp32 (check_baseline refuses bf16 for it)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.forward_opt, self.feedback_opt]
 
     def _inputs(self, x_u8: torch.Tensor) -> torch.Tensor:
         return x_u8.to(self.device).reshape(x_u8.shape[0], -1).float() / 255.0
@@ -167,10 +194,12 @@ def build_learner(cfg: Config, dataset: ImageDataset, device: torch.device,
         make_opt = torch.optim.Adam  # Table 3, CT setting: Adam with weight decay
     else:
         raise ValueError(f"not a baseline method: {method!r}; allowed: backprop, adjoint, dtp")
-    module = module.to(device)
+    # channels_last: as the NoProp blocks (training.BlockTrainer), so the two time the same convolutions.
+    module = module.to(device, memory_format=torch.channels_last)
     net = wrap(module)
     optimizer = make_opt(module.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    return GradientLearner(module, net, optimizer, dataset.mean, dataset.std, device)
+    return GradientLearner(module, net, optimizer, dataset.mean, dataset.std, device,
+                           resolve_precision(t.precision, device))
 
 
 def accuracy(learner: Learner, images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int) -> float:

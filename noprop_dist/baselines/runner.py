@@ -19,7 +19,7 @@ from ..data import ImageDataset, load_dataset
 from ..observability.progress import duration
 from ..storage.run_dir import RunDir
 from ..storage.summary import run_summary, write_summary
-from ..training import peak_rss_mb
+from ..training import lr_schedule_factor, peak_rss_mb
 from .learner import Learner, accuracy, build_learner
 
 # A line every half minute: a long epoch (minutes on a full dataset) shows it moves; a short one stays quiet.
@@ -33,6 +33,8 @@ def check_baseline(cfg: Config) -> None:
     if cfg.model.method not in BASELINE_METHODS:
         raise ConfigError(f"model.method: {cfg.model.method!r} is not a baseline; "
                           f"allowed: {', '.join(BASELINE_METHODS)}")
+    if cfg.model.method == "dtp" and cfg.train.precision == "bf16":
+        raise ConfigError("train.precision: model.method=dtp trains in fp32 only, got 'bf16' (auto gives fp32 for it)")
     if cfg.model.method == "dtp" and cfg.cluster.num_workers != 1:
         raise ConfigError(f"cluster.num_workers: must be 1 for model.method=dtp (its layer-local updates are not "
                           f"data-parallel here), got {cfg.cluster.num_workers}")
@@ -111,6 +113,7 @@ def train_epochs(
         batches = rank_batches(epoch_order(n, t.seed, epoch), t.batch_size, rank, world)
         shown = t0
         for step, idx in enumerate(batches, 1):
+            learner.set_lr_factor(lr_schedule_factor(t, epoch + (step - 1) / len(batches)))
             ids = idx.numpy()
             losses.append(learner.train_step(torch.from_numpy(dataset.train_x[ids]),
                                              torch.from_numpy(dataset.train_y[ids]), gen))
@@ -138,7 +141,7 @@ def train_epochs(
         metrics = {"epoch": done, "loss": loss, "train_seconds": train_seconds}
         if rank == 0:
             progress.update(peak_memory_mb=max(progress["peak_memory_mb"], mem), peak_memory_kind=kind,
-                            nonfinite_steps=int(nonfinite), last_epoch_loss=loss)
+                            nonfinite_steps=int(nonfinite), last_epoch_loss=loss, precision=learner.precision)
             line = f"epoch {done}/{t.epochs} | loss {loss:.4f} | {epoch_s:.1f}s training ({train_seconds:.1f}s in all)"
             if (every and done % every == 0) or done == t.epochs:
                 acc = accuracy(learner, dataset.test_x, dataset.test_y, cfg.eval.batch_size, cfg.eval.seed)
@@ -223,6 +226,8 @@ def _summary(cfg: Config, dataset: ImageDataset, learner: Learner, progress: dic
         **common,
         "final_loss": float(progress["last_epoch_loss"]),
         "nonfinite_steps": int(progress["nonfinite_steps"]),
+        # train.precision as rank 0's training steps ran it ("fp32" or "bf16"), not as this process would
+        "precision": progress.get("precision", learner.precision),
         # DDP only: the largest spread of the replicas' weight fingerprints over the epochs; 0.0 when in sync
         "replica_divergence": progress.get("replica_divergence"),
         "num_blocks": m.num_blocks if m.method == "backprop" else None,
