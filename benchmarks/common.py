@@ -21,8 +21,13 @@ from noprop_dist.training import (
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+    """Where a result was measured. The CPU's vector units decide the step time several-fold (fp32 or native
+    bf16: benchmarks/README.md), so its name and bf16 flags go with every figure; a GPU's name where one is."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return {"cpus": os.cpu_count(), "cpu": caps.get("cpu_name") or platform.processor(),
+            "native_bf16": {k: bool(caps.get(k)) for k in ("avx512_bf16", "amx_bf16")},
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def write_result(name: str, payload: dict) -> str:
