@@ -12,7 +12,9 @@ All runs go side by side in one invocation, each through the run entry point
 with DDP through Ray Train). Each run's ``summary.json`` ``curve`` has the test accuracy after every
 epoch and the cumulative training seconds at that point; the time to the target is that of the first
 epoch whose test accuracy reaches it (so it is resolved to whole epochs, and excludes evaluation and
-start-up, which ``train_seconds`` does not count). A run that never reaches it shows '-'. A second table
+start-up, which ``train_seconds`` does not count). A run that never reaches it shows '-'. To resolve it
+finer, give a fractional budget (``--epochs 0.5``: half an epoch, the cosine rate ending there), one run per
+budget, as a time-to-accuracy study picks its schedule. A second table
 gives every method's test accuracy after each epoch: the comparison at equal epochs.
 Writes benchmarks/results/<name>.json (--name; default time_to_accuracy_<dataset>[_ct], _ct when a
 CT-setting method is among --methods) and, with matplotlib, the curves as <name>.png (test accuracy against
@@ -23,6 +25,7 @@ tables can be rebuilt, or other targets read, from runs already made.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -58,12 +61,14 @@ def time_to_accuracy(curve: list[dict], target: float) -> dict | None:
     return None
 
 
-def result_row(method: str, workers: int, summary: dict, targets: list[float]) -> dict:
-    """What the tables show of one run: per target, the epoch and training seconds that first reach it."""
+def result_row(method: str, workers: int, summary: dict, targets: list[float], label: str | None = None) -> dict:
+    """What the tables show of one run: per target, the epoch and training seconds that first reach it.
+    ``label`` names the run in the tables and plots (default: its method and workers)."""
     curve = summary.get("curve") or []
     hits = [time_to_accuracy(curve, target) for target in targets]
     return {
-        "method": method, "workers": workers, "targets": list(targets),
+        "method": method, "workers": workers, "label": label or run_label({"method": method, "num_workers": workers}),
+        "targets": list(targets),
         "epochs_to_target": [hit["epoch"] if hit else None for hit in hits],
         "seconds_to_target": [hit["train_seconds"] if hit else None for hit in hits],
         "final_test_accuracy": summary["test_accuracy"], "epochs": summary["epochs"],
@@ -72,18 +77,31 @@ def result_row(method: str, workers: int, summary: dict, targets: list[float]) -
     }
 
 
+def reference_row(path: str, targets: list[float]) -> dict:
+    """A row for another code's run from its result file ({"label", "workers", "epochs", "curve", ...}, as
+    benchmarks/public_noprop.py writes it), read like one of ours."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            ref = json.load(f)
+        summary = {"curve": ref["curve"], "test_accuracy": ref["curve"][-1]["test_accuracy"], "epochs": ref["epochs"],
+                   "train_seconds": ref["curve"][-1]["train_seconds"]}
+        return result_row(ref["method"], ref["workers"], summary, targets, ref["label"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise HarnessError(f"--reference {path}: not a result file of benchmarks/public_noprop.py ({e!r:.200})") from None
+
+
 def format_table(rows: list[dict]) -> str:
     """Plain-text table of the runs: per target (in the header) the epochs and seconds to reach it."""
     targets = rows[0]["targets"] if rows else []
     head = f"{'method':<10} {'workers':>7}"
     for target in targets:
         head += f" {'epochs to ' + format(target, '.0%'):>13} {'seconds to ' + format(target, '.0%'):>14}"
-    lines = [head + f" {'final acc':>10} {'train s':>9}"]
+    lines = [head + f" {'final acc':>10} {'train s':>9} {'epochs':>6}"]
     for r in rows:
         line = f"{r['method']:<10} {r['workers']:>7}"
         for epochs, secs in zip(r["epochs_to_target"], r["seconds_to_target"]):
             line += f" {'-' if epochs is None else str(epochs):>13} {'-' if secs is None else f'{secs:.1f}':>14}"
-        lines.append(line + f" {100 * r['final_test_accuracy']:>9.2f}% {r['train_seconds']:>9.1f}")
+        lines.append(line + f" {100 * r['final_test_accuracy']:>9.2f}% {r['train_seconds']:>9.1f} {r['epochs']:>6g}")
     return "\n".join(lines)
 
 
@@ -92,6 +110,8 @@ def format_epoch_table(rows: list[dict]) -> str:
     An epoch a run has no point for (it ran fewer) shows '-'."""
     epochs = sorted({p["epoch"] for r in rows for p in r["curve"]})
     names = [f"{r['method']} w{r['workers']}" for r in rows]
+    if len(set(names)) < len(names):  # one method and worker count run with several budgets: name the budget
+        names = [f"{n} e{r['epochs']:g}" for n, r in zip(names, rows)]
     lines = [f"{'epoch':>5} " + " ".join(f"{n:>14}" for n in names)]
     for e in epochs:
         cells = []
@@ -117,9 +137,9 @@ def method_config(method: str, dataset: str) -> str:
         return fallback
 
 
-def overrides_for(args: argparse.Namespace, method: str, workers: int, run_dir: str) -> list[str]:
+def overrides_for(args: argparse.Namespace, method: str, workers: int, budget: float, run_dir: str) -> list[str]:
     out = [f"model.method={method}", f"data.name={args.dataset}", f"model.embedding={args.embedding}",
-           f"train.epochs={args.epochs}", f"cluster.num_workers={workers}", f"run.dir={run_dir}",
+           f"train.epochs={budget:g}", f"cluster.num_workers={workers}", f"run.dir={run_dir}",
            "metrics.enabled=false", *args.overrides]
     if args.train_limit:
         out.append(f"data.train_limit={args.train_limit}")
@@ -130,13 +150,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="digits")
     p.add_argument("--embedding", default="one_hot")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=float, nargs="+", default=[20.0],
+                   help="the training budget (train.epochs); a fraction trains part of the last epoch, e.g. 0.5; "
+                        "several budgets make one run each")
     p.add_argument("--target", dest="targets", type=float, nargs="+", default=[0.9], metavar="ACC",
                    help="one or more test accuracies in [0, 1]; default %(default)s")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DT_SETTING))
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    p.add_argument("--reference", metavar="FILE", action="append", default=[],
+                   help="a result of another code's run (benchmarks/public_noprop.py writes one), shown beside "
+                        "the runs in the tables and plots")
     p.add_argument("--keep", metavar="DIR", help="keep the run directories here (default: a temporary one)")
     p.add_argument("--name", help="result file name under benchmarks/results, without .json "
                                   "(default time_to_accuracy_<dataset>[_ct])")
@@ -144,19 +169,25 @@ def main() -> int:
     bad = [t for t in args.targets if not 0.0 <= t <= 1.0]
     if bad:
         p.error(f"--target takes test accuracies in [0, 1], got {bad[0]} (0.88, not 88)")
+    if any(e <= 0 for e in args.epochs):
+        p.error(f"--epochs takes training budgets > 0, got {min(args.epochs)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         base = args.keep or tmp
+        several = len(args.epochs) > 1
         try:
             for method in args.methods:
                 config = method_config(method, args.dataset)
                 for workers in args.workers:
-                    run_dir = os.path.join(base, f"{method}_w{workers}")
-                    label = run_label({"method": method, "num_workers": workers})
-                    print(f"{label}: training ({run_dir})", flush=True)
-                    train_subprocess(run_command(config, overrides_for(args, method, workers, run_dir)),
-                                 f"{run_dir}.log", echo=False)
-                    rows.append(result_row(method, workers, read_summary(run_dir), args.targets))
+                    for budget in args.epochs:
+                        run_dir = os.path.join(base, f"{method}_w{workers}" + (f"_e{budget:g}" if several else ""))
+                        label = run_label({"method": method, "num_workers": workers}) + (
+                            f", {budget:g} epochs" if several else "")
+                        print(f"{label}: training ({run_dir})", flush=True)
+                        train_subprocess(run_command(config, overrides_for(args, method, workers, budget, run_dir)),
+                                         f"{run_dir}.log", echo=False)
+                        rows.append(result_row(method, workers, read_summary(run_dir), args.targets, label))
+            rows += [reference_row(path, args.targets) for path in args.reference]
         except HarnessError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -169,7 +200,7 @@ def main() -> int:
     # --keep is a local directory: record only whether runs were kept, not this machine's path.
     written = write_result(name, {"args": {**vars(args), "keep": bool(args.keep)}, "results": rows})
     print("written:", written)
-    runs = [(run_label({"method": r["method"], "num_workers": r["workers"]}), r["curve"]) for r in rows if r["curve"]]
+    runs = [(r["label"], r["curve"]) for r in rows if r["curve"]]
     targets = " and ".join(format(t, ".0%") for t in args.targets)
     try:
         for x, suffix, title in (("train_seconds", "", f"{args.dataset}: time to {targets} test accuracy"),

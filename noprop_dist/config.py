@@ -111,7 +111,10 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
+    # The training budget in passes over the training set. A fraction is allowed: 0.5 trains half an epoch,
+    # 2.5 two epochs and half of a third (the last epoch is cut short, and a cosine rate reaches 0 there);
+    # time-to-accuracy runs pick their budget so. A whole number stays an int.
+    epochs: int | float = 20
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-3
@@ -135,6 +138,18 @@ class TrainConfig:
     on_nonfinite: NonfinitePolicy = "rollback"
     nonfinite_lr_factor: float = 0.5
     max_nonfinite: int = 3
+
+    @property
+    def passes(self) -> int:
+        """Epochs begun: train.epochs rounded up. Epochs are numbered 0 .. passes - 1 and checkpointed whole;
+        the last one is partial when train.epochs is not a whole number (:meth:`batches_in`)."""
+        return math.ceil(self.epochs)
+
+    def batches_in(self, epoch: int, full: int) -> int:
+        """How many of the ``full`` mini-batches of epoch ``epoch`` (0-based) the budget trains: all of them,
+        except in a partial last epoch its share, at least one (train.epochs = 2.5: half of epoch 2's)."""
+        share = self.epochs - epoch
+        return full if share >= 1 else max(1, min(full, round(share * full)))
 
 
 @dataclass
@@ -213,6 +228,9 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Convert a YAML / command-line value to the declared type, or raise ConfigError naming `key`."""
     if get_origin(typ) is Literal:  # a fixed set of strings: validate() checks the value and lists the set
         typ = str
+    if typ == int | float:  # a count that may be fractional (train.epochs): a whole number stays an int
+        number = _coerce(key, value, float)
+        return int(number) if number.is_integer() else number
     optional = typ in (int | None, str | None, float | None)
     base = {int | None: int, str | None: str, float | None: float}.get(typ, typ)
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):

@@ -314,3 +314,18 @@ def test_backprop_trains_under_bf16_autocast_when_asked_and_reports_it(tmp_path,
 def test_dtp_refuses_bf16(tmp_path):
     with pytest.raises(ConfigError, match="train.precision.*dtp"):
         run_baseline(_cfg("dtp", "train.precision=bf16", f"run.dir={tmp_path}/d"), log=lambda s: None)
+
+
+def test_a_baseline_trains_the_share_of_a_partial_last_epoch(tmp_path):
+    """train.epochs = 1.5 for a baseline as for the NoProp shards: 4 batches, then 2, on the schedule that ends
+    at 1.5 epochs; the curve's last point says 1.5."""
+    from noprop_dist.training import lr_schedule_factor
+
+    cfg = _cfg("backprop", "model.num_blocks=2", "train.epochs=1.5", "train.batch_size=256", "train.lr_schedule=cosine",
+               "data.train_limit=1024", "data.test_limit=64", f"run.dir={tmp_path}/h")
+    seen, n = _train_recording_lr(cfg, tmp_path)
+    assert n == 4 and len(seen) == 4 + 2
+    assert seen[-1][0] == pytest.approx(cfg.train.lr * lr_schedule_factor(cfg.train, 1 + 1 / 4))
+    summary = run_baseline(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=f"{tmp_path}/s")),
+                           log=lambda s: None)
+    assert summary["epochs"] == 1.5 and [p["epoch"] for p in summary["curve"]] == [1, 1.5]

@@ -25,7 +25,8 @@ def test_round_trip_through_dict():
 @pytest.mark.parametrize("override,names", [
     ("train.epoch=3", ["train.epoch", "unknown key", "epochs"]),
     ("trian.epochs=3", ["trian", "unknown section", "train"]),
-    ("train.epochs=three", ["train.epochs", "integer"]),
+    ("train.epochs=three", ["train.epochs", "number"]),
+    ("train.epochs=inf", ["train.epochs", "finite"]),
     ("train.epochs=0", ["train.epochs", "> 0"]),
     ("train.lr=-1", ["train.lr", "> 0"]),
     ("train.lr=nan", ["train.lr", "finite"]),
@@ -117,3 +118,16 @@ def test_each_fixed_set_of_values_is_written_once_as_a_literal_type():
     assert get_args(get_type_hints(C.EvalConfig)["sampler"]) == tuple(C.SAMPLERS)
     with pytest.raises(ConfigError, match="model.method: 'sgd' is not allowed; allowed: noprop_dt, noprop_ct"):
         load_config(None, ["model.method=sgd"])
+
+
+@pytest.mark.parametrize("given,epochs,passes,batches", [
+    ("2", 2, 2, [10, 10]), ("2.0", 2, 2, [10, 10]), ("0.5", 0.5, 1, [5]), ("2.25", 2.25, 3, [10, 10, 2]),
+    ("0.01", 0.01, 1, [1]),  # a sliver of an epoch still trains one batch
+])
+def test_a_fractional_budget_trains_part_of_the_last_epoch(given, epochs, passes, batches):
+    """train.epochs takes a fraction: the epochs begun (passes) round it up, and the last one trains its share
+    of the batches (here 10 per epoch). A whole number stays an int, so snapshots and tables say 2, not 2.0."""
+    t = load_config(None, [f"train.epochs={given}"]).train
+    assert t.epochs == epochs and type(t.epochs) is type(epochs)
+    assert t.passes == passes
+    assert [t.batches_in(e, 10) for e in range(t.passes)] == batches

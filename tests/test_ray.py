@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import noprop_dist
-from noprop_dist.config import load_config
+from noprop_dist.config import ConfigError, load_config
 from noprop_dist.data import load_dataset
 from noprop_dist.distributed.driver import run_training
 from noprop_dist.evaluate import evaluate_run, predict
@@ -149,3 +149,25 @@ def test_finished_run_is_not_retrained(ray_cluster, tmp_path):
     assert again["test_accuracy"] == first["test_accuracy"]
     assert again["train_seconds"] == first["train_seconds"]
     assert again["blocks"] == first["blocks"]
+
+
+def test_a_fractional_budget_trains_part_of_the_last_epoch_and_cannot_be_stretched(ray_cluster, tmp_path):
+    """train.epochs = 1.5 on 2 workers: every block takes one epoch and half of the next (300 images, batch 64:
+    5 batches, then round(0.5 x 5) = 2), the last curve point says 1.5 epochs, and the cosine rate is nearly
+    spent at the end. The run is finished for the same budget; another budget would count the half epoch as
+    whole, so it is refused."""
+    cfg = _cfg(tmp_path, "model.num_blocks=2", "cluster.num_workers=2", "train.epochs=1.5", "train.lr_schedule=cosine")
+    summary = run_training(cfg, log=lambda s: None)
+    assert summary["epochs"] == 1.5
+    assert [b["steps"] for b in summary["blocks"]] == [5 + 2, 5 + 2]
+    assert [p["epoch"] for p in summary["curve"]] == [1, 1.5]
+    assert RunDir(str(tmp_path)).read_manifest()["epochs_done"] == 2
+    states = RunDir(str(tmp_path)).load_resume(2).block_states
+    last_lr = states[1]["optimizer"]["param_groups"][0]["lr"]
+    assert last_lr < 0.1 * cfg.train.lr  # the last step ran at 1.2 of 1.5 epochs: 0.5 (1 + cos 0.8 pi) = 0.095
+    logs: list[str] = []
+    run_training(cfg, log=logs.append)
+    assert any("already finished" in line for line in logs), logs
+    with pytest.raises(ConfigError, match=r"train.epochs=3: .*part-way through an epoch \(train.epochs=1.5\)"):
+        run_training(_cfg(tmp_path, "model.num_blocks=2", "cluster.num_workers=2", "train.epochs=3",
+                          "train.lr_schedule=cosine"), log=lambda s: None)

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from noprop_dist.paper import harness as reproduce
@@ -30,15 +31,16 @@ def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
                           timeout=timeout, env=ENV, cwd=REPO)
 
 
-def _time_to_accuracy_module():
-    """benchmarks/time_to_accuracy.py imports its sibling `common` as a script does: put it on the path."""
+def _benchmark_module(name: str = "time_to_accuracy"):
+    """benchmarks/<name>.py, which imports its sibling `common` as a script does: put it on the path."""
     bench = os.path.join(REPO, "benchmarks")
     if bench not in sys.path:
         sys.path.insert(0, bench)
-    spec = importlib.util.spec_from_file_location("time_to_accuracy", os.path.join(bench, "time_to_accuracy.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(bench, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
 
 
 def _summary(test: float, train: float | None = 0.9, mem: float | None = 900.0, kind: str = "rss",
@@ -239,7 +241,7 @@ def test_row_reports_the_papers_sampler_beside_the_runs():
 # ----------------------------------------------------------------------------- time to accuracy
 
 def test_time_to_accuracy_first_epoch_reaching_target():
-    tta = _time_to_accuracy_module().time_to_accuracy
+    tta = _benchmark_module().time_to_accuracy
     curve = [{"epoch": 3, "train_seconds": 30.0, "test_accuracy": 0.91},
              {"epoch": 1, "train_seconds": 10.0, "test_accuracy": 0.50},
              {"epoch": 2, "train_seconds": 20.5, "test_accuracy": 0.90},
@@ -251,7 +253,7 @@ def test_time_to_accuracy_first_epoch_reaching_target():
 
 
 def test_time_to_accuracy_table():
-    m = _time_to_accuracy_module()
+    m = _benchmark_module()
     s = _summary(0.93)
     s["curve"] = [{"epoch": 1, "train_seconds": 5.0, "test_accuracy": 0.7},
                   {"epoch": 2, "train_seconds": 9.5, "test_accuracy": 0.93}]
@@ -270,10 +272,53 @@ def test_time_to_accuracy_table():
     assert epochs[1].split() == ["1", "70.00%", "80.00%"] and epochs[2].split() == ["2", "93.00%", "-"]
 
 
+def test_time_to_accuracy_names_budgets_and_reads_a_reference_run(tmp_path):
+    """Budgets of one method get their own columns; another code's result file (public_noprop.py's) becomes a row
+    like a run's, and a file that is not one is refused naming it."""
+    m = _benchmark_module()
+    half, whole = _summary(0.88, epochs=0.5), _summary(0.9, epochs=1)
+    half["curve"] = [{"epoch": 0.5, "train_seconds": 140.0, "test_accuracy": 0.88}]
+    whole["curve"] = [{"epoch": 1, "train_seconds": 280.0, "test_accuracy": 0.90}]
+    ref = tmp_path / "public.json"
+    ref.write_text(json.dumps({"method": "public_dt", "workers": 1, "label": "public, 1 process", "epochs": 1,
+                               "curve": [{"epoch": 1, "train_seconds": 309.0, "test_accuracy": 0.883}]}))
+    rows = [m.result_row("noprop_dt", 2, half, [0.88]), m.result_row("noprop_dt", 2, whole, [0.88]),
+            m.reference_row(str(ref), [0.88])]
+    assert rows[2]["label"] == "public, 1 process" and rows[2]["seconds_to_target"] == [309.0]
+    table = m.format_table(rows).splitlines()
+    assert [ln.split()[:4] + ln.split()[-1:] for ln in table[1:]] == [
+        ["noprop_dt", "2", "0.5", "140.0", "0.5"], ["noprop_dt", "2", "1", "280.0", "1"],
+        ["public_dt", "1", "1", "309.0", "1"]]
+    assert m.format_epoch_table(rows).splitlines()[0].split() == [
+        "epoch", "noprop_dt", "w2", "e0.5", "noprop_dt", "w2", "e1", "public_dt", "w1", "e1"]
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(HarnessError, match="--reference .*bad.json"):
+        m.reference_row(str(tmp_path / "bad.json"), [0.88])
+
+
+def test_public_noprop_reads_its_metrics_log_and_writes_the_idx_files_torchvision_reads(tmp_path):
+    """The public code's per-batch log in its format: training time runs from the first batch's start to the last
+    batch's end of each epoch (its evaluation between epochs left out); its IDX files round-trip."""
+    m = _benchmark_module("public_noprop")
+    log = tmp_path / "metrics.csv"
+    log.write_text("batch,epoch,wall_time_seconds,batch_time_seconds,val_accuracy\n"
+                   "-1,0,100.0,,9.99\n0,1,101.0,0.5,0.0\n1,1,130.5,0.6,0.0\n-1,1,160.0,,88.31\n"
+                   "0,2,161.0,0.4,0.0\n1,2,190.6,0.5,0.0\n-1,2,220.0,,89.50\n")
+    curve = m.epoch_curve(str(log))
+    assert [p["epoch"] for p in curve] == [1, 2]
+    assert curve[0]["train_seconds"] == pytest.approx(30.0) and curve[1]["train_seconds"] == pytest.approx(60.0)
+    assert [p["test_accuracy"] for p in curve] == pytest.approx([0.8831, 0.895])
+    from noprop_dist.data import read_idx
+
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    m.write_idx(str(tmp_path / "x-idx3-ubyte"), images)
+    assert np.array_equal(read_idx(str(tmp_path / "x-idx3-ubyte"), 3), images)
+
+
 def test_time_to_accuracy_config_fallbacks():
     """Without a config of its own, backprop takes the dataset's NoProp-DT config and a CT-setting method
     its MNIST config (Table 3's settings for that method)."""
-    m = _time_to_accuracy_module()
+    m = _benchmark_module()
     assert os.path.basename(m.method_config("backprop", "digits")) == "quickstart.yaml"
     assert os.path.basename(m.method_config("noprop_ct", "digits")) == "mnist_ct.yaml"
     assert os.path.basename(m.method_config("adjoint", "digits")) == "mnist_adjoint.yaml"
@@ -327,7 +372,7 @@ def test_harness_end_to_end_on_tiny_digits_runs(tmp_path):
         plot_embeddings(row["per_seed"][0]["run_dir"], str(tmp_path / "fig2.png"))
 
     # The time-to-accuracy logic on a real curve: every epoch is there, target 0 is met at once.
-    tta = _time_to_accuracy_module().time_to_accuracy
+    tta = _benchmark_module().time_to_accuracy
     assert [p["epoch"] for p in summaries[0]["curve"]] == [1, 2]
     assert tta(summaries[0]["curve"], 0.0)["epoch"] == 1
     assert tta(summaries[0]["curve"], 1.01) is None

@@ -96,7 +96,7 @@ def train_epochs(
     all_reduce: Callable[[list[float], str], list[float]] | None = None,
     report: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
-    """Epochs ``start_epoch .. train.epochs - 1`` of one process (rank of world). Rank 0 evaluates, logs and
+    """Epochs ``start_epoch .. train.passes - 1`` of one process (rank of world). Rank 0 evaluates, logs and
     checkpoints; every rank calls ``report`` once per epoch (Ray Train's report is a barrier). Within an
     epoch rank 0 logs its step, loss, rate and ETA every PROGRESS_EVERY_S seconds.
 
@@ -104,23 +104,24 @@ def train_epochs(
     """
     t, every = cfg.train, getattr(cfg.eval, "every_epochs", 1)
     n = len(dataset.train_y)
-    for epoch in range(start_epoch, t.epochs):
+    for epoch in range(start_epoch, t.passes):
         # Dropout and the noise (z_0, DTP's corruption) are seeded by (seed, epoch, rank): a resumed run repeats.
         torch.manual_seed(t.seed * 1_000_003 + epoch * 1_009 + rank)
         gen = torch.Generator().manual_seed(t.seed * 2_000_003 + epoch * 7_927 + rank)
         t0 = time.perf_counter()
         losses = []
-        batches = rank_batches(epoch_order(n, t.seed, epoch), t.batch_size, rank, world)
+        full = rank_batches(epoch_order(n, t.seed, epoch), t.batch_size, rank, world)
+        batches = full[: t.batches_in(epoch, len(full))]  # a partial last epoch is cut short, on every rank alike
         shown = t0
         for step, idx in enumerate(batches, 1):
-            learner.set_lr_factor(lr_schedule_factor(t, epoch + (step - 1) / len(batches)))
+            learner.set_lr_factor(lr_schedule_factor(t, epoch + (step - 1) / len(full)))
             ids = idx.numpy()
             losses.append(learner.train_step(torch.from_numpy(dataset.train_x[ids]),
                                              torch.from_numpy(dataset.train_y[ids]), gen))
             now = time.perf_counter()
             if rank == 0 and now - shown >= PROGRESS_EVERY_S and step < len(batches):
                 shown, spent = now, now - t0
-                log(f"[{cfg.model.method}] epoch {epoch + 1}/{t.epochs} step {step}/{len(batches)} | "
+                log(f"[{cfg.model.method}] epoch {epoch + 1}/{t.passes} step {step}/{len(batches)} | "
                     f"loss {np.mean(losses[-20:]):.4f} | {step * len(idx) * world / spent:.0f} samples/s | "
                     f"ETA {duration((len(batches) - step) * spent / step)}")
         epoch_s = time.perf_counter() - t0
@@ -137,18 +138,20 @@ def train_epochs(
         else:
             loss, epoch_s, mem, nonfinite = values
         train_seconds += epoch_s
-        done = epoch + 1
+        done, last = epoch + 1, epoch + 1 == t.passes
         metrics = {"epoch": done, "loss": loss, "train_seconds": train_seconds}
         if rank == 0:
             progress.update(peak_memory_mb=max(progress["peak_memory_mb"], mem), peak_memory_kind=kind,
                             nonfinite_steps=int(nonfinite), last_epoch_loss=loss, precision=learner.precision)
-            line = f"epoch {done}/{t.epochs} | loss {loss:.4f} | {epoch_s:.1f}s training ({train_seconds:.1f}s in all)"
-            if (every and done % every == 0) or done == t.epochs:
+            line = f"epoch {done}/{t.passes} | loss {loss:.4f} | {epoch_s:.1f}s training ({train_seconds:.1f}s in all)"
+            if (every and done % every == 0) or last:
                 acc = accuracy(learner, dataset.test_x, dataset.test_y, cfg.eval.batch_size, cfg.eval.seed)
-                progress["curve"].append({"epoch": done, "train_seconds": train_seconds, "test_accuracy": acc})
+                # epochs trained: the budget itself after a partial last epoch (train.epochs = 0.5: 0.5)
+                progress["curve"].append({"epoch": min(done, t.epochs), "train_seconds": train_seconds,
+                                          "test_accuracy": acc})
                 metrics["test_accuracy"] = acc
                 line += f" | test accuracy {acc:.4f}"
-            if done % cfg.run.checkpoint_every == 0 or done == t.epochs:
+            if done % cfg.run.checkpoint_every == 0 or last:
                 rundir.save_epoch(done, {1: {"learner": learner.state_dict()}}, progress, train_seconds)
             log(f"[{cfg.model.method}] {line}")
         if report is not None:
@@ -188,7 +191,7 @@ def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Log,
     workers = cfg.cluster.num_workers
     log(f"{cfg.model.method} on {cfg.data.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images "
         f"{dataset.image_shape}; {workers} worker{'' if workers == 1 else 's'}; run dir {rundir.path}")
-    if resume and done >= cfg.train.epochs:
+    if resume and done >= cfg.train.passes:
         log(f"run already finished ({done} epochs); not retraining, re-evaluating its checkpoint")
     else:
         if resume:

@@ -47,12 +47,6 @@ def _check_resources(cfg: Config) -> None:
         )
 
 
-
-
-
-
-
-
 def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Any, display: ProgressDisplay,
                   mlog: MetricsLog, run_label: str | None, curve: list[dict]) -> tuple[dict[int, dict], dict, list[dict], float, list[dict]]:
     """Train the remaining epochs; returns (block states, server state, worker reports, train seconds,
@@ -68,7 +62,7 @@ def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: An
     reports: list[dict] = []
     epoch_seconds: list[float] = []
     try:
-        for epoch in range(start_epoch, cfg.train.epochs):
+        for epoch in range(start_epoch, cfg.train.passes):
             t0 = time.perf_counter()
             reports = sup.run_epoch(epoch, mlog)
             epoch_seconds.append(time.perf_counter() - t0)
@@ -78,12 +72,13 @@ def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: An
             display.update(blocks, sup.owner, force=True)
             mlog.record(blocks, by_rank, sup.owner, event="epoch")
             every = cfg.eval.every_epochs
-            evaluate_now = every > 0 and done % every == 0 and done < cfg.train.epochs
-            if done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs or evaluate_now:
+            last = done == cfg.train.passes
+            evaluate_now = every > 0 and done % every == 0 and not last
+            if done % cfg.run.checkpoint_every == 0 or last or evaluate_now:
                 states, shared_state, replicas = sup.states(epoch, mlog)
-            if done % cfg.run.checkpoint_every == 0 or done == cfg.train.epochs:
+            if done % cfg.run.checkpoint_every == 0 or last:
                 rundir.save_epoch(done, states, shared_state, train_seconds, replicas)
-                display.message(f"epoch {done}/{cfg.train.epochs} done in {epoch_seconds[-1]:.1f}s; "
+                display.message(f"epoch {done}/{cfg.train.passes} done in {epoch_seconds[-1]:.1f}s; "
                                 f"checkpoint saved to {rundir.ckpt_dir}")
             if evaluate_now:  # on the driver, outside train_seconds
                 _, acc = evaluate_states(spec, dataset, states, shared_state, cfg.eval.batch_size, cfg.eval.seed)
@@ -139,13 +134,13 @@ def _run(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Callable[[str]
     cleared = rundir.check(cfg)
     manifest = None if cleared else rundir.read_manifest()
     started, connected = False, False
-    if manifest is None or manifest["epochs_done"] < cfg.train.epochs:
+    if manifest is None or manifest["epochs_done"] < cfg.train.passes:
         started, connected = _connect_checked(cfg), True
     try:
         take_lock()
         rundir.prepare(cfg)
         resume = rundir.load_resume(spec.num_shards)
-        display = ProgressDisplay(cfg.train.epochs, interval=cfg.train.log_every_seconds)
+        display = ProgressDisplay(cfg.train.passes, interval=cfg.train.log_every_seconds)
         run_label = metrics_run_id(cfg)
         mlog = MetricsLog(rundir.path, run_label, cfg.metrics.write_every_seconds, warn=log,
                           tensorboard=cfg.metrics.tensorboard)
@@ -155,7 +150,7 @@ def _run(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Callable[[str]
         reports: list[dict] = []
         events: list[dict] = []
         curve = _read_curve(rundir, resume.epochs_done if resume else 0)
-        if resume and resume.epochs_done >= cfg.train.epochs:
+        if resume and resume.epochs_done >= cfg.train.passes:
             log(f"run already finished ({resume.epochs_done} epochs); not retraining, re-evaluating its checkpoints")
             states, shared_state, train_seconds = resume.block_states, resume.shared_state, resume.train_seconds
         else:

@@ -76,7 +76,7 @@ class MetricsLog:
             self.tensorboard.write_rows(rows)
         return True
 
-    def accuracy(self, epoch: int, accuracy: float, train_seconds: float) -> None:
+    def accuracy(self, epoch: int | float, accuracy: float, train_seconds: float) -> None:
         """A point of the chain's accuracy curve (curve.json holds them all); TensorBoard gets it too."""
         if self.tensorboard is not None:
             self.tensorboard.write_accuracy(epoch, accuracy, train_seconds)

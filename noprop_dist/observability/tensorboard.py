@@ -7,6 +7,7 @@ package (the optional extra ``noprop_dist[tensorboard]``); the writer is torch's
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -51,10 +52,11 @@ class TensorBoardLog:
         for writer in self.writers.values():
             writer.flush()
 
-    def write_accuracy(self, epoch: int, accuracy: float, train_seconds: float) -> None:
-        """The chain's test accuracy after ``epoch`` epochs (tag ``test_accuracy``, and against training time)."""
+    def write_accuracy(self, epoch: int | float, accuracy: float, train_seconds: float) -> None:
+        """The chain's test accuracy after ``epoch`` epochs (tag ``test_accuracy``, and against training time).
+        A fractional budget (train.epochs = 0.5) is drawn at the epoch it ends in: TensorBoard's steps are whole."""
         writer = self._writer("chain")
-        writer.add_scalar("test_accuracy", accuracy, global_step=epoch)
+        writer.add_scalar("test_accuracy", accuracy, global_step=math.ceil(epoch))
         writer.add_scalar("test_accuracy_vs_train_seconds", accuracy, global_step=int(round(train_seconds)))
         writer.flush()
 

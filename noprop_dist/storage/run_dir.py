@@ -139,11 +139,19 @@ class RunDir:
         if conflict and not cfg.run.overwrite:
             raise ConfigError(f"{conflict}; use another run.dir or set run.overwrite=true")
         manifest = None if conflict else self.read_manifest_or_none()
-        if manifest is not None and int(manifest.get("epochs_done", 0)) > cfg.train.epochs:
+        done = int(manifest.get("epochs_done", 0)) if manifest is not None else 0
+        if done > cfg.train.passes:
             # Going on would re-evaluate the longer run and write summary and config saying fewer epochs.
             raise ConfigError(f"train.epochs={cfg.train.epochs}: run.dir {self.path} already holds "
                               f"{manifest['epochs_done']} epochs; ask for at least that many (more resumes "
                               "training), or use another run.dir")
+        budget = old.get("train", {}).get("epochs")
+        if (isinstance(budget, float) and not budget.is_integer() and done == math.ceil(budget)
+                and cfg.train.epochs != budget):
+            # Its last checkpoint ends a partial epoch: resuming would count it as whole and skip the rest of it.
+            raise ConfigError(f"train.epochs={cfg.train.epochs}: run.dir {self.path} holds a run that ended "
+                              f"part-way through an epoch (train.epochs={budget}); it cannot be continued with "
+                              "another budget; use another run.dir")
         return conflict is not None
 
     def prepare(self, cfg: Config) -> None:

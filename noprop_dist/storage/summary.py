@@ -26,7 +26,7 @@ class RunSummary(TypedDict):
     dataset: str                   # data.name
     embedding: str                 # model.embedding ("none" for DTP, which has no label embedding)
     num_workers: int               # cluster.num_workers
-    epochs: int                    # train.epochs
+    epochs: int | float            # train.epochs (a fraction when the budget ends part-way through an epoch)
     seed: int                      # train.seed
     test_accuracy: float | None    # on the whole (limited) test split
     train_accuracy: float | None   # on ImageDataset.train_accuracy_subset(), the same rule for every method

@@ -309,7 +309,8 @@ class ShardGroup:
         order = self.epoch_order(epoch).to(self.data.where)
         n, bs, every = order.numel(), self.train.batch_size, self.train.sync_every
         # BatchNorm cannot train on a batch of one: a trailing singleton batch is dropped.
-        starts = [s for s in range(0, n, bs) if min(bs, n - s) > 1]
+        full = [s for s in range(0, n, bs) if min(bs, n - s) > 1]
+        starts = full[: self.train.batches_in(epoch, len(full))]  # a partial last epoch is cut short
         for st in self.stats.values():
             st.epochs_done = epoch  # also right after a resume
             st.start_epoch(len(starts))
@@ -319,7 +320,7 @@ class ShardGroup:
         taken: list[tuple[int, torch.Tensor, torch.Tensor, int, float]] = []
         for i, start in enumerate(starts):
             x, y = self.data.batch(order[start : start + bs])
-            schedule = lr_schedule_factor(self.train, epoch + i / len(starts))  # the blocks' and the shared state's
+            schedule = lr_schedule_factor(self.train, epoch + i / len(full))  # the blocks' and the shared state's
             self.replica.set_lr(schedule)
             for t, trainer in self.trainers.items():
                 if self.stats[t].stopped:

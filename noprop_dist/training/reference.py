@@ -33,7 +33,7 @@ def train_in_process(
         dataset.mean, dataset.std, LocalClient(server, "w0"),
         device=default_device() if device is None else torch.device(device),
     )
-    for epoch in range(cfg.train.epochs):
+    for epoch in range(cfg.train.passes):
         group.train_epoch(epoch)
         if on_epoch is not None:  # e.g. time the epoch or evaluate the chain as it stands
             on_epoch(epoch, group, server)
