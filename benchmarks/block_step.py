@@ -4,6 +4,7 @@ samples/s and writes benchmarks/results/<name>.json (default block_step), with t
 
     python benchmarks/block_step.py
     python benchmarks/block_step.py --steps 3 --batches 128 --name block_step_avx2   # emulated bf16 is slow
+    python benchmarks/block_step.py --config fashion_mnist --batches 128   # the block that config trains
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from common import write_result
 
-from noprop_dist.config import Config
+from noprop_dist.config import load_config
 from noprop_dist.core.blocks import DTBlock, ModelSpec
 from noprop_dist.training import model_spec, resolve_precision
 
@@ -53,13 +54,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per mode (after 3 warm-up steps)")
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--name", default="block_step", help="results file name")
+    parser.add_argument("--config", help="a packaged config's name or a YAML path whose block to time (default: "
+                                         "the defaults, dropout 0.2)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     torch.set_num_threads(1)
     caps = torch.cpu.get_capabilities()
     native = {k: bool(caps.get(k)) for k in ("avx512_bf16", "amx_bf16")}
     print(f"CPU {caps.get('cpu_name')}: {native}; train.precision=auto picks "
           f"{resolve_precision('auto', torch.device('cpu'))}", flush=True)
-    spec = model_spec(Config(), image_shape=(1, 28, 28), num_classes=10)  # the default block: learned d = 20
+    cfg = load_config(args.config, args.overrides)  # the block's config; the images are 28x28 whatever it names
+    spec = model_spec(cfg, image_shape=(1, 28, 28), num_classes=10)
     rows = []
     for batch in args.batches:
         for mode in MODES:
@@ -67,7 +72,8 @@ def main() -> None:
             print(f"batch {batch} {mode:8s} {dt * 1e3:6.1f} ms/step {batch / dt:6.0f} samples/s", flush=True)
             rows.append({"batch": batch, "mode": mode, "ms_per_step": dt * 1e3, "samples_per_second": batch / dt})
     print(write_result(args.name, {"date": datetime.date.today().isoformat(), "steps": args.steps,
-                                   "cpu": caps.get("cpu_name"), "native_bf16": native, "rows": rows}))
+                                   "cpu": caps.get("cpu_name"), "native_bf16": native, "config": args.config,
+                                   "set": args.overrides, "dropout": spec.dropout, "rows": rows}))
 
 
 if __name__ == "__main__":

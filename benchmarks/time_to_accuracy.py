@@ -182,7 +182,7 @@ def main() -> int:
                     for budget in args.epochs:
                         run_dir = os.path.join(base, f"{method}_w{workers}" + (f"_e{budget:g}" if several else ""))
                         label = run_label({"method": method, "num_workers": workers}) + (
-                            f", {budget:g} epochs" if several else "")
+                            f", {budget:g} epoch{'' if budget == 1 else 's'}" if several else "")
                         print(f"{label}: training ({run_dir})", flush=True)
                         train_subprocess(run_command(config, overrides_for(args, method, workers, budget, run_dir)),
                                          f"{run_dir}.log", echo=False)
