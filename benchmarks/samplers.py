@@ -1,5 +1,6 @@
 """Inference samplers on trained chains: test accuracy with Eq. 3's noise (the paper, several noise seeds), without
-it (mean), averaged over n noisy runs (ensemble), CT's ODE, and the accuracy along the chain.
+it (mean), averaged over n noisy runs (ensemble), DT's read-outs averaged over the stages (stage_average), CT's
+ODE, and the accuracy along the chain.
 
     python benchmarks/samplers.py --name digits_dt                          # the quickstart: digits, DT, 20 epochs
     python benchmarks/samplers.py --name fashion_dt --set data.name=fashion_mnist data.train_limit=8000 \\

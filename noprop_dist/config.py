@@ -30,7 +30,7 @@ Device = Literal["auto", "cpu", "cuda"]
 NoPropMethod = Literal["noprop_dt", "noprop_ct", "noprop_fm"]
 BaselineMethod = Literal["backprop", "adjoint", "dtp"]
 Method = Literal[NoPropMethod, BaselineMethod]
-Sampler = Literal["eq3", "mean", "ensemble", "ode"]
+Sampler = Literal["eq3", "mean", "ensemble", "stage_average", "ode"]
 ShardPartition = Literal["uniform", "log_snr", "equal_mass"]
 CtLossWeight = Literal["snr_prime", "sigmoid", "flat"]
 CtReadout = Literal["head", "nearest"]
@@ -49,13 +49,15 @@ BASELINE_METHODS: tuple[str, ...] = get_args(BaselineMethod)
 METHODS: tuple[str, ...] = get_args(Method)
 # Inference samplers of the NoProp chains, and the methods each applies to (docs/method.md, "Inference samplers").
 # eq3: Eq. 3 with its noise term, as the paper runs it; mean: the same update without the noise term (the
-# posterior mean); ensemble: class probabilities averaged over eval.ensemble_draws noisy (eq3) runs; ode:
+# posterior mean); ensemble: class probabilities averaged over eval.ensemble_draws noisy (eq3) runs;
+# stage_average (DT): one mean run, the head's class probabilities averaged over z_1 .. z_T; ode:
 # NoProp-CT's probability-flow ODE. NoProp-FM's flow has no noise term: mean is its Euler solve, ensemble
 # averages it over draws of z_0.
 SAMPLERS: dict[Sampler, tuple[NoPropMethod, ...]] = {
     "eq3": ("noprop_dt", "noprop_ct"),
     "mean": ("noprop_dt", "noprop_ct", "noprop_fm"),
     "ensemble": ("noprop_dt", "noprop_ct", "noprop_fm"),
+    "stage_average": ("noprop_dt",),
     "ode": ("noprop_ct",),
 }
 # NoProp-CT / FM: how [0, 1] is split among the K time-shards (core.partition) and NoProp-CT's denoising
@@ -190,8 +192,9 @@ class EvalConfig:
     batch_size: int = 1000
     seed: int = 1234  # seeds z_0 and the chain's noise so a saved chain re-evaluates identically
     every_epochs: int = 1  # test accuracy of the chain as it stands every this many epochs (0: at the end only)
-    # eq3 | mean | ensemble | ode (CT): see SAMPLERS. mean keeps what the blocks learned: Eq. 3's noise term
-    # pulls z away from the blocks' estimate at every step (benchmarks/README.md, "Inference samplers").
+    # eq3 | mean | ensemble | stage_average (DT) | ode (CT): see SAMPLERS. mean keeps what the blocks learned:
+    # Eq. 3's noise term pulls z away from the blocks' estimate at every step (benchmarks/README.md, "Inference
+    # samplers"); fashion_mnist.yaml sets stage_average, which keeps what the middle blocks add.
     sampler: Sampler = "mean"
     ensemble_draws: int = 8  # noisy runs averaged by the ensemble sampler
 

@@ -3,8 +3,8 @@
 Prints the test accuracy of ``RUN_DIR/chain.pt`` on the dataset it was trained on (same noise seed and
 batch size as at the end of training, hence the same predictions), or writes predicted classes for
 the images in a ``.npy`` file (uint8 (N, C, H, W), or floats in [0, 1]; see :func:`predict`).
-``--sampler eq3|mean|ensemble|ode`` (``--draws N``) chooses the inference sampler, ``--stages`` adds the
-accuracy along the chain, block by block, and NoProp-CT / FM chains take ``--steps N`` to measure
+``--sampler eq3|mean|ensemble|stage_average|ode`` (``--draws N``) chooses the inference sampler, ``--stages``
+adds the accuracy along the chain, block by block, and NoProp-CT / FM chains take ``--steps N`` to measure
 accuracy against the number of inference steps.
 """
 from __future__ import annotations
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"write predictions for these images instead: {PREDICT_INPUT.replace('%', '%%')}")
     p.add_argument("--out", default="predictions.npy", help="where --predict writes (default: %(default)s)")
     p.add_argument("--steps", type=int, help="CT / FM: inference steps (default: model.inference_steps of the run)")
-    p.add_argument("--sampler", help="eq3 | mean | ensemble | ode (CT) (default: eval.sampler of the run)")
+    p.add_argument("--sampler",
+                   help="eq3 | mean | ensemble | stage_average (DT) | ode (CT) (default: eval.sampler of the run)")
     p.add_argument("--draws", type=int, help="noisy runs the ensemble sampler averages (default: the run's)")
     p.add_argument("--stages", action="store_true", help="also the accuracy along the chain, stage by stage")
     p.add_argument("--seed", type=int, help="noise seed of the inference (default: the run's eval.seed; 0 with --predict)")

@@ -101,6 +101,9 @@ def test_paper_preset_restores_the_papers_settings_and_set_still_wins():
     assert load_config(ct, [], "paper").train.epochs == 500  # Table 3: CT on CIFAR-10
     dt = load_config(None, ["data.name=cifar100"], "paper")
     assert (dt.train.epochs, dt.model.eta, dt.model.num_blocks, dt.eval.sampler) == (150, 0.1, 10, "eq3")
+    fashion = config_file("fashion_mnist")  # evaluates with stage_average; the paper's preset runs Eq. 3
+    assert (load_config(fashion).eval.sampler, load_config(fashion, [], "paper").eval.sampler) == \
+        ("stage_average", "eq3")
     with pytest.raises(ConfigError, match="--preset: 'fast' is not allowed; allowed: paper"):
         load_config(None, [], "fast")
 

@@ -66,12 +66,22 @@ def test_plot_curves_writes_a_png(tmp_path):
         plots.plot_curves([], str(tmp_path / "empty.png"))
 
 
+def test_run_label_names_the_sampler_of_a_noprop_run():
+    """Two evaluations of one chain (mean, stage_average) must not share a line's label and colour."""
+    assert plots.run_label({"method": "noprop_dt", "sampler": "stage_average", "num_workers": 2}) == \
+        "noprop_dt (stage_average), 2 workers"
+    assert plots.run_label({"method": "backprop", "num_workers": 1}) == "backprop, 1 worker"
+
+
 def test_curves_cli(tmp_path, capsys):
     a = _fake_run(tmp_path / "a", "noprop_dt", CURVE, workers=2)
     b = _fake_run(tmp_path / "b", "backprop", None)  # an older summary: one point
     out = tmp_path / "fig3.png"
     assert plots.main(["curves", a, b, "--out", str(out)]) == 0
     assert _is_png(out) and f"written: {out}" in capsys.readouterr().out
+    by_epoch = tmp_path / "epochs.png"
+    assert plots.main(["curves", a, b, "--x", "epoch", "--out", str(by_epoch)]) == 0
+    assert _is_png(by_epoch) and by_epoch.read_bytes() != out.read_bytes()
     assert plots.main(["curves", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "no summary.json in" in capsys.readouterr().err
 

@@ -1,5 +1,5 @@
-"""Inference samplers of the NoProp chains (eq3, mean, ensemble, ode), the order of the DT chain's blocks, and
-the accuracy along the chain (evaluate_stages)."""
+"""Inference samplers of the NoProp chains (eq3, mean, ensemble, stage_average, ode), the order of the DT chain's
+blocks, and the accuracy along the chain (evaluate_stages)."""
 import math
 
 import pytest
@@ -96,6 +96,26 @@ def test_ensemble_averages_class_probabilities_of_consecutive_noisy_runs():
     assert not torch.allclose(out, runs[0], atol=1e-3), "three different noisy runs were averaged"
 
 
+def test_stage_average_averages_the_head_over_every_stage_of_one_mean_run():
+    """stage_average runs the chain once without noise and averages the head's class probabilities at z_1 .. z_T;
+    its trace is that run's. Reading out z_T alone (mean) or z_{T-1} alone must differ from it here."""
+    chain = _constant_chain(3)
+    with torch.no_grad():
+        chain.shared.head.weight.normal_(0, 3.0, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 1, 8, 8)
+    t_avg, t_mean = [], []
+    out = chain(x, torch.Generator().manual_seed(5), sampler="stage_average", trace=t_avg)
+    mean = chain(x, torch.Generator().manual_seed(5), sampler="mean", trace=t_mean)
+    assert len(t_avg) == len(t_mean) == 3
+    for (r_avg, o_avg), (r_mean, o_mean) in zip(t_avg, t_mean):
+        assert torch.equal(r_avg, r_mean) and torch.equal(o_avg, o_mean)
+    by_hand = torch.log(torch.stack([readout.exp() for readout, _ in t_mean]).mean(0))
+    assert torch.allclose(out, by_hand, atol=1e-5)
+    assert torch.allclose(out.exp().sum(1), torch.ones(4), atol=1e-5)
+    for single in (mean, t_mean[-2][0]):
+        assert not torch.allclose(out, single, atol=1e-3), "the read-outs of all stages were averaged"
+
+
 def test_spec_sampler_is_the_default_and_old_chains_run_the_papers():
     chain = _constant_chain(2)
     assert chain.spec.sampler is None and chain.sampler_name() == "eq3"  # a chain saved before samplers
@@ -104,7 +124,7 @@ def test_spec_sampler_is_the_default_and_old_chains_run_the_papers():
     chain.spec = replace(chain.spec, sampler="mean")
     assert chain.sampler_name() == "mean"
     with pytest.raises(ValueError, match="sampler 'ode' does not apply to a noprop_dt chain; allowed: eq3, mean, "
-                                         "ensemble"):
+                                         "ensemble, stage_average$"):
         chain(torch.randn(2, 1, 8, 8), sampler="ode")
     old = dict(make_spec("learned").to_dict(), method="noprop_ct", ct_inference="chain")
     old.pop("sampler")
@@ -118,10 +138,12 @@ def test_config_sampler_reaches_the_spec_and_is_checked_per_method():
     assert load_config(None, []).eval.sampler == "mean"
     assert load_config(None, ["model.method=noprop_ct", "model.num_shards=2",
                                     "model.ct_inference=chain"]).eval.sampler == "eq3"
-    for method, bad in (("noprop_dt", "ode"), ("noprop_fm", "eq3"), ("noprop_fm", "ode")):
+    for method, bad in (("noprop_dt", "ode"), ("noprop_fm", "eq3"), ("noprop_fm", "ode"),
+                        ("noprop_ct", "stage_average"), ("noprop_fm", "stage_average")):
         with pytest.raises(ConfigError, match=f"eval.sampler: '{bad}' does not apply to model.method={method}"):
             load_config(None, [f"model.method={method}", "model.num_shards=2", f"eval.sampler={bad}"])
-    with pytest.raises(ConfigError, match="eval.sampler: 'noisy' is not allowed; allowed: eq3, mean, ensemble, ode"):
+    with pytest.raises(ConfigError, match="eval.sampler: 'noisy' is not allowed; allowed: eq3, mean, ensemble, "
+                                         "stage_average, ode"):
         load_config(None, ["eval.sampler=noisy"])
     assert set(PAPER_SAMPLER) == {m for ms in SAMPLERS.values() for m in ms}
 
@@ -138,8 +160,42 @@ def test_evaluate_stages_scores_each_stage_and_matches_evaluate_chain():
     acc, preds, stages = evaluate_stages(chain, images, labels, 16, 3, norm, "cpu", sampler="mean")
     ref_acc, ref_preds = evaluate_chain(chain, images, labels, 16, 3, norm, "cpu", sampler="mean")
     assert torch.equal(preds, ref_preds) and acc == ref_acc
+    all_but_one = preds.clone()
+    all_but_one[0] = (all_but_one[0] + 1) % 10
+    # a count over n, exactly (a float32 mean gives 0.98000002 and misses a 0.98 target)
+    assert evaluate_chain(chain, images, all_but_one, 16, 3, norm, "cpu", sampler="mean")[0] == 49 / 50
     assert [s["own_accuracy"] for s in stages] == [pytest.approx(0.2)] * 3  # classes 0, 1, 2: 10 of 50 each
     assert stages[-1]["chain_accuracy"] == pytest.approx(acc)
+
+
+def test_final_evaluation_of_a_stage_average_run_reports_mean_and_the_papers_beside_it():
+    """A run with stage_average reports eq3 (the paper's) and mean (read from its last stage) beside its own.
+    Block t always predicts class t - 1 and the head reads z against the embeddings, so the stages differ."""
+    from noprop_dist.core import build_block, evaluate_chain
+    from noprop_dist.data import load_dataset, normalize
+    from noprop_dist.training.evaluation import final_evaluation
+
+    ds = load_dataset("digits", test_limit=80)
+    spec = model_spec(load_config(None, ["model.num_blocks=3", "eval.sampler=stage_average"]), ds.image_shape, 10)
+    blocks = {}
+    for t in (1, 2, 3):
+        block = build_block(spec, t, 0)
+        with torch.no_grad():
+            block.fuse[-1].weight.zero_()
+            block.fuse[-1].bias.fill_(-30.0)
+            block.fuse[-1].bias[t - 1] = 30.0
+        blocks[t] = {"block": block.state_dict()}  # the checkpoint's form
+    shared = build_shared(spec, 0)
+    with torch.no_grad():
+        shared.head.weight.copy_(30 * shared.embed)
+        shared.head.bias.zero_()
+    chain, out = final_evaluation(spec, ds, blocks, {"shared": shared.state_dict()}, 32, 7)
+    by = out["test_accuracy_by_sampler"]
+    assert out["sampler"] == "stage_average" and set(by) == {"stage_average", "eq3", "mean"}
+    assert out["stages"][0]["chain_accuracy"] != out["stages"][-1]["chain_accuracy"], "stages must differ"
+    mean, _ = evaluate_chain(chain, torch.from_numpy(ds.test_x), torch.from_numpy(ds.test_y), 32, 7,
+                             lambda b: normalize(b, ds.mean, ds.std), sampler="mean")
+    assert by["mean"] == pytest.approx(mean)
 
 
 def _saved_dt_run(tmp_path) -> str:
@@ -169,6 +225,9 @@ def test_evaluate_cli_runs_every_dt_sampler_and_refuses_what_does_not_apply(tmp_
     out = json.loads(capsys.readouterr().out)
     assert out["sampler"] == "ensemble" and out["draws"] == 2 and len(out["stages"]) == 3
     assert out["stages"][-1]["chain_accuracy"] == pytest.approx(out["test_accuracy"])
+    assert evaluate_main([run, "--sampler", "stage_average", "--stages"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["sampler"] == "stage_average" and len(out["stages"]) == 3
     for argv, message in (([run, "--sampler", "ode"], "sampler 'ode' does not apply to a noprop_dt chain"),
                           ([run, "--draws", "3"], "--draws applies to the ensemble sampler"),
                           ([run, "--steps", "10"], "--steps applies to noprop_ct / noprop_fm chains")):

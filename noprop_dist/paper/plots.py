@@ -62,10 +62,12 @@ def run_curve(summary: dict) -> list[dict]:
 
 
 def run_label(summary: dict) -> str:
-    """Legend label of a run: its method and worker count."""
+    """Legend label of a run: its method, its inference sampler (NoProp runs that record one) and worker
+    count; runs of one chain evaluated with two samplers get two lines."""
     method = summary.get("method", "noprop_dt")
     workers = summary.get("num_workers", "?")
-    return f"{method}, {workers} worker{'' if workers == 1 else 's'}"
+    sampler = f" ({summary['sampler']})" if summary.get("sampler") else ""
+    return f"{method}{sampler}, {workers} worker{'' if workers == 1 else 's'}"
 
 
 X_AXES = {"train_seconds": "training time (s, cumulative)", "epoch": "epoch"}
@@ -108,13 +110,14 @@ def plot_curves(runs: list[tuple[str, list[dict]]], path: str, title: str | None
     return path
 
 
-def plot_curves_from_dirs(run_dirs: list[str], path: str, title: str | None = None) -> str:
-    """Fig. 3 from run directories (label: method and workers)."""
+def plot_curves_from_dirs(run_dirs: list[str], path: str, title: str | None = None,
+                          x: str = "train_seconds") -> str:
+    """Fig. 3 from run directories (label: :func:`run_label`), against ``x`` as :func:`plot_curves`."""
     summaries = [_read_summary(d) for d in run_dirs]
     if title is None:
         s = summaries[0]
         title = f"{s.get('dataset', '?')}, {s.get('embedding', '?')} embedding"
-    return plot_curves([(run_label(s), run_curve(s)) for s in summaries], path, title)
+    return plot_curves([(run_label(s), run_curve(s)) for s in summaries], path, title, x=x)
 
 
 # ----------------------------------------------------------------------------- Fig. 2: class embeddings
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     curves.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     curves.add_argument("--out", default="fig3.png")
     curves.add_argument("--title")
+    curves.add_argument("--x", choices=sorted(X_AXES), default="train_seconds",
+                        help="the x axis: cumulative training time, or epochs (equal-epoch comparisons)")
     emb = sub.add_parser("embeddings", help="Fig. 2: class embeddings as images (prototype embeddings)")
     emb.add_argument("run_dir", metavar="RUN_DIR")
     emb.add_argument("--out", default="fig2.png")
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.figure == "curves":
-            path = plot_curves_from_dirs(args.run_dirs, args.out, args.title)
+            path = plot_curves_from_dirs(args.run_dirs, args.out, args.title, args.x)
         else:
             path = plot_embeddings(args.run_dir, args.out, args.title)
     except PlotError as e:
