@@ -3,5 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 python3 -m noprop_dist.run "$@"

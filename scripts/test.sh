@@ -3,5 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0  # keeps every listener of a local Ray cluster on 127.0.0.1
 python3 -m pytest -q -p no:cacheprovider "$@"

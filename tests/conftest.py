@@ -1,7 +1,6 @@
 """Shared fixtures: tiny model specs, the real digits data, and one real local Ray cluster per session."""
 from __future__ import annotations
 
-import os
 import subprocess
 
 import psutil
@@ -34,7 +33,9 @@ def ray_cluster():
     """A real Ray cluster started in this process, on loopback, with Ray's token authentication as it sets it."""
     import ray
 
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from noprop_dist.distributed.cluster import keep_on_loopback
+
+    keep_on_loopback()
     ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
              logging_level="WARNING")
     yield ray

@@ -75,6 +75,24 @@ def listening(address: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def keep_on_loopback() -> None:
+    """Have the local cluster this process is about to start listen on 127.0.0.1 only, whatever the user's shell
+    exported and whenever Ray was imported.
+
+    Ray's switch is ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: with it, a node's loopback address stays loopback;
+    without it Ray rewrites 127.0.0.1 to the machine's routable address and its processes listen on every
+    interface. Ray reads the variable once, into ``ray_constants.ENABLE_RAY_CLUSTER``, when ``ray`` is first
+    imported, which in a user's program may be long before this call: so the constant is set here too (it is read
+    at call time), and the variable for the processes ray.init starts (GCS, raylet, agents, workers), which read it
+    afresh. Only for a cluster this process starts: a driver that joins a multi-node cluster must keep its
+    routable address.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def connect(num_cpus_needed: float, quiet: bool = False, dashboard: bool = True,
             allow_unauthenticated: bool = False) -> bool:
     """Join the running cluster, else start a local one on loopback. Returns True when we started it.
@@ -96,8 +114,7 @@ def connect(num_cpus_needed: float, quiet: bool = False, dashboard: bool = True,
         # No runtime_env here: under `ray job submit` the job's own (its working_dir) must apply.
         ray.init(logging_level="WARNING" if quiet else "INFO")
         return False
-    # Without this Ray rewrites a loopback node address to the routable one and listens on all interfaces.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    keep_on_loopback()
     ray.init(
         address="local",
         _node_ip_address=LOOPBACK,
