@@ -1,10 +1,11 @@
-"""One DT block's training step at 1 torch thread: fp32 against bf16 autocast, NCHW against channels_last,
+"""One DT block's training step (model.block's: fig6 by default) at 1 torch thread: fp32 against bf16 autocast, NCHW against channels_last,
 batch 128 and 256 (Fashion-MNIST's 28x28 shape), side by side in one process. Prints ms per step and
 samples/s and writes benchmarks/results/<name>.json (default block_step), with the CPU's bf16 flags.
 
     python benchmarks/block_step.py
     python benchmarks/block_step.py --steps 3 --batches 128 --name block_step_avx2   # emulated bf16 is slow
     python benchmarks/block_step.py --config fashion_mnist --batches 128   # the block that config trains
+    python benchmarks/block_step.py --config fashion_mnist --set model.block=resnet --name block_step_resnet
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from common import write_result
 
 from noprop_dist.config import load_config
-from noprop_dist.core.blocks import DTBlock, ModelSpec
+from noprop_dist.core.blocks import ModelSpec, make_shard
 from noprop_dist.training import model_spec, resolve_precision
 
 MODES = ("fp32", "bf16", "fp32_cl", "bf16_cl")  # _cl: weights and images channels_last
@@ -26,7 +27,7 @@ MODES = ("fp32", "bf16", "fp32_cl", "bf16_cl")  # _cl: weights and images channe
 def step_seconds(spec: ModelSpec, batch: int, mode: str, steps: int) -> float:
     """Mean seconds of one AdamW step of a fresh block on random (B, 1, 28, 28) images, after 3 warm-up steps."""
     torch.manual_seed(0)
-    block = DTBlock(spec)
+    block = make_shard(spec, 1)
     optimizer = torch.optim.AdamW(block.parameters(), 1e-3)
     x, z, y = torch.randn(batch, 1, 28, 28), torch.randn(batch, spec.embed_dim), torch.randint(0, 10, (batch,))
     if mode.endswith("_cl"):
@@ -73,7 +74,8 @@ def main() -> None:
             rows.append({"batch": batch, "mode": mode, "ms_per_step": dt * 1e3, "samples_per_second": batch / dt})
     print(write_result(args.name, {"date": datetime.date.today().isoformat(), "steps": args.steps,
                                    "cpu": caps.get("cpu_name"), "native_bf16": native, "config": args.config,
-                                   "set": args.overrides, "dropout": spec.dropout, "rows": rows}))
+                                   "set": args.overrides, "block": spec.block, "dropout": spec.dropout,
+                                   "rows": rows}))
 
 
 if __name__ == "__main__":

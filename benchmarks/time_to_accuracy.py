@@ -6,6 +6,8 @@
         --target 0.88 0.90 --set train.lr_schedule=cosine --name time_to_accuracy_fashion_mnist_full --keep DIR
     python benchmarks/time_to_accuracy.py --dataset digits --methods noprop_ct noprop_fm adjoint --workers 1 \
         --epochs 40 --target 0.8 --set model.inference_steps=100      # the CT setting, as the paper's Fig. 3
+    python benchmarks/time_to_accuracy.py --dataset fashion_mnist --embedding learned --methods noprop_dt \
+        --blocks fig6 resnet --workers 2 --epochs 1 5 --target 0.88 0.90 --name blocks_fashion_mnist  # two blocks
 
 All runs go side by side in one invocation, each through the run entry point
 (``python -m noprop_dist.run``; backprop is ``model.method=backprop``, which that entry point trains
@@ -25,6 +27,7 @@ tables can be rebuilt, or other targets read, from runs already made.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -67,7 +70,8 @@ def result_row(method: str, workers: int, summary: dict, targets: list[float], l
     curve = summary.get("curve") or []
     hits = [time_to_accuracy(curve, target) for target in targets]
     return {
-        "method": method, "workers": workers, "label": label or run_label({"method": method, "num_workers": workers}),
+        "method": method, "block": summary.get("block", "fig6"), "workers": workers,
+        "label": label or run_label({"method": method, "num_workers": workers}),
         "targets": list(targets),
         "epochs_to_target": [hit["epoch"] if hit else None for hit in hits],
         "seconds_to_target": [hit["train_seconds"] if hit else None for hit in hits],
@@ -90,15 +94,21 @@ def reference_row(path: str, targets: list[float]) -> dict:
         raise HarnessError(f"--reference {path}: not a result file of benchmarks/public_noprop.py ({e!r:.200})") from None
 
 
+def _name(row: dict) -> str:
+    """A run's method in the tables, with its block when it is not Fig. 6's (noprop_dt/resnet)."""
+    block = row.get("block", "fig6")
+    return row["method"] if block == "fig6" else f"{row['method']}/{block.rsplit(':', 1)[-1]}"
+
+
 def format_table(rows: list[dict]) -> str:
     """Plain-text table of the runs: per target (in the header) the epochs and seconds to reach it."""
     targets = rows[0]["targets"] if rows else []
-    head = f"{'method':<10} {'workers':>7}"
+    head = f"{'method':<17} {'workers':>7}"
     for target in targets:
         head += f" {'epochs to ' + format(target, '.0%'):>13} {'seconds to ' + format(target, '.0%'):>14}"
     lines = [head + f" {'final acc':>10} {'train s':>9} {'epochs':>6}"]
     for r in rows:
-        line = f"{r['method']:<10} {r['workers']:>7}"
+        line = f"{_name(r):<17} {r['workers']:>7}"
         for epochs, secs in zip(r["epochs_to_target"], r["seconds_to_target"]):
             line += f" {'-' if epochs is None else str(epochs):>13} {'-' if secs is None else f'{secs:.1f}':>14}"
         lines.append(line + f" {100 * r['final_test_accuracy']:>9.2f}% {r['train_seconds']:>9.1f} {r['epochs']:>6g}")
@@ -109,7 +119,7 @@ def format_epoch_table(rows: list[dict]) -> str:
     """Test accuracy (%) of every run after each epoch, a column per run: the comparison at equal epochs.
     An epoch a run has no point for (it ran fewer) shows '-'."""
     epochs = sorted({p["epoch"] for r in rows for p in r["curve"]})
-    names = [f"{r['method']} w{r['workers']}" for r in rows]
+    names = [f"{_name(r)} w{r['workers']}" for r in rows]
     if len(set(names)) < len(names):  # one method and worker count run with several budgets: name the budget
         names = [f"{n} e{r['epochs']:g}" for n, r in zip(names, rows)]
     lines = [f"{'epoch':>5} " + " ".join(f"{n:>14}" for n in names)]
@@ -158,6 +168,9 @@ def main() -> int:
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DT_SETTING))
+    p.add_argument("--blocks", nargs="+", default=["fig6"], metavar="BLOCK",
+                   help="model.block of each run (a registered block or package.module:factory); several: one run "
+                        "of each method with each, side by side (default: fig6)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("--reference", metavar="FILE", action="append", default=[],
                    help="a result of another code's run (benchmarks/public_noprop.py writes one), shown beside "
@@ -176,17 +189,18 @@ def main() -> int:
         base = args.keep or tmp
         several = len(args.epochs) > 1
         try:
-            for method in args.methods:
+            for method, block, workers, budget in itertools.product(args.methods, args.blocks, args.workers,
+                                                                    args.epochs):
                 config = method_config(method, args.dataset)
-                for workers in args.workers:
-                    for budget in args.epochs:
-                        run_dir = os.path.join(base, f"{method}_w{workers}" + (f"_e{budget:g}" if several else ""))
-                        label = run_label({"method": method, "num_workers": workers}) + (
-                            f", {budget:g} epoch{'' if budget == 1 else 's'}" if several else "")
-                        print(f"{label}: training ({run_dir})", flush=True)
-                        train_subprocess(run_command(config, overrides_for(args, method, workers, budget, run_dir)),
-                                         f"{run_dir}.log", echo=False)
-                        rows.append(result_row(method, workers, read_summary(run_dir), args.targets, label))
+                tag = f"_{block.rsplit(':', 1)[-1]}" if len(args.blocks) > 1 else ""
+                run_dir = os.path.join(base, f"{method}{tag}_w{workers}" + (f"_e{budget:g}" if several else ""))
+                label = run_label({"method": method, "num_workers": workers}) + (
+                    f", {block} blocks" if len(args.blocks) > 1 else "") + (
+                    f", {budget:g} epoch{'' if budget == 1 else 's'}" if several else "")
+                print(f"{label}: training ({run_dir})", flush=True)
+                overrides = overrides_for(args, method, workers, budget, run_dir) + [f"model.block={block}"]
+                train_subprocess(run_command(config, overrides), f"{run_dir}.log", echo=False)
+                rows.append(result_row(method, workers, read_summary(run_dir), args.targets, label))
             rows += [reference_row(path, args.targets) for path in args.reference]
         except HarnessError as e:
             print(f"error: {e}", file=sys.stderr)

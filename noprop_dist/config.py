@@ -15,11 +15,10 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 import yaml
 
 from .paper.numbers import paper_epochs
+from .registry import BLOCKS, DATASETS
 
 # Keys with a fixed set of values have a Literal type; the tuple of its values (what validation allows and
 # error messages list) comes from that type, so each set is written once.
-DatasetName = Literal["digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "bloodmnist", "bloodmnist_64",
-                      "bloodmnist_128"]
 Embedding = Literal["one_hot", "learned", "prototype"]
 ClassProb = Literal["softmax", "radial"]
 SyncMode = Literal["sync", "async"]
@@ -36,7 +35,9 @@ CtLossWeight = Literal["snr_prime", "sigmoid", "flat"]
 CtReadout = Literal["head", "nearest"]
 FmTarget = Literal["velocity", "endpoint"]
 
-DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
+DATASET_NAMES: tuple[str, ...] = DATASETS.names()  # data.name (noprop_dist.registry)
+# The datasets read from a file or directory the user names in data.path.
+PATH_DATASETS = ("npz", "image_folder")
 EMBEDDINGS: tuple[str, ...] = get_args(Embedding)
 CLASS_PROBS: tuple[str, ...] = get_args(ClassProb)
 SYNC_MODES: tuple[str, ...] = get_args(SyncMode)
@@ -78,17 +79,28 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: DatasetName = "digits"
+    # A registered dataset (noprop_dist.registry.DATASETS): the bundled and downloadable ones, npz (your .npz
+    # file) or image_folder (your image files), both at data.path; arrays: given to the Python API.
+    name: str = "digits"
     root: str | None = None  # None: the loader's defaults (see noprop_dist.data)
     download: bool = False  # fetch through torchvision when files are missing and a network is there
     train_limit: int | None = None  # keep only this many training examples (smoke runs, CI)
     test_limit: int | None = None
+    path: str | None = None  # npz: the .npz file; image_folder: the directory holding train/ and test/
+    image_size: int | None = None  # image_folder: resize every image to this many pixels square (None: as stored)
+    # A share of the training set held out, stratified and fixed by train.seed, to validate on: the per-epoch
+    # curve then reads it and the test set is scored once, at the end. 0: the dataset's own validation split
+    # (an npz's val_images, image_folder's val/, MedMNIST's val) if it has one, else none.
+    val_fraction: float = 0.0
 
 
 @dataclass
 class ModelConfig:
     # noprop_dt | noprop_ct | noprop_fm (layer-parallel on Ray), or a baseline: backprop | adjoint | dtp
     method: Method = "noprop_dt"
+    # The network of each shard: a registered block (noprop_dist.registry.BLOCKS: fig6, the paper's; resnet) or
+    # the import path package.module:factory of your own (docs/your_data_and_blocks.md).
+    block: str = "fig6"
     num_blocks: int = 10  # T, NoProp-DT (and the backprop baseline's chain)
     num_shards: int = 1  # K, NoProp-CT / FM: [0, 1] split into K time intervals, one network each
     shard_partition: ShardPartition = "uniform"  # uniform | log_snr | equal_mass: where the K intervals' boundaries lie
@@ -458,6 +470,8 @@ MAX_INFERENCE_STEPS = 100_000
 # A batch is capped at the split it comes from (the largest supported split, MNIST's, is 60 000 images), so
 # a bigger value changes nothing but nears the int64 overflow of torch's slicing.
 MAX_BATCH_SIZE = 1 << 20
+# image_folder's resize: every image becomes S x S x C bytes in memory and in Ray's object store.
+MAX_IMAGE_SIZE = 4_096
 # One Ray actor (a process) per worker, and the NoProp methods need at least one shard per worker.
 MAX_WORKERS = MAX_SHARDS
 # A worker's CPUs become its torch threads (set_num_threads takes a C int) and its bundle lies on one node:
@@ -475,12 +489,14 @@ EVAL_SEED_RANGE = (-(2**63), 2**64 - 1)
 
 def validate(cfg: Config) -> None:
     """Range and choice checks; cross-key checks name both keys."""
-    _choice("data.name", cfg.data.name, DATASET_NAMES)
-    for key, v in (("data.train_limit", cfg.data.train_limit), ("data.test_limit", cfg.data.test_limit)):
-        if v is not None:
-            _positive(key, v)
+    validate_data(cfg.data)
     m = cfg.model
     _choice("model.method", m.method, METHODS)
+    if not BLOCKS.is_valid(m.block):
+        raise ConfigError(f"model.block: {m.block!r} is not allowed; allowed: {BLOCKS.allowed()}")
+    if m.method in ("adjoint", "dtp") and m.block != "fig6":
+        raise ConfigError(f"model.block: model.method={m.method} trains the paper's own network; model.block="
+                          f"{m.block} applies to noprop_dt, noprop_ct, noprop_fm and backprop")
     _in_range("model.num_blocks", m.num_blocks, 1, MAX_SHARDS)
     _in_range("model.num_shards", m.num_shards, 1, MAX_SHARDS)
     _in_range("model.inference_steps", m.inference_steps, 1, MAX_INFERENCE_STEPS)
@@ -565,6 +581,28 @@ def validate(cfg: Config) -> None:
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("metrics.tensorboard: needs the tensorboard package: "
                               "pip install 'noprop_dist[tensorboard]'")
+
+
+def validate_data(d: DataConfig) -> None:
+    """data.*: a registered dataset, the keys it uses and no key it would ignore."""
+    _choice("data.name", d.name, DATASET_NAMES)
+    for key, v in (("data.train_limit", d.train_limit), ("data.test_limit", d.test_limit)):
+        if v is not None:
+            _positive(key, v)
+    if d.name in PATH_DATASETS and not d.path:
+        what = "the .npz file" if d.name == "npz" else "the directory holding train/<class>/ and test/<class>/"
+        raise ConfigError(f"data.path: data.name={d.name} reads {what}; set data.path")
+    if d.path is not None and d.name not in PATH_DATASETS:
+        raise ConfigError(f"data.path: applies to data.name {' or '.join(PATH_DATASETS)}, not {d.name} "
+                          "(its files are found under data.root)")
+    if d.path is not None and "\0" in d.path:
+        raise ConfigError("data.path: holds a NUL byte")
+    if d.image_size is not None:
+        if d.name != "image_folder":
+            raise ConfigError(f"data.image_size: applies to data.name=image_folder, not {d.name}")
+        _in_range("data.image_size", d.image_size, 1, MAX_IMAGE_SIZE)
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction!r}")
 
 
 def shards_key(m: ModelConfig) -> str | None:

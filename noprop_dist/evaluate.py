@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import sys
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,6 +39,11 @@ class TrainedChain(torch.nn.Module):
     def spec(self):  # noqa: ANN201 - core.ModelSpec
         return self.chain.spec
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """The dataset's class names in label order (npz ``class_names``, image_folder's folders), if it had any."""
+        return self.extra.get("class_names")
+
     def inputs(self, images: object, source: str = "images") -> torch.Tensor:
         """Raw images -> the normalised float (N, C, H, W) batch the chain takes (ValueError naming ``source``)."""
         if isinstance(images, torch.Tensor):
@@ -61,14 +67,16 @@ class TrainedChain(torch.nn.Module):
 
 
 def load_chain(run_dir: str | os.PathLike, steps: int | None = None, sampler: str | None = None,
-               draws: int | None = None) -> TrainedChain:
+               draws: int | None = None, block: Callable | None = None) -> TrainedChain:
     """The run's chain (``<run_dir>/chain.pt``), ready for raw images; no Ray needed. steps (CT / FM), sampler
     and draws (ensemble) override the chain's inference settings. A value that does not apply to the chain is
-    a ValueError naming it."""
+    a ValueError naming it. The shard networks are built by the block the chain records (``model.block``: a
+    registered name or an import path, imported here; a ValueError names the module and why when it cannot be)
+    or by ``block``, the factory itself (for a function defined in the training script)."""
     path = os.path.join(run_dir, "chain.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no chain.pt in {run_dir}: has the run finished?")
-    chain, extra = variants.load_chain(path)
+    chain, extra = variants.load_chain(path, block=block)
     method = chain.spec.method
     if steps is not None and method == "noprop_dt":
         raise ValueError(f"--steps applies to noprop_ct / noprop_fm chains; {path} is {method}")
@@ -102,7 +110,11 @@ def evaluation(run_dir: str, seed: int | None = None, steps: int | None = None, 
     """
     trained = load_chain(run_dir, steps, sampler, draws)
     chain, extra = trained.chain, trained.extra
-    data = load_dataset(extra["dataset"], extra["data_root"], test_limit=extra["test_limit"])
+    if extra["dataset"] == "arrays":
+        raise ValueError(f"{run_dir}: the run trained on arrays given to the Python API, which it did not keep; "
+                         "measure it with noprop_dist.load_chain(run_dir).predict(test_images)")
+    data = load_dataset(extra["dataset"], extra["data_root"], test_limit=extra["test_limit"],
+                        path=extra.get("data_path"), image_size=extra.get("image_size"))
     seed = extra["eval_seed"] if seed is None else seed
     acc, _, table = evaluate_stages(
         chain, torch.from_numpy(np.ascontiguousarray(data.test_x)), torch.from_numpy(data.test_y),

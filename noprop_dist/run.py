@@ -54,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1
     baseline, workers = cfg.model.method in BASELINE_METHODS, summary["num_workers"]
+    block = f" ({summary['block']} blocks)" if summary.get("block", "fig6") != "fig6" else ""
+    val = f"; validation {summary['val_accuracy']:.4f}" if summary.get("val_accuracy") is not None else ""
     print(f"test accuracy of the {'model' if baseline else 'assembled chain'}: {summary['test_accuracy']:.4f} "
-          f"({summary['dataset']}, {describe_model(summary['method'], summary['num_shards'])}, "
-          f"{workers} worker{'' if workers == 1 else 's'}, "
-          f"{summary['train_seconds']:.1f}s training)")
+          f"({summary.get('data', {}).get('name', summary['dataset'])}, "
+          f"{describe_model(summary['method'], summary['num_shards'])}{block}, "
+          f"{workers} worker{'' if workers == 1 else 's'}, {summary['train_seconds']:.1f}s training{val})")
     if baseline:
         print(f"run saved in {summary['run_dir']} (summary.json, checkpoints)")
     else:

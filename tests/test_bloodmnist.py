@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from noprop_dist import data
 from noprop_dist.config import load_config
-from noprop_dist.data import DatasetNotFoundError, load_dataset
+from noprop_dist.data import DatasetNotFoundError, builtin, load_dataset
 
 
 def _write_npz(path, size: int = 28, n=(24, 6, 10), seed: int = 0) -> dict[str, np.ndarray]:
@@ -23,7 +22,7 @@ def _write_npz(path, size: int = 28, n=(24, 6, 10), seed: int = 0) -> dict[str, 
 @pytest.fixture
 def no_default_dir(tmp_path, monkeypatch):
     """Point MedMNIST's default directory (~/.medmnist) at an empty directory: the test sees only its own files."""
-    monkeypatch.setattr(data, "MEDMNIST_DEFAULT_DIR", str(tmp_path / "medmnist_home"))
+    monkeypatch.setattr(builtin, "MEDMNIST_DEFAULT_DIR", str(tmp_path / "medmnist_home"))
     return tmp_path / "medmnist_home"
 
 

@@ -143,7 +143,7 @@ def up_to_ray(monkeypatch):
         raise WouldStartRay
 
     monkeypatch.setattr(driver, "_connect_checked", stop)
-    monkeypatch.setattr(driver, "load_dataset", lambda *a, **k: cached)
+    monkeypatch.setattr(driver, "dataset_for", lambda *a, **k: cached)
 
     def invoke(run_dir: str) -> tuple[int | None, list[str]]:
         err, out = io.StringIO(), io.StringIO()

@@ -12,6 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "noprop_dist"
 # Top to bottom (docs/architecture.md): a module may import its own layer and the layers above it.
 LAYERS: list[tuple[str, ...]] = [
     ("noprop_dist.paper.numbers",),  # the paper's figures, pure data
+    ("noprop_dist.registry",),  # names of blocks and datasets -> import paths, pure data
     ("noprop_dist.config",),
     ("noprop_dist.storage",),
     ("noprop_dist.core",),
@@ -23,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("noprop_dist.api", "noprop_dist.run", "noprop_dist.evaluate", "noprop_dist"),  # entry points
     ("noprop_dist.paper", "noprop_dist.reproduce"),  # the reproduction harness runs the entry points
 ]
-RAY_FREE = [prefix for layer in LAYERS[:8] for prefix in layer] + ["noprop_dist.evaluate", "noprop_dist.api"]
+RAY_FREE = [prefix for layer in LAYERS[:9] for prefix in layer] + ["noprop_dist.evaluate", "noprop_dist.api"]
 
 
 def _modules() -> dict[str, pathlib.Path]:

@@ -63,8 +63,9 @@ def test_dispatch_builds_the_right_networks_and_chains():
         assert all(type(n) is net_type for n in nets)
         chain = variants.build_chain(spec, [n.state_dict() for n in nets], build_shared(spec, 5).state_dict())
         assert type(chain) is chain_type and not chain.training
+    bad = replace(make_spec(), method="noprop_xx")
     with pytest.raises(ValueError, match="unknown method"):
-        variants.build_shard(replace(make_spec(), method="noprop_xx"), 1, 0)
+        variants.build_chain(bad, [variants.build_shard(bad, 1, 0).state_dict()], build_shared(bad, 0).state_dict())
 
 
 def test_ct_shards_are_deterministic_and_distinct():

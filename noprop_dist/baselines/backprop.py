@@ -6,8 +6,8 @@ The T blocks of NoProp-DT chained into one network and trained end to end with b
     p(y | x) = p_out(y | z_T),
 
 with ``u_hat_t = softmax(block_t logits) @ W_embed`` and ONE cross-entropy on ``class_logits(z_T)``. The blocks,
-W_embed and the head are the very modules NoProp-DT trains (``build_block``, ``build_shared``), so the two differ
-only in how credit is assigned.
+W_embed and the head are the very modules NoProp-DT trains (``build_shard``, ``build_shared``, with
+``model.block``'s blocks), so the two differ only in how credit is assigned.
 
 z_0: Eq. 17 of the paper draws z_0 from N(0, I), as NoProp-DT's inference does; we follow it. Training draws
 fresh noise every batch; evaluation draws it from a generator seeded by ``eval.seed`` so a checkpoint
@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from ..core import ModelSpec, build_block, build_shared, class_logits, denoised_estimate
+from ..core import ModelSpec, build_shard, build_shared, class_logits, denoised_estimate
 from .head import widen_head
 
 # The paper does not give the initial w_t. a_t = tanh(w_t) = 0.5 moves z halfway towards each block's
@@ -38,7 +38,7 @@ class BackpropChain(nn.Module):
         super().__init__()
         self.spec = spec
         # Same initial blocks and W_embed as NoProp-DT for the same seed; the head is widened (module docstring).
-        self.blocks = nn.ModuleList(build_block(spec, t, seed) for t in range(1, spec.num_shards + 1))
+        self.blocks = nn.ModuleList(build_shard(spec, t, seed) for t in range(1, spec.num_shards + 1))
         self.shared = build_shared(spec, seed, prototype_init)
         self.head_gain = widen_head(self.shared)  # kept for baseline_start.py's default-init variant
         self.w = nn.Parameter(torch.full((spec.num_shards,), math.atanh(A_INIT)))

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import Config
 from ..core import ModelSpec
+from ..core.blocks import prefers_channels_last
 from ..data import ImageDataset, normalize
 from ..training import initial_prototypes, model_spec, resolve_precision
 from .backprop import BackpropChain
@@ -77,12 +78,15 @@ class GradientLearner(Learner):
         self.module, self.net, self.optimizer = module, net, optimizer
         self.mean, self.std, self.device = mean, std, device
         self.precision = precision
+        self.channels_last = prefers_channels_last(module)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.optimizer]
 
     def _inputs(self, x_u8: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x = normalize(x_u8.to(self.device), self.mean, self.std).contiguous(memory_format=torch.channels_last)
+        x = normalize(x_u8.to(self.device), self.mean, self.std)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return x, _noise((x.shape[0], self.module.embed_dim), generator, self.device)  # z_0 ~ N(0, I)
 
     def train_step(self, x_u8: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> float:
@@ -165,22 +169,24 @@ class DTPLearner(Learner):
         self.feedback_opt.load_state_dict(state["feedback_opt"])
 
 
-def baseline_spec(cfg: Config, dataset: ImageDataset) -> ModelSpec:
-    """The ModelSpec of a backprop (T = model.num_blocks DT blocks) or adjoint (one CT network) model."""
-    spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
+def baseline_spec(cfg: Config, dataset: ImageDataset, block: Callable | None = None) -> ModelSpec:
+    """The ModelSpec of a backprop (T = model.num_blocks blocks of model.block; ``block``: its factory, when the
+    Python API was given one) or adjoint (one CT network) model."""
+    spec = model_spec(cfg, dataset.image_shape, dataset.num_classes, block)
     return dataclasses.replace(spec, num_shards=cfg.model.num_blocks if cfg.model.method == "backprop" else 1)
 
 
 def build_learner(cfg: Config, dataset: ImageDataset, device: torch.device,
-                  wrap: Wrap = lambda m: m) -> Learner:
+                  wrap: Wrap = lambda m: m, block: Callable | None = None) -> Learner:
     """The learner ``model.method`` names, its initial weights a function of train.seed (and the data, for
-    prototype embeddings) only. ``wrap`` turns the model into what trains (DDP under Ray Train)."""
+    prototype embeddings) only. ``wrap`` turns the model into what trains (DDP under Ray Train); ``block``: the
+    block factory the Python API was given (backprop)."""
     method, t = cfg.model.method, cfg.train
     if method == "dtp":
         c, h, w = dataset.image_shape
         hyper = dtp_hyper(cfg.data.name, t.lr)
         return DTPLearner(DTPNet(c * h * w, dataset.num_classes, hyper.hidden, t.seed), hyper, t.weight_decay, device)
-    spec = baseline_spec(cfg, dataset)
+    spec = baseline_spec(cfg, dataset, block)
     protos = initial_prototypes(spec, dataset, t.seed)
     if method == "backprop":
         module: nn.Module = BackpropChain(spec, t.seed, protos)
@@ -195,7 +201,9 @@ def build_learner(cfg: Config, dataset: ImageDataset, device: torch.device,
     else:
         raise ValueError(f"not a baseline method: {method!r}; allowed: backprop, adjoint, dtp")
     # channels_last: as the NoProp blocks (training.BlockTrainer), so the two time the same convolutions.
-    module = module.to(device, memory_format=torch.channels_last)
+    module = module.to(device)
+    if prefers_channels_last(module):
+        module = module.to(memory_format=torch.channels_last)
     net = wrap(module)
     optimizer = make_opt(module.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     return GradientLearner(module, net, optimizer, dataset.mean, dataset.std, device,

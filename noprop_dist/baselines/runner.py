@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from ..config import BASELINE_METHODS, Config, ConfigError, worker_threads
-from ..data import ImageDataset, load_dataset
+from ..data import ImageDataset, dataset_for
 from ..observability.progress import duration
 from ..storage.run_dir import RunDir
 from ..storage.summary import run_summary, write_summary
-from ..training import lr_schedule_factor, peak_rss_mb
+from ..training import checked_spec, lr_schedule_factor, peak_rss_mb
 from .learner import Learner, accuracy, build_learner
 
 # A line every half minute: a long epoch (minutes on a full dataset) shows it moves; a short one stays quiet.
@@ -145,12 +145,13 @@ def train_epochs(
                             nonfinite_steps=int(nonfinite), last_epoch_loss=loss, precision=learner.precision)
             line = f"epoch {done}/{t.passes} | loss {loss:.4f} | {epoch_s:.1f}s training ({train_seconds:.1f}s in all)"
             if (every and done % every == 0) or last:
-                acc = accuracy(learner, dataset.test_x, dataset.test_y, cfg.eval.batch_size, cfg.eval.seed)
+                split, x, y = dataset.eval_split()  # val when the run has a validation split, else test
+                acc = accuracy(learner, x, y, cfg.eval.batch_size, cfg.eval.seed)
                 # epochs trained: the budget itself after a partial last epoch (train.epochs = 0.5: 0.5)
                 progress["curve"].append({"epoch": min(done, t.epochs), "train_seconds": train_seconds,
-                                          "test_accuracy": acc})
-                metrics["test_accuracy"] = acc
-                line += f" | test accuracy {acc:.4f}"
+                                          f"{split}_accuracy": acc})
+                metrics[f"{split}_accuracy"] = acc
+                line += f" | {split} accuracy {acc:.4f}"
             if done % cfg.run.checkpoint_every == 0 or last:
                 rundir.save_epoch(done, {1: {"learner": learner.state_dict()}}, progress, train_seconds)
             log(f"[{cfg.model.method}] {line}")
@@ -158,38 +159,42 @@ def train_epochs(
             report(metrics)
 
 
-DataParallel = Callable[[Config, ImageDataset, RunDir, Any, Log], Any]
+DataParallel = Callable[[Config, ImageDataset, RunDir, Any, Log, Any], Any]
 
 
-def run_baseline(cfg: Config, log: Log = print, data_parallel: DataParallel | None = None) -> dict[str, Any]:
+def run_baseline(cfg: Config, log: Log = print, data_parallel: DataParallel | None = None,
+                 dataset: ImageDataset | None = None, block: Callable | None = None) -> dict[str, Any]:
     """Train (or resume) the baseline ``cfg.model.method`` names, evaluate it, write ``<run.dir>/summary.json``.
 
     cluster.num_workers = 1 trains in this process; more run data-parallel through ``data_parallel(cfg, dataset,
-    rundir, resume, log)``, which trains the remaining epochs into ``rundir`` (``distributed.ray_train.fit``:
+    rundir, resume, log, block)``, which trains the remaining epochs into ``rundir`` (``distributed.ray_train.fit``:
     DDP under Ray Train; this package does not import Ray, so the caller passes it). A run whose checkpoints
     already hold train.epochs epochs is re-evaluated, not retrained. Returns the summary (see ``summary.json``).
+    dataset, block: the arrays and the block factory the Python API was given (see distributed.driver).
     """
     check_baseline(cfg)
     if cfg.cluster.num_workers > 1 and data_parallel is None:
         raise ConfigError(f"cluster.num_workers: {cfg.cluster.num_workers} workers need a data-parallel trainer "
                           "(noprop_dist.train and python -m noprop_dist.run pass Ray Train's)")
-    dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.train_limit, cfg.data.test_limit)
+    dataset = dataset_for(cfg, dataset, log)
+    if cfg.model.method == "backprop":  # the one baseline that trains model.block's blocks
+        checked_spec(cfg, dataset, block)
     rundir = RunDir(cfg.run.dir)
     rundir.check(cfg)  # refuses (a driver already on run.dir included) before the lock creates anything
     with rundir.lock(f"a {cfg.model.method} baseline run"):
-        return _run_locked(cfg, dataset, rundir, log, data_parallel)
+        return _run_locked(cfg, dataset, rundir, log, data_parallel, block)
 
 
 def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Log,
-                data_parallel: DataParallel | None) -> dict[str, Any]:
+                data_parallel: DataParallel | None, block: Callable | None) -> dict[str, Any]:
     rundir.prepare(cfg)
     device = local_device(cfg)
     torch.set_num_threads(worker_threads(cfg.cluster))
-    learner = build_learner(cfg, dataset, device)
+    learner = build_learner(cfg, dataset, device, block=block)
     resume = rundir.load_resume(1, warn=log)
     done = resume.epochs_done if resume else 0
     workers = cfg.cluster.num_workers
-    log(f"{cfg.model.method} on {cfg.data.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images "
+    log(f"{cfg.model.method} on {dataset.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images "
         f"{dataset.image_shape}; {workers} worker{'' if workers == 1 else 's'}; run dir {rundir.path}")
     if resume and done >= cfg.train.passes:
         log(f"run already finished ({done} epochs); not retraining, re-evaluating its checkpoint")
@@ -202,7 +207,7 @@ def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Log,
             progress = resume.shared_state if resume else empty_progress()
             train_epochs(cfg, dataset, learner, rundir, done, resume.train_seconds if resume else 0.0, progress, log)
         else:
-            data_parallel(cfg, dataset, rundir, resume, log)
+            data_parallel(cfg, dataset, rundir, resume, log, block)
         resume = rundir.load_resume(1, warn=log)
     learner.load_state_dict(resume.block_states[1]["learner"])
     summary = _summary(cfg, dataset, learner, resume.shared_state, resume.train_seconds, rundir)
@@ -217,6 +222,8 @@ def _summary(cfg: Config, dataset: ImageDataset, learner: Learner, progress: dic
              rundir: RunDir) -> dict[str, Any]:
     """The keys every run's summary has (:func:`storage.summary.run_summary`), plus the baseline's details."""
     test_acc = accuracy(learner, dataset.test_x, dataset.test_y, cfg.eval.batch_size, cfg.eval.seed)
+    val_acc = (None if dataset.val_x is None else
+               accuracy(learner, dataset.val_x, dataset.val_y, cfg.eval.batch_size, cfg.eval.seed))
     tx, ty = dataset.train_accuracy_subset()
     train_acc = accuracy(learner, tx, ty, cfg.eval.batch_size, cfg.eval.seed)
     m = cfg.model
@@ -227,6 +234,9 @@ def _summary(cfg: Config, dataset: ImageDataset, learner: Learner, progress: dic
         run_dir=rundir.path)
     return {
         **common,
+        "block": m.block,
+        "data": dataset.summary(),
+        "val_accuracy": val_acc,
         "final_loss": float(progress["last_epoch_loss"]),
         "nonfinite_steps": int(progress["nonfinite_steps"]),
         # train.precision as rank 0's training steps ran it ("fp32" or "bf16"), not as this process would

@@ -3,7 +3,15 @@
 ``variants`` dispatches on spec.method; its ``shard_loss`` is reached as ``core.variants.shard_loss`` (the
 package-level ``shard_loss`` stays the DT function, with its DT signature).
 """
-from .blocks import DTBlock, ModelSpec, build_block
+from .blocks import (
+    BlockError,
+    BlockSpec,
+    DTBlock,
+    ModelSpec,
+    build_block,
+    build_shard,
+    make_shard,
+)
 from .chain import (
     DTChain,
     default_device,
@@ -33,14 +41,14 @@ from .objectives import (
 )
 from .schedule import DTSchedule, cosine_abar, randn_like, sample_marginal
 from .shared import SharedState, build_shared, prototype_embedding
-from .variants import build_chain, build_shard, load_chain
+from .variants import build_chain, load_chain
 
 __all__ = [
-    "DTBlock", "ModelSpec", "build_block", "DTChain", "default_device", "evaluate_chain", "evaluate_stages",
+    "BlockError", "BlockSpec", "DTBlock", "ModelSpec", "build_block", "build_shard", "make_shard", "DTChain", "default_device", "evaluate_chain", "evaluate_stages",
     "mean_probabilities", "block_loss", "class_logits",
     "denoised_estimate", "shard_loss", "shared_loss", "DTSchedule", "cosine_abar", "randn_like", "sample_marginal",
     "SharedState", "build_shared", "prototype_embedding",
     "ContinuousChain", "continuous_shard_loss", "ct_shard_loss", "euler_integrate", "fm_path", "fm_shard_loss",
     "sample_times", "shard_interval", "step_shards", "CTBlock", "build_ct_block", "sinusoidal_time_embedding",
-    "LearnedSchedule", "build_chain", "build_shard", "load_chain",
+    "LearnedSchedule", "build_chain", "load_chain",
 ]

@@ -1,10 +1,54 @@
-"""Block networks of NoProp-DT (paper Fig. 6) and the model specification that builds them."""
+"""The block contract and the model specification: what a shard's network is told (:class:`BlockSpec`), how it is
+built from ``model.block`` (:func:`build_shard`), and the paper's Fig. 6 networks of NoProp-DT.
+
+A block is any ``nn.Module`` a factory returns from a :class:`BlockSpec`, with ``forward(z, x) -> logits (B, m)``
+(NoProp-DT, backprop) or ``forward(z, x, t) -> logits (B, m)`` (NoProp-CT / FM). The objectives, embeddings,
+schedules, samplers and chain are the package's; only the network is the factory's. ``model.block`` names the
+factory (noprop_dist.registry.BLOCKS: ``fig6``, ``resnet``) or gives its import path ``package.module:factory``.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
+from typing import Callable
 
 import torch
 from torch import nn
+
+from ..config import ConfigError
+from ..registry import BLOCKS
+
+# The methods whose shard networks take the time t (NoProp-CT / FM, and the adjoint baseline's vector field).
+TIME_CONDITIONED = ("noprop_ct", "noprop_fm", "adjoint")
+# A shard network's initial weights are seeded by seed * SEED_STRIDE + k (DT-form blocks, k <= 1000) or
+# seed * SEED_STRIDE + CT_SEED_OFFSET + k (time-conditioned networks): disjoint from each other and from the
+# shared state's seed * SEED_STRIDE + 999_983.
+SEED_STRIDE = 100_003
+CT_SEED_OFFSET = 500_009
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What a block factory is told about the shard it builds: ``factory(spec) -> nn.Module``.
+
+    The module it returns takes z: (B, embed_dim) the noisy label, x: (B, C, H, W) the normalised images and,
+    when ``time_conditioned``, t: (B,) times in [0, 1]; it returns class logits (B, num_classes). With
+    ``image_like_label`` (prototype embeddings, d = C*H*W) z can be viewed as an image (B, C, H, W).
+    """
+
+    image_shape: tuple[int, int, int]  # (C, H, W) of x
+    num_classes: int  # m: the logits' width
+    embed_dim: int  # d: z's width
+    method: str  # model.method: noprop_dt | noprop_ct | noprop_fm | backprop
+    shard: int  # which network this is, 1..num_shards (DT: block t, CT / FM: time-shard k)
+    num_shards: int  # T blocks or K time-shards
+    image_like_label: bool  # d == C*H*W
+    dropout: float = 0.0  # model.dropout, for blocks that use dropout
+    image_batch_norm: bool = False  # model.image_batch_norm (CT / FM), for blocks that offer the choice
+
+    @property
+    def time_conditioned(self) -> bool:
+        """Whether the block is called as ``forward(z, x, t)`` (CT / FM) rather than ``forward(z, x)``."""
+        return self.method in TIME_CONDITIONED
 
 
 @dataclass(frozen=True)
@@ -36,6 +80,11 @@ class ModelSpec:
     image_batch_norm: bool = False  # CT / FM networks: BatchNorm after the image path (DT blocks always have it)
     ct_readout: str = "head"  # CT's class readout at z_1: head (Eq. 14) | nearest (class embedding, as FM's)
     fm_target: str = "velocity"  # FM's network predicts: velocity (the paper's) | endpoint (core.continuous.fm_field)
+    # model.block: a registered block's name or a factory's import path (chains saved before it existed: fig6).
+    block: str = "fig6"
+    # The factory itself when the Python API was given a function (train(..., block=fn)): it travels to the
+    # workers with the spec, by value where its module is not importable there; never written to a file.
+    block_factory: Callable[[BlockSpec], nn.Module] | None = field(default=None, compare=False, repr=False)
 
     @property
     def image_like_label(self) -> bool:
@@ -43,8 +92,16 @@ class ModelSpec:
         c, h, w = self.image_shape
         return self.embed_dim == c * h * w
 
+    def block_spec(self, k: int) -> BlockSpec:
+        """What the factory of shard k in 1..num_shards is told."""
+        return BlockSpec(image_shape=tuple(self.image_shape), num_classes=self.num_classes, embed_dim=self.embed_dim,
+                         method=self.method, shard=k, num_shards=self.num_shards,
+                         image_like_label=self.image_like_label, dropout=self.dropout,
+                         image_batch_norm=self.image_batch_norm)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The spec as plain values (chain files, checkpoints): the factory is recorded by ``block`` alone."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "block_factory"}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
@@ -93,20 +150,26 @@ class LabelEncoder(nn.Module):
         return h + self.residual(h)
 
 
+# An image path: (image_shape, dropout, batch_norm) -> a module (B, C, H, W) -> (B, 256).
+ImageEncoder = Callable[[tuple[int, int, int], float, bool], nn.Module]
+
+
 class DTBlock(nn.Module):
     """One NoProp-DT block u_hat_t(z_{t-1}, x): returns class logits (B, m).
 
     The block's denoised estimate is ``softmax(logits) @ W_embed``, formed by the objective and the chain,
-    because W_embed is shared state that the block does not own.
+    because W_embed is shared state that the block does not own. ``encoder`` builds the image path (Fig. 6's
+    :class:`ConvEncoder` by default; core.resnet's for the ``resnet`` block); the label path and the fusion
+    are Fig. 6's. spec: a :class:`BlockSpec` (or a ModelSpec, which has the same fields).
     """
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: BlockSpec | ModelSpec, encoder: ImageEncoder = ConvEncoder) -> None:
         super().__init__()
         self.spec = spec
-        self.image_path = ConvEncoder(spec.image_shape, spec.dropout)
-        # Prototype labels live in image space: same conv path (own weights) as the image.
+        self.image_path = encoder(spec.image_shape, spec.dropout, True)
+        # Prototype labels live in image space: same kind of image path (own weights) as the image.
         self.label_path: nn.Module = (
-            ConvEncoder(spec.image_shape, spec.dropout) if spec.image_like_label else LabelEncoder(spec.embed_dim)
+            encoder(spec.image_shape, spec.dropout, True) if spec.image_like_label else LabelEncoder(spec.embed_dim)
         )
         self.fuse = nn.Sequential(
             nn.Linear(512, 256), nn.BatchNorm1d(256), nn.ReLU(),
@@ -122,7 +185,63 @@ class DTBlock(nn.Module):
 
 
 def build_block(spec: ModelSpec, t: int, seed: int) -> DTBlock:
-    """Block t (1..T) with initial weights that depend only on (seed, t): every process builds the same."""
+    """Fig. 6's block t (1..T) with initial weights that depend only on (seed, t): every process builds the same.
+    (:func:`build_shard` builds ``spec.block``'s; for fig6 the two are the same.)"""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 100_003 + t)
+        torch.manual_seed(shard_seed(spec.method, seed, t))
         return DTBlock(spec)
+
+
+class BlockError(ConfigError):
+    """model.block cannot be used: its factory does not import, raises, or builds something that breaks the block
+    contract. The message is one line that names the block and the problem (a ConfigError: the entry points
+    print it and exit with code 2)."""
+
+
+def block_factory(spec: ModelSpec) -> Callable[[BlockSpec], nn.Module]:
+    """The factory ``spec.block`` stands for: the function the Python API was given, else the registered block
+    or the import path (BlockError naming the module and why when it cannot be imported)."""
+    if spec.block_factory is not None:
+        return spec.block_factory
+    from ..registry import ImportTargetError
+
+    try:
+        factory = BLOCKS.resolve(spec.block)
+    except ImportTargetError as e:
+        hint = ("; a function given to noprop_dist.train(block=...) from a script is not importable later: pass it "
+                "again, load_chain(run_dir, block=fn)") if spec.block.startswith("__main__:") else ""
+        raise BlockError(f"model.block={spec.block}: {e}{hint}") from None
+    if not callable(factory):
+        raise BlockError(f"model.block={spec.block}: names a {type(factory).__name__}, not a factory function "
+                         "(BlockSpec) -> nn.Module")
+    return factory
+
+
+def shard_seed(method: str, seed: int, k: int) -> int:
+    """The seed of shard k's initial weights: a function of (seed, k) only, so every process builds the same."""
+    return seed * SEED_STRIDE + (CT_SEED_OFFSET if method in TIME_CONDITIONED else 0) + k
+
+
+def make_shard(spec: ModelSpec, k: int) -> nn.Module:
+    """Shard k's network (1..num_shards) from ``spec.block``'s factory, with whatever initial weights the global
+    RNG gives (the chain loads trained weights into it). BlockError when the factory returns no nn.Module."""
+    factory = block_factory(spec)
+    net = factory(spec.block_spec(k))
+    if not isinstance(net, nn.Module):
+        raise BlockError(f"model.block={spec.block}: the factory returned a {type(net).__name__}, not a "
+                         "torch.nn.Module")
+    return net
+
+
+def prefers_channels_last(net: nn.Module) -> bool:
+    """Whether a network convolves its inputs: oneDNN's and cuDNN's convolutions run faster on NHWC (channels
+    last) activations, so its weights and images are kept so; a network without convolutions gets images as
+    they come (a ``view`` of a channels-last tensor would fail in it)."""
+    return any(isinstance(m, nn.Conv2d) for m in net.modules())
+
+
+def build_shard(spec: ModelSpec, k: int, seed: int) -> nn.Module:
+    """Shard k's network with initial weights that depend only on (seed, k): every process builds the same."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(shard_seed(spec.method, seed, k))
+        return make_shard(spec, k)

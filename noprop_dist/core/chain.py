@@ -4,6 +4,7 @@ Inference never sees a label: z_0 is noise, each block refines it, the head read
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 from typing import Any, Callable
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..config import PAPER_SAMPLER, SAMPLERS
 from ..storage.atomic import atomic_torch_save
-from .blocks import DTBlock, ModelSpec
+from .blocks import ModelSpec, make_shard
 from .objectives import class_logits, denoised_estimate
 from .schedule import DTSchedule, randn_like
 from .shared import SharedState
@@ -33,7 +34,8 @@ def mean_probabilities(log_probs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def read_chain_file(path: str, map_location: str = "cpu") -> tuple[ModelSpec, dict[str, Any]]:
-    """(spec, payload) of a chain file, format checked; loads with weights_only=True (a chain is data)."""
+    """(spec, payload) of a chain file, format checked; loads with weights_only=True (a chain is data). The spec
+    names its block (``spec.block``) but holds no factory."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -58,11 +60,16 @@ def read_chain_file(path: str, map_location: str = "cpu") -> tuple[ModelSpec, di
 
 
 def load_chain_file(
-    path: str, build: Callable[[ModelSpec, list[dict], dict], nn.Module], map_location: str = "cpu"
+    path: str, build: Callable[[ModelSpec, list[dict], dict], nn.Module], map_location: str = "cpu",
+    block: Callable | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Read a chain file and assemble it with ``build(spec, shard_states, shared_state)`` -> (chain, extra).
-    Weights that do not fit the spec's networks raise a ValueError that names the file."""
+    ``block``: the block factory to build the shards with (default: the one ``spec.block`` names, imported).
+    Weights that do not fit the spec's networks, and a block that cannot be imported, raise a ValueError that
+    names the file."""
     spec, payload = read_chain_file(path, map_location)
+    if block is not None:
+        spec = dataclasses.replace(spec, block_factory=block)
     try:
         return build(spec, payload["blocks"], payload["shared"]), payload["extra"]
     except ValueError as e:
@@ -86,10 +93,8 @@ def _load_weights(net: nn.Module, state: dict[str, torch.Tensor], what: str) -> 
 
 
 class SavedChain(nn.Module):
-    """What every assembled chain (DT, CT, FM) shares: its spec, shard networks and shared state, and one
-    file format. Subclasses set ``shard_class`` (built as ``shard_class(spec)``) and define ``forward``."""
-
-    shard_class: type[nn.Module]
+    """What every assembled chain (DT, CT, FM) shares: its spec, shard networks (built by ``spec.block``'s
+    factory) and shared state, and one file format. Subclasses define ``_sample``."""
 
     def __init__(self, spec: ModelSpec, shards: list[nn.Module], shared: SharedState) -> None:
         super().__init__()
@@ -179,9 +184,9 @@ class SavedChain(nn.Module):
         cls, spec: ModelSpec, shard_states: list[dict[str, torch.Tensor]], shared_state: dict[str, torch.Tensor]
     ) -> "SavedChain":
         """Assemble from state dicts (shards in order 1..K); returned in eval mode on the CPU."""
-        shards = [cls.shard_class(spec) for _ in range(spec.num_shards)]
         if len(shard_states) != spec.num_shards:
             raise ValueError(f"chain spec has {spec.num_shards} shard networks but {len(shard_states)} weight sets")
+        shards = [make_shard(spec, k) for k in range(1, spec.num_shards + 1)]
         for k, (net, state) in enumerate(zip(shards, shard_states, strict=True), start=1):
             _load_weights(net, state, f"shard {k} of {spec.num_shards}")
         shared = SharedState(spec)
@@ -196,9 +201,7 @@ class DTChain(SavedChain):
     u_hat_t = softmax(logits_t) @ W_embed and ``z_t = a_t u_hat_t + b_t z_{t-1} (+ sqrt(c_t) eps with eq3)``.
     """
 
-    shard_class = DTBlock
-
-    def __init__(self, spec: ModelSpec, blocks: list[DTBlock], shared: SharedState) -> None:
+    def __init__(self, spec: ModelSpec, blocks: list[nn.Module], shared: SharedState) -> None:
         super().__init__(spec, blocks, shared)
         self.schedule = DTSchedule.cosine(spec.num_shards, spec.abar_max)
         self.coefficients = [self.schedule.posterior_coefficients(t) for t in range(1, spec.num_shards + 1)]

@@ -20,11 +20,11 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import CT_LOSS_WEIGHTS
 from .blocks import ModelSpec
 from .chain import SavedChain, StageTrace
-from .ct_blocks import CTBlock
 from .ct_schedule import LearnedSchedule
 from .objectives import class_logits, denoised_estimate
 from .partition import log_snr_levels, widen
@@ -130,7 +130,7 @@ def ct_marginal(u_y: torch.Tensor, abar: torch.Tensor, noise: torch.Tensor) -> t
 
 
 def ct_shard_loss(
-    net: CTBlock, shared: SharedState, spec: ModelSpec, k: int, x: torch.Tensor, y: torch.Tensor,
+    net: nn.Module, shared: SharedState, spec: ModelSpec, k: int, x: torch.Tensor, y: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(total, denoise) of NoProp-CT shard k. x: (B, C, H, W), y: (B,) int64.
@@ -183,7 +183,7 @@ def fm_field(
 
 
 def fm_shard_loss(
-    net: CTBlock, shared: SharedState, spec: ModelSpec, k: int, x: torch.Tensor, y: torch.Tensor,
+    net: nn.Module, shared: SharedState, spec: ModelSpec, k: int, x: torch.Tensor, y: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(total, denoise) of NoProp-FM shard k. x: (B, C, H, W), y: (B,) int64.
@@ -214,7 +214,7 @@ def fm_shard_loss(
 
 
 def continuous_shard_loss(
-    net: CTBlock, shared: SharedState, spec: ModelSpec, k: int, x: torch.Tensor, y: torch.Tensor,
+    net: nn.Module, shared: SharedState, spec: ModelSpec, k: int, x: torch.Tensor, y: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(total, denoise) of shard k for spec.method in {noprop_ct, noprop_fm}."""
@@ -252,6 +252,14 @@ def euler_integrate(
     return z
 
 
+def image_features(net: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``net.encode_image(x)`` when the network splits its forward into image features and the rest
+    (``encode_image`` and ``forward_features``), else None: the sampler then calls ``net(z, x, t)`` every step."""
+    if callable(getattr(net, "encode_image", None)) and callable(getattr(net, "forward_features", None)):
+        return net.encode_image(x)
+    return None
+
+
 def ct_chain_coefficients(abar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(a, b, c) of Eq. 3 for the steps between consecutive entries of abar (N + 1,) -> each (N,).
 
@@ -269,13 +277,12 @@ class ContinuousChain(SavedChain):
     """K shard networks + shared state of NoProp-CT or NoProp-FM. ``forward(x)`` -> log-probabilities (B, m).
 
     Inference never sees a label: z_0 ~ N(0, I), N steps on the grid t_n = n/N, step n run by the network whose
-    partition interval contains t_n (overlaps only widen the training intervals). Image features are computed
-    once per network (eval mode: dropout off, so exact).
+    partition interval contains t_n (overlaps only widen the training intervals). A network that offers
+    ``encode_image(x)`` and ``forward_features(h_x, z, t)`` (Fig. 6's and resnet's do) has its image features
+    computed once and reused for all its steps (eval mode: exact); any other runs ``forward(z, x, t)`` each step.
     """
 
-    shard_class = CTBlock
-
-    def __init__(self, spec: ModelSpec, nets: list[CTBlock], shared: SharedState) -> None:
+    def __init__(self, spec: ModelSpec, nets: list[nn.Module], shared: SharedState) -> None:
         if spec.method not in ("noprop_ct", "noprop_fm"):
             raise ValueError(f"ContinuousChain is for noprop_ct / noprop_fm, got {spec.method!r}")
         super().__init__(spec, nets, shared)
@@ -310,7 +317,7 @@ class ContinuousChain(SavedChain):
         if n_steps < 1:
             raise ValueError(f"steps must be >= 1, got {n_steps}")
         embed = self.shared.embed
-        features = [net.encode_image(x) for net in self.blocks]
+        features = [image_features(net, x) for net in self.blocks]
         uniform = self.spec.shard_partition == "uniform"
         shard_of = step_shards(n_steps, len(self.blocks), None if uniform else self.shard_bounds())
         last_of_shard = {n for n in range(n_steps) if n == n_steps - 1 or shard_of[n + 1] != shard_of[n]}
@@ -318,6 +325,8 @@ class ContinuousChain(SavedChain):
 
         def logits_at(z: torch.Tensor, t: float, n: int) -> torch.Tensor:
             k = shard_of[n]
+            if features[k] is None:
+                return self.blocks[k](z, x, self._time(t, z))
             return self.blocks[k].forward_features(features[k], z, self._time(t, z))
 
         def record(n: int, z_next: torch.Tensor, logits: torch.Tensor, z1_hat: torch.Tensor | None = None) -> None:

@@ -13,15 +13,19 @@ import math
 import torch
 from torch import nn
 
-from .blocks import ConvEncoder, ModelSpec
+from .blocks import (
+    CT_SEED_OFFSET,
+    SEED_STRIDE,
+    BlockSpec,
+    ConvEncoder,
+    ImageEncoder,
+    ModelSpec,
+)
 
 TIME_EMBED_DIM = 64
 # Times in [0, 1] are scaled to [0, 1000] before the sinusoids, as if they were the step index of a 1000-step
 # chain (the paper's inference grid): then the lowest frequencies still separate neighbouring steps.
 TIME_SCALE = 1000.0
-# build_ct_block seeds with seed * 100_003 + CT_SEED_OFFSET + k: disjoint from the DT blocks' seed * 100_003 + t
-# (t <= T << 500_009) and from the shared state's seed * 100_003 + 999_983.
-CT_SEED_OFFSET = 500_009
 
 
 def sinusoidal_time_embedding(t: torch.Tensor, dim: int = TIME_EMBED_DIM) -> torch.Tensor:
@@ -53,15 +57,15 @@ class CTBlock(nn.Module):
     formed by the objective / chain because W_embed is shared state the network does not own.
     """
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: BlockSpec | ModelSpec, encoder: ImageEncoder = ConvEncoder) -> None:
         super().__init__()
         self.spec = spec
         # image_batch_norm: the BatchNorm the DT block has after its FC256 (the paper's CT / FM network has none);
         # in eval mode it uses running statistics, so the features stay a function of x alone.
-        self.image_path = ConvEncoder(spec.image_shape, spec.dropout, batch_norm=spec.image_batch_norm)
-        # Prototype labels live in image space: the same kind of conv path (own weights) as the image.
+        self.image_path = encoder(spec.image_shape, spec.dropout, spec.image_batch_norm)
+        # Prototype labels live in image space: the same kind of image path (own weights) as the image.
         self.label_path: nn.Module = (
-            ConvEncoder(spec.image_shape, spec.dropout, batch_norm=False) if spec.image_like_label
+            encoder(spec.image_shape, spec.dropout, False) if spec.image_like_label
             else LabelEncoderNoBN(spec.embed_dim)
         )
         self.time_path = nn.Sequential(nn.Linear(TIME_EMBED_DIM, 256), nn.ReLU())
@@ -90,5 +94,5 @@ class CTBlock(nn.Module):
 def build_ct_block(spec: ModelSpec, k: int, seed: int) -> CTBlock:
     """Network of shard k (1..K) with initial weights that depend only on (seed, k): every process builds the same."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 100_003 + CT_SEED_OFFSET + k)
+        torch.manual_seed(seed * SEED_STRIDE + CT_SEED_OFFSET + k)
         return CTBlock(spec)

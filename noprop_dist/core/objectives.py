@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .blocks import DTBlock, ModelSpec
+from .blocks import ModelSpec
 from .schedule import DTSchedule, sample_marginal
 from .shared import SharedState
 
@@ -34,7 +35,7 @@ def class_logits(shared: SharedState, z: torch.Tensor, class_prob: str, radial_s
 
 
 def block_loss(
-    block: DTBlock,
+    block: nn.Module,
     shared: SharedState,
     schedule: DTSchedule,
     t: int,
@@ -74,7 +75,7 @@ def shared_loss(
 
 
 def shard_loss(
-    block: DTBlock,
+    block: nn.Module,
     shared: SharedState,
     spec: ModelSpec,
     schedule: DTSchedule,

@@ -7,17 +7,16 @@ go to core.ct_blocks / core.continuous. Every chain has ``forward(x, generator) 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..config import NOPROP_METHODS
 from . import objectives
-from .blocks import ModelSpec, build_block
+from .blocks import ModelSpec, build_shard
 from .chain import DTChain, load_chain_file
 from .continuous import ContinuousChain, continuous_shard_loss
-from .ct_blocks import build_ct_block
 from .schedule import DTSchedule
 from .shared import SharedState
 
@@ -34,11 +33,7 @@ def dt_schedule(num_blocks: int, abar_max: float) -> DTSchedule:
     return DTSchedule.cosine(num_blocks, abar_max)
 
 
-def build_shard(spec: ModelSpec, k: int, seed: int) -> nn.Module:
-    """The network of shard k in 1..spec.num_shards; initial weights depend only on (seed, k)."""
-    if _check(spec.method) == "noprop_dt":
-        return build_block(spec, k, seed)
-    return build_ct_block(spec, k, seed)
+__all__ = ["build_chain", "build_shard", "dt_schedule", "load_chain", "shard_loss"]  # build_shard: core.blocks'
 
 
 def shard_loss(
@@ -59,6 +54,7 @@ def build_chain(spec: ModelSpec, shard_states: list[dict], shared_state: dict) -
     return ContinuousChain.from_states(spec, shard_states, shared_state)
 
 
-def load_chain(path: str, map_location: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Load a chain file of any method -> (chain, extra); the spec's method picks the chain class."""
-    return load_chain_file(path, build_chain, map_location)
+def load_chain(path: str, map_location: str = "cpu", block: Callable | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a chain file of any method -> (chain, extra); the spec's method picks the chain class, its ``block``
+    the shard networks (``block``: the factory itself, for a chain whose factory cannot be imported by its path)."""
+    return load_chain_file(path, build_chain, map_location, block)

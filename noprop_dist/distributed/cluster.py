@@ -1,15 +1,22 @@
-"""Joining a Ray cluster, or starting a local one on loopback."""
+"""Joining a Ray cluster, or starting a local one on loopback; what its workers need to import a user's block."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import site
 import socket
 import stat
+import sys
+import sysconfig
+import types
 import warnings
 from pathlib import Path
 
 import ray
 
 from ..config import ConfigError
+from ..core import ModelSpec
+from ..core.blocks import block_factory
 
 LOOPBACK = "127.0.0.1"
 AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch: "token" (authentication on) or "disabled"
@@ -125,3 +132,31 @@ def connect(num_cpus_needed: float, quiet: bool = False, dashboard: bool = True,
     )
     protect_token_file()  # Ray may just have written it
     return True
+
+
+def _installed(module: types.ModuleType) -> bool:
+    """Whether every worker imports ``module`` as the driver does: noprop_dist itself (the workers run it), or a
+    module in an installed location (site-packages, the standard library). A module from the user's own
+    directory is not: a local cluster's workers find the driver's working directory, a remote node's do not."""
+    if module.__name__.split(".")[0] == __name__.split(".")[0]:
+        return True
+    path = getattr(module, "__file__", None)
+    if not path:
+        return True  # built in or frozen
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib", "platstdlib")}
+    roots |= set(site.getsitepackages()) | {site.getusersitepackages()}
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, os.path.realpath(r)]) == os.path.realpath(r) for r in roots if r)
+
+
+def ship_block(spec: ModelSpec) -> ModelSpec:
+    """The spec with its block factory resolved, ready to send to the workers: a factory from the user's own
+    module (the working directory, a `ray job submit --working-dir`, a function given to the Python API) travels
+    by value, with its module's functions and classes, so the workers need no PYTHONPATH and no copy of the file;
+    one from an installed package travels by reference and is imported there."""
+    factory = block_factory(spec)
+    module = sys.modules.get(getattr(factory, "__module__", "") or "")
+    if module is not None and module.__name__ != "__main__" and not _installed(module):
+        top = module.__name__.split(".")[0]  # the whole package: the factory may use its sibling modules
+        ray.cloudpickle.register_pickle_by_value(sys.modules[top])
+    return dataclasses.replace(spec, block_factory=factory)

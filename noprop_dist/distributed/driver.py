@@ -10,7 +10,8 @@ from typing import Any, Callable
 import ray
 
 from ..config import Config, ConfigError
-from ..data import ImageDataset, load_dataset
+from ..core import ModelSpec
+from ..data import ImageDataset, dataset_for
 from ..observability.metrics import run_id as metrics_run_id
 from ..observability.progress import ProgressDisplay
 from ..observability.run_log import MetricsLog, write_report
@@ -23,16 +24,18 @@ from ..storage.summary import (
     write_summary,
 )
 from ..training import (
+    checked_spec,
     evaluate_states,
     final_evaluation,
-    model_spec,
     peak_rss_mb,
-    train_subset_accuracy,
+    split_accuracy,
 )
-from .cluster import connect
+from .cluster import connect, ship_block
 from .supervisor import Supervisor, split_reports
 
-CURVE_FILE = "curve.json"  # test accuracy against cumulative training time, one point per evaluation
+# The chain's accuracy on the evaluation split (val when the run has one, else test) against cumulative training
+# time, one point per evaluation: {"epoch", "train_seconds", "val_accuracy" | "test_accuracy"}.
+CURVE_FILE = "curve.json"
 
 
 def _check_resources(cfg: Config) -> None:
@@ -47,15 +50,15 @@ def _check_resources(cfg: Config) -> None:
         )
 
 
-def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Any, display: ProgressDisplay,
-                  mlog: MetricsLog, run_label: str | None, curve: list[dict]) -> tuple[dict[int, dict], dict, list[dict], float, list[dict]]:
+def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, resume: Any,
+                  display: ProgressDisplay, mlog: MetricsLog, run_label: str | None,
+                  curve: list[dict]) -> tuple[dict[int, dict], dict, list[dict], float, list[dict]]:
     """Train the remaining epochs; returns (block states, server state, worker reports, train seconds,
-    restart events). ``curve`` gets a test-accuracy point every ``eval.every_epochs`` (not the last epoch:
-    the caller measures that one).
+    restart events). ``curve`` gets a point on the evaluation split (val, else test) every
+    ``eval.every_epochs`` (not the last epoch: the caller measures that one).
 
     run_label: the `run` label of the metrics the actors export, None when they export none.
     """
-    spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
     sup = Supervisor(cfg, spec, dataset, rundir, resume, display, run_label)
     train_seconds = resume.train_seconds if resume else 0.0
     start_epoch = resume.epochs_done if resume else 0
@@ -81,11 +84,12 @@ def _train_on_ray(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: An
                 display.message(f"epoch {done}/{cfg.train.passes} done in {epoch_seconds[-1]:.1f}s; "
                                 f"checkpoint saved to {rundir.ckpt_dir}")
             if evaluate_now:  # on the driver, outside train_seconds
-                _, acc = evaluate_states(spec, dataset, states, shared_state, cfg.eval.batch_size, cfg.eval.seed)
-                curve.append({"epoch": done, "train_seconds": train_seconds, "test_accuracy": acc})
-                mlog.accuracy(done, acc, train_seconds)
+                split = dataset.eval_split()[0]
+                _, acc = evaluate_states(spec, dataset, states, shared_state, cfg.eval.batch_size, cfg.eval.seed, split)
+                curve.append({"epoch": done, "train_seconds": train_seconds, f"{split}_accuracy": acc})
+                mlog.accuracy(done, acc, train_seconds, split)
                 atomic_write_json(rundir.file(CURVE_FILE), curve)
-                display.message(f"epoch {done}: test accuracy of the chain as it stands {acc:.4f}")
+                display.message(f"epoch {done}: {split} accuracy of the chain as it stands {acc:.4f}")
         for r in reports:
             r["epoch_wall_seconds"] = epoch_seconds
         return states, shared_state, reports, train_seconds, sup.events
@@ -115,20 +119,26 @@ def _read_curve(rundir: RunDir, epochs_done: int) -> list[dict]:
         return []
 
 
-def run_training(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_training(cfg: Config, log: Callable[[str], None] = print, dataset: ImageDataset | None = None,
+                 block: Callable | None = None) -> dict[str, Any]:
     """Train (or resume) the run ``cfg`` describes on Ray, evaluate the assembled chain, write the summary.
 
-    One driver per run.dir: a second one is refused (ConfigError naming the holder) while this one runs.
+    dataset: the arrays the Python API was given (cfg.data.name is then "arrays"), else cfg.data's loader runs.
+    block: the block factory the Python API was given (cfg.model.block records its import path).
+    The dataset is loaded and the block built and run on two of its images (training.checked_spec) before anything
+    is written or Ray starts. One driver per run.dir: a second one is refused (ConfigError naming the holder)
+    while this one runs.
     """
-    dataset = load_dataset(cfg.data.name, cfg.data.root, cfg.data.download, cfg.data.train_limit, cfg.data.test_limit)
+    dataset = dataset_for(cfg, dataset, log)
+    spec = ship_block(checked_spec(cfg, dataset, block))
     rundir = RunDir(cfg.run.dir)
     with contextlib.ExitStack() as held:  # the lock, once taken, is held until the summary is written
-        return _run(cfg, dataset, rundir, log, lambda: held.enter_context(rundir.lock("a noprop_dist training run")))
+        return _run(cfg, spec, dataset, rundir, log,
+                    lambda: held.enter_context(rundir.lock("a noprop_dist training run")))
 
 
-def _run(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Callable[[str], None],
+def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, log: Callable[[str], None],
          take_lock: Callable[[], None]) -> dict[str, Any]:
-    spec = model_spec(cfg, dataset.image_shape, dataset.num_classes)
     # Everything that can refuse the run does so before anything is written to run.dir (a driver already
     # running on it included).
     cleared = rundir.check(cfg)
@@ -144,9 +154,10 @@ def _run(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Callable[[str]
         run_label = metrics_run_id(cfg)
         mlog = MetricsLog(rundir.path, run_label, cfg.metrics.write_every_seconds, warn=log,
                           tensorboard=cfg.metrics.tensorboard)
-        log(f"{cfg.data.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images {dataset.image_shape}; "
-            f"{describe_model(spec.method, spec.num_shards)} on {cfg.cluster.num_workers} workers; "
-            f"run dir {rundir.path}")
+        val = f" / {len(dataset.val_y)} val" if dataset.val_y is not None else ""
+        log(f"{dataset.name}: {len(dataset.train_y)} train{val} / {len(dataset.test_y)} test images "
+            f"{dataset.image_shape}, {dataset.num_classes} classes; {describe_model(spec.method, spec.num_shards)} "
+            f"on {cfg.cluster.num_workers} workers, {spec.block} blocks; run dir {rundir.path}")
         reports: list[dict] = []
         events: list[dict] = []
         curve = _read_curve(rundir, resume.epochs_done if resume else 0)
@@ -161,7 +172,7 @@ def _run(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Callable[[str]
             if cfg.metrics.enabled:
                 log(f"metrics: exported through Ray's metrics port with the label run=\"{run_label}\"")
             states, shared_state, reports, train_seconds, events = _train_on_ray(
-                cfg, dataset, rundir, resume, display, mlog, run_label if cfg.metrics.enabled else None, curve)
+                cfg, spec, dataset, rundir, resume, display, mlog, run_label if cfg.metrics.enabled else None, curve)
     finally:
         if started:
             ray.shutdown()
@@ -173,19 +184,26 @@ def _run(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Callable[[str]
             | {"run_id": run_label, "status": "evaluating"})
     chain, evaluation = final_evaluation(spec, dataset, states, shared_state, cfg.eval.batch_size, cfg.eval.seed)
     accuracy = evaluation["test_accuracy"]
+    split, _, _ = dataset.eval_split()
+    # The test set is scored once, here; with a validation split the curve's last point is the final chain on it.
+    val_accuracy = (split_accuracy(chain, dataset, "val", cfg.eval.batch_size, cfg.eval.seed)
+                    if split == "val" else None)
     if not curve or curve[-1]["epoch"] < cfg.train.epochs:
-        curve.append({"epoch": cfg.train.epochs, "train_seconds": train_seconds, "test_accuracy": accuracy})
+        last = accuracy if val_accuracy is None else val_accuracy
+        curve.append({"epoch": cfg.train.epochs, "train_seconds": train_seconds, f"{split}_accuracy": last})
         atomic_write_json(rundir.file(CURVE_FILE), curve)
-        mlog.accuracy(cfg.train.epochs, accuracy, train_seconds)
+        mlog.accuracy(cfg.train.epochs, last, train_seconds, split)
     mlog.close()
-    train_accuracy = train_subset_accuracy(chain, dataset, cfg.eval.batch_size, cfg.eval.seed)
+    train_accuracy = split_accuracy(chain, dataset, "train", cfg.eval.batch_size, cfg.eval.seed)
     chain.save(rundir.file("chain.pt"), extra={
         "dataset": cfg.data.name, "data_root": cfg.data.root, "test_limit": cfg.data.test_limit,
+        "data_path": cfg.data.path, "image_size": cfg.data.image_size,
+        "class_names": list(dataset.class_names) if dataset.class_names else None,
         "mean": list(dataset.mean), "std": list(dataset.std), "test_accuracy": accuracy,
         "eval_seed": cfg.eval.seed, "eval_batch_size": cfg.eval.batch_size,
     })
     summary = _summary(cfg, spec, dataset, accuracy, train_accuracy, train_seconds, reports, shared_state, rundir,
-                       curve, events) | {"run_id": run_label, "status": "done"} | evaluation
+                       curve, events) | {"run_id": run_label, "status": "done", "val_accuracy": val_accuracy} | evaluation
     write_summary(rundir.path, summary)
     write_report(rundir.path, summary, run_label)
     return summary
@@ -220,6 +238,8 @@ def _summary(cfg: Config, spec: Any, dataset: ImageDataset, accuracy: float | No
         run_dir=rundir.path)
     return {
         **common,
+        "block": spec.block,
+        "data": dataset.summary(),
         "num_blocks": cfg.model.num_blocks,
         "restarts": events if reports else old.get("restarts", []),
         "sync_mode": cfg.train.sync_mode,

@@ -12,17 +12,17 @@ on storage every node can reach (as Ray Train requires of storage_path on a mult
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import ray
 import torch
 
-from ..baselines.learner import build_learner
+from ..baselines.learner import baseline_spec, build_learner
 from ..baselines.runner import Log, empty_progress, train_epochs
 from ..config import ClusterConfig, Config, config_from_dict, worker_threads
 from ..data import ImageDataset
 from ..storage.run_dir import Resume, RunDir
-from .cluster import connect
+from .cluster import connect, ship_block
 
 
 def connect_for_train(c: ClusterConfig) -> bool:
@@ -35,8 +35,10 @@ def connect_for_train(c: ClusterConfig) -> bool:
     return connect(c.num_workers * c.cpus_per_worker, dashboard=True, allow_unauthenticated=c.allow_unauthenticated)
 
 
-def fit(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Resume | None, log: Log = print) -> Any:
+def fit(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Resume | None, log: Log = print,
+        block: Callable | None = None) -> Any:
     """Train epochs ``resume.epochs_done .. train.epochs - 1`` on cfg.cluster.num_workers Ray Train workers.
+    block: the block factory the Python API was given (it travels to the workers as the NoProp workers' does).
 
     Joins the running Ray cluster or starts a local one on loopback (``cluster.connect``, token auth as Ray sets
     it); a cluster started here is shut down at the end. Returns Ray Train's ``Result``.
@@ -47,6 +49,8 @@ def fit(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Resume | Non
     c = cfg.cluster
     run_dir = os.path.abspath(rundir.path)  # workers do not share the driver's working directory
     started = connect_for_train(c)
+    # backprop trains model.block's blocks; the factory travels to the workers as the NoProp workers' does
+    factory = ship_block(baseline_spec(cfg, dataset, block)).block_factory if cfg.model.method == "backprop" else None
     try:
         resources = {"CPU": c.cpus_per_worker} | ({"GPU": c.gpus_per_worker} if c.gpus_per_worker > 0 else {})
         start = None
@@ -56,7 +60,7 @@ def fit(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Resume | Non
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir, "data": ray.put(dataset),
-                               "start": ray.put(start)},
+                               "start": ray.put(start), "block": factory},
             scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.gpus_per_worker > 0,
                                          resources_per_worker=resources),
             run_config=RunConfig(name="ray_train", storage_path=os.path.join(run_dir, "ray_train")),
@@ -80,7 +84,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     dataset: ImageDataset = ray.get(config["data"])
     start = ray.get(config["start"])
     device = ray.train.torch.get_device()
-    learner = build_learner(cfg, dataset, device, wrap=ray.train.torch.prepare_model)
+    learner = build_learner(cfg, dataset, device, wrap=ray.train.torch.prepare_model, block=config["block"])
     if start is not None:
         learner.load_state_dict(start["learner"])
 

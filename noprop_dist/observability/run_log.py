@@ -76,10 +76,10 @@ class MetricsLog:
             self.tensorboard.write_rows(rows)
         return True
 
-    def accuracy(self, epoch: int | float, accuracy: float, train_seconds: float) -> None:
-        """A point of the chain's accuracy curve (curve.json holds them all); TensorBoard gets it too."""
+    def accuracy(self, epoch: int | float, accuracy: float, train_seconds: float, split: str = "test") -> None:
+        """A point of the chain's accuracy curve on ``split`` (curve.json holds them all); TensorBoard gets it too."""
         if self.tensorboard is not None:
-            self.tensorboard.write_accuracy(epoch, accuracy, train_seconds)
+            self.tensorboard.write_accuracy(epoch, accuracy, train_seconds, split)
 
     def close(self) -> None:
         if self.tensorboard is not None:

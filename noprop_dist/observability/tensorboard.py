@@ -52,12 +52,13 @@ class TensorBoardLog:
         for writer in self.writers.values():
             writer.flush()
 
-    def write_accuracy(self, epoch: int | float, accuracy: float, train_seconds: float) -> None:
-        """The chain's test accuracy after ``epoch`` epochs (tag ``test_accuracy``, and against training time).
-        A fractional budget (train.epochs = 0.5) is drawn at the epoch it ends in: TensorBoard's steps are whole."""
+    def write_accuracy(self, epoch: int | float, accuracy: float, train_seconds: float, split: str = "test") -> None:
+        """The chain's accuracy on ``split`` (test, or val when the run has a validation split) after ``epoch``
+        epochs (tag ``<split>_accuracy``, and against training time). A fractional budget (train.epochs = 0.5)
+        is drawn at the epoch it ends in: TensorBoard's steps are whole."""
         writer = self._writer("chain")
-        writer.add_scalar("test_accuracy", accuracy, global_step=math.ceil(epoch))
-        writer.add_scalar("test_accuracy_vs_train_seconds", accuracy, global_step=int(round(train_seconds)))
+        writer.add_scalar(f"{split}_accuracy", accuracy, global_step=math.ceil(epoch))
+        writer.add_scalar(f"{split}_accuracy_vs_train_seconds", accuracy, global_step=int(round(train_seconds)))
         writer.flush()
 
     def close(self) -> None:

@@ -197,10 +197,12 @@ class RunDir:
         return old
 
     def _conflict(self, old: dict, new: dict) -> str | None:
-        """The first setting that differs between the directory's run and this config, if any."""
+        """The first setting that differs between the directory's run and this config, if any. A key the
+        directory's config lacks was added since that run, which ran with its default."""
         keys = [(s, k) for s in _IDENTITY_SECTIONS for k in new[s]] + [("train", k) for k in _IDENTITY_TRAIN_KEYS]
+        defaults = Config().to_dict()
         for section, key in keys:
-            before = old.get(section, {}).get(key)
+            before = old.get(section, {}).get(key, defaults[section][key])
             if before != new[section][key]:
                 return (f"run.dir: {self.path} holds a run with {section}.{key}={before!r}, "
                         f"this config has {new[section][key]!r}")

@@ -13,7 +13,7 @@ from .evaluation import (
     assemble_chain,
     evaluate_states,
     final_evaluation,
-    train_subset_accuracy,
+    split_accuracy,
 )
 from .hardware import native_bf16, peak_rss_mb, resolve_precision
 from .loop import (
@@ -26,10 +26,11 @@ from .loop import (
     nonfinite,
 )
 from .reference import train_in_process
-from .spec import initial_prototypes, model_spec
+from .spec import checked_spec, initial_prototypes, model_spec
 
 __all__ = [
-    "BlockStats", "BlockTrainer", "ShardGroup", "TrainingData", "assemble_chain", "assign_blocks", "clone_state",
+    "BlockStats", "BlockTrainer", "ShardGroup", "TrainingData", "assemble_chain", "assign_blocks", "checked_spec",
+    "clone_state",
     "evaluate_states", "final_evaluation", "initial_prototypes", "lr_schedule_factor", "model_spec", "native_bf16",
-    "nonfinite", "peak_rss_mb", "replica_key", "resolve_precision", "train_in_process", "train_subset_accuracy",
+    "nonfinite", "peak_rss_mb", "replica_key", "resolve_precision", "split_accuracy", "train_in_process",
 ]

@@ -21,15 +21,11 @@ def assemble_chain(spec: ModelSpec, block_states: dict[int, dict], shared_state:
 
 def evaluate_states(
     spec: ModelSpec, dataset: ImageDataset, block_states: dict[int, dict], shared_state: dict,
-    batch_size: int, seed: int,
+    batch_size: int, seed: int, split: str = "test",
 ) -> tuple[torch.nn.Module, float]:
-    """Assemble the chain from shard and shared states (shards 1..K) and measure its test accuracy."""
+    """Assemble the chain from shard and shared states (shards 1..K) and measure its accuracy on ``split``."""
     chain = assemble_chain(spec, block_states, shared_state)
-    acc, _ = evaluate_chain(
-        chain, torch.from_numpy(np.ascontiguousarray(dataset.test_x)), torch.from_numpy(dataset.test_y),
-        batch_size, seed, lambda xb: normalize(xb, dataset.mean, dataset.std),
-    )
-    return chain, acc
+    return chain, split_accuracy(chain, dataset, split, batch_size, seed)
 
 
 def final_evaluation(
@@ -61,11 +57,17 @@ def final_evaluation(
     }
 
 
-def train_subset_accuracy(chain: torch.nn.Module, dataset: ImageDataset, batch_size: int, seed: int) -> float:
-    """Accuracy of the chain on the training images of :meth:`ImageDataset.train_accuracy_subset`."""
-    tx, ty = dataset.train_accuracy_subset()
+def split_accuracy(chain: torch.nn.Module, dataset: ImageDataset, split: str, batch_size: int, seed: int) -> float:
+    """Accuracy of the chain (its own sampler) on one split: "test", "val" (ValueError when the dataset has none)
+    or "train", the training images of :meth:`ImageDataset.train_accuracy_subset`."""
+    if split == "train":
+        x, y = dataset.train_accuracy_subset()
+    elif split == "val" and dataset.val_x is None:
+        raise ValueError(f"{dataset.name} has no validation split")
+    else:
+        x, y = {"test": (dataset.test_x, dataset.test_y), "val": (dataset.val_x, dataset.val_y)}[split]
     acc, _ = evaluate_chain(
-        chain, torch.from_numpy(tx), torch.from_numpy(ty), batch_size, seed,
+        chain, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y)), batch_size, seed,
         lambda xb: normalize(xb, dataset.mean, dataset.std),
     )
     return acc

@@ -17,6 +17,7 @@ import torch
 
 from ..config import TrainConfig
 from ..core import ModelSpec
+from ..core.blocks import prefers_channels_last
 from ..core.variants import build_shard, shard_loss
 from ..data import normalize
 from .assignment import replica_key
@@ -55,9 +56,11 @@ class BlockTrainer:
 
     def __init__(self, spec: ModelSpec, t: int, train: TrainConfig, device: torch.device) -> None:
         self.spec, self.t, self.device = spec, t, device
-        # channels_last: oneDNN's and cuDNN's convolutions run faster on NHWC activations, and the conv
-        # weights' layout decides the layout of the activations they produce.
-        self.block = build_shard(spec, t, train.seed).to(device, memory_format=torch.channels_last)
+        self.block = build_shard(spec, t, train.seed).to(device)
+        # The conv weights' layout decides the layout of the activations they produce (core.blocks).
+        self.channels_last = prefers_channels_last(self.block)
+        if self.channels_last:
+            self.block = self.block.to(memory_format=torch.channels_last)
         self.params = list(self.block.parameters())
         # fused: the step takes ``found_inf`` and skips itself on the device (see ``step``).
         self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
@@ -164,8 +167,8 @@ class TrainingData:
     GPU_SHARE = 0.5
 
     def __init__(self, train_x: np.ndarray, train_y: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: torch.device) -> None:
-        self.device = device
+                 device: torch.device, channels_last: bool = True) -> None:
+        self.device, self.channels_last = device, channels_last
         with warnings.catch_warnings():  # a read-only view (the object store's); it is never written
             warnings.simplefilter("ignore", UserWarning)
             x, y = torch.from_numpy(train_x), torch.from_numpy(np.asarray(train_y, dtype=np.int64))
@@ -184,10 +187,12 @@ class TrainingData:
         return self.x.shape[0]
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """idx: (B,) int64 on ``self.where`` -> (normalised float images (B, C, H, W), labels (B,)) on the device."""
+        """idx: (B,) int64 on ``self.where`` -> (normalised float images (B, C, H, W), labels (B,)) on the device;
+        channels last for blocks that convolve them (core.blocks.prefers_channels_last)."""
         x = self.x.index_select(0, idx).to(self.device, non_blocking=True)
         y = self.y.index_select(0, idx).to(self.device, non_blocking=True)
-        return normalize(x, self.mean, self.std).contiguous(memory_format=torch.channels_last), y
+        x = normalize(x, self.mean, self.std)
+        return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
 
 
 @dataclass
@@ -216,7 +221,8 @@ class ShardGroup:
         self.trainers = {t: BlockTrainer(self.spec, t, self.train, self.device) for t in self.block_ids}
         self.stats = {t: BlockStats(block=t) for t in self.block_ids}
         self.replica = SharedReplica(self.spec, self.train, self.client, self.device, self.log)
-        self.data = TrainingData(self.train_x, self.train_y, self.mean, self.std, self.device)
+        self.data = TrainingData(self.train_x, self.train_y, self.mean, self.std, self.device,
+                                 channels_last=any(tr.channels_last for tr in self.trainers.values()))
 
     # --- state ---------------------------------------------------------------------------
     @property

@@ -1,8 +1,8 @@
-"""Image datasets as plain numpy arrays: loaders for digits, (Fashion-)MNIST, CIFAR-10/100 and BloodMNIST.
+"""The built-in datasets: scikit-learn's digits, (Fashion-)MNIST, CIFAR-10/100 and BloodMNIST.
 
-Every loader returns an :class:`ImageDataset` whose images are uint8 NCHW, C-contiguous arrays:
-they go into Ray's object store once and every block worker reads them zero-copy, converting a
-batch to float only on its device with :func:`normalize`.
+Each ``load_<name>(data, log)`` is the loader :data:`noprop_dist.registry.DATASETS` names for ``data.name``; it
+returns the full splits as an :class:`~noprop_dist.data.dataset.ImageDataset` (limits and the validation split are
+applied afterwards, by :func:`~noprop_dist.data.dataset.load_dataset`).
 
 The file formats (IDX for MNIST, python pickles for CIFAR) are parsed here rather than through
 torchvision's dataset classes, so no md5 check or network is needed for files already on disk;
@@ -16,12 +16,21 @@ import gzip
 import os
 import pickle
 import struct
-from dataclasses import dataclass
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
-import torch
 
+from ..config import DataConfig
+from .dataset import (
+    DatasetFileError,
+    DatasetNotFoundError,
+    ImageDataset,
+    Log,
+    make_dataset,
+)
+
+# The built-in datasets, found under data.root (or bundled); every data.name is in noprop_dist.registry.DATASETS.
 DATASET_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100",
                                    "bloodmnist", "bloodmnist_64", "bloodmnist_128")
 
@@ -29,7 +38,6 @@ T = TypeVar("T")
 
 # Used when ``root`` is None (relative to the working directory; ignored by git).
 DEFAULT_ROOT = "data"
-TRAIN_ACCURACY_LIMIT = 10_000  # train_accuracy is measured on at most this many training images
 # Where Debian's `apt-get install dataset-fashion-mnist` puts the four gzipped IDX files.
 # Module-level so tests can point it elsewhere.
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -53,14 +61,69 @@ _CIFAR = {  # name -> (directory, train files, test files, label key, classes)
 }
 
 
-class DatasetNotFoundError(Exception):
-    """Raised when the files are missing; the message names every expected file and the directories searched."""
+# ---------------------------------------------------------------- the registry's loaders
+
+def _root(data: DataConfig) -> str:
+    return DEFAULT_ROOT if data.root is None else os.fspath(data.root)
 
 
-class DatasetFileError(ValueError):
-    """A data file that is not in its format (or, a CIFAR pickle, would run code); the message is one line
-    that names the file. The entry points turn it into that line and exit code 2."""
+def load_digits(data: DataConfig, log: Log) -> ImageDataset:
+    """``digits``: scikit-learn's bundled 8x8 digits, (N, 1, 8, 8); ``data.root`` is ignored."""
+    train, test, classes = _load_digits()
+    return make_dataset("digits", train, test, classes)
 
+
+def _mnist_like(name: str, data: DataConfig) -> ImageDataset:
+    train, test, classes = _load_mnist_like(name, _root(data), data.download)
+    return make_dataset(name, train, test, classes)
+
+
+def load_mnist(data: DataConfig, log: Log) -> ImageDataset:
+    """``mnist``: IDX files, (N, 1, 28, 28)."""
+    return _mnist_like("mnist", data)
+
+
+def load_fashion_mnist(data: DataConfig, log: Log) -> ImageDataset:
+    """``fashion_mnist``: IDX files, (N, 1, 28, 28); also found where Debian's package puts them."""
+    return _mnist_like("fashion_mnist", data)
+
+
+def _cifar(name: str, data: DataConfig) -> ImageDataset:
+    train, test, classes = _load_cifar(name, _root(data), data.download)
+    return make_dataset(name, train, test, classes)
+
+
+def load_cifar10(data: DataConfig, log: Log) -> ImageDataset:
+    """``cifar10``: the python batches, (N, 3, 32, 32)."""
+    return _cifar("cifar10", data)
+
+
+def load_cifar100(data: DataConfig, log: Log) -> ImageDataset:
+    """``cifar100``: the python batches, (N, 3, 32, 32), fine labels."""
+    return _cifar("cifar100", data)
+
+
+def _bloodmnist(name: str, data: DataConfig) -> ImageDataset:
+    train, test, val, classes = _load_medmnist(name, _root(data), data.download)
+    return make_dataset(name, train, test, classes, val)
+
+
+def load_bloodmnist(data: DataConfig, log: Log) -> ImageDataset:
+    """``bloodmnist``: MedMNIST's 28x28 .npz, (N, 3, 28, 28), with its val split."""
+    return _bloodmnist("bloodmnist", data)
+
+
+def load_bloodmnist_64(data: DataConfig, log: Log) -> ImageDataset:
+    """``bloodmnist_64``: MedMNIST+'s 64x64 .npz, (N, 3, 64, 64), with its val split."""
+    return _bloodmnist("bloodmnist_64", data)
+
+
+def load_bloodmnist_128(data: DataConfig, log: Log) -> ImageDataset:
+    """``bloodmnist_128``: MedMNIST+'s 128x128 .npz, (N, 3, 128, 128), with its val split."""
+    return _bloodmnist("bloodmnist_128", data)
+
+
+# ---------------------------------------------------------------- CIFAR: the restricted unpickler
 
 class _RefusedGlobal(pickle.UnpicklingError):
     """A pickle asked for a global that a CIFAR batch does not need; the message names it."""
@@ -120,91 +183,8 @@ def read_cifar_batch(path: str) -> dict:
     return batch
 
 
-@dataclass(frozen=True, eq=False)  # eq=False: comparing/hashing arrays element-wise makes no sense
-class ImageDataset:
-    """A train/test split held in memory.
 
-    ``train_x``: uint8 (N_train, C, H, W); ``train_y``: int64 (N_train,); same for ``test_*``.
-    ``mean``/``std``: per-channel statistics of ``train_x / 255`` (length C).
-    """
-
-    name: str
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one image."""
-        c, h, w = self.train_x.shape[1:]
-        return int(c), int(h), int(w)
-
-    def train_accuracy_indices(self, limit: int = TRAIN_ACCURACY_LIMIT) -> np.ndarray:
-        """Indices (n,) int64 of the training images every method's ``train_accuracy`` is measured on, so
-        Table 1's train column compares like with like: at most ``limit``, evenly spaced through the training
-        set (all of them if fewer)."""
-        n = len(self.train_y)
-        return np.linspace(0, n - 1, min(n, limit)).astype(np.int64)
-
-    def train_accuracy_subset(self, limit: int = TRAIN_ACCURACY_LIMIT) -> tuple[np.ndarray, np.ndarray]:
-        """The images of :meth:`train_accuracy_indices`: (x uint8 (n, C, H, W), y int64 (n,)), C-contiguous."""
-        idx = self.train_accuracy_indices(limit)
-        return np.ascontiguousarray(self.train_x[idx]), np.ascontiguousarray(self.train_y[idx])
-
-
-def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
-    """(B, C, H, W) uint8 -> float32 ``(x/255 - mean) / std`` per channel, on ``x``'s device.
-
-    mean, std: per-channel sequences, or tensors already on x's device (then no copy is made per batch).
-    """
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x_uint8.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x_uint8.device).view(1, -1, 1, 1)
-    return (x_uint8.to(torch.float32) / 255.0 - m) / s
-
-
-def load_dataset(name: str, root: str | None = None, download: bool = False,
-                 train_limit: int | None = None, test_limit: int | None = None) -> ImageDataset:
-    """Load ``name`` (one of :data:`DATASET_NAMES`) as uint8 NCHW arrays.
-
-    ``root``: directory holding the files (None: :data:`DEFAULT_ROOT`; ignored for ``digits``).
-    ``download``: fetch missing files through torchvision into ``root`` (needs a network).
-    ``train_limit``/``test_limit``: keep a deterministic subset of k examples, the first k of a
-    ``np.random.default_rng(0)`` permutation, so that small subsets still hold every class.
-    mean/std are computed on the (possibly limited) training set.
-    """
-    if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASET_NAMES)}")
-    for key, lim in (("train_limit", train_limit), ("test_limit", test_limit)):
-        if lim is not None and lim <= 0:
-            raise ValueError(f"{key} must be a positive integer or None, got {lim}")
-    root = DEFAULT_ROOT if root is None else os.fspath(root)
-    if name == "digits":
-        (trx, try_), (tex, tey), classes = _load_digits()
-    elif name in ("mnist", "fashion_mnist"):
-        (trx, try_), (tex, tey), classes = _load_mnist_like(name, root, download)
-    elif name in _MEDMNIST:
-        (trx, try_), (tex, tey), classes = _load_medmnist(name, root, download)
-    else:
-        (trx, try_), (tex, tey), classes = _load_cifar(name, root, download)
-    trx, try_ = _subset(trx, try_, train_limit)
-    tex, tey = _subset(tex, tey, test_limit)
-    scaled = trx.astype(np.float64) / 255.0  # float64: sums over ~1e8 pixels stay exact enough
-    mean = tuple(float(v) for v in scaled.mean(axis=(0, 2, 3)))
-    std = tuple(float(v) for v in scaled.std(axis=(0, 2, 3)))
-    return ImageDataset(name, trx, try_, tex, tey, classes, mean, std)
-
-
-def _subset(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the first ``limit`` of a fixed-seed permutation; always return C-contiguous arrays."""
-    if limit is not None and limit < len(y):
-        idx = np.random.default_rng(0).permutation(len(y))[:limit]
-        x, y = x[idx], y[idx]
-    return np.ascontiguousarray(x, dtype=np.uint8), np.ascontiguousarray(y, dtype=np.int64)
-
+# ---------------------------------------------------------------- the file formats
 
 def _load_digits():
     """scikit-learn's bundled 8x8 digits (1797 images, values 0..16), as uint8 (N, 1, 8, 8).
@@ -346,11 +326,11 @@ def _load_cifar(name: str, root: str, download: bool):
 
 
 def _load_medmnist(name: str, root: str, download: bool):
-    """A MedMNIST ``.npz`` file: images (N, 3, H, W) uint8, labels (N,) int64.
+    """A MedMNIST ``.npz`` file: (train, test, val or None, classes), images (N, 3, H, W) uint8, labels (N,) int64.
 
     The file holds ``{train,val,test}_images`` uint8 (N, H, W, 3) (or (N, H, W) for the grey datasets)
-    and ``{train,val,test}_labels`` (N, 1). The train split trains and the test split tests; the val split
-    is not used (the paper's protocol has no validation set either). Searched in ``root`` and then
+    and ``{train,val,test}_labels`` (N, 1). The train split trains and the test split tests; the val split,
+    when the file has it, is the validation split the per-epoch curve reads. Searched in ``root`` and then
     :data:`MEDMNIST_DEFAULT_DIR` (where the ``medmnist`` package downloads to).
     """
     fname, classes = _MEDMNIST[name]
@@ -366,8 +346,9 @@ def _load_medmnist(name: str, root: str, download: bool):
         missing = [k for k in ("train_images", "train_labels", "test_images", "test_labels") if k not in npz.files]
         if missing:
             raise DatasetFileError(f"{path}: not a MedMNIST file, keys {missing} missing (has {npz.files})")
+        has_val = "val_images" in npz.files and "val_labels" in npz.files
         split = []
-        for part in ("train", "test"):
+        for part in ("train", "test", "val") if has_val else ("train", "test"):
             x, y = npz[f"{part}_images"], npz[f"{part}_labels"]
             if x.ndim == 3:  # grey MedMNIST datasets store (N, H, W)
                 x = x[..., None]
@@ -378,7 +359,7 @@ def _load_medmnist(name: str, root: str, download: bool):
             if y.size and not (0 <= y.min() and y.max() < classes):
                 raise DatasetFileError(f"{path}: {part}_labels outside [0, {classes})")
             split.append((x.transpose(0, 3, 1, 2), y))  # NHWC -> NCHW
-    return split[0], split[1], classes
+    return split[0], split[1], split[2] if has_val else None, classes
 
 
 def _medmnist_download(name: str, root: str) -> None:
