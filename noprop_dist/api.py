@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from .config import BASELINE_METHODS, Config, ConfigError, load_config
+from .config import BASELINE_METHODS, Config, ConfigError, load_config, resume_config
 from .registry import target_of
 
 if TYPE_CHECKING:
@@ -33,19 +33,20 @@ class TrainResult:
 
 
 def run_config(cfg: Config, log: Callable[[str], None] = print, dataset: ImageDataset | None = None,
-               block: BlockFactory | None = None) -> dict[str, Any]:
-    """Train (or resume, or re-evaluate) the run ``cfg`` describes; returns its summary. dataset / block: the
-    arrays and the block factory the Python API was given (see :func:`train`)."""
+               block: BlockFactory | None = None, on_epoch: Callable[[dict], Any] | None = None) -> dict[str, Any]:
+    """Train (or resume, or re-evaluate) the run ``cfg`` describes; returns its summary. dataset / block /
+    on_epoch: the arrays, the block factory and the per-epoch callback the Python API was given (see
+    :func:`train`)."""
     if cfg.model.method in BASELINE_METHODS:
         from .baselines.runner import run_baseline
 
         data_parallel = None
         if cfg.cluster.num_workers > 1:
             from .distributed.ray_train import fit as data_parallel  # imports Ray Train
-        return run_baseline(cfg, log, data_parallel, dataset, block)
+        return run_baseline(cfg, log, data_parallel, dataset, block, on_epoch)
     from .distributed.driver import run_training  # imports Ray
 
-    return run_training(cfg, log, dataset, block)
+    return run_training(cfg, log, dataset, block, on_epoch)
 
 
 def _dotted(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +65,7 @@ def _dotted(overrides: dict[str, Any]) -> dict[str, Any]:
 
 def train(config: str | os.PathLike | Config | None = None, *, preset: str | None = None,
           dataset: ImageDataset | None = None, block: BlockFactory | None = None,
+          on_epoch: Callable[[dict], Any] | None = None, resume: str | os.PathLike | None = None,
           log: Callable[[str], None] = print, **overrides: Any) -> TrainResult:
     """Train the run a config describes, as ``python -m noprop_dist.run`` does, and return its summary.
 
@@ -72,10 +74,19 @@ def train(config: str | os.PathLike | Config | None = None, *, preset: str | Non
     (``data.name`` becomes ``arrays``; the config's limits and ``data.val_fraction`` still apply).
     block: your own block factory ``(BlockSpec) -> nn.Module`` in place of ``model.block`` (which records its
     import path); it reaches the Ray workers by value (docs/your_data_and_blocks.md).
+    on_epoch: called after every epoch with a dict of its figures: ``epoch``, ``epochs`` (the budget),
+    ``train_seconds``, ``losses`` (per shard), ``val_accuracy`` or ``test_accuracy`` when measured,
+    ``best_epoch``, ``best_val_accuracy``, ``stopping_early``; for Ray Tune, Optuna or a notebook. What it raises
+    ends the run (which resumes from that epoch's checkpoint): an Optuna pruning exception, for instance.
+    resume: a run directory to continue, with its own config (its config.yaml; overrides still apply).
     overrides: sections as mappings (``train={"epochs": 3}``) or dotted keys (``**{"train.epochs": 3}``),
     applied after the file and the preset. A bad key or value raises ConfigError naming it; nothing is written.
+    Every run without ``run.dir`` gets a new directory, ``runs/<config>/<date>-<time>``.
     """
     values = _dotted(overrides)
+    if resume is not None and (config is not None or preset is not None):
+        raise ConfigError(f"resume: continues the run in {resume} with its own config; give overrides, not "
+                          "config or preset")
     if dataset is not None:
         from .data import ImageDataset
 
@@ -88,7 +99,9 @@ def train(config: str | os.PathLike | Config | None = None, *, preset: str | Non
             raise ConfigError(f"block: expected a factory function (BlockSpec) -> nn.Module, got a "
                               f"{type(block).__name__}")
         values = {"model.block": target_of(block)} | values
-    if isinstance(config, Config):
+    if resume is not None:
+        cfg = resume_config(resume, values=values)
+    elif isinstance(config, Config):
         if preset is not None:
             raise ConfigError("preset: applies to a config file or name, not to a Config object")
         cfg = load_config(None, values=_dotted(config.to_dict()) | values)
@@ -97,7 +110,7 @@ def train(config: str | os.PathLike | Config | None = None, *, preset: str | Non
     if dataset is None and cfg.data.name == "arrays":
         raise ConfigError("data.name: arrays needs the arrays: noprop_dist.train(config, dataset="
                           "ImageDataset.from_arrays(...))")
-    summary = run_config(cfg, log, dataset, block)
+    summary = run_config(cfg, log, dataset, block, on_epoch)
     return TrainResult(summary=summary, run_dir=str(summary["run_dir"]))
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -149,6 +150,9 @@ class TrainConfig:
     # A block whose loss or gradients become NaN/inf applies nothing, rolls back to its state at the
     # start of the epoch and trains on at `nonfinite_lr_factor` ** (its rollbacks) times its rate
     # (rollback), or stops (stop); after `max_nonfinite` rollbacks it stops too. The other blocks go on either way.
+    # With a validation split (data.val_fraction, or the dataset's own): end the run once the validation accuracy
+    # has not risen for this many epochs (0: never). chain.pt is the best validation epoch's chain either way.
+    early_stop_patience: int = 0
     on_nonfinite: NonfinitePolicy = "rollback"
     nonfinite_lr_factor: float = 0.5
     max_nonfinite: int = 3
@@ -194,7 +198,9 @@ class ClusterConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/quickstart"
+    # Where config, checkpoints, chain and summary go. None: a new directory for every run,
+    # runs/<config name>/<date>-<time> (new_run_dir); the same directory again resumes that run.
+    dir: str | None = None
     checkpoint_every: int = 1  # epochs between checkpoints
     overwrite: bool = False  # true: a run.dir written by another config is cleared and started afresh
 
@@ -428,8 +434,57 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     for dotted, value in values.items():
         section, name = dotted.split(".")
         _apply(cfg, section, name, value)
+    if cfg.run.dir is None:
+        cfg.run.dir = new_run_dir(os.path.splitext(os.path.basename(path))[0] if path is not None else "quickstart")
     validate(cfg)
     return cfg
+
+
+def resume_config(run_dir: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+                  values: dict[str, Any] | None = None) -> Config:
+    """The config that continues the run in ``run_dir``: its own ``config.yaml``, then ``overrides`` / ``values``
+    as :func:`load_config` takes them, its run.dir that directory. ConfigError when it holds no run's config."""
+    snapshot = os.path.join(os.fspath(run_dir), "config.yaml")
+    if not os.path.isfile(snapshot):
+        raise ConfigError(f"--resume {os.fspath(run_dir)}: no config.yaml there: not a run directory")
+    return load_config(snapshot, overrides, values=dict(values or {}) | {"run.dir": os.fspath(run_dir)})
+
+
+RUNS_ROOT = "runs"  # where runs without a run.dir go (relative to the working directory; ignored by git)
+
+
+def new_run_dir(name: str, root: str = RUNS_ROOT) -> str:
+    """A run directory no run has used: ``<root>/<name>/<date>-<time>`` (a suffix -2, -3, ... when two runs start
+    in the same second), so that every command makes a run of its own; resuming one names it (run.dir=DIR or
+    ``--resume DIR``)."""
+    stem = os.path.join(root, name, time.strftime("%Y%m%d-%H%M%S"))
+    path, n = stem, 1
+    while os.path.lexists(path):
+        n += 1
+        path = f"{stem}-{n}"
+    return path
+
+
+def key_table() -> list[tuple[str, str, str]]:
+    """(section.key, default, what it takes) for every config key, from the dataclasses, their types and the
+    registries: what ``python -m noprop_dist.run --help`` lists, so it cannot drift from the config."""
+    takes = {"data.name": DATASETS.allowed(), "model.block": BLOCKS.allowed(), "eval.sampler": ", ".join(SAMPLERS)}
+    rows = []
+    for section in fields(Config):
+        obj = section.default_factory()
+        for name, typ in get_type_hints(type(obj)).items():
+            key = f"{section.name}.{name}"
+            if key not in takes:
+                if get_origin(typ) is Literal:
+                    takes[key] = ", ".join(get_args(typ))
+                else:
+                    takes[key] = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                                  int | float: "a number", int | None: "an integer or null",
+                                  float | None: "a number or null", str | None: "a string or null"}[typ]
+            default = getattr(obj, name)
+            rows.append((key, "null" if default is None else str(default).lower() if isinstance(default, bool)
+                         else str(default), takes[key]))
+    return rows
 
 
 def config_from_dict(mapping: dict[str, Any]) -> Config:
@@ -472,6 +527,9 @@ MAX_INFERENCE_STEPS = 100_000
 MAX_BATCH_SIZE = 1 << 20
 # image_folder's resize: every image becomes S x S x C bytes in memory and in Ray's object store.
 MAX_IMAGE_SIZE = 4_096
+# Early stopping counts epochs; no run has more (train.epochs is not capped, but a patience longer than this is
+# not one).
+MAX_EPOCHS = 1_000_000
 # One Ray actor (a process) per worker, and the NoProp methods need at least one shard per worker.
 MAX_WORKERS = MAX_SHARDS
 # A worker's CPUs become its torch threads (set_num_threads takes a C int) and its bundle lies on one node:
@@ -532,6 +590,10 @@ def validate(cfg: Config) -> None:
     _positive("train.sync_every", t.sync_every)
     _choice("train.precision", t.precision, PRECISIONS)
     _positive("train.log_every_seconds", t.log_every_seconds)
+    _in_range("train.early_stop_patience", t.early_stop_patience, 0, MAX_EPOCHS)
+    if t.early_stop_patience and cfg.eval.every_epochs == 0:
+        raise ConfigError("train.early_stop_patience: needs a validation accuracy every epoch or few; "
+                          "eval.every_epochs=0 measures none until the end")
     _choice("train.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
     if not 0.0 < t.nonfinite_lr_factor < 1.0:
         raise ConfigError(f"train.nonfinite_lr_factor: must be in (0, 1), got {t.nonfinite_lr_factor}")
@@ -556,7 +618,9 @@ def validate(cfg: Config) -> None:
     if c.device == "cuda" and c.gpus_per_worker == 0:
         raise ConfigError("cluster.device: 'cuda' needs cluster.gpus_per_worker > 0")
     if not cfg.run.dir:
-        raise ConfigError("run.dir: must be a non-empty path")
+        raise ConfigError("run.dir: must be a non-empty path (or null: a new directory under runs/)")
+    if "\0" in cfg.run.dir:
+        raise ConfigError("run.dir: holds a NUL byte")
     _positive("run.checkpoint_every", cfg.run.checkpoint_every)
     _in_range("eval.batch_size", cfg.eval.batch_size, 1, MAX_BATCH_SIZE)
     _in_range("eval.seed", cfg.eval.seed, *EVAL_SEED_RANGE)

@@ -5,7 +5,8 @@ batch size as at the end of training, hence the same predictions), or writes pre
 the images in a ``.npy`` file (uint8 (N, C, H, W), or floats in [0, 1]; see :func:`predict`).
 ``--sampler eq3|mean|ensemble|stage_average|ode`` (``--draws N``) chooses the inference sampler, ``--stages``
 adds the accuracy along the chain, block by block, and NoProp-CT / FM chains take ``--steps N`` to measure
-accuracy against the number of inference steps.
+accuracy against the number of inference steps. ``--predict`` runs the chain as the run saved it (it refuses
+those options), in batches, and writes exactly the file ``--out`` names.
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ import numpy as np
 import torch
 
 from .core import evaluate_stages, variants
+from .core.chain import Z0_ONLY_SAMPLERS
 from .data import DatasetNotFoundError, load_dataset, normalize
+
+PREDICT_BATCH = 1000  # images per call of the chain in TrainedChain.predict and --predict
 
 
 class TrainedChain(torch.nn.Module):
@@ -44,26 +48,63 @@ class TrainedChain(torch.nn.Module):
         """The dataset's class names in label order (npz ``class_names``, image_folder's folders), if it had any."""
         return self.extra.get("class_names")
 
-    def inputs(self, images: object, source: str = "images") -> torch.Tensor:
-        """Raw images -> the normalised float (N, C, H, W) batch the chain takes (ValueError naming ``source``)."""
+    def raw_images(self, images: object, source: str = "images") -> torch.Tensor:
+        """Raw images -> uint8 (N, C, H, W) as the chain's dataset stores them (ValueError naming ``source``)."""
         if isinstance(images, torch.Tensor):
             images = images.detach().cpu().numpy()
-        x = as_chain_images(images, self.spec.image_shape, source)
-        return normalize(torch.from_numpy(x), self.extra["mean"], self.extra["std"])
+        return torch.from_numpy(as_chain_images(images, self.spec.image_shape, source))
 
-    def forward(self, images: object, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Class log-probabilities (N, m) of raw ``images``; ``generator`` seeds the sampler's noise."""
-        return self.chain(self.inputs(images), generator)
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> the normalised float32 (N, C, H, W) the chain takes (the run's mean and std)."""
+        return normalize(images, self.extra["mean"], self.extra["std"])
 
-    def predict(self, images: object, seed: int = 0, source: str = "images") -> np.ndarray:
-        """Predicted classes (N,) int64 of raw ``images``, the sampler's noise seeded by ``seed``."""
+    def inputs(self, images: object, source: str = "images") -> torch.Tensor:
+        """Raw images -> the normalised float (N, C, H, W) batch the chain takes (ValueError naming ``source``)."""
+        return self.normalize(self.raw_images(images, source))
+
+    def z0(self, n: int, seed: int) -> torch.Tensor:
+        """z_0 (n, d) float32 that ``predict(images, seed)`` starts n images from: :func:`draw_z0`."""
+        return draw_z0(n, self.spec.embed_dim, seed)
+
+    def forward(self, images: object, generator: torch.Generator | None = None,
+                z0: torch.Tensor | None = None) -> torch.Tensor:
+        """Class log-probabilities (N, m) of raw ``images``; ``generator`` seeds the sampler's noise, ``z0`` (N, d)
+        replaces its first draw, z_0 (core.SavedChain.forward)."""
+        return self.chain(self.inputs(images), generator, z0=z0)
+
+    def predict(self, images: object, seed: int = 0, source: str = "images",
+                batch_size: int = PREDICT_BATCH) -> np.ndarray:
+        """Predicted classes (N,) int64 of raw ``images``, the sampler's noise seeded by ``seed``.
+
+        The predictions of one call of the chain on all N images with ``torch.Generator().manual_seed(seed)``.
+        Samplers whose only noise is z_0 (core.chain.Z0_ONLY_SAMPLERS) run in batches of ``batch_size``, each
+        with its rows of the one z_0 (N, d) drawn for all N images (:func:`draw_z0`), so memory does not grow
+        with N; eq3 and the ensemble draw noise at every step and run on all N at once to keep those draws.
+        """
         low, high = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not low <= int(seed) <= high:
             raise ValueError(f"seed: must be an integer in [{low}, {high}], got {seed!r}")
-        x = self.inputs(images, source)
-        if len(x) == 0:
+        if batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+        x = self.raw_images(images, source)
+        n = len(x)
+        if n == 0:
             return np.zeros(0, dtype=np.int64)
-        return self.chain.predict(x, torch.Generator().manual_seed(int(seed))).numpy()
+        if self.chain.sampler_name() not in Z0_ONLY_SAMPLERS:
+            return self.chain.predict(self.normalize(x), torch.Generator().manual_seed(int(seed))).numpy()
+        z0 = self.z0(n, int(seed))
+        out = np.empty(n, dtype=np.int64)
+        for i in range(0, n, batch_size):
+            out[i : i + batch_size] = self.chain.predict(self.normalize(x[i : i + batch_size]),
+                                                         z0=z0[i : i + batch_size]).numpy()
+        return out
+
+
+def draw_z0(n: int, embed_dim: int, seed: int) -> torch.Tensor:
+    """z_0 (n, embed_dim) float32 that ``load_chain(run_dir).predict(images, seed)`` starts n images from:
+    ``torch.randn((n, d), generator=torch.Generator().manual_seed(seed))``, the chain's own first draw for a
+    batch of n (core.chain.start_noise). An exported chain (noprop_dist.export) takes it as its input z0."""
+    return torch.randn((n, embed_dim), generator=torch.Generator().manual_seed(int(seed)))
 
 
 def load_chain(run_dir: str | os.PathLike, steps: int | None = None, sampler: str | None = None,
@@ -184,11 +225,31 @@ def load_images(path: str) -> np.ndarray:
     return images
 
 
+def refuse_with_predict(args: argparse.Namespace) -> None:
+    """A one-line ValueError when an option that --predict would ignore was given: --predict runs the chain with
+    the inference settings the run saved."""
+    given = [f"--{name}" for name in ("sampler", "steps", "draws") if getattr(args, name) is not None]
+    given += ["--stages"] if args.stages else []
+    if given:
+        raise ValueError(f"{', '.join(given)} does not apply to --predict, which runs the chain as the run saved it "
+                         "(its sampler and steps); --predict takes --out and --seed")
+
+
+def write_predictions(out: str, preds: np.ndarray) -> None:
+    """``preds`` as a .npy array in exactly the file ``out`` (np.save given a name adds .npy to one without it)."""
+    try:
+        with open(out, "wb") as f:
+            np.save(f, preds)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot be written ({e.strerror or e})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m noprop_dist.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("run_dir")
     p.add_argument("--predict", metavar="IMAGES.npy",
-                   help=f"write predictions for these images instead: {PREDICT_INPUT.replace('%', '%%')}")
+                   help=f"write predictions for these images instead: {PREDICT_INPUT.replace('%', '%%')}; with the "
+                        "run's sampler and steps (--sampler, --steps, --draws, --stages are refused)")
     p.add_argument("--out", default="predictions.npy", help="where --predict writes (default: %(default)s)")
     p.add_argument("--steps", type=int, help="CT / FM: inference steps (default: model.inference_steps of the run)")
     p.add_argument("--sampler",
@@ -199,12 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.predict:
+            refuse_with_predict(args)
             preds = predict(args.run_dir, load_images(args.predict), 0 if args.seed is None else args.seed,
                             source=args.predict)
-            try:
-                np.save(args.out, preds)
-            except OSError as e:
-                raise ValueError(f"--out {args.out}: cannot be written ({e.strerror or e})") from None
+            write_predictions(args.out, preds)
             print(f"{len(preds)} predictions written to {args.out}")
         else:
             result = evaluation(args.run_dir, args.seed, args.steps, args.sampler, args.draws, args.stages)

@@ -1,16 +1,20 @@
 """Entry point: ``python -m noprop_dist.run [--config FILE] [--preset paper] [--set KEY=VALUE ...]``.
 
 With no --config it runs the quickstart default (noprop_dist/configs/quickstart.yaml's values are the defaults).
-Config and data errors, and a run directory or data file it cannot read or write, end with one line on
-stderr and exit code 2, no traceback.
+Every run gets a directory of its own (runs/<config>/<date>-<time>) unless run.dir names one; ``--resume DIR``
+continues a run with its own config. Config and data errors, and a run directory or data file it cannot read or
+write, end with one line on stderr and exit code 2, no traceback.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+import yaml
+
 from .api import run_config
-from .config import BASELINE_METHODS, PRESETS, ConfigError, load_config
+from .config import BASELINE_METHODS, PRESETS, ConfigError, key_table, load_config, resume_config
 from .data import DatasetFileError, DatasetNotFoundError
 from .distributed.restart_policy import (
     TrainingFailed,  # no Ray import: the CLI stays fast on bad input
@@ -19,10 +23,24 @@ from .storage.run_dir import CheckpointError
 from .storage.summary import describe_model
 
 
+def _keys_epilog() -> str:
+    """Every config key, its default and what it takes (config.key_table), for --help."""
+    rows = key_table()
+    width = max(len(k) for k, _, _ in rows)
+    lines = [f"  {key:<{width}}  {default:<10} {takes}" for key, default, takes in rows]
+    return ("config keys (--set KEY=VALUE; default, then what it takes; docs/usage.md says what each does):\n"
+            + "\n".join(lines))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m noprop_dist.run", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m noprop_dist.run", description=__doc__.splitlines()[0],
+                                epilog=_keys_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a packaged config's name (mnist, fashion_mnist_ct, ...; see noprop_dist/configs/) "
                    "or a YAML file; default: the quickstart")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its own config "
+                   "(RUN_DIR/config.yaml; --set still overrides keys, e.g. train.epochs to train longer)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML) and exit without training")
     p.add_argument("--preset", choices=PRESETS, help="paper: the paper's Table 3 settings and inference sampler "
                    "on top of the config (--set still overrides them)")
     # nargs + extend: "--set a=1 b=2" and "--set a=1 --set b=2" both work, as in reproduce and the benchmarks
@@ -37,10 +55,25 @@ def _os_error(e: OSError) -> str:
     return f"{paths}: {e.strerror or e.__class__.__name__}; check the path and its permissions"
 
 
+def resolved_config(args: argparse.Namespace):  # noqa: ANN201 - config.Config
+    """The config the command line asks for: --config (or the quickstart), --preset and --set; with --resume the
+    run directory's own config.yaml, its run.dir the directory. ConfigError (one line) when they conflict."""
+    if args.resume is None:
+        return load_config(args.config, args.overrides, args.preset)
+    if args.config is not None or args.preset is not None:
+        raise ConfigError(f"--resume {args.resume}: continues that run with its own config "
+                          f"({os.path.join(args.resume, 'config.yaml')}); change keys with --set, not --config or "
+                          "--preset")
+    return resume_config(args.resume, args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides, args.preset)
+        cfg = resolved_config(args)
+        if args.print_config:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
         summary = run_config(cfg)  # imports torch and Ray: only once the config is known good
     except (ConfigError, DatasetNotFoundError, DatasetFileError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -328,8 +328,9 @@ def test_chain_takes_no_labels():
     evaluation is given is tested for every block and method in test_blocks.py)."""
     chain = _chain("noprop_ct", "learned")
     assert list(inspect.signature(chain.forward).parameters) == ["x", "generator", "sampler", "draws", "trace",
-                                                                 "kwargs"]
-    assert list(inspect.signature(chain._sample).parameters) == ["x", "generator", "sampler", "trace", "steps"]
+                                                                 "z0", "kwargs"]
+    assert list(inspect.signature(chain._sample).parameters) == ["x", "generator", "sampler", "trace", "steps",
+                                                                 "z0"]
 
 
 @pytest.mark.parametrize("method,sampler", SAMPLERS)

@@ -128,14 +128,14 @@ def test_an_os_error_on_a_path_is_one_line_naming_it(tmp_path, monkeypatch):
 
     path = str(tmp_path / "run" / "config.yaml")
 
-    def denied(cfg, log=print, dataset=None, block=None):
+    def denied(cfg, log=print, *rest):
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr(driver, "run_training", denied)
     code, lines, _ = _main(run, ["--set", f"run.dir={tmp_path / 'run'}"])
     _one_line(code, lines, path, "Permission denied")
 
-    def pathless(cfg, log=print, dataset=None, block=None):
+    def pathless(cfg, log=print, *rest):
         raise OSError("no path here")
 
     monkeypatch.setattr(driver, "run_training", pathless)

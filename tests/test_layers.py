@@ -21,10 +21,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("noprop_dist.observability",),  # progress lines, metrics, run logs: config and storage only
     ("noprop_dist.baselines",),  # the baselines' runner shows progress as the shard loop does
     ("noprop_dist.distributed",),
-    ("noprop_dist.api", "noprop_dist.run", "noprop_dist.evaluate", "noprop_dist"),  # entry points
+    ("noprop_dist.api", "noprop_dist.run", "noprop_dist.evaluate", "noprop_dist.export", "noprop_dist"),  # entry points
     ("noprop_dist.paper", "noprop_dist.reproduce"),  # the reproduction harness runs the entry points
 ]
-RAY_FREE = [prefix for layer in LAYERS[:9] for prefix in layer] + ["noprop_dist.evaluate", "noprop_dist.api"]
+RAY_FREE = [prefix for layer in LAYERS[:9] for prefix in layer] + ["noprop_dist.evaluate", "noprop_dist.export",
+                                                                   "noprop_dist.api"]
 
 
 def _modules() -> dict[str, pathlib.Path]:

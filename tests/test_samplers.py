@@ -173,7 +173,7 @@ def test_final_evaluation_of_a_stage_average_run_reports_mean_and_the_papers_bes
     Block t always predicts class t - 1 and the head reads z against the embeddings, so the stages differ."""
     from noprop_dist.core import build_block, evaluate_chain
     from noprop_dist.data import load_dataset, normalize
-    from noprop_dist.training.evaluation import final_evaluation
+    from noprop_dist.training.evaluation import assemble_chain, final_evaluation
 
     ds = load_dataset("digits", test_limit=80)
     spec = model_spec(load_config(None, ["model.num_blocks=3", "eval.sampler=stage_average"]), ds.image_shape, 10)
@@ -189,7 +189,8 @@ def test_final_evaluation_of_a_stage_average_run_reports_mean_and_the_papers_bes
     with torch.no_grad():
         shared.head.weight.copy_(30 * shared.embed)
         shared.head.bias.zero_()
-    chain, out = final_evaluation(spec, ds, blocks, {"shared": shared.state_dict()}, 32, 7)
+    chain = assemble_chain(spec, blocks, {"shared": shared.state_dict()})
+    out = final_evaluation(chain, ds, 32, 7)
     by = out["test_accuracy_by_sampler"]
     assert out["sampler"] == "stage_average" and set(by) == {"stage_average", "eq3", "mean"}
     assert out["stages"][0]["chain_accuracy"] != out["stages"][-1]["chain_accuracy"], "stages must differ"

@@ -163,7 +163,8 @@ DataParallel = Callable[[Config, ImageDataset, RunDir, Any, Log, Any], Any]
 
 
 def run_baseline(cfg: Config, log: Log = print, data_parallel: DataParallel | None = None,
-                 dataset: ImageDataset | None = None, block: Callable | None = None) -> dict[str, Any]:
+                 dataset: ImageDataset | None = None, block: Callable | None = None,
+                 on_epoch: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
     """Train (or resume) the baseline ``cfg.model.method`` names, evaluate it, write ``<run.dir>/summary.json``.
 
     cluster.num_workers = 1 trains in this process; more run data-parallel through ``data_parallel(cfg, dataset,
@@ -171,6 +172,9 @@ def run_baseline(cfg: Config, log: Log = print, data_parallel: DataParallel | No
     DDP under Ray Train; this package does not import Ray, so the caller passes it). A run whose checkpoints
     already hold train.epochs epochs is re-evaluated, not retrained. Returns the summary (see ``summary.json``).
     dataset, block: the arrays and the block factory the Python API was given (see distributed.driver).
+    on_epoch: called with each epoch's figures ({"epoch", "loss", "train_seconds", and the val or test accuracy
+    when measured}): after each epoch in this process; for a data-parallel run, once training is done, for each
+    epoch of its curve (the epochs run in Ray Train's workers).
     """
     check_baseline(cfg)
     if cfg.cluster.num_workers > 1 and data_parallel is None:
@@ -182,11 +186,11 @@ def run_baseline(cfg: Config, log: Log = print, data_parallel: DataParallel | No
     rundir = RunDir(cfg.run.dir)
     rundir.check(cfg)  # refuses (a driver already on run.dir included) before the lock creates anything
     with rundir.lock(f"a {cfg.model.method} baseline run"):
-        return _run_locked(cfg, dataset, rundir, log, data_parallel, block)
+        return _run_locked(cfg, dataset, rundir, log, data_parallel, block, on_epoch)
 
 
-def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Log,
-                data_parallel: DataParallel | None, block: Callable | None) -> dict[str, Any]:
+def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Log, data_parallel: DataParallel | None,
+                block: Callable | None, on_epoch: Callable[[dict[str, Any]], Any] | None) -> dict[str, Any]:
     rundir.prepare(cfg)
     device = local_device(cfg)
     torch.set_num_threads(worker_threads(cfg.cluster))
@@ -205,9 +209,14 @@ def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Log,
             if resume:
                 learner.load_state_dict(resume.block_states[1]["learner"])
             progress = resume.shared_state if resume else empty_progress()
-            train_epochs(cfg, dataset, learner, rundir, done, resume.train_seconds if resume else 0.0, progress, log)
+            train_epochs(cfg, dataset, learner, rundir, done, resume.train_seconds if resume else 0.0, progress, log,
+                         report=on_epoch)
         else:
             data_parallel(cfg, dataset, rundir, resume, log, block)
+            if on_epoch is not None:
+                for point in rundir.load_resume(1, warn=log).shared_state["curve"]:
+                    if point["epoch"] > done:
+                        on_epoch(dict(point))
         resume = rundir.load_resume(1, warn=log)
     learner.load_state_dict(resume.block_states[1]["learner"])
     summary = _summary(cfg, dataset, learner, resume.shared_state, resume.train_seconds, rundir)

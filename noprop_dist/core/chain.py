@@ -21,6 +21,11 @@ from .shared import SharedState
 
 CHAIN_FORMAT = 1
 
+# Samplers whose only randomness is z_0: given z_0, a run is a fixed function of the images, so it can be split
+# into batches (each with its rows of z_0) and exported as a graph that takes z_0 as an input. eq3 draws noise at
+# every step and the ensemble a z_0 per run.
+Z0_ONLY_SAMPLERS = ("mean", "stage_average", "ode")
+
 # What a chain records per stage (DT block t, or CT / FM shard k at the end of its interval) when asked to
 # trace: (log-probabilities read out from z after the stage (B, m), the stage's own class log-probabilities
 # from its network's logits (B, m), None for FM whose network outputs a velocity).
@@ -76,6 +81,19 @@ def load_chain_file(
         raise ValueError(f"{path}: {e}") from e
 
 
+def start_noise(like: torch.Tensor, generator: torch.Generator | None, z0: torch.Tensor | None) -> torch.Tensor:
+    """z_0 of a chain run, ``like``'s shape (B, d), dtype and device: ``z0`` when given (a one-line ValueError
+    when its shape is not ``like``'s), else N(0, I) drawn from ``generator`` (``randn_like``).
+
+    A caller that draws z_0 itself can split a batch and still give each image the z_0 one call would have."""
+    if z0 is None:
+        return randn_like(like, generator)
+    # a tracer (export) sees the example's shapes here: the check would only be frozen into the graph
+    if not torch.jit.is_tracing() and tuple(z0.shape) != tuple(like.shape):
+        raise ValueError(f"z0: shape {tuple(z0.shape)}, expected (B, d) = {tuple(like.shape)}")
+    return z0.to(device=like.device, dtype=like.dtype)
+
+
 def _brief(e: BaseException, limit: int = 300) -> str:
     """An exception's message on one line, cut at ``limit`` characters: torch's state-dict errors list every
     key over many lines."""
@@ -117,13 +135,16 @@ class SavedChain(nn.Module):
     @torch.no_grad()
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None, sampler: str | None = None,
-        draws: int | None = None, trace: list[StageTrace] | None = None, **kwargs: Any,
+        draws: int | None = None, trace: list[StageTrace] | None = None, z0: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """x: (B, C, H, W) normalised images -> class log-probabilities (B, m).
 
         sampler: config.SAMPLERS (default: :meth:`sampler_name`); draws: the ensemble's noisy runs (default
         spec.ensemble_draws). trace: a list that gets one :data:`StageTrace` per stage (for the ensemble, each
         averaged over its runs; for stage_average, those of its one mean run, whose read-outs it averages).
+        z0: the starting point z_0 (B, d) to use instead of drawing it from ``generator`` (every other draw
+        still comes from ``generator``); not with the ensemble, which starts each of its runs from its own z_0.
         kwargs go to the subclass's ``_sample`` (CT / FM: ``steps``).
         """
         name = self.sampler_name(sampler)
@@ -131,12 +152,14 @@ class SavedChain(nn.Module):
             # Each z_t of the mean chain mixes class embeddings (plus what is left of z_0), so the head reads it
             # out as it reads z_T; averaging the read-outs keeps what middle blocks add when later ones give it back.
             stages: list[StageTrace] = []
-            self._sample(x, generator, "mean", stages, **kwargs)
+            self._sample(x, generator, "mean", stages, z0=z0, **kwargs)
             if trace is not None:
                 trace.extend(stages)
             return mean_probabilities([readout for readout, _ in stages])
         if name != "ensemble":
-            return self._sample(x, generator, name, trace, **kwargs)
+            return self._sample(x, generator, name, trace, z0=z0, **kwargs)
+        if z0 is not None:
+            raise ValueError("z0 does not apply to the ensemble sampler, which draws its own z_0 for each run")
         n = int(draws or self.spec.ensemble_draws)
         if n < 1:
             raise ValueError(f"draws must be >= 1, got {n}")
@@ -153,14 +176,16 @@ class SavedChain(nn.Module):
         return mean_probabilities(runs)
 
     def _sample(self, x: torch.Tensor, generator: torch.Generator | None, sampler: str,
-                trace: list[StageTrace] | None, **kwargs: Any) -> torch.Tensor:
-        """One run of a single-run sampler (not ensemble): (B, C, H, W) -> log-probabilities (B, m)."""
+                trace: list[StageTrace] | None, z0: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """One run of a single-run sampler (not ensemble): (B, C, H, W) -> log-probabilities (B, m); z0: (B, d)
+        or None (drawn from ``generator``, see :func:`start_noise`)."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
-        """(B, C, H, W) -> predicted classes (B,)."""
-        return self.forward(x, generator, **kwargs).argmax(dim=1)
+    def predict(self, x: torch.Tensor, generator: torch.Generator | None = None, z0: torch.Tensor | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        """(B, C, H, W) -> predicted classes (B,); z0 (B, d): the starting point, as :meth:`forward` takes it."""
+        return self.forward(x, generator, z0=z0, **kwargs).argmax(dim=1)
 
     def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
         """One file: method, spec, shard and shared weights (plain tensors: loads with weights_only=True)."""
@@ -211,10 +236,11 @@ class DTChain(SavedChain):
         return torch.log_softmax(class_logits(self.shared, z, self.spec.class_prob, self.spec.radial_sigma), dim=1)
 
     def _sample(self, x: torch.Tensor, generator: torch.Generator | None, sampler: str,
-                trace: list[StageTrace] | None) -> torch.Tensor:
-        """eq3 or mean: x (B, C, H, W) normalised images -> log p(y | z_T), (B, m)."""
+                trace: list[StageTrace] | None, z0: torch.Tensor | None = None) -> torch.Tensor:
+        """eq3 or mean: x (B, C, H, W) normalised images -> log p(y | z_T), (B, m). z0: z_0 (B, d), or None to
+        draw it from ``generator``."""
         embed = self.shared.embed
-        z = randn_like(x.new_empty((x.shape[0], embed.shape[1])), generator)
+        z = start_noise(x.new_empty((x.shape[0], embed.shape[1])), generator, z0)
         for block, (a, b, c) in zip(self.blocks, self.coefficients):
             logits = block(z, x)
             z = a * denoised_estimate(logits, embed) + b * z

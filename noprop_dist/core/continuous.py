@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import CT_LOSS_WEIGHTS
 from .blocks import ModelSpec
-from .chain import SavedChain, StageTrace
+from .chain import SavedChain, StageTrace, start_noise
 from .ct_schedule import LearnedSchedule
 from .objectives import class_logits, denoised_estimate
 from .partition import log_snr_levels, widen
@@ -306,10 +306,11 @@ class ContinuousChain(SavedChain):
 
     def _sample(
         self, x: torch.Tensor, generator: torch.Generator | None, sampler: str,
-        trace: list[StageTrace] | None, steps: int | None = None,
+        trace: list[StageTrace] | None, steps: int | None = None, z0: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One run of sampler eq3 | mean | ode (CT) or mean (FM's Euler solve): x (B, C, H, W) normalised images
-        -> class log-probabilities (B, m). steps: N (default spec.inference_steps).
+        -> class log-probabilities (B, m). steps: N (default spec.inference_steps); z0: z_0 (B, d), or None to
+        draw it from ``generator``.
 
         trace gets one entry per shard, taken after the shard's last step: the readout there (for FM of the
         endpoint the step's velocity points at, z + (1 - t) v) and, for CT, the shard's own class prediction."""
@@ -321,7 +322,7 @@ class ContinuousChain(SavedChain):
         uniform = self.spec.shard_partition == "uniform"
         shard_of = step_shards(n_steps, len(self.blocks), None if uniform else self.shard_bounds())
         last_of_shard = {n for n in range(n_steps) if n == n_steps - 1 or shard_of[n + 1] != shard_of[n]}
-        z0 = randn_like(torch.empty((x.shape[0], embed.shape[1]), device=x.device), generator)
+        z0 = start_noise(torch.empty((x.shape[0], embed.shape[1]), device=x.device), generator, z0)
 
         def logits_at(z: torch.Tensor, t: float, n: int) -> torch.Tensor:
             k = shard_of[n]

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
+import torch
 
 from ..config import Config, ConfigError
-from ..core import ModelSpec
+from ..core import ModelSpec, variants
 from ..data import ImageDataset, dataset_for
 from ..observability.metrics import run_id as metrics_run_id
 from ..observability.progress import ProgressDisplay
@@ -24,11 +27,20 @@ from ..storage.summary import (
     write_summary,
 )
 from ..training import (
+    assemble_chain,
     checked_spec,
     evaluate_states,
     final_evaluation,
     peak_rss_mb,
     split_accuracy,
+)
+from ..training.selection import (
+    CHAIN_FILE,
+    LAST_CHAIN_FILE,
+    Best,
+    keep_if_best,
+    read_best,
+    should_stop,
 )
 from .cluster import connect, ship_block
 from .supervisor import Supervisor, split_reports
@@ -50,20 +62,42 @@ def _check_resources(cfg: Config) -> None:
         )
 
 
+@dataclass
+class Trained:
+    """What the epochs trained in this invocation leave: the last states, the workers' reports (empty when none
+    were trained), the training seconds of the whole run, restart events, the best validation epoch so far and
+    whether the run stopped early (its epoch, the best, the patience)."""
+
+    states: dict[int, dict]
+    shared_state: dict
+    reports: list[dict]
+    train_seconds: float
+    events: list[dict]
+    best: Best | None
+    early_stop: dict | None = None
+
+
+OnEpoch = Callable[[dict[str, Any]], Any]
+
+
 def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, resume: Any,
-                  display: ProgressDisplay, mlog: MetricsLog, run_label: str | None,
-                  curve: list[dict]) -> tuple[dict[int, dict], dict, list[dict], float, list[dict]]:
-    """Train the remaining epochs; returns (block states, server state, worker reports, train seconds,
-    restart events). ``curve`` gets a point on the evaluation split (val, else test) every
-    ``eval.every_epochs`` (not the last epoch: the caller measures that one).
+                  display: ProgressDisplay, mlog: MetricsLog, run_label: str | None, curve: list[dict],
+                  on_epoch: OnEpoch | None) -> Trained:
+    """Train the remaining epochs. ``curve`` gets a point on the evaluation split (val, else test) every
+    ``eval.every_epochs`` (not the last epoch: the caller measures that one); on a validation split a new best
+    epoch's chain is saved as chain.pt (training.selection) and train.early_stop_patience may end the run.
+    ``on_epoch`` gets each epoch's figures (:func:`_epoch_info`).
 
     run_label: the `run` label of the metrics the actors export, None when they export none.
     """
     sup = Supervisor(cfg, spec, dataset, rundir, resume, display, run_label)
     train_seconds = resume.train_seconds if resume else 0.0
     start_epoch = resume.epochs_done if resume else 0
+    split = dataset.eval_split()[0]
+    best = read_best(rundir.path) if split == "val" else None
     reports: list[dict] = []
     epoch_seconds: list[float] = []
+    early_stop = None
     try:
         for epoch in range(start_epoch, cfg.train.passes):
             t0 = time.perf_counter()
@@ -77,24 +111,67 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
             every = cfg.eval.every_epochs
             last = done == cfg.train.passes
             evaluate_now = every > 0 and done % every == 0 and not last
-            if done % cfg.run.checkpoint_every == 0 or last or evaluate_now:
+            checkpoint_now = done % cfg.run.checkpoint_every == 0 or last
+            if checkpoint_now or evaluate_now:
                 states, shared_state, replicas = sup.states(epoch, mlog)
-            if done % cfg.run.checkpoint_every == 0 or last:
-                rundir.save_epoch(done, states, shared_state, train_seconds, replicas)
-                display.message(f"epoch {done}/{cfg.train.passes} done in {epoch_seconds[-1]:.1f}s; "
-                                f"checkpoint saved to {rundir.ckpt_dir}")
+            acc = None
             if evaluate_now:  # on the driver, outside train_seconds
-                split = dataset.eval_split()[0]
-                _, acc = evaluate_states(spec, dataset, states, shared_state, cfg.eval.batch_size, cfg.eval.seed, split)
+                chain, acc = evaluate_states(spec, dataset, states, shared_state, cfg.eval.batch_size, cfg.eval.seed,
+                                             split)
+                if split == "val":
+                    best = keep_if_best(chain, done, acc, best, rundir.path, _chain_extra(cfg, dataset))
                 curve.append({"epoch": done, "train_seconds": train_seconds, f"{split}_accuracy": acc})
                 mlog.accuracy(done, acc, train_seconds, split)
                 atomic_write_json(rundir.file(CURVE_FILE), curve)
-                display.message(f"epoch {done}: {split} accuracy of the chain as it stands {acc:.4f}")
+                display.message(f"epoch {done}: {split} accuracy of the chain as it stands {acc:.4f}"
+                                + (f" (best: epoch {best.epoch}, {best.val_accuracy:.4f})" if best else ""))
+            if should_stop(best, done, cfg.train.early_stop_patience) and not last:
+                early_stop = {"epoch": done, "best_epoch": best.epoch, "patience": cfg.train.early_stop_patience}
+                checkpoint_now = True
+            if checkpoint_now:
+                rundir.save_epoch(done, states, shared_state, train_seconds, replicas)
+                display.message(f"epoch {done}/{cfg.train.passes} done in {epoch_seconds[-1]:.1f}s; "
+                                f"checkpoint saved to {rundir.ckpt_dir}")
+            if on_epoch is not None:
+                on_epoch(_epoch_info(cfg, done, train_seconds, blocks, split, acc, best, early_stop))
+            if early_stop:
+                display.message(f"stopping early after epoch {done}: the validation accuracy has not risen since "
+                                f"epoch {best.epoch} (train.early_stop_patience={cfg.train.early_stop_patience})")
+                break
         for r in reports:
             r["epoch_wall_seconds"] = epoch_seconds
-        return states, shared_state, reports, train_seconds, sup.events
+        return Trained(states, shared_state, reports, train_seconds, sup.events, best, early_stop)
     finally:
         sup.close()
+
+
+def _epoch_info(cfg: Config, done: int, train_seconds: float, blocks: dict[int, dict], split: str,
+                accuracy: float | None, best: Best | None, early_stop: dict | None) -> dict[str, Any]:
+    """What ``noprop_dist.train(on_epoch=fn)`` gets after each epoch: the epoch (1-based) and the budget, the
+    training seconds so far, each shard's mean loss over the epoch, the accuracy on the evaluation split when it
+    was measured (``val_accuracy`` or ``test_accuracy``, else absent), the best validation epoch so far and
+    whether the run stops early here."""
+    info: dict[str, Any] = {
+        "epoch": done, "epochs": cfg.train.epochs, "train_seconds": train_seconds,
+        "losses": {int(t): b["last_epoch_mean_loss"] for t, b in sorted(blocks.items())},
+        "best_epoch": best.epoch if best else None, "best_val_accuracy": best.val_accuracy if best else None,
+        "stopping_early": early_stop is not None,
+    }
+    if accuracy is not None:
+        info[f"{split}_accuracy"] = accuracy
+    return info
+
+
+def _chain_extra(cfg: Config, dataset: ImageDataset) -> dict[str, Any]:
+    """What a chain file records besides the networks: where its data comes from (so that evaluate can load the
+    test set again), the class names, the normalisation statistics and the evaluation's seed and batch size."""
+    return {
+        "dataset": cfg.data.name, "data_root": cfg.data.root, "test_limit": cfg.data.test_limit,
+        "data_path": cfg.data.path, "image_size": cfg.data.image_size,
+        "class_names": list(dataset.class_names) if dataset.class_names else None,
+        "mean": list(dataset.mean), "std": list(dataset.std),
+        "eval_seed": cfg.eval.seed, "eval_batch_size": cfg.eval.batch_size,
+    }
 
 
 def _connect_checked(cfg: Config) -> bool:
@@ -120,32 +197,50 @@ def _read_curve(rundir: RunDir, epochs_done: int) -> list[dict]:
 
 
 def run_training(cfg: Config, log: Callable[[str], None] = print, dataset: ImageDataset | None = None,
-                 block: Callable | None = None) -> dict[str, Any]:
+                 block: Callable | None = None, on_epoch: OnEpoch | None = None) -> dict[str, Any]:
     """Train (or resume) the run ``cfg`` describes on Ray, evaluate the assembled chain, write the summary.
 
     dataset: the arrays the Python API was given (cfg.data.name is then "arrays"), else cfg.data's loader runs.
     block: the block factory the Python API was given (cfg.model.block records its import path).
+    on_epoch: called after every epoch with its figures (:func:`_epoch_info`); what it raises ends the run,
+    which resumes from that epoch's checkpoint.
     The dataset is loaded and the block built and run on two of its images (training.checked_spec) before anything
     is written or Ray starts. One driver per run.dir: a second one is refused (ConfigError naming the holder)
     while this one runs.
     """
     dataset = dataset_for(cfg, dataset, log)
     spec = ship_block(checked_spec(cfg, dataset, block))
+    if cfg.train.early_stop_patience and dataset.val_y is None:
+        raise ConfigError("train.early_stop_patience: stops on the validation accuracy, and this run has no "
+                          "validation split: set data.val_fraction, or use a dataset with its own")
     rundir = RunDir(cfg.run.dir)
     with contextlib.ExitStack() as held:  # the lock, once taken, is held until the summary is written
         return _run(cfg, spec, dataset, rundir, log,
-                    lambda: held.enter_context(rundir.lock("a noprop_dist training run")))
+                    lambda: held.enter_context(rundir.lock("a noprop_dist training run")), on_epoch)
+
+
+def _stopped_early(rundir: RunDir) -> dict | None:
+    """The early stop a finished run recorded in its summary.json, if any."""
+    with contextlib.suppress(SummaryError):
+        return read_summary(rundir.path).get("early_stop")
+    return None
 
 
 def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, log: Callable[[str], None],
-         take_lock: Callable[[], None]) -> dict[str, Any]:
+         take_lock: Callable[[], None], on_epoch: OnEpoch | None) -> dict[str, Any]:
     # Everything that can refuse the run does so before anything is written to run.dir (a driver already
     # running on it included).
     cleared = rundir.check(cfg)
     manifest = None if cleared else rundir.read_manifest()
+    stopped = None if cleared else _stopped_early(rundir)
+
+    def finished(epochs_done: int) -> bool:
+        return epochs_done >= cfg.train.passes or (stopped is not None and stopped["epoch"] == epochs_done)
+
     started, connected = False, False
-    if manifest is None or manifest["epochs_done"] < cfg.train.passes:
+    if manifest is None or not finished(manifest["epochs_done"]):
         started, connected = _connect_checked(cfg), True
+    split = dataset.eval_split()[0]
     try:
         take_lock()
         rundir.prepare(cfg)
@@ -158,12 +253,11 @@ def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, lo
         log(f"{dataset.name}: {len(dataset.train_y)} train{val} / {len(dataset.test_y)} test images "
             f"{dataset.image_shape}, {dataset.num_classes} classes; {describe_model(spec.method, spec.num_shards)} "
             f"on {cfg.cluster.num_workers} workers, {spec.block} blocks; run dir {rundir.path}")
-        reports: list[dict] = []
-        events: list[dict] = []
         curve = _read_curve(rundir, resume.epochs_done if resume else 0)
-        if resume and resume.epochs_done >= cfg.train.passes:
+        if resume and finished(resume.epochs_done):
             log(f"run already finished ({resume.epochs_done} epochs); not retraining, re-evaluating its checkpoints")
-            states, shared_state, train_seconds = resume.block_states, resume.shared_state, resume.train_seconds
+            trained = Trained(resume.block_states, resume.shared_state, [], resume.train_seconds, [],
+                              read_best(rundir.path) if split == "val" else None, stopped)
         else:
             if resume:
                 log(f"resuming from epoch {resume.epochs_done} (checkpoints in {rundir.ckpt_dir})")
@@ -171,47 +265,63 @@ def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, lo
                 started, connected = _connect_checked(cfg), True
             if cfg.metrics.enabled:
                 log(f"metrics: exported through Ray's metrics port with the label run=\"{run_label}\"")
-            states, shared_state, reports, train_seconds, events = _train_on_ray(
-                cfg, spec, dataset, rundir, resume, display, mlog, run_label if cfg.metrics.enabled else None, curve)
+            trained = _train_on_ray(cfg, spec, dataset, rundir, resume, display, mlog,
+                                    run_label if cfg.metrics.enabled else None, curve, on_epoch)
     finally:
         if started:
             ray.shutdown()
-    if reports:
+    if trained.reports:
         # The training figures exist only in this process until summary.json holds them: written now, before
         # the evaluation, a driver killed from here on leaves them for the re-evaluation to keep.
-        write_summary(rundir.path, _summary(
-            cfg, spec, dataset, None, None, train_seconds, reports, shared_state, rundir, curve, events)
-            | {"run_id": run_label, "status": "evaluating"})
-    chain, evaluation = final_evaluation(spec, dataset, states, shared_state, cfg.eval.batch_size, cfg.eval.seed)
+        write_summary(rundir.path, _summary(cfg, spec, dataset, None, None, trained, rundir, curve)
+                      | {"run_id": run_label, "status": "evaluating"})
+    epochs = trained.early_stop["epoch"] if trained.early_stop else cfg.train.epochs
+    chain, best, last_val = _kept_chain(cfg, spec, dataset, rundir, trained, epochs)
+    evaluation = final_evaluation(chain, dataset, cfg.eval.batch_size, cfg.eval.seed)
     accuracy = evaluation["test_accuracy"]
-    split, _, _ = dataset.eval_split()
-    # The test set is scored once, here; with a validation split the curve's last point is the final chain on it.
-    val_accuracy = (split_accuracy(chain, dataset, "val", cfg.eval.batch_size, cfg.eval.seed)
-                    if split == "val" else None)
-    if not curve or curve[-1]["epoch"] < cfg.train.epochs:
-        last = accuracy if val_accuracy is None else val_accuracy
-        curve.append({"epoch": cfg.train.epochs, "train_seconds": train_seconds, f"{split}_accuracy": last})
+    if not curve or curve[-1]["epoch"] < epochs:
+        point = accuracy if last_val is None else last_val  # the test set is scored once, here, with no val split
+        curve.append({"epoch": epochs, "train_seconds": trained.train_seconds, f"{split}_accuracy": point})
         atomic_write_json(rundir.file(CURVE_FILE), curve)
-        mlog.accuracy(cfg.train.epochs, last, train_seconds, split)
+        mlog.accuracy(epochs, point, trained.train_seconds, split)
     mlog.close()
     train_accuracy = split_accuracy(chain, dataset, "train", cfg.eval.batch_size, cfg.eval.seed)
-    chain.save(rundir.file("chain.pt"), extra={
-        "dataset": cfg.data.name, "data_root": cfg.data.root, "test_limit": cfg.data.test_limit,
-        "data_path": cfg.data.path, "image_size": cfg.data.image_size,
-        "class_names": list(dataset.class_names) if dataset.class_names else None,
-        "mean": list(dataset.mean), "std": list(dataset.std), "test_accuracy": accuracy,
-        "eval_seed": cfg.eval.seed, "eval_batch_size": cfg.eval.batch_size,
-    })
-    summary = _summary(cfg, spec, dataset, accuracy, train_accuracy, train_seconds, reports, shared_state, rundir,
-                       curve, events) | {"run_id": run_label, "status": "done", "val_accuracy": val_accuracy} | evaluation
+    chosen = {"best_epoch": best.epoch, "val_accuracy": best.val_accuracy} if best else {}
+    chain.save(rundir.file(CHAIN_FILE), extra=_chain_extra(cfg, dataset) | {"test_accuracy": accuracy} | chosen)
+    summary = _summary(cfg, spec, dataset, accuracy, train_accuracy, trained, rundir, curve) | {
+        "run_id": run_label, "status": "done", "epochs_trained": epochs,
+        "val_accuracy": best.val_accuracy if best else None, "best_epoch": best.epoch if best else None,
+        "last_epoch_val_accuracy": last_val,
+        "last_chain": rundir.file(LAST_CHAIN_FILE) if os.path.exists(rundir.file(LAST_CHAIN_FILE)) else None,
+        "early_stop": trained.early_stop} | evaluation
     write_summary(rundir.path, summary)
     write_report(rundir.path, summary, run_label)
     return summary
 
 
+def _kept_chain(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, trained: Trained,
+                epochs: int | float) -> tuple[torch.nn.Module, Best | None, float | None]:
+    """The chain the run keeps as chain.pt (training.selection): without a validation split the last epoch's;
+    with one the best validation epoch's, the last epoch's then saved beside it as chain_last.pt unless it is
+    the best. Returns (that chain, the best epoch, the last epoch's validation accuracy)."""
+    last = assemble_chain(spec, trained.states, trained.shared_state)
+    if dataset.eval_split()[0] != "val":
+        return last, None, None
+    last_val = split_accuracy(last, dataset, "val", cfg.eval.batch_size, cfg.eval.seed)
+    best = trained.best
+    if best is None or best.epoch == epochs or best.improved_by(last_val):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(rundir.file(LAST_CHAIN_FILE))  # from an earlier invocation whose last epoch was not the best
+        return last, Best(epochs, last_val), last_val
+    kept, _ = variants.load_chain(rundir.file(CHAIN_FILE), block=spec.block_factory)
+    last.save(rundir.file(LAST_CHAIN_FILE), extra=_chain_extra(cfg, dataset) | {"epoch": epochs,
+                                                                              "val_accuracy": last_val})
+    return kept, best, last_val
+
+
 def _summary(cfg: Config, spec: Any, dataset: ImageDataset, accuracy: float | None, train_accuracy: float | None,
-             train_seconds: float, reports: list[dict], shared_state: dict, rundir: RunDir, curve: list[dict],
-             events: list[dict]) -> dict[str, Any]:
+             trained: Trained, rundir: RunDir, curve: list[dict]) -> dict[str, Any]:
+    reports, events, train_seconds = trained.reports, trained.events, trained.train_seconds
     old: dict[str, Any] = {}
     if not reports:  # a finished run re-evaluated: keep the figures measured while it trained
         with contextlib.suppress(SummaryError):
@@ -243,7 +353,7 @@ def _summary(cfg: Config, spec: Any, dataset: ImageDataset, accuracy: float | No
         "num_blocks": cfg.model.num_blocks,
         "restarts": events if reports else old.get("restarts", []),
         "sync_mode": cfg.train.sync_mode,
-        "shared_state_version": int(shared_state["version"]),
+        "shared_state_version": int(trained.shared_state["version"]),
         "blocks": blocks or old.get("blocks", []),
         "sync_fraction_of_step_time": (sync_s / step_s) if step_s else old.get("sync_fraction_of_step_time"),
         # Wall time of each epoch trained in this invocation; the first includes starting the actors.
@@ -256,5 +366,5 @@ def _summary(cfg: Config, spec: Any, dataset: ImageDataset, accuracy: float | No
             for r in reports
         ] or old.get("workers", []),
         "driver_peak_rss_mb": peak_rss_mb(),
-        "chain": rundir.file("chain.pt"),
+        "chain": rundir.file(CHAIN_FILE),
     }

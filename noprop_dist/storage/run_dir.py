@@ -53,8 +53,8 @@ MANIFEST_FORMAT = 1
 CONFIG_HISTORY = "config_history.jsonl"
 
 # The files a run writes at the top of run.dir; run.overwrite removes these (and its checkpoints) only.
-RUN_FILES = ("config.yaml", CONFIG_HISTORY, "manifest.json", "chain.pt", "summary.json", "curve.json", "metrics.jsonl",
-             "report.md", "metrics.png", "stages.png")
+RUN_FILES = ("config.yaml", CONFIG_HISTORY, "manifest.json", "chain.pt", "chain_last.pt", "summary.json", "curve.json",
+             "metrics.jsonl", "report.md", "metrics.png", "stages.png")
 _CKPT_NAME = r"(?:block_\d{2,}|shared|replicas)\.e\d{4,}\.pt"
 CHECKPOINT_NAME = re.compile(rf"^{_CKPT_NAME}$")
 _CKPT_TMP = tmp_pattern(_CKPT_NAME)
@@ -137,14 +137,15 @@ class RunDir:
         old = self._read_snapshot(snapshot)
         conflict = self._conflict(old, cfg.to_dict())
         if conflict and not cfg.run.overwrite:
-            raise ConfigError(f"{conflict}; use another run.dir or set run.overwrite=true")
+            raise ConfigError(f"{conflict}; leave run.dir out (a new directory) or name another, continue that "
+                              f"run with --resume {self.path}, or set run.overwrite=true to start it afresh")
         manifest = None if conflict else self.read_manifest_or_none()
         done = int(manifest.get("epochs_done", 0)) if manifest is not None else 0
         if done > cfg.train.passes:
             # Going on would re-evaluate the longer run and write summary and config saying fewer epochs.
             raise ConfigError(f"train.epochs={cfg.train.epochs}: run.dir {self.path} already holds "
                               f"{manifest['epochs_done']} epochs; ask for at least that many (more resumes "
-                              "training), or use another run.dir")
+                              "training), or leave run.dir out for a new run")
         budget = old.get("train", {}).get("epochs")
         if (isinstance(budget, float) and not budget.is_integer() and done == math.ceil(budget)
                 and cfg.train.epochs != budget):

@@ -28,30 +28,26 @@ def evaluate_states(
     return chain, split_accuracy(chain, dataset, split, batch_size, seed)
 
 
-def final_evaluation(
-    spec: ModelSpec, dataset: ImageDataset, block_states: dict[int, dict], shared_state: dict,
-    batch_size: int, seed: int,
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The end-of-run evaluation of the assembled chain: its test accuracy with the run's sampler, the
+def final_evaluation(chain: torch.nn.Module, dataset: ImageDataset, batch_size: int, seed: int) -> dict[str, Any]:
+    """The end-of-run evaluation of an assembled chain on the test set: its accuracy with the run's sampler, the
     accuracy along the chain (stage by stage), and the paper's sampler beside it when the run's differs, so a
-    Table 1 row compares like with like (and mean beside stage_average, which it refines). Returns (chain,
-    {"test_accuracy", "sampler", "paper_sampler",
-    "test_accuracy_by_sampler": {name: accuracy}, "stages": [{"block", "chain_accuracy", "own_accuracy"}]}).
+    Table 1 row compares like with like (and mean beside stage_average, which it refines). Returns
+    {"test_accuracy", "sampler", "paper_sampler", "test_accuracy_by_sampler": {name: accuracy},
+    "stages": [{"block", "chain_accuracy", "own_accuracy"}]}.
     """
-    chain = assemble_chain(spec, block_states, shared_state)
     test_x, test_y = torch.from_numpy(np.ascontiguousarray(dataset.test_x)), torch.from_numpy(dataset.test_y)
 
     def norm(xb: torch.Tensor) -> torch.Tensor:
         return normalize(xb, dataset.mean, dataset.std)
 
-    sampler, paper = chain.sampler_name(), PAPER_SAMPLER[spec.method]
+    sampler, paper = chain.sampler_name(), PAPER_SAMPLER[chain.spec.method]
     acc, _, stages = evaluate_stages(chain, test_x, test_y, batch_size, seed, norm)
     by_sampler = {sampler: acc}
     if paper != sampler:
         by_sampler[paper], _ = evaluate_chain(chain, test_x, test_y, batch_size, seed, norm, sampler=paper)
     if sampler == "stage_average":  # its stages are one mean run's: the last one is mean's figure, at no cost
         by_sampler["mean"] = stages[-1]["chain_accuracy"]
-    return chain, {
+    return {
         "test_accuracy": acc, "sampler": sampler, "paper_sampler": paper, "test_accuracy_by_sampler": by_sampler,
         "stages": [{"block": k} | s for k, s in enumerate(stages, start=1)],
     }
