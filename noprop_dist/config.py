@@ -6,9 +6,11 @@ key and what is allowed; the entry points turn it into a one-line message and ex
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
+import reprlib
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -76,6 +78,53 @@ _RENAMED = {("model", "ct_inference"): ("eval", "sampler", {"chain": "eq3"})}
 
 class ConfigError(ValueError):
     """A bad config key or value; the message is one line that names the key."""
+
+
+# Values and names are quoted cut short: a 300-byte YAML file can alias one list into megabytes of repr.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlong = 60, 60, 40
+_QUOTE.maxlist = _QUOTE.maxtuple = _QUOTE.maxdict = _QUOTE.maxset = 4
+_QUOTE.maxlevel = 2
+
+
+def shown(value: Any) -> str:
+    """``value`` as an error message quotes it: its repr, cut short (at most ~100 characters)."""
+    return _QUOTE.repr(value)
+
+
+def _named(name: Any) -> str:
+    """A section or key name from a file, as a message names it: as it is when it is a short string."""
+    return name if isinstance(name, str) and len(name) <= 60 and name.isprintable() else shown(name)
+
+
+def _unknown(what: str, given: str, allowed: list[str]) -> ConfigError:
+    """'<given>: unknown <what>', with the nearest names and the allowed ones (or where to find them)."""
+    close = difflib.get_close_matches(given.rpartition(".")[2], allowed, n=2)
+    listing = ", ".join(allowed)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    rest = f"allowed: {listing}" if len(listing) <= 160 else "python -m noprop_dist.run --help lists every key"
+    return ConfigError(f"{given}: unknown {what}; {hint}{rest}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a mapping that repeats a key is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: the base loader says what is wrong with it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shown(key)}",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(stream: Any) -> Any:
+    """``yaml.safe_load`` that refuses a repeated key (``train: {epochs: 3, epochs: 5}`` is a mistake, not 5)."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -263,10 +312,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: must be true or false, got {value!r}")
+        raise ConfigError(f"{key}: must be true or false, got {shown(value)}")
     if base is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+            raise ConfigError(f"{key}: must be an integer, got {shown(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, str):
@@ -276,20 +325,20 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
                 pass
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        raise ConfigError(f"{key}: must be an integer, got {shown(value)}")
     if base is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{key}: must be a number, got {value!r}")
+            raise ConfigError(f"{key}: must be a number, got {shown(value)}")
         try:
             out = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}: must be a number, got {value!r}") from None
+            raise ConfigError(f"{key}: must be a number, got {shown(value)}") from None
         if not math.isfinite(out):
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            raise ConfigError(f"{key}: must be a finite number, got {shown(value)}")
         return out
     if base is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(f"{key}: must be a string, got {value!r}")
+            raise ConfigError(f"{key}: must be a string, got {shown(value)}")
         return str(value)
     raise AssertionError(f"unhandled type {typ} for {key}")
 
@@ -300,11 +349,11 @@ def _apply(cfg: Config, section: str, name: str, value: Any) -> None:
         value = values.get(value, value)
     sections = {f.name: f for f in fields(Config)}
     if section not in sections:
-        raise ConfigError(f"{section}: unknown section; allowed: {', '.join(sections)}")
+        raise _unknown("section", _named(section), list(sections))
     sec_obj = getattr(cfg, section)
     types = _section_types(type(sec_obj))
     if name not in types:
-        raise ConfigError(f"{section}.{name}: unknown key; allowed: {', '.join(types)}")
+        raise _unknown("key", f"{section}.{_named(name)}", list(types))
     setattr(sec_obj, name, _coerce(f"{section}.{name}", value, types[name]))
 
 
@@ -316,8 +365,8 @@ def _apply_mapping(cfg: Config, mapping: Any, origin: str) -> None:
     for section, body in mapping.items():
         if not isinstance(body, dict):
             if section in {f.name for f in fields(Config)}:
-                raise ConfigError(f"{section}: must be a mapping of keys, got {body!r}")
-            raise ConfigError(f"{section}: unknown section; allowed: {', '.join(f.name for f in fields(Config))}")
+                raise ConfigError(f"{section}: must be a mapping of keys, got {shown(body)}")
+            raise _unknown("section", _named(section), [f.name for f in fields(Config)])
         for name, value in body.items():
             _apply(cfg, str(section), str(name), value)
 
@@ -331,7 +380,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"--set {text!r}: KEY must be section.name, e.g. train.epochs")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except (yaml.YAMLError, ValueError):  # ValueError: YAML that names an impossible date, e.g. 2020-13-45
         value = raw
     return parts[0], parts[1], value
@@ -408,7 +457,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         path = config_file(path)
         try:
             with open(path, encoding="utf-8") as f:
-                mapping = yaml.safe_load(f)
+                mapping = load_yaml(f)
         except UnicodeDecodeError as e:
             raise ConfigError(f"--config {path}: not UTF-8 text ({e.reason} at byte {e.start}); "
                               "expected a YAML mapping of sections") from None
@@ -497,18 +546,18 @@ def config_from_dict(mapping: dict[str, Any]) -> Config:
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(allowed)}")
+        raise ConfigError(f"{key}: {shown(value)} is not allowed; allowed: {', '.join(allowed)}")
 
 
 def _positive(key: str, value: float, strict: bool = True) -> None:
     if (value <= 0) if strict else (value < 0):
-        raise ConfigError(f"{key}: must be {'> 0' if strict else '>= 0'}, got {value!r}")
+        raise ConfigError(f"{key}: must be {'> 0' if strict else '>= 0'}, got {shown(value)}")
 
 
 def _in_range(key: str, value: float, low: float, high: float) -> None:
     """ConfigError naming ``key`` and the closed range [low, high] unless ``value`` lies in it."""
     if not low <= value <= high:
-        raise ConfigError(f"{key}: must be in [{low}, {high}], got {value!r}")
+        raise ConfigError(f"{key}: must be in [{low}, {high}], got {shown(value)}")
 
 
 # Upper bounds: values above them pass the type and sign checks but fail only later, after Ray has started
@@ -525,6 +574,13 @@ MAX_INFERENCE_STEPS = 100_000
 # A batch is capped at the split it comes from (the largest supported split, MNIST's, is 60 000 images), so
 # a bigger value changes nothing but nears the int64 overflow of torch's slicing.
 MAX_BATCH_SIZE = 1 << 20
+# Ray keeps resource amounts to four decimals and refuses a request below that; amounts are multiples of it.
+RAY_RESOURCE_QUANTUM = 1e-4
+# Waits measured in seconds become Ray and time.monotonic() arithmetic; a week is past any placement or hang
+# worth waiting for, and 1e308 overflows them after Ray has started.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+# The ensemble sampler runs the whole chain once per draw: past a thousand draws its average no longer moves.
+MAX_ENSEMBLE_DRAWS = 1_000
 # image_folder's resize: every image becomes S x S x C bytes in memory and in Ray's object store.
 MAX_IMAGE_SIZE = 4_096
 # Early stopping counts epochs; no run has more (train.epochs is not capped, but a patience longer than this is
@@ -607,14 +663,18 @@ def validate(cfg: Config) -> None:
     _positive("cluster.gpus_per_worker", c.gpus_per_worker, strict=False)
     if c.gpus_per_worker > 1 and not float(c.gpus_per_worker).is_integer():
         raise ConfigError(f"cluster.gpus_per_worker: above 1 must be a whole number, got {c.gpus_per_worker}")
+    if 0 < c.gpus_per_worker < RAY_RESOURCE_QUANTUM:
+        raise ConfigError(f"cluster.gpus_per_worker: 0, or at least {RAY_RESOURCE_QUANTUM} (Ray counts resources "
+                          f"in steps of {RAY_RESOURCE_QUANTUM}), got {c.gpus_per_worker}")
     _positive("cluster.cpus_per_worker", c.cpus_per_worker)
-    _in_range("cluster.cpus_per_worker", c.cpus_per_worker, 0, MAX_CPUS_PER_WORKER)
+    _in_range("cluster.cpus_per_worker", c.cpus_per_worker, RAY_RESOURCE_QUANTUM, MAX_CPUS_PER_WORKER)
     _in_range("cluster.threads_per_worker", c.threads_per_worker, 0, MAX_CPUS_PER_WORKER)
     _choice("cluster.device", c.device, DEVICES)
     _in_range("cluster.max_restarts_per_worker", c.max_restarts_per_worker, 0, MAX_RESTARTS)
     _in_range("cluster.max_restarts", c.max_restarts, 0, MAX_RESTARTS)
-    _positive("cluster.hang_timeout_s", c.hang_timeout_s, strict=False)
+    _in_range("cluster.hang_timeout_s", c.hang_timeout_s, 0, MAX_TIMEOUT_S)
     _positive("cluster.placement_timeout_s", c.placement_timeout_s)
+    _in_range("cluster.placement_timeout_s", c.placement_timeout_s, 0, MAX_TIMEOUT_S)
     if c.device == "cuda" and c.gpus_per_worker == 0:
         raise ConfigError("cluster.device: 'cuda' needs cluster.gpus_per_worker > 0")
     if not cfg.run.dir:
@@ -629,7 +689,7 @@ def validate(cfg: Config) -> None:
     if m.method in NOPROP_METHODS and m.method not in SAMPLERS[cfg.eval.sampler]:
         raise ConfigError(f"eval.sampler: {cfg.eval.sampler!r} does not apply to model.method={m.method}; "
                           f"allowed: {', '.join(k for k, v in SAMPLERS.items() if m.method in v)}")
-    _positive("eval.ensemble_draws", cfg.eval.ensemble_draws)
+    _in_range("eval.ensemble_draws", cfg.eval.ensemble_draws, 1, MAX_ENSEMBLE_DRAWS)
     run_id = cfg.metrics.run_id
     # It becomes a Prometheus label value and a Grafana variable: keep it to characters that need no quoting.
     if run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]*", run_id):

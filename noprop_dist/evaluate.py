@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .config import MAX_ENSEMBLE_DRAWS
 from .core import evaluate_stages, variants
 from .core.chain import Z0_ONLY_SAMPLERS
 from .data import DatasetNotFoundError, load_dataset, normalize
@@ -123,8 +124,8 @@ def load_chain(run_dir: str | os.PathLike, steps: int | None = None, sampler: st
         raise ValueError(f"--steps applies to noprop_ct / noprop_fm chains; {path} is {method}")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
-    if draws is not None and draws < 1:
-        raise ValueError(f"--draws must be >= 1, got {draws}")
+    if draws is not None and not 1 <= draws <= MAX_ENSEMBLE_DRAWS:
+        raise ValueError(f"--draws must be in [1, {MAX_ENSEMBLE_DRAWS}], got {draws}")
     name = chain.sampler_name(sampler)  # refuses a sampler the method has not
     if draws is not None and name != "ensemble":
         raise ValueError(f"--draws applies to the ensemble sampler; this evaluation runs {name!r}")

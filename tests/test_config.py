@@ -138,3 +138,41 @@ def test_a_fractional_budget_trains_part_of_the_last_epoch(given, epochs, passes
     assert t.epochs == epochs and type(t.epochs) is type(epochs)
     assert t.passes == passes
     assert [t.batches_in(e, 10) for e in range(t.passes)] == batches
+
+
+def test_a_yaml_file_that_repeats_a_key_is_refused_naming_it(tmp_path):
+    """PyYAML keeps the last of two equal keys: `epochs: 3` then `epochs: 5` silently trained 5."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  epochs: 3\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(duplicate key 'epochs'\)"):
+        load_config(str(path))
+
+
+def test_an_error_line_stays_short_whatever_the_value(tmp_path):
+    """A 300-byte YAML alias bomb expands into megabytes of repr: the message quoted all of it. Unknown keys name
+    the nearest ones instead of listing a long section."""
+    bomb = tmp_path / "bomb.yaml"  # each level nine times the last: 9^6 strings in a 400-byte file
+    bomb.write_text("model:\n  dropout:\n    - " + "\n    - ".join(
+        ["&a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [f"&{n} [{', '.join([f'*{p}'] * 9)}]"
+                                                             for p, n in zip("abcde", "bcdef")]) + "\n")
+    for path, over in ((str(bomb), []), (None, [f"model.{'x' * 10_000}=1"]), (None, ["model.dropuot=0.1"])):
+        with pytest.raises(ConfigError) as e:
+            load_config(path, over)
+        assert len(str(e.value)) < 300 and "\n" not in str(e.value), str(e.value)[:500]
+    with pytest.raises(ConfigError, match="model.dropuot: unknown key; did you mean dropout"):
+        load_config(None, ["model.dropuot=0.1"])
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("cluster.placement_timeout_s=1e308", "cluster.placement_timeout_s: must be in [0, 604800.0]"),
+    ("cluster.hang_timeout_s=1e308", "cluster.hang_timeout_s: must be in [0, 604800.0]"),
+    ("cluster.cpus_per_worker=0.00001", "cluster.cpus_per_worker: must be in [0.0001, 1024]"),
+    ("cluster.gpus_per_worker=0.00005", "cluster.gpus_per_worker: 0, or at least 0.0001"),
+    ("eval.ensemble_draws=100000", "eval.ensemble_draws: must be in [1, 1000]"),
+])
+def test_values_ray_would_refuse_after_it_started_are_refused_before(override, needle):
+    """Each passed validation and then failed inside Ray or the final evaluation, with a traceback and
+    config.yaml already written."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(needle), str(e.value)

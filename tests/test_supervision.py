@@ -154,6 +154,16 @@ def test_more_gpus_than_the_cluster_has_writes_nothing(ray_cluster, tmp_path, mo
     assert not run_dir.exists()
 
 
+def test_more_workers_than_a_joined_cluster_can_place_fail_with_one_line(ray_cluster, tmp_path, monkeypatch):
+    """Bug seen: a RuntimeError with a traceback after placement_timeout_s. The session cluster has 2 CPUs: 3
+    workers of 1 CPU never fit; the run ends with one line saying what the cluster has and what to change."""
+    with pytest.raises(TrainingFailed) as e:
+        _run(tmp_path, "run", "", monkeypatch, "cluster.num_workers=3", "cluster.placement_timeout_s=2")
+    message = str(e.value)
+    assert "3 workers x {'CPU': 1.0} were not placed within 2s (cluster.placement_timeout_s)" in message
+    assert "the cluster has 2 CPU" in message and "\n" not in message
+
+
 def test_restart_budget_counts_per_worker_and_per_run():
     b = RestartBudget(per_worker=2, per_run=3)
     assert b.worker_restart(0, "w0") == 1 and b.worker_restart(1, "w1") == 1

@@ -70,11 +70,14 @@ class Supervisor:
         ready, _ = ray.wait([self.pg.ready()], timeout=c.placement_timeout_s)
         if not ready:
             remove_placement_group(self.pg)
-            raise RuntimeError(
-                f"placement group of {c.num_workers} x {worker_bundle(cfg)} not placed within {c.placement_timeout_s:g}s "
-                "(cluster.placement_timeout_s); "
-                f"cluster resources: {ray.cluster_resources()}"
-            )
+            # The cluster's size is known only once it is joined (an autoscaler may still be adding nodes):
+            # a run it cannot hold ends here with one line, as a fault it could not absorb does.
+            have = ray.cluster_resources()
+            raise TrainingFailed(
+                f"{c.num_workers} workers x {worker_bundle(cfg)} were not placed within {c.placement_timeout_s:g}s "
+                f"(cluster.placement_timeout_s): the cluster has "
+                f"{', '.join(f'{have.get(k, 0):g} {k}' for k in worker_bundle(cfg))}; ask for fewer "
+                "(cluster.num_workers, cluster.cpus_per_worker, cluster.gpus_per_worker) or add nodes")
         # On the driver's node: a restarted server reads the last checkpoint from run.dir, which only the
         # driver's filesystem is sure to have.
         self.server = ParameterServer.options(
