@@ -51,21 +51,6 @@ def test_a_checkpoint_name_not_in_any_manifest_is_not_deleted(tmp_path):
     assert stray.read_bytes() == b"copied here by hand"
 
 
-def test_nothing_is_deleted_through_a_symlink_out_of_run_dir(tmp_path):
-    elsewhere = tmp_path / "big_disk"
-    elsewhere.mkdir()
-    (elsewhere / "notes.txt").write_text("mine")
-    run = tmp_path / "run"
-    run.mkdir()
-    os.symlink(elsewhere, run / "checkpoints")
-    rd = _prepared(run)
-    for epoch in range(1, 4):
-        _save(rd, epoch)
-    assert (elsewhere / "notes.txt").read_text() == "mine"
-    assert "block_01.e0001.pt" in os.listdir(elsewhere), "a file behind a symlink out of run.dir was deleted"
-    assert rd.load_resume(2).epochs_done == 3, "checkpoints behind the symlink still work"
-
-
 def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     rd = _prepared(tmp_path)
     _save(rd, 1)
@@ -74,14 +59,55 @@ def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     (tmp_path / "checkpoints" / "other_model.ckpt").write_text("mine")
     os.makedirs(tmp_path / "checkpoints" / "subdir")
     (tmp_path / "notes.txt").write_text("mine")
-    target = tmp_path / "outside.json"
-    target.write_text("not the run's")
-    os.symlink(target, tmp_path / "summary.json")
     _prepared(tmp_path, "model.embedding=one_hot", "run.overwrite=true")
     assert sorted(os.listdir(rd.ckpt_dir)) == ["other_model.ckpt", "subdir"]
     assert (tmp_path / "notes.txt").read_text() == "mine"
-    assert target.read_text() == "not the run's", "overwrite followed a symlink"
     assert not (tmp_path / "metrics.jsonl").exists() and rd.read_manifest() is None
+
+
+# Every file and directory a run writes, appends to or repairs, as a symlink to something outside run.dir.
+LINKED = ["metrics.jsonl", CONFIG_HISTORY, "summary.json", "report.md", "curve.json", "chain.pt", "chain_last.pt",
+          "manifest.json", "config.yaml", "checkpoints", "tensorboard"]
+
+
+@pytest.mark.parametrize("name", LINKED)
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_run_file_that_is_a_symlink_out_of_run_dir_is_refused_and_nothing_behind_it_touched(tmp_path, name,
+                                                                                               overwrite):
+    """Bug seen: a metrics.jsonl linked to a file outside run.dir was repaired and appended through the link (the
+    file lost its last line and gained the run's metrics); a linked checkpoints/ grew without pruning. Each
+    kind of file is refused with one line naming it, before anything is written, overwrite or not."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    target = outside / name
+    if name in ("checkpoints", "tensorboard"):
+        target.mkdir()
+        (target / "block_01.e0001.pt").write_text("a checkpoint's name, somebody else's file")
+    else:
+        target.write_text("somebody else's file\nits last line, no newline")
+    before = {p.name: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(target, run / name)
+    cfg = load_config(None, [f"run.dir={run}", f"run.overwrite={str(overwrite).lower()}"])
+    with pytest.raises(ConfigError) as e:
+        RunDir(str(run)).prepare(cfg)
+    assert str(e.value).startswith(f"run.dir: {run / name} is a symlink") and "\n" not in str(e.value)
+    assert sorted(os.listdir(run)) == [name], "something was written before the refusal"
+    assert {p.name: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
+
+
+def test_appends_and_repairs_never_follow_a_symlink(tmp_path):
+    """Also where a link appears after the checks (a race): the append and the torn-line repair refuse it."""
+    target = tmp_path / "theirs.txt"
+    target.write_text("their first line\ntheir torn line")
+    link = tmp_path / "metrics.jsonl"
+    os.symlink(target, link)
+    with pytest.raises(OSError):
+        append_lines(str(link), ['{"a": 1}'])
+    with pytest.raises(OSError):
+        repair_torn_tail(str(link))
+    assert target.read_text() == "their first line\ntheir torn line"
 
 
 @pytest.mark.parametrize("content", ["model: [1, 2]\n", "- a list\n", "name: another tool\n", "a: [unclosed\n",
@@ -280,7 +306,7 @@ def test_overwrite_removes_the_history_and_a_foreign_file_stays(tmp_path):
     os.symlink(target, run / CONFIG_HISTORY)
     RunDir(str(run)).clear()
     assert target.exists() and (run / CONFIG_HISTORY).is_symlink(), "clear() deleted through a symlink"
-    with pytest.raises(ConfigError, match="not a regular file of the run"):
+    with pytest.raises(ConfigError, match=f"{CONFIG_HISTORY} is a symlink"):
         _prepared(run)  # an append would follow the symlink into the user's file
     assert target.read_text() == "not the run's\n"
 

@@ -11,7 +11,7 @@ import math
 import os
 from typing import Any
 
-TENSORBOARD_DIR = "tensorboard"
+from ..storage.run_dir import TENSORBOARD_DIR
 # metrics.jsonl field -> TensorBoard tag; what a user compares across shards
 SCALARS = {
     "loss": "loss",

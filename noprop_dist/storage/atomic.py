@@ -99,9 +99,15 @@ def atomic_save_with(path: str, save: Callable[[str], None]) -> None:
     _atomically(path, save)
 
 
+def _open_own(path: str, flags: int) -> int:
+    """os.open that does not follow a symlink at ``path`` (ELOOP, an OSError naming it): a run appends to and
+    repairs only its own files, never one a link points at."""
+    return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), _new_file_mode())
+
+
 def append_lines(path: str, lines: list[str]) -> None:
     """Append ``lines`` (each without its newline) and fsync: an append that returned survives a crash."""
-    with open(path, "a", encoding="utf-8") as f:
+    with os.fdopen(_open_own(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8") as f:
         f.write("".join(line + "\n" for line in lines))
         f.flush()
         os.fsync(f.fileno())
@@ -118,7 +124,7 @@ def repair_torn_tail(path: str) -> int:
         return 0
     if size == 0:
         return 0
-    with open(path, "r+b") as f:
+    with os.fdopen(_open_own(path, os.O_RDWR), "r+b") as f:
         f.seek(-1, os.SEEK_END)
         if f.read(1) == b"\n":
             return 0

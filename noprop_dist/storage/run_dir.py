@@ -53,6 +53,7 @@ MANIFEST_FORMAT = 1
 CONFIG_HISTORY = "config_history.jsonl"
 
 # The files a run writes at the top of run.dir; run.overwrite removes these (and its checkpoints) only.
+TENSORBOARD_DIR = "tensorboard"  # observability.tensorboard's event files (metrics.tensorboard)
 RUN_FILES = ("config.yaml", CONFIG_HISTORY, "manifest.json", "chain.pt", "chain_last.pt", "summary.json", "curve.json",
              "metrics.jsonl", "report.md", "metrics.png", "stages.png")
 _CKPT_NAME = r"(?:block_\d{2,}|shared|replicas)\.e\d{4,}\.pt"
@@ -324,13 +325,9 @@ class RunDir:
                                   "use another run.dir")
             dirs, files = [ancestor], []
         else:
+            self._refuse_links()
             dirs = [path] + ([self.ckpt_dir] if os.path.isdir(self.ckpt_dir) else [])
             files = [self.file(n) for n in _APPENDED_FILES if os.path.isfile(self.file(n))]
-            history = self.file(CONFIG_HISTORY)
-            if os.path.islink(history) or (os.path.lexists(history) and not os.path.isfile(history)):
-                # An append follows a symlink: the history would go into a file that is not the run's.
-                raise ConfigError(f"run.dir: {history} is not a regular file of the run (a symlink or a "
-                                  "directory); move it away or use another run.dir")
         for d in dirs:
             if not os.access(d, os.W_OK | os.X_OK):
                 raise ConfigError(f"run.dir: cannot write in {d} (permission denied); use another run.dir "
@@ -339,6 +336,20 @@ class RunDir:
             if not os.access(f, os.W_OK):
                 raise ConfigError(f"run.dir: cannot append to {f} (permission denied); use another run.dir "
                                   "or change its permissions")
+
+    def _refuse_links(self) -> None:
+        """One rule for every file and directory the run writes, appends to or repairs: never through a symlink.
+        An append or a write into a linked directory would land outside run.dir (a metrics.jsonl linked to a
+        user's file lost its last line and gained the run's metrics); a linked checkpoints/ would grow without
+        the pruning, which deletes nothing behind a link. Refused with one line before anything is written."""
+        for name in (*RUN_FILES, "checkpoints", TENSORBOARD_DIR, LOCK_FILE):
+            path = self.file(name)
+            if os.path.islink(path):
+                raise ConfigError(f"run.dir: {path} is a symlink (to {os.readlink(path)}); the run writes its files "
+                                  "only inside run.dir: move the link away, or put run.dir where the files should go")
+            if name != "checkpoints" and name != TENSORBOARD_DIR and os.path.isdir(path):
+                raise ConfigError(f"run.dir: {path} is a directory where the run keeps a file; move it away or use "
+                                  "another run.dir")
 
     def _in_use(self, fd: int) -> ConfigError:
         """The refusal naming who holds the lock, from what the holder wrote into the file (``fd``)."""
