@@ -581,6 +581,10 @@ RAY_RESOURCE_QUANTUM = 1e-4
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 # The ensemble sampler runs the whole chain once per draw: past a thousand draws its average no longer moves.
 MAX_ENSEMBLE_DRAWS = 1_000
+# A chain file's spec is built before its weights are checked: these bound what one may ask for (besides the
+# shards, the embedding and the steps above). Images have 1 or 3 channels in every loader; m classes of a head.
+MAX_CHANNELS = 3
+MAX_CLASSES = 1_000_000
 # image_folder's resize: every image becomes S x S x C bytes in memory and in Ray's object store.
 MAX_IMAGE_SIZE = 4_096
 # Early stopping counts epochs; no run has more (train.epochs is not capped, but a patience longer than this is

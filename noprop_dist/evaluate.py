@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import MAX_ENSEMBLE_DRAWS
+from .config import MAX_ENSEMBLE_DRAWS, shown
 from .core import evaluate_stages, variants
 from .core.chain import Z0_ONLY_SAMPLERS
 from .data import DatasetNotFoundError, load_dataset, normalize
@@ -108,6 +108,25 @@ def draw_z0(n: int, embed_dim: int, seed: int) -> torch.Tensor:
     return torch.randn((n, embed_dim), generator=torch.Generator().manual_seed(int(seed)))
 
 
+def _check_extra(path: str, extra: dict, channels: int) -> None:
+    """What a chain file records beside the networks, checked before it is used: a ValueError naming the file and
+    the key for a missing or mistyped value (the normalisation statistics, the evaluation's settings)."""
+    def numbers(v: object) -> bool:
+        return isinstance(v, (list, tuple)) and len(v) == channels and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+    checks = {"mean": numbers, "std": lambda v: numbers(v) and all(x > 0 for x in v),
+              "dataset": lambda v: isinstance(v, str),
+              "eval_seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "eval_batch_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0}
+    for key, ok in checks.items():
+        if key not in extra:
+            raise ValueError(f"{path}: the chain file's extra lacks {key!r}; not a chain a run saved")
+        if not ok(extra[key]):
+            raise ValueError(f"{path}: the chain file's extra has {key}={shown(extra[key])}, which a run does not "
+                             "write; not a chain a run saved")
+
+
 def load_chain(run_dir: str | os.PathLike, steps: int | None = None, sampler: str | None = None,
                draws: int | None = None, block: Callable | None = None) -> TrainedChain:
     """The run's chain (``<run_dir>/chain.pt``), ready for raw images; no Ray needed. steps (CT / FM), sampler
@@ -119,6 +138,7 @@ def load_chain(run_dir: str | os.PathLike, steps: int | None = None, sampler: st
     if not os.path.exists(path):
         raise FileNotFoundError(f"no chain.pt in {run_dir}: has the run finished?")
     chain, extra = variants.load_chain(path, block=block)
+    _check_extra(path, extra, chain.spec.image_shape[0])
     method = chain.spec.method
     if steps is not None and method == "noprop_dt":
         raise ValueError(f"--steps applies to noprop_ct / noprop_fm chains; {path} is {method}")

@@ -8,6 +8,7 @@ write, end with one line on stderr and exit code 2, no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
@@ -49,6 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# A disk or quota that is full: the write that fails names no file (ENOSPC, EDQUOT from write(), EFBIG).
+STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def _os_error(e: OSError) -> str:
     """One line naming the path(s) of an OSError and what went wrong, e.g. ``runs/x/config.yaml: Permission denied``."""
     paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
@@ -69,6 +74,7 @@ def resolved_config(args: argparse.Namespace):  # noqa: ANN201 - config.Config
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    cfg = None
     try:
         cfg = resolved_config(args)
         if args.print_config:
@@ -79,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
+        if e.filename is None and e.errno in STORAGE_FULL:  # a write() names no file: say where the run writes
+            where = f" (run.dir: {cfg.run.dir})" if cfg is not None else ""
+            print(f"error: {e.strerror or 'storage full'} while the run wrote its files{where}; free space or use "
+                  "another run.dir (writes are atomic: the last complete checkpoint is kept)", file=sys.stderr)
+            return 2
         if e.filename is None:  # not about a path the user gave (run.dir, data.root): a bug, keep its traceback
             raise
         print(f"error: {_os_error(e)}", file=sys.stderr)

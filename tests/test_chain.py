@@ -50,6 +50,12 @@ def _saved(tmp_path, mutate) -> str:
     (lambda p: p["spec"].__setitem__("colour", "red"), "chain spec does not fit"),
     (lambda p: p.pop("shared"), "chain file lacks shared"),
     (lambda p: p.__setitem__("format", 99), "unsupported chain format 99"),
+    # a small file whose spec asks for networks no config could: refused before any is built (137 GB seen)
+    (lambda p: p["spec"].__setitem__("embed_dim", 10**9), r"chain spec out of bounds \(embed_dim 1000000000"),
+    (lambda p: p["spec"].__setitem__("image_shape", [3, 100_000, 100_000]), "chain spec out of bounds .image_shape"),
+    (lambda p: p["spec"].__setitem__("num_shards", 10**7), "chain spec out of bounds .num_shards"),
+    (lambda p: p["spec"].__setitem__("num_classes", -1), "chain spec out of bounds .num_classes"),
+    (lambda p: p.__setitem__("extra", [1, 2]), "chain file's extra is a list, not a mapping"),
 ])
 def test_broken_chain_file_is_a_value_error(tmp_path, mutate, message):
     """Every way a chain file can disagree with its network is one ValueError naming the part (the CLI's exit 2)."""
@@ -73,3 +79,20 @@ def test_truncated_chain_file_is_a_value_error(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="not a readable chain file"):
         DTChain.load(str(path))
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"std": [1.0], "dataset": "digits", "eval_seed": 1, "eval_batch_size": 10}, "lacks 'mean'"),
+    ({"mean": "0.5", "std": [1.0], "dataset": "digits", "eval_seed": 1, "eval_batch_size": 10}, "has mean='0.5'"),
+    ({"mean": [0.5], "std": [0.0], "dataset": "digits", "eval_seed": 1, "eval_batch_size": 10}, "has std=[0.0]"),
+    ({"mean": [0.5], "std": [1.0], "dataset": "digits", "eval_seed": True, "eval_batch_size": 10}, "eval_seed=True"),
+])
+def test_a_chain_whose_extra_is_missing_or_mistyped_is_one_line(tmp_path, extra, needle):
+    """Bug seen: a chain.pt without (or with a mistyped) mean, std or evaluation setting ended in a KeyError or
+    TypeError traceback in load_chain / evaluate."""
+    from noprop_dist.evaluate import load_chain
+
+    _chain().save(str(tmp_path / "chain.pt"), extra=extra)
+    with pytest.raises(ValueError) as e:
+        load_chain(str(tmp_path))
+    assert needle in str(e.value) and str(tmp_path / "chain.pt") in str(e.value) and "\n" not in str(e.value)

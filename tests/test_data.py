@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import struct
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -237,6 +238,36 @@ def test_size_mismatch_names_file(tmp_path):
         f.write(b"\x00" * 3)  # trailing bytes the header does not account for
     with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.*size mismatch"):
         load_dataset("mnist", root=str(tmp_path))
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("truncate", "not a readable gzip-compressed IDX file (EOFError"),
+    ("garbage", "not a readable gzip-compressed IDX file (BadGzipFile"),
+])
+def test_a_corrupt_or_truncated_gz_idx_is_one_line_naming_it(tmp_path, damage, needle):
+    """Bug seen: a .gz cut short or overwritten ended in a traceback from gzip."""
+    arrays = _make_mnist_arrays()
+    _write_mnist_dir(tmp_path, arrays, gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2] if damage == "truncate" else b"not gzip at all, " + raw[:40])
+    with pytest.raises(data.DatasetFileError) as e:
+        load_dataset("mnist", root=str(tmp_path))
+    assert str(e.value).startswith(f"{path}: {needle}") and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_gzip_bomb_is_refused_at_its_header_without_inflating_it(tmp_path):
+    """A 4 KB .gz whose header claims 60,000 images of 60,000 x 60,000 pixels: refused after the header, with
+    memory untouched (reading it whole, as before, would inflate whatever follows)."""
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">I", 0x803) + struct.pack(">3I", 60_000, 60_000, 60_000) + b"\x00" * (1 << 20))
+    tracemalloc.start()
+    with pytest.raises(data.DatasetFileError, match="IDX header says .* more than the .* bytes an IDX file is read to"):
+        data.read_idx(str(path), 3)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20, f"{peak} bytes allocated reading a header"
 
 
 @pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import errno
 import os
 
 import numpy as np
@@ -134,6 +135,13 @@ def test_an_os_error_on_a_path_is_one_line_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr(driver, "run_training", denied)
     code, lines, _ = _main(run, ["--set", f"run.dir={tmp_path / 'run'}"])
     _one_line(code, lines, path, "Permission denied")
+
+    def full(cfg, log=print, *rest):  # what write() raises on a full disk: an errno, no file name
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(driver, "run_training", full)
+    code, lines, _ = _main(run, ["--set", f"run.dir={tmp_path / 'run'}"])
+    _one_line(code, lines, str(tmp_path / "run"), "No space left on device")
 
     def pathless(cfg, log=print, *rest):
         raise OSError("no path here")

@@ -12,7 +12,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import PAPER_SAMPLER, SAMPLERS
+from ..config import (
+    MAX_CHANNELS,
+    MAX_CLASSES,
+    MAX_EMBEDDING_DIM,
+    MAX_IMAGE_SIZE,
+    MAX_INFERENCE_STEPS,
+    MAX_SHARDS,
+    NOPROP_METHODS,
+    PAPER_SAMPLER,
+    SAMPLERS,
+    shown,
+)
 from ..storage.atomic import atomic_torch_save
 from .blocks import ModelSpec, make_shard
 from .objectives import class_logits, denoised_estimate
@@ -61,7 +72,33 @@ def read_chain_file(path: str, map_location: str = "cpu") -> tuple[ModelSpec, di
     method = payload.get("method", spec.method)
     if method != spec.method:
         raise ValueError(f"{path}: payload method {method!r} disagrees with its spec's {spec.method!r}")
+    problem = spec_problem(spec)
+    if problem:
+        raise ValueError(f"{path}: chain spec out of bounds ({problem}); not built")
+    if not isinstance(payload["extra"], dict):
+        raise ValueError(f"{path}: chain file's extra is a {type(payload['extra']).__name__}, not a mapping")
     return spec, payload
+
+
+def spec_problem(spec: ModelSpec) -> str | None:
+    """What makes a spec read from a file unbuildable within the bounds a config may ask for, or None: the
+    networks are built before their weights are checked, so a 2 MB file could otherwise ask for 137 GB."""
+    def whole(v: Any, lo: int, hi: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    shape = spec.image_shape
+    if not (len(shape) == 3 and all(whole(v, 1, MAX_IMAGE_SIZE) for v in shape) and shape[0] <= MAX_CHANNELS):
+        return f"image_shape {shown(shape)}"
+    for name, value, hi in (("num_shards", spec.num_shards, MAX_SHARDS), ("num_classes", spec.num_classes, MAX_CLASSES),
+                            ("embed_dim", spec.embed_dim, max(MAX_EMBEDDING_DIM, MAX_CHANNELS * MAX_IMAGE_SIZE**2)),
+                            ("inference_steps", spec.inference_steps, MAX_INFERENCE_STEPS)):
+        if not whole(value, 1, hi):
+            return f"{name} {shown(value)} (allowed: 1 to {hi})"
+    if spec.method not in NOPROP_METHODS:
+        return f"method {shown(spec.method)}"
+    if not isinstance(spec.block, str):
+        return f"block {shown(spec.block)}"
+    return None
 
 
 def load_chain_file(

@@ -16,6 +16,7 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -29,6 +30,7 @@ from .dataset import (
     Log,
     make_dataset,
 )
+from .files import read_npz
 
 # The built-in datasets, found under data.root (or bundled); every data.name is in noprop_dist.registry.DATASETS.
 DATASET_NAMES: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100",
@@ -49,10 +51,13 @@ _TV_NAMES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST",
              "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 # MedMNIST's own default download directory (``medmnist`` package); searched after ``root``.
 MEDMNIST_DEFAULT_DIR = os.path.join("~", ".medmnist")
-_MEDMNIST = {  # name -> (file, classes): MedMNIST v2 (28 px) and MedMNIST+ (64 / 128 px) file names
-    "bloodmnist": ("bloodmnist.npz", 8),
-    "bloodmnist_64": ("bloodmnist_64.npz", 8),
-    "bloodmnist_128": ("bloodmnist_128.npz", 8),
+# BloodMNIST's 8 classes in label order (MedMNIST's INFO["bloodmnist"]["label"]).
+BLOODMNIST_CLASSES = ["basophil", "eosinophil", "erythroblast", "immature granulocytes", "lymphocyte", "monocyte",
+                      "neutrophil", "platelet"]
+_MEDMNIST = {  # name -> (file, class names): MedMNIST v2 (28 px) and MedMNIST+ (64 / 128 px) file names
+    "bloodmnist": ("bloodmnist.npz", BLOODMNIST_CLASSES),
+    "bloodmnist_64": ("bloodmnist_64.npz", BLOODMNIST_CLASSES),
+    "bloodmnist_128": ("bloodmnist_128.npz", BLOODMNIST_CLASSES),
 }
 _CIFAR = {  # name -> (directory, train files, test files, label key, classes)
     "cifar10": ("cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
@@ -104,8 +109,9 @@ def load_cifar100(data: DataConfig, log: Log) -> ImageDataset:
 
 
 def _bloodmnist(name: str, data: DataConfig) -> ImageDataset:
-    train, test, val, classes = _load_medmnist(name, _root(data), data.download)
-    return make_dataset(name, train, test, classes, val)
+    path = _find_medmnist(name, _root(data), data.download)
+    # MedMNIST's key layout is the npz loader's: one reader, one set of checks (nothing in the file runs)
+    return read_npz(path, name, _MEDMNIST[name][1], what="a MedMNIST file")
 
 
 def load_bloodmnist(data: DataConfig, log: Log) -> ImageDataset:
@@ -208,29 +214,47 @@ def _load_digits():
     return (x[~is_test], y[~is_test]), (x[is_test], y[is_test]), 10
 
 
+# An IDX header may claim any size; a corrupt or hostile one (a gzip bomb) is refused before it is inflated.
+# MNIST's largest file holds 47 MB; this allows datasets a hundred times larger.
+MAX_IDX_BYTES = 1 << 33
+
+
 def read_idx(path: str, ndim: int) -> np.ndarray:
     """Parse one IDX file (plain or ``.gz``) of unsigned bytes with ``ndim`` dimensions.
 
     Layout: big-endian magic (0x00000803 for 3-dim images, 0x00000801 for labels), then ``ndim``
-    big-endian uint32 sizes, then the data. Raises DatasetFileError (a ValueError) naming the file on any
-    mismatch.
+    big-endian uint32 sizes, then the data. The header is read first and only the bytes it announces are
+    inflated (at most :data:`MAX_IDX_BYTES`), so a gzip bomb stops at the header's size. Raises DatasetFileError
+    (a ValueError) naming the file on any mismatch, and on a truncated or corrupt gzip stream.
     """
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    gz = path.endswith(".gz")
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DatasetFileError(f"{path}: truncated IDX file ({len(raw)} bytes)")
-    (magic,) = struct.unpack(">I", raw[:4])
-    if magic != _IDX_MAGIC[ndim]:
-        raise DatasetFileError(f"{path}: bad IDX magic number 0x{magic:08x}, expected 0x{_IDX_MAGIC[ndim]:08x}")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
-        raise DatasetFileError(f"{path}: IDX size mismatch: header says {dims} ({expected} bytes), "
-                               f"file holds {len(raw) - header} bytes of data")
+    try:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            head = f.read(header)
+            if len(head) < header:
+                raise DatasetFileError(f"{path}: truncated IDX file ({len(head)} bytes)")
+            (magic,) = struct.unpack(">I", head[:4])
+            if magic != _IDX_MAGIC[ndim]:
+                raise DatasetFileError(f"{path}: bad IDX magic number 0x{magic:08x}, expected "
+                                       f"0x{_IDX_MAGIC[ndim]:08x}")
+            dims = struct.unpack(f">{ndim}I", head[4:header])
+            expected = int(np.prod(dims, dtype=np.int64))
+            if expected > MAX_IDX_BYTES:
+                raise DatasetFileError(f"{path}: IDX header says {dims} ({expected} bytes), more than the "
+                                       f"{MAX_IDX_BYTES} bytes an IDX file is read to; not loaded")
+            raw = f.read(expected)
+            trailing = f.read(1)
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut stream an EOFError
+        what = "a readable gzip-compressed IDX file" if gz else "a readable IDX file"
+        raise DatasetFileError(f"{path}: not {what} ({type(e).__name__}: {' '.join(str(e).split())[:150]})") from None
+    if len(raw) != expected or trailing:
+        held = f"{len(raw)} bytes of data" if not trailing else f"more than {expected} bytes of data"
+        raise DatasetFileError(f"{path}: IDX size mismatch: header says {dims} ({expected} bytes), file holds {held}")
     # copy: a view of the bytes object would be read-only (torch.from_numpy warns on those)
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+    return np.frombuffer(raw, dtype=np.uint8).reshape(dims).copy()
 
 
 def _find_idx_dir(dirs: list[str]) -> dict[str, str] | None:
@@ -325,15 +349,11 @@ def _load_cifar(name: str, root: str, download: bool):
     return read(train_files), read(test_files), classes
 
 
-def _load_medmnist(name: str, root: str, download: bool):
-    """A MedMNIST ``.npz`` file: (train, test, val or None, classes), images (N, 3, H, W) uint8, labels (N,) int64.
-
-    The file holds ``{train,val,test}_images`` uint8 (N, H, W, 3) (or (N, H, W) for the grey datasets)
-    and ``{train,val,test}_labels`` (N, 1). The train split trains and the test split tests; the val split,
-    when the file has it, is the validation split the per-epoch curve reads. Searched in ``root`` and then
-    :data:`MEDMNIST_DEFAULT_DIR` (where the ``medmnist`` package downloads to).
-    """
-    fname, classes = _MEDMNIST[name]
+def _find_medmnist(name: str, root: str, download: bool) -> str:
+    """The path of MedMNIST's ``.npz`` for ``name``: ``{train,val,test}_images`` uint8 (N, H, W, 3) (or (N, H, W)
+    for the grey datasets) and ``{train,val,test}_labels`` (N, 1); the val split is the run's validation split.
+    Searched in ``root`` and then :data:`MEDMNIST_DEFAULT_DIR` (where the ``medmnist`` package downloads to)."""
+    fname, _ = _MEDMNIST[name]
     dirs = [root, os.path.expanduser(MEDMNIST_DEFAULT_DIR)]
 
     def find() -> str | None:
@@ -342,24 +362,7 @@ def _load_medmnist(name: str, root: str, download: bool):
     path = _locate(find, download, lambda: _medmnist_download(name, root),
                    f"{name}: file not found. Expected {fname} in one of: {', '.join(dirs)}. Set data.root to its "
                    f"directory, or set `data.download: true` with the `medmnist` package installed to fetch it.")
-    with np.load(path) as npz:
-        missing = [k for k in ("train_images", "train_labels", "test_images", "test_labels") if k not in npz.files]
-        if missing:
-            raise DatasetFileError(f"{path}: not a MedMNIST file, keys {missing} missing (has {npz.files})")
-        has_val = "val_images" in npz.files and "val_labels" in npz.files
-        split = []
-        for part in ("train", "test", "val") if has_val else ("train", "test"):
-            x, y = npz[f"{part}_images"], npz[f"{part}_labels"]
-            if x.ndim == 3:  # grey MedMNIST datasets store (N, H, W)
-                x = x[..., None]
-            if x.ndim != 4 or x.dtype != np.uint8 or len(x) != len(y):
-                raise DatasetFileError(f"{path}: expected {part}_images uint8 (N, H, W, C) and N labels, "
-                                       f"got {x.dtype} {x.shape} and {len(y)} labels")
-            y = np.asarray(y).reshape(-1).astype(np.int64)
-            if y.size and not (0 <= y.min() and y.max() < classes):
-                raise DatasetFileError(f"{path}: {part}_labels outside [0, {classes})")
-            split.append((x.transpose(0, 3, 1, 2), y))  # NHWC -> NCHW
-    return split[0], split[1], split[2] if has_val else None, classes
+    return path
 
 
 def _medmnist_download(name: str, root: str) -> None:

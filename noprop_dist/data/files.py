@@ -60,21 +60,29 @@ def load_npz(data: DataConfig, log: Log) -> ImageDataset:
     if os.path.isdir(path):
         raise DatasetFileError(f"{path}: a directory; data.name=npz reads one .npz file "
                                "(data.name=image_folder reads a directory of images)")
+    return read_npz(path, os.path.splitext(os.path.basename(path))[0])
+
+
+def read_npz(path: str, name: str, class_names: list[str] | None = None, what: str = "an .npz archive") -> ImageDataset:
+    """The dataset in the ``.npz`` file ``path`` (MedMNIST's key layout, the rules of
+    :meth:`ImageDataset.from_arrays`), read with ``allow_pickle=False``; ``class_names`` when the caller knows
+    them (the file's own ``class_names`` otherwise). Every problem is one DatasetFileError naming the file."""
     try:
         opened = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - garbage makes numpy / zipfile raise anything from EOFError to ValueError
-        raise DatasetFileError(f"{path}: not an .npz archive ({_why(e)})") from None
+        raise DatasetFileError(f"{path}: not {what} ({_why(e)})") from None
     if not isinstance(opened, np.lib.npyio.NpzFile):
         raise DatasetFileError(f"{path}: one .npy array, not an .npz archive of named arrays; write one with "
                                "np.savez(path, train_images=..., train_labels=..., test_images=..., test_labels=...)")
     with opened as npz:
         missing = [k for k in NPZ_REQUIRED if k not in npz.files]
         if missing:
-            raise DatasetFileError(f"{path}: key {missing[0]} missing; it has {', '.join(npz.files)[:150] or 'no key'}"
-                                   f" (needs {', '.join(NPZ_REQUIRED)})")
+            raise DatasetFileError(f"{path}: not {what}: key {missing[0]} missing; it has "
+                                   f"{', '.join(npz.files)[:150] or 'no key'} (needs {', '.join(NPZ_REQUIRED)})")
         arrays = {k: _member(npz, k, path) for k in NPZ_REQUIRED + NPZ_OPTIONAL if k in npz.files}
-        names = _npz_class_names(_member(npz, "class_names", path), path) if "class_names" in npz.files else None
-    return build_dataset(arrays, os.path.splitext(os.path.basename(path))[0], names, source=path)
+        if class_names is None and "class_names" in npz.files:
+            class_names = _npz_class_names(_member(npz, "class_names", path), path)
+    return build_dataset(arrays, name, class_names, source=path)
 
 
 def _member(npz: np.lib.npyio.NpzFile, key: str, path: str) -> np.ndarray:
