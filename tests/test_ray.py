@@ -124,18 +124,31 @@ def test_async_mode_trains_and_applies_every_push(ray_cluster, tmp_path):
 
 
 def test_resume_continues_where_it_stopped(ray_cluster, tmp_path):
+    """Also what the run reports: the summary's step counts cover the whole run, not the last invocation, and
+    metrics.jsonl holds each epoch once, although a driver that crashed in epoch 2 had written lines of it
+    (here: the straight run's lines of epoch 2, appended as such a driver leaves them)."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = ("model.num_blocks=2", "cluster.num_workers=1")
-    run_training(_cfg(straight, *common, "train.epochs=2"), log=lambda s: None)
+    common = ("model.num_blocks=2", "cluster.num_workers=1", "metrics.write_every_seconds=0.2")
+    whole = run_training(_cfg(straight, *common, "train.epochs=2"), log=lambda s: None)
     run_training(_cfg(split, *common, "train.epochs=1"), log=lambda s: None)
     assert RunDir(str(split)).read_manifest()["epochs_done"] == 1
+    leftovers = [line for line in (straight / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["epoch"] > 1]
+    assert leftovers
+    with open(split / "metrics.jsonl", "a") as f:
+        f.write("\n".join(leftovers) + "\n")
     logs: list[str] = []
-    run_training(_cfg(split, *common, "train.epochs=2"), log=logs.append)
+    resumed = run_training(_cfg(split, *common, "train.epochs=2"), log=logs.append)
     assert any("resuming from epoch 1" in line for line in logs), logs
     a, b = RunDir(str(straight)).load_resume(2), RunDir(str(split)).load_resume(2)
     assert b.epochs_done == 2
     _assert_same_states(b.block_states, a.block_states)  # the resumed run lost and repeated nothing
     assert a.shared_state["version"] == b.shared_state["version"]
+    for key in ("steps", "final_loss", "last_epoch_mean_loss"):
+        assert [blk[key] for blk in resumed["blocks"]] == [blk[key] for blk in whole["blocks"]], key
+    rows = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    ends = [(r["block"], r["epoch"]) for r in rows if r["event"] == "epoch"]
+    assert sorted(ends) == [(1, 1), (1, 2), (2, 1), (2, 2)], ends
 
 
 def test_finished_run_is_not_retrained(ray_cluster, tmp_path):

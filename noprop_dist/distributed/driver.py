@@ -248,7 +248,7 @@ def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, lo
         display = ProgressDisplay(cfg.train.passes, interval=cfg.train.log_every_seconds)
         run_label = metrics_run_id(cfg)
         mlog = MetricsLog(rundir.path, run_label, cfg.metrics.write_every_seconds, warn=log,
-                          tensorboard=cfg.metrics.tensorboard)
+                          tensorboard=cfg.metrics.tensorboard, epochs_done=resume.epochs_done if resume else 0)
         val = f" / {len(dataset.val_y)} val" if dataset.val_y is not None else ""
         log(f"{dataset.name}: {len(dataset.train_y)} train{val} / {len(dataset.test_y)} test images "
             f"{dataset.image_shape}, {dataset.num_classes} classes; {describe_model(spec.method, spec.num_shards)} "

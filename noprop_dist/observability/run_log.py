@@ -45,16 +45,30 @@ class MetricsLog:
     """
 
     def __init__(self, run_dir: str, run: str, every_seconds: float, warn: Callable[[str], None] = print,
-                 tensorboard: bool = False) -> None:
+                 tensorboard: bool = False, epochs_done: int | None = None) -> None:
         self.path = os.path.join(run_dir, METRICS_FILE)
         # the same rows as TensorBoard event files (metrics.tensorboard)
         self.tensorboard = TensorBoardLog(run_dir) if tensorboard else None
         removed = repair_torn_tail(self.path)
         if removed:
             warn(f"{self.path}: removed a torn last line ({removed} bytes, left by a crash); appending after it")
+        if epochs_done is not None:
+            self._drop_after(epochs_done, warn)
         self.run, self.every = run, every_seconds
         self.last_write = -math.inf
         self.prev: dict[int, tuple[float, int]] = {}  # block -> (time, samples) of its previous line
+
+    def _drop_after(self, epochs_done: int, warn: Callable[[str], None]) -> None:
+        """A run resumed from the checkpoint of ``epochs_done`` epochs trains the epochs after it again: the lines
+        a crashed invocation wrote for them go, so that the file holds each epoch once."""
+        if not os.path.exists(self.path):
+            return
+        rows = read_jsonl(self.path, warn)
+        kept = [r for r in rows if not isinstance(r.get("epoch"), (int, float)) or r["epoch"] <= epochs_done]
+        if len(kept) < len(rows):
+            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            warn(f"{self.path}: dropped {len(rows) - len(kept)} lines of epochs after the checkpoint of epoch "
+                 f"{epochs_done}, which this run trains again")
 
     def record(self, blocks: dict[int, dict], workers: dict[int, dict], owner: dict[int, int],
                event: str = "poll") -> bool:

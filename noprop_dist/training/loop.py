@@ -108,6 +108,11 @@ class BlockTrainer:
         self.generator.set_state(state["generator"])
 
 
+# BlockStats' counters of the whole run: checkpointed with each block, so that a resumed or restarted run's
+# summary counts every step its weights took (the steps redone after a restart once, as the weights do).
+RUN_COUNTERS = ("total_steps", "samples", "compute_seconds", "sync_seconds")
+
+
 @dataclass
 class BlockStats:
     """Counters of one block over the run: progress, throughput, compute vs parameter-server time."""
@@ -240,7 +245,8 @@ class ShardGroup:
         rate, noise generator) and its non-finite record, so that a block stopped for NaN stays stopped, and
         keeps counting towards train.max_nonfinite, across a restart or resume."""
         return {t: tr.state_dict() | {"nonfinite": {"events": self.stats[t].nonfinite_events,
-                                                    "stopped": self.stats[t].stopped}}
+                                                    "stopped": self.stats[t].stopped},
+                                      "counters": {k: getattr(self.stats[t], k) for k in RUN_COUNTERS}}
                 for t, tr in self.trainers.items()}
 
     def load_state_dicts(self, states: dict[int, dict]) -> None:
@@ -251,6 +257,9 @@ class ShardGroup:
             record = state.get("nonfinite") or {}
             self.stats[int(t)].nonfinite_events = int(record.get("events", 0))
             self.stats[int(t)].stopped = str(record.get("stopped", ""))
+            for key, value in (state.get("counters") or {}).items():  # absent in older checkpoints
+                if key in RUN_COUNTERS:
+                    setattr(self.stats[int(t)], key, type(getattr(self.stats[int(t)], key))(value))
 
     def _nonfinite(self, t: int, loss: float, epoch: int, good: dict) -> None:
         """Block t produced a NaN/inf: roll it back to ``good`` (its state at the epoch start), lower its
