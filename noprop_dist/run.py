@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingFailed as e:  # a fault the run could not absorb: not the user's input, so exit 1
         print(f"error: training failed: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: Ray was shut down on the way out
+        where = f"; continue it with: python -m noprop_dist.run --resume {cfg.run.dir}" if cfg is not None else ""
+        print(f"stopped ({e or 'interrupted'}){where}", file=sys.stderr)
+        return 130
     baseline, workers = cfg.model.method in BASELINE_METHODS, summary["num_workers"]
     block = f" ({summary['block']} blocks)" if summary.get("block", "fig6") != "fig6" else ""
     val = f"; validation {summary['val_accuracy']:.4f}" if summary.get("val_accuracy") is not None else ""

@@ -1,6 +1,7 @@
 """Which Ray cluster a run joins: a stale address file left by a dead `ray start` is not joined."""
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -94,3 +95,49 @@ def test_a_run_without_the_loopback_variable_listens_on_loopback_only(tmp_path):
     assert {"gcs_server", "raylet"} <= names and any("Worker" in n for n in names), seen  # the sampling saw the run
     open_ = sorted((n, ip, port) for n, ip, port in seen if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1"))
     assert not open_, f"listening beyond loopback: {open_}"
+
+
+def _start_run(run_dir) -> tuple[subprocess.Popen, psutil.Process, list[psutil.Process]]:
+    """A long quickstart run in a subprocess, followed until its first checkpoint: (process, it, its tree)."""
+    proc = subprocess.Popen([sys.executable, "-m", "noprop_dist.run", "--set", "train.epochs=50",
+                             f"run.dir={run_dir}", "data.train_limit=300", "data.test_limit=100"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root, tree = psutil.Process(proc.pid), []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (run_dir / "manifest.json").exists():
+        tree = root.children(recursive=True) or tree
+        time.sleep(0.3)
+    assert (run_dir / "manifest.json").exists(), "the run did not get to its first checkpoint"
+    tree = root.children(recursive=True) or tree
+    assert any("raylet" in p.name() for p in tree), [p.name() for p in tree]
+    return proc, root, tree
+
+
+@pytest.mark.ray
+def test_a_driver_killed_alone_leaves_no_ray_process_listening(tmp_path):
+    """Bug seen: a driver SIGKILLed alone (its process group spared) left its cluster's dashboard and runtime-env
+    agents running and listening, re-parented, for good. The reaper that watches the driver stops them."""
+    proc, root, tree = _start_run(tmp_path / "run")
+    try:
+        proc.kill()  # the driver alone, not its process group
+        proc.wait(timeout=30)
+        gone, alive = psutil.wait_procs(tree, timeout=20)
+        assert not alive, f"left running after the driver was killed: {[p.name() for p in alive]}"
+    finally:
+        stop_process_tree(proc, tree)
+
+
+@pytest.mark.ray
+def test_a_driver_stopped_by_sigterm_ends_as_ctrl_c_does(tmp_path):
+    """SIGTERM (kill, a container stopping) ends the run as Ctrl-C does: Ray shut down on the way out, exit code
+    130 and how to resume, instead of Ray's abort with a C++ stack trace."""
+    run_dir = tmp_path / "run"
+    proc, root, tree = _start_run(run_dir)
+    try:
+        proc.send_signal(signal.SIGTERM)  # the driver alone, not its process group
+        _, err = proc.communicate(timeout=120)
+        gone, alive = psutil.wait_procs(tree, timeout=30)
+        assert not alive, f"left running after the driver stopped: {[p.name() for p in alive]}"
+        assert proc.returncode == 130 and f"--resume {run_dir}" in err, (proc.returncode, err[-2000:])
+    finally:
+        stop_process_tree(proc, tree)

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import site
 import socket
 import stat
+import subprocess
 import sys
 import sysconfig
+import threading
 import types
 import warnings
 from pathlib import Path
@@ -131,7 +134,43 @@ def connect(num_cpus_needed: float, quiet: bool = False, dashboard: bool = True,
         logging_level="WARNING" if quiet else "INFO",
     )
     protect_token_file()  # Ray may just have written it
+    _interrupt_on_sigterm()
+    _start_reaper()
     return True
+
+
+def _start_reaper() -> None:
+    """The watchdog that stops this local cluster if the driver dies without shutting it down (reaper.py); in a
+    session of its own, so that a signal to the driver's process group does not take it too."""
+    subprocess.Popen([sys.executable, "-m", "noprop_dist.distributed.reaper", str(os.getpid())],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True, close_fds=True)
+
+
+# SIGTERM's handler before this process started its cluster, restored when it shuts the cluster down.
+_PREVIOUS_SIGTERM: list = []
+
+
+def _interrupt_on_sigterm() -> None:
+    """A SIGTERM (``kill``, a container stopping) to a process that started its own cluster ends the run as
+    Ctrl-C does: a KeyboardInterrupt, so the run's ``finally`` blocks shut the cluster down. Ray's own handler
+    aborts the process, which leaves GCS, raylet and agents running and listening. SIGKILL cannot be caught."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    _PREVIOUS_SIGTERM.append(signal.signal(signal.SIGTERM, interrupt))
+
+
+def disconnect(started: bool) -> None:
+    """Shut down the cluster :func:`connect` started (``started``), and give SIGTERM back its handler."""
+    if not started:
+        return
+    ray.shutdown()
+    if _PREVIOUS_SIGTERM and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _PREVIOUS_SIGTERM.pop())
 
 
 def _installed(module: types.ModuleType) -> bool:

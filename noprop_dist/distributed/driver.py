@@ -42,7 +42,7 @@ from ..training.selection import (
     read_best,
     should_stop,
 )
-from .cluster import connect, ship_block
+from .cluster import connect, disconnect, ship_block
 from .supervisor import Supervisor, split_reports
 
 # The chain's accuracy on the evaluation split (val when the run has one, else test) against cumulative training
@@ -181,8 +181,7 @@ def _connect_checked(cfg: Config) -> bool:
     try:
         _check_resources(cfg)
     except BaseException:
-        if started:
-            ray.shutdown()
+        disconnect(started)
         raise
     return started
 
@@ -268,8 +267,7 @@ def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, lo
             trained = _train_on_ray(cfg, spec, dataset, rundir, resume, display, mlog,
                                     run_label if cfg.metrics.enabled else None, curve, on_epoch)
     finally:
-        if started:
-            ray.shutdown()
+        disconnect(started)
     if trained.reports:
         # The training figures exist only in this process until summary.json holds them: written now, before
         # the evaluation, a driver killed from here on leaves them for the re-evaluation to keep.

@@ -22,7 +22,7 @@ from ..baselines.runner import Log, empty_progress, train_epochs
 from ..config import ClusterConfig, Config, config_from_dict, worker_threads
 from ..data import ImageDataset
 from ..storage.run_dir import Resume, RunDir
-from .cluster import connect, ship_block
+from .cluster import connect, disconnect, ship_block
 
 
 def connect_for_train(c: ClusterConfig) -> bool:
@@ -68,8 +68,7 @@ def fit(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Resume | Non
         log(f"[{cfg.model.method}] Ray Train: {c.num_workers} DDP workers, {resources} each")
         return trainer.fit()
     finally:
-        if started:
-            ray.shutdown()
+        disconnect(started)
 
 
 def _train_worker(config: dict[str, Any]) -> None:

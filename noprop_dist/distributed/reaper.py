@@ -1,0 +1,78 @@
+"""A watchdog for the local Ray cluster a driver starts: when the driver dies without shutting it down (SIGKILL,
+an OOM kill, a crash), it stops what is left of the cluster.
+
+Ray's processes are the driver's descendants while it lives, but a driver killed alone leaves some of them
+behind: its dashboard and runtime-env agents outlive the raylet, re-parented, and keep their ports open. This
+process, started beside the driver in a session of its own, notes the driver's process tree every second and,
+once the driver is gone, terminates every process of the last tree it saw that is still the same process
+(pid and start time). A driver that shuts its cluster down leaves it nothing to do. Run as
+``python -m noprop_dist.distributed.reaper DRIVER_PID``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import psutil
+
+POLL_SECONDS = 1.0
+GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL
+
+
+def _tree(driver: psutil.Process) -> dict[int, float]:
+    """pid -> start time of the driver's descendants now (the start time tells a reused pid apart)."""
+    out = {}
+    try:
+        children = driver.children(recursive=True)
+    except psutil.Error:
+        return out
+    for p in children:
+        if p.pid == os.getpid():  # the reaper is the driver's child too
+            continue
+        try:
+            out[p.pid] = p.create_time()
+        except psutil.Error:
+            pass
+    return out
+
+
+def _stop(seen: dict[int, float]) -> None:
+    """SIGTERM every process of ``seen`` that is still the one seen, then SIGKILL those left after the grace."""
+    procs = []
+    for pid, started in seen.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == started:
+                procs.append(p)
+        except psutil.Error:
+            pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=GRACE_SECONDS)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+def watch(driver_pid: int) -> None:
+    """Follow the driver until it exits, then stop what is left of the processes it had started."""
+    try:
+        driver = psutil.Process(driver_pid)
+    except psutil.Error:
+        return
+    seen: dict[int, float] = {}
+    while driver.is_running() and driver.status() != psutil.STATUS_ZOMBIE:
+        seen |= _tree(driver)  # union: a process that left the tree (re-parented) is still the cluster's
+        seen = {pid: t for pid, t in seen.items() if psutil.pid_exists(pid)}
+        time.sleep(POLL_SECONDS)
+    _stop(seen)
+
+
+if __name__ == "__main__":
+    watch(int(sys.argv[1]))
