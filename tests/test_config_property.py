@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from noprop_dist import run
-from noprop_dist.config import Config, load_config
+from noprop_dist.config import Config, ConfigError, load_config
 from noprop_dist.observability.run_log import MetricsLog, read_metrics
 from noprop_dist.storage.run_dir import CheckpointError, RunDir
 
@@ -307,3 +307,53 @@ def test_any_array_given_to_predict_is_predicted_or_one_line(chain_run, tmp_path
         assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {src}: got "), lines
         assert str(images.dtype) in lines[0] and str(images.shape) in lines[0], lines[0]
         assert not os.path.exists(out)
+
+
+# ----------------------------------------------------------------------------- every key, its whole range
+# Not a fixed list of bad values: any value of any type, from the edges of each range (huge, tiny, NaN, inf,
+# negative, NUL bytes, nested containers), for every key. Issue seen: values that passed validation failed only
+# after Ray had started (1e308 as a timeout, 1e-5 CPUs), with a traceback and config.yaml already written.
+
+EDGES = st.sampled_from([0, -0.0, 1, -1, 1e-5, 5e-324, 1e308, -1e308, 2**31, 2**63, 2**64, -(2**63), 10**30,
+                         float("nan"), float("inf"), float("-inf"), "", "\0", "a\0b", "x" * 500, " ", "null",
+                         "~", "1e309", "0x10", True, False, None, [], {}, [1], {"a": 1}])
+ANY_VALUE = st.one_of(
+    EDGES, st.integers(), st.floats(), st.text(max_size=20), st.booleans(), st.none(),
+    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+ALL_KEYS = [f"{s}.{k}" for s, k, _ in KEYS]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(key=st.sampled_from(ALL_KEYS), value=ANY_VALUE)
+def test_any_value_of_any_key_is_a_config_or_one_short_config_error(key, value):
+    """Through the Python API's values (Python objects as they are) and the command line's --set (as YAML)."""
+    for attempt in ({"values": {key: value}}, {"overrides": [f"{key}={yaml.safe_dump(value).strip()}"]}):
+        try:
+            load_config(None, **attempt)
+        except ConfigError as e:
+            message = str(e)
+            assert "\n" not in message and len(message) < 300, (key, value, message[:400])
+            assert message.startswith(key) or key.split(".")[0] in message, (key, value, message)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(ALL_KEYS), value=ANY_VALUE)
+def test_any_value_the_config_takes_gets_to_ray_or_is_one_line(up_to_ray, tmp_path, key, value):
+    """What load_config accepts goes through the real entry point (data, the block check, run.dir) up to where
+    Ray would start, or ends in one line and exit 2: never a traceback, whatever the value."""
+    if key == "run.dir":
+        return  # its own tests: the run directory is the one place the entry point writes
+    try:
+        load_config(None, values={key: value})
+    except ConfigError:
+        return  # refused before anything: the test above
+    run_dir = tempfile.mkdtemp(dir=tmp_path)
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        try:
+            code = run.main(["--set", f"run.dir={run_dir}", "train.epochs=3",
+                             f"{key}={yaml.safe_dump(value).strip()}"])
+        except WouldStartRay:
+            code = None
+    _accepted_or_one_line(code, [ln for ln in err.getvalue().splitlines() if ln.strip()])
