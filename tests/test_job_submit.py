@@ -43,6 +43,7 @@ class Head:
     env: dict                 # what a user's shell has: RAY_AUTH_MODE=token, token in ~/.ray/auth_token
     temp_dir: Path
     proc: subprocess.Popen
+    gcs: str                  # the GCS address ray.init() joins (RAY_ADDRESS for a driver on this machine)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -102,10 +103,11 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def head():
+def _start_head(auth_mode: str):
+    """A `ray start --head --block` on loopback with its own ports and temp dir, RAY_AUTH_MODE=auth_mode; yields
+    its Head and stops what it started afterwards."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1")
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE=auth_mode, PYTHONUNBUFFERED="1")
     # As docs/deploying.md says: make sure a token exists (~/.ray/auth_token; kept if there is one already).
     token = subprocess.run([*RAY, "get-auth-token", "--generate"], capture_output=True, text=True, env=env,
                            timeout=60)
@@ -123,7 +125,8 @@ def head():
     log = open(temp_dir / "ray_start.log", "w")
     # Started in the repository root, like the image's WORKDIR: a job without a working_dir runs there.
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    h = Head(f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{metrics}/metrics", env, temp_dir, proc)
+    h = Head(f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{metrics}/metrics", env, temp_dir, proc,
+             f"127.0.0.1:{gcs}")
     tree: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 90
@@ -141,6 +144,28 @@ def head():
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not [p for p in tree if _alive(p)], "Ray processes of the head were left running"
+
+
+@pytest.fixture(scope="module")
+def head():
+    yield from _start_head("token")
+
+
+def test_a_run_refuses_to_join_a_cluster_without_token_authentication(tmp_path):
+    """Bug seen: joining a head whose token authentication was off passed the check (it read only the driver's
+    own environment) and failed later with ActorDiedError. The cluster's own mode is asked now: one line, exit 2,
+    nothing written; cluster.allow_unauthenticated=true goes on with a warning."""
+    for h in _start_head("disabled"):
+        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"RAY_ADDRESS": h.gcs,
+                                                                                "PYTHONUNBUFFERED": "1"}
+        run_dir = tmp_path / "run"
+        p = subprocess.run([sys.executable, "-m", "noprop_dist.run", "--set", f"run.dir={run_dir}", "train.epochs=1",
+                            "data.train_limit=200", "data.test_limit=50", "model.num_blocks=2",
+                            "cluster.num_workers=1"], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+        errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+        assert p.returncode == 2 and len(errors) == 1, (p.returncode, p.stderr[-3000:])
+        assert "the Ray cluster joined runs with token authentication off" in errors[0], errors
+        assert not run_dir.exists()
 
 
 def test_job_server_requires_the_token(head):

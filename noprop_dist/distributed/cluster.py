@@ -75,6 +75,42 @@ def existing_cluster_address() -> str | None:
     return address or None
 
 
+def _on_loopback(address: str) -> bool:
+    """Whether a Ray address (``host:port``, or ``http://host:port`` as `ray job submit` sets it) is loopback."""
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@ray.remote(num_cpus=0)
+def _cluster_auth_mode() -> str:
+    """RAY_AUTH_MODE as the cluster's own processes run it (a task inherits its raylet's environment)."""
+    from ray._private.authentication.authentication_utils import get_authentication_mode_name
+    from ray._raylet import get_authentication_mode
+
+    return get_authentication_mode_name(get_authentication_mode())
+
+
+def require_cluster_token_auth(allow_unauthenticated: bool, timeout: float = 60.0) -> None:
+    """Refuse (ConfigError, one line) to run on a joined cluster whose own processes run without token
+    authentication: this process's setting says nothing about the cluster's (``require_token_auth`` reads only
+    the local environment), and anyone who reaches an unauthenticated cluster's ports can run code on it.
+    A probe task that cannot run at all (workers of an unauthenticated cluster cannot talk to a driver that
+    requires a token) is taken as the same answer."""
+    try:
+        mode = ray.get(_cluster_auth_mode.remote(), timeout=timeout)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+        mode = f"unknown ({type(e).__name__}: a task could not run there)"
+    if mode == "token":
+        return
+    what = f"the Ray cluster joined runs with token authentication {mode if mode != 'disabled' else 'off'}"
+    if allow_unauthenticated:
+        warnings.warn(f"{what}; going on because cluster.allow_unauthenticated is true", stacklevel=2)
+        return
+    ray.shutdown()
+    raise ConfigError(f"{what}: anyone who reaches its ports could run code on it; start it with RAY_AUTH_MODE=token "
+                      "(docs/deploying.md), or set cluster.allow_unauthenticated=true to accept that")
+
+
 def listening(address: str, timeout: float = 2.0) -> bool:
     """Whether something accepts TCP connections at ``host:port``."""
     host, _, port = address.rpartition(":")
@@ -120,9 +156,13 @@ def connect(num_cpus_needed: float, quiet: bool = False, dashboard: bool = True,
         return False
     require_token_auth(allow_unauthenticated)
     protect_token_file()
-    if existing_cluster_address():
+    address = existing_cluster_address()
+    if address:
+        if _on_loopback(address):  # a head on this machine's loopback: the driver must keep to loopback too
+            keep_on_loopback()
         # No runtime_env here: under `ray job submit` the job's own (its working_dir) must apply.
         ray.init(logging_level="WARNING" if quiet else "INFO")
+        require_cluster_token_auth(allow_unauthenticated)
         return False
     keep_on_loopback()
     ray.init(
