@@ -89,3 +89,31 @@ def test_corrupted_checkpoint_is_reported_and_the_run_resumes_from_the_previous_
     assert str(bad) in out and "corrupted" in out and "falling back to the checkpoints of epoch 1" in out
     assert "resuming from epoch 1" in out
     assert json.loads((run_dir / "manifest.json").read_text())["epochs_done"] == 3
+
+
+def test_driver_killed_alone_inside_a_checkpoint_save_resumes_exactly(tmp_path):
+    """The kill the test above cannot reach: the driver alone (not its process group: its Ray processes are left
+    to the watchdog) SIGKILLed while it saves epoch 2's checkpoint, its files written and the manifest not yet.
+    Epoch 1's checkpoint stays whole, the rerun resumes from it, and the result is an uninterrupted run's."""
+    run_dir = tmp_path / "run"
+    args = [*ARGS[:2], "train.epochs=3", *ARGS[3:]]
+    cmd = [sys.executable, "-m", "noprop_dist.run", *[a for kv in [*args, f"run.dir={run_dir}"] for a in ("--set", kv)]]
+    first = subprocess.run(cmd, env=ENV | {"NOPROP_FAULTS": "kill_driver@2.save"}, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == -signal.SIGKILL, (first.returncode, first.stderr[-2000:])
+    assert "fault injection: kill_driver while saving the checkpoint of epoch 2" in first.stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["epochs_done"] == 1  # epoch 2's files are on disk, unlisted
+    assert (run_dir / "checkpoints" / "block_01.e0002.pt").exists()
+
+    again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from epoch 1" in again.stdout
+    cfg = load_config(None, [*args, f"run.dir={tmp_path / 'ref'}"])
+    ref_blocks, ref_shared, _ = train_in_process(cfg, load_dataset("digits", train_limit=640, test_limit=200))
+    saved = RunDir(str(run_dir)).load_resume(2)
+    assert saved.epochs_done == 3
+    for t in (1, 2):
+        for k, v in ref_blocks[t]["block"].items():
+            assert torch.equal(saved.block_states[t]["block"][k], v), f"block {t} {k} differs"
+    assert saved.shared_state["version"] == ref_shared["version"]

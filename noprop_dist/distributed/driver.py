@@ -43,6 +43,7 @@ from ..training.selection import (
     should_stop,
 )
 from .cluster import connect, disconnect, ship_block
+from .faults import driver_save_hook
 from .supervisor import Supervisor, split_reports
 
 # The chain's accuracy on the evaluation split (val when the run has one, else test) against cumulative training
@@ -129,7 +130,8 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
                 early_stop = {"epoch": done, "best_epoch": best.epoch, "patience": cfg.train.early_stop_patience}
                 checkpoint_now = True
             if checkpoint_now:
-                rundir.save_epoch(done, states, shared_state, train_seconds, replicas)
+                rundir.save_epoch(done, states, shared_state, train_seconds, replicas,
+                                  before_manifest=driver_save_hook(sup.faults, done))
                 display.message(f"epoch {done}/{cfg.train.passes} done in {epoch_seconds[-1]:.1f}s; "
                                 f"checkpoint saved to {rundir.ckpt_dir}")
             if on_epoch is not None:

@@ -9,6 +9,8 @@ is not something a run should carry) and hands each worker its part. Comma-separ
     kill_ps:W@E.S    worker W SIGKILLs the parameter server's process at that point
     stop:W@E.S       worker W stops its own process (SIGSTOP: a hang, not a death) at that point
     nan:W:B@E.S      worker W fills block B's weights with NaN at that point
+    kill_driver@E.save  the driver SIGKILLs itself (alone: not its process group) while it saves the checkpoint
+                     of epoch E, after the checkpoint files are written and before the manifest that lists them
 
 Each item fires once, in the worker's first incarnation only (a restarted worker runs clean).
 """
@@ -24,7 +26,10 @@ import torch
 
 ENV_VAR = "NOPROP_FAULTS"
 _ITEM = re.compile(r"^(kill|kill_ps|stop|nan):(\d+)(?::(\d+))?@(\d+)\.(\d+|end)$")
+_DRIVER_ITEM = re.compile(r"^kill_driver@(\d+)\.save$")
 END = -1  # the step number of ".end": after the epoch, at the gather of the worker's states
+SAVE = -2  # the step number of ".save": inside the driver's save of the epoch's checkpoint
+DRIVER = -1  # the "worker" of a fault the driver fires itself
 
 
 @dataclass(frozen=True)
@@ -40,10 +45,14 @@ def parse_faults(text: str | None) -> list[Fault]:
     """``"kill:1@2.5,nan:0:2@1.3"`` -> faults; raises ValueError naming a malformed item."""
     faults = []
     for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        d = _DRIVER_ITEM.match(item)
+        if d:
+            faults.append(Fault("kill_driver", DRIVER, int(d.group(1)), SAVE))
+            continue
         m = _ITEM.match(item)
         if m is None or (m.group(1) == "nan") != (m.group(3) is not None):
-            raise ValueError(f"{ENV_VAR}: malformed item {item!r}; expected kill:W@E.S, kill_ps:W@E.S, stop:W@E.S "
-                             "or nan:W:B@E.S (S: a step number or end)")
+            raise ValueError(f"{ENV_VAR}: malformed item {item!r}; expected kill:W@E.S, kill_ps:W@E.S, stop:W@E.S, "
+                             "nan:W:B@E.S (S: a step number or end) or kill_driver@E.save")
         kind, w, b, e, s = m.groups()
         faults.append(Fault(kind, int(w), int(e), END if s == "end" else int(s), int(b) if b else None))
     return faults
@@ -51,6 +60,19 @@ def parse_faults(text: str | None) -> list[Fault]:
 
 def faults_from_env() -> list[Fault]:
     return parse_faults(os.environ.get(ENV_VAR))
+
+
+def driver_save_hook(faults: list[Fault], epochs_done: int) -> Callable[[], None] | None:
+    """What the driver's save of the checkpoint of ``epochs_done`` epochs runs before its manifest: a SIGKILL of
+    the driver alone when the plan says ``kill_driver@E.save`` for that epoch, else nothing (None)."""
+    if not any(f.kind == "kill_driver" and f.epoch == epochs_done for f in faults):
+        return None
+
+    def kill() -> None:
+        print(f"fault injection: kill_driver while saving the checkpoint of epoch {epochs_done}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
 
 
 def fault_hook(

@@ -363,9 +363,11 @@ class RunDir:
     # --- checkpoints ---------------------------------------------------------------------
     def save_epoch(
         self, epochs_done: int, block_states: dict[int, dict], shared_state: dict, train_seconds: float,
-        replica_states: dict[str, dict] | None = None,
+        replica_states: dict[str, dict] | None = None, before_manifest: Callable[[], None] | None = None,
     ) -> None:
-        """Write every block's, the server's and the worker replicas' state for ``epochs_done``, then the manifest."""
+        """Write every block's, the server's and the worker replicas' state for ``epochs_done``, then the manifest.
+        ``before_manifest`` runs between the two (fault injection: a crash there must leave the last manifest's
+        checkpoints whole)."""
         files: dict[str, dict[str, str]] = {}
         for t, state in sorted(block_states.items()):
             name = f"block_{t:02d}.e{epochs_done:04d}.pt"
@@ -375,6 +377,8 @@ class RunDir:
                 continue
             name = f"{key}.e{epochs_done:04d}.pt"
             files[key] = {"file": name, "sha256": atomic_torch_save(state, os.path.join(self.ckpt_dir, name))}
+        if before_manifest is not None:
+            before_manifest()
         old = self.read_manifest()
         previous = None
         if old is not None:  # the last complete epoch stays loadable until this one is
