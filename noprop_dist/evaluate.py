@@ -108,9 +108,10 @@ def draw_z0(n: int, embed_dim: int, seed: int) -> torch.Tensor:
     return torch.randn((n, embed_dim), generator=torch.Generator().manual_seed(int(seed)))
 
 
-def _check_extra(path: str, extra: dict, channels: int) -> None:
+def _check_extra(path: str, extra: dict, channels: int, keys: tuple[str, ...] = ("mean", "std")) -> None:
     """What a chain file records beside the networks, checked before it is used: a ValueError naming the file and
-    the key for a missing or mistyped value (the normalisation statistics, the evaluation's settings)."""
+    the key for a missing or mistyped value. ``keys``: those the caller uses (predicting needs the normalisation
+    statistics; evaluating again also the dataset and the evaluation's seed and batch size)."""
     def numbers(v: object) -> bool:
         return isinstance(v, (list, tuple)) and len(v) == channels and all(
             isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
@@ -119,7 +120,7 @@ def _check_extra(path: str, extra: dict, channels: int) -> None:
               "dataset": lambda v: isinstance(v, str),
               "eval_seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
               "eval_batch_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0}
-    for key, ok in checks.items():
+    for key, ok in ((k, checks[k]) for k in keys):
         if key not in extra:
             raise ValueError(f"{path}: the chain file's extra lacks {key!r}; not a chain a run saved")
         if not ok(extra[key]):
@@ -172,6 +173,8 @@ def evaluation(run_dir: str, seed: int | None = None, steps: int | None = None, 
     """
     trained = load_chain(run_dir, steps, sampler, draws)
     chain, extra = trained.chain, trained.extra
+    _check_extra(os.path.join(run_dir, "chain.pt"), extra, chain.spec.image_shape[0],
+                 ("dataset", "eval_seed", "eval_batch_size"))
     if extra["dataset"] == "arrays":
         raise ValueError(f"{run_dir}: the run trained on arrays given to the Python API, which it did not keep; "
                          "measure it with noprop_dist.load_chain(run_dir).predict(test_images)")

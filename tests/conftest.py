@@ -70,3 +70,24 @@ def stop_process_tree(proc: subprocess.Popen, tree: list[psutil.Process] | None 
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=10)
+
+
+def run_main(module, args: list[str]) -> tuple[int, list[str], str]:
+    """(exit code, non-empty stderr lines, stdout) of an entry point's ``module.main(args)`` run in this process."""
+    import contextlib
+    import io
+
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = module.main(args)
+    return code, [ln for ln in err.getvalue().splitlines() if ln.strip()], out.getvalue()
+
+
+def one_error_line(code: int, lines: list[str], *names: str) -> str:
+    """The one ``error:`` line an entry point printed with exit code 2, after checking it names ``names``."""
+    assert code == 2, (code, lines)
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "Traceback" not in lines[0]
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]

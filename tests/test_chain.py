@@ -90,9 +90,9 @@ def test_truncated_chain_file_is_a_value_error(tmp_path):
 def test_a_chain_whose_extra_is_missing_or_mistyped_is_one_line(tmp_path, extra, needle):
     """Bug seen: a chain.pt without (or with a mistyped) mean, std or evaluation setting ended in a KeyError or
     TypeError traceback in load_chain / evaluate."""
-    from noprop_dist.evaluate import load_chain
+    from noprop_dist.evaluate import evaluation
 
     _chain().save(str(tmp_path / "chain.pt"), extra=extra)
     with pytest.raises(ValueError) as e:
-        load_chain(str(tmp_path))
+        evaluation(str(tmp_path))
     assert needle in str(e.value) and str(tmp_path / "chain.pt") in str(e.value) and "\n" not in str(e.value)

@@ -6,8 +6,6 @@ onnxruntime and TorchScript through torch.jit.load.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import sys
 import warnings
@@ -15,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import one_error_line, run_main
 
 from noprop_dist import evaluate, export
 from noprop_dist.config import load_config
@@ -30,20 +29,8 @@ RUNS = {
 }
 
 
-def _main(module, args: list[str]) -> tuple[int, list[str], str]:
-    """(exit code, non-empty stderr lines, stdout) of ``module.main(args)`` run in this process."""
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        code = module.main(args)
-    return code, [ln for ln in err.getvalue().splitlines() if ln.strip()], out.getvalue()
 
 
-def _one_line(code: int, lines: list[str], *names: str) -> str:
-    assert code == 2, (code, lines)
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    for name in names:
-        assert name in lines[0], (name, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +62,7 @@ def test_images(digits) -> np.ndarray:
 
 
 def _export(run_dir: str, out: str, *options: str) -> str:
-    code, err, stdout = _main(export, [run_dir, "--out", out, *options])
+    code, err, stdout = run_main(export, [run_dir, "--out", out, *options])
     assert code == 0 and not err, err
     line = stdout.strip()
     assert "\n" not in line and line.startswith(f"wrote {out} "), line
@@ -246,14 +233,14 @@ def test_refusals_are_one_line_and_write_nothing(runs, tmp_path, args, says):
     out = tmp_path / "m.onnx"
     if "--format" not in options:
         options += ["--format", "onnx"]
-    _one_line(*_main(export, [run_dir, "--out", str(out), *options])[:2], *says)
+    one_error_line(*run_main(export, [run_dir, "--out", str(out), *options])[:2], *says)
     assert not out.exists() and os.listdir(tmp_path) == []
 
 
 def test_onnx_not_installed_names_the_extra(runs, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # how Python marks a module as not importable
-    code, lines, _ = _main(export, [runs["dt"], "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
-    _one_line(code, lines, "onnxruntime", "pip install 'noprop_dist[export]'")
+    code, lines, _ = run_main(export, [runs["dt"], "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    one_error_line(code, lines, "onnxruntime", "pip install 'noprop_dist[export]'")
     assert os.listdir(tmp_path) == []
 
 
@@ -301,7 +288,7 @@ def test_predict_memory_stays_flat_in_n(runs, test_images, tmp_path, monkeypatch
 
     monkeypatch.setattr(chain_class, "forward", recorded)
     out = tmp_path / "many_preds.npy"
-    code, err, _ = _main(evaluate, [runs["dt"], "--predict", str(tmp_path / "many.npy"), "--out", str(out)])
+    code, err, _ = run_main(evaluate, [runs["dt"], "--predict", str(tmp_path / "many.npy"), "--out", str(out)])
     assert code == 0, err
     assert sum(sizes) == 20_000 and max(sizes) <= evaluate.PREDICT_BATCH, sizes
     assert np.load(out).shape == (20_000,)
@@ -315,8 +302,8 @@ def test_predict_refuses_the_options_it_would_ignore(runs, test_images, tmp_path
     """Guards: --predict --sampler ensemble (or --steps, --draws, --stages) ran the saved sampler and said nothing."""
     np.save(tmp_path / "u8.npy", test_images[:5])
     out = tmp_path / "p.npy"
-    code, lines, _ = _main(evaluate, [runs["dt"], "--predict", str(tmp_path / "u8.npy"), "--out", str(out), *option])
-    _one_line(code, lines, option[0], "--predict")
+    code, lines, _ = run_main(evaluate, [runs["dt"], "--predict", str(tmp_path / "u8.npy"), "--out", str(out), *option])
+    one_error_line(code, lines, option[0], "--predict")
     assert not out.exists()
 
 
@@ -324,7 +311,7 @@ def test_predict_writes_exactly_the_named_file(runs, test_images, tmp_path):
     """Guards: np.save(name) wrote out.bin.npy when told --out out.bin."""
     np.save(tmp_path / "u8.npy", test_images)
     out = tmp_path / "out.bin"
-    code, err, stdout = _main(evaluate, [runs["dt"], "--predict", str(tmp_path / "u8.npy"), "--out", str(out)])
+    code, err, stdout = run_main(evaluate, [runs["dt"], "--predict", str(tmp_path / "u8.npy"), "--out", str(out)])
     assert code == 0, err
     assert sorted(os.listdir(tmp_path)) == ["out.bin", "u8.npy"]
     np.testing.assert_array_equal(np.load(out), evaluate.load_chain(runs["dt"]).predict(test_images, seed=0))

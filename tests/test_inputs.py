@@ -4,48 +4,29 @@ images for ``--predict`` that are not what the chain takes. Each must end as one
 the key, file or array and what is expected, exit code 2, and nothing written to run.dir."""
 from __future__ import annotations
 
-import contextlib
-import io
 import errno
 import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import one_error_line, run_main
 
 from noprop_dist import evaluate, run
 from noprop_dist.config import MAX_TRAIN_SEED, load_config
-
-
-def _main(module, args: list[str]) -> tuple[int, list[str], str]:
-    """(exit code, non-empty stderr lines, stdout) of ``module.main(args)`` run in this process."""
-    err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        code = module.main(args)
-    return code, [ln for ln in err.getvalue().splitlines() if ln.strip()], out.getvalue()
-
-
-def _one_line(code: int, lines: list[str], *names: str) -> str:
-    assert code == 2, (code, lines)
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    assert "Traceback" not in lines[0]
-    for name in names:
-        assert name in lines[0], (name, lines[0])
-    return lines[0]
-
 
 # ----------------------------------------------------------------------------- config files and values
 
 @pytest.mark.parametrize("content", [b"\xff\xfe\x00model: 1", b"- a\n- list\n", b"just a string\n", b"42\n",
                                      b"train:\n  seed: 2020-13-45\n"])
-def test_a_config_file_that_is_not_a_utf8_yaml_mapping_is_one_line(tmp_path, content):
+def test_a_config_file_that_is_not_a_utf8_yaml_mapping_isone_error_line(tmp_path, content):
     """Guards: a non-UTF-8 --config file raised UnicodeDecodeError (a traceback); a timestamp PyYAML cannot
     build raised ValueError; a list or scalar must be refused naming the file."""
     path = tmp_path / "bad.yaml"
     path.write_bytes(content)
     run_dir = tmp_path / "run"
-    code, lines, _ = _main(run, ["--config", str(path), "--set", f"run.dir={run_dir}"])
-    _one_line(code, lines, str(path))
+    code, lines, _ = run_main(run, ["--config", str(path), "--set", f"run.dir={run_dir}"])
+    one_error_line(code, lines, str(path))
     if content.startswith(b"\xff"):
         assert "not UTF-8" in lines[0]
     assert not run_dir.exists()
@@ -75,8 +56,8 @@ def test_values_too_large_for_torch_or_ray_are_refused_before_anything_starts(tm
     args = ["--set", f"run.dir={run_dir}", override]
     if key == "model.num_shards":
         args.append("model.method=noprop_ct")
-    code, lines, _ = _main(run, args)
-    _one_line(code, lines, key, bound)
+    code, lines, _ = run_main(run, args)
+    one_error_line(code, lines, key, bound)
     assert not run_dir.exists()
 
 
@@ -93,14 +74,14 @@ def test_the_largest_allowed_seeds_seed_torch():
 # ----------------------------------------------------------------------------- run.dir permissions
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission bits")
-def test_a_run_dir_below_a_read_only_directory_is_one_line(tmp_path):
+def test_a_run_dir_below_a_read_only_directory_isone_error_line(tmp_path):
     """Guards: permission denied on run.dir surfaced only once Ray had started (or as a traceback)."""
     parent = tmp_path / "parent"
     parent.mkdir()
     parent.chmod(0o500)
     try:
-        code, lines, _ = _main(run, ["--set", f"run.dir={parent / 'run'}"])
-        _one_line(code, lines, str(parent), "permission denied")
+        code, lines, _ = run_main(run, ["--set", f"run.dir={parent / 'run'}"])
+        one_error_line(code, lines, str(parent), "permission denied")
         assert not (parent / "run").exists()
     finally:
         parent.chmod(0o700)
@@ -117,8 +98,8 @@ def test_a_run_dir_this_process_may_not_write_is_refused_before_ray_starts(tmp_p
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.fspath(p) == str(parent)
                         else real_access(p, mode, **kw))
     monkeypatch.setattr(driver, "_connect_checked", lambda cfg: pytest.fail("Ray was started"))
-    code, lines, _ = _main(run, ["--set", f"run.dir={parent / 'run'}"])
-    _one_line(code, lines, str(parent), "permission denied")
+    code, lines, _ = run_main(run, ["--set", f"run.dir={parent / 'run'}"])
+    one_error_line(code, lines, str(parent), "permission denied")
     assert os.listdir(parent) == []
 
 
@@ -133,15 +114,15 @@ def test_an_os_error_on_a_path_is_one_line_naming_it(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr(driver, "run_training", denied)
-    code, lines, _ = _main(run, ["--set", f"run.dir={tmp_path / 'run'}"])
-    _one_line(code, lines, path, "Permission denied")
+    code, lines, _ = run_main(run, ["--set", f"run.dir={tmp_path / 'run'}"])
+    one_error_line(code, lines, path, "Permission denied")
 
     def full(cfg, log=print, *rest):  # what write() raises on a full disk: an errno, no file name
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(driver, "run_training", full)
-    code, lines, _ = _main(run, ["--set", f"run.dir={tmp_path / 'run'}"])
-    _one_line(code, lines, str(tmp_path / "run"), "No space left on device")
+    code, lines, _ = run_main(run, ["--set", f"run.dir={tmp_path / 'run'}"])
+    one_error_line(code, lines, str(tmp_path / "run"), "No space left on device")
 
     def pathless(cfg, log=print, *rest):
         raise OSError("no path here")
@@ -205,16 +186,16 @@ def test_predict_refuses_what_it_does_not_document(trained_run, images, problem)
     assert str(images.dtype) in msg and str(images.shape) in msg and "(N, 1, 8, 8)" in msg, msg
 
 
-def test_the_predict_cli_takes_floats_and_refuses_bad_files_in_one_line(trained_run, tmp_path):
+def test_the_predict_cli_takes_floats_and_refuses_bad_files_inone_error_line(trained_run, tmp_path):
     """Guards: --predict loaded with pickles allowed (a planted .npy could run code) and wrote predictions
     for any array; now a float file gives the uint8 predictions and bad files are one line, exit 2, no output."""
     run_dir, x, _ = trained_run
     out = tmp_path / "preds.npy"
     np.save(tmp_path / "u8.npy", x)
     np.save(tmp_path / "f.npy", x / 255.0)
-    assert _main(evaluate, [run_dir, "--predict", str(tmp_path / "u8.npy"), "--out", str(out)])[0] == 0
+    assert run_main(evaluate, [run_dir, "--predict", str(tmp_path / "u8.npy"), "--out", str(out)])[0] == 0
     want = np.load(out)
-    assert _main(evaluate, [run_dir, "--predict", str(tmp_path / "f.npy"), "--out", str(out)])[0] == 0
+    assert run_main(evaluate, [run_dir, "--predict", str(tmp_path / "f.npy"), "--out", str(out)])[0] == 0
     np.testing.assert_array_equal(np.load(out), want)
     os.remove(out)
 
@@ -232,23 +213,23 @@ def test_the_predict_cli_takes_floats_and_refuses_bad_files_in_one_line(trained_
     for name, says in [("planted.npy", "pickle"), ("junk.npy", "not a readable .npy"),
                        ("empty.npy", "not a readable .npy"), ("archive.npz", "not one .npy array"),
                        ("ints.npy", "int64")]:
-        code, lines, _ = _main(evaluate, [run_dir, "--predict", str(tmp_path / name), "--out", str(out)])
-        _one_line(code, lines, str(tmp_path / name), says)
+        code, lines, _ = run_main(evaluate, [run_dir, "--predict", str(tmp_path / name), "--out", str(out)])
+        one_error_line(code, lines, str(tmp_path / name), says)
         assert not out.exists(), name
     assert not marker.exists(), "loading the .npy ran its pickle"
-    code, lines, _ = _main(evaluate, [run_dir, "--predict", str(tmp_path / "u8.npy"), "--seed", str(2**64)])
-    _one_line(code, lines, "seed")
+    code, lines, _ = run_main(evaluate, [run_dir, "--predict", str(tmp_path / "u8.npy"), "--seed", str(2**64)])
+    one_error_line(code, lines, "seed")
 
 
-def test_a_predict_output_that_cannot_be_written_is_one_line(trained_run, tmp_path):
+def test_a_predict_output_that_cannot_be_written_isone_error_line(trained_run, tmp_path):
     """Guards: --out in a directory that does not exist or may not be written ended in a traceback."""
     run_dir, x, _ = trained_run
     np.save(tmp_path / "u8.npy", x[:3])
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    code, lines, _ = _main(evaluate, [run_dir, "--predict", str(tmp_path / "u8.npy"), "--out",
+    code, lines, _ = run_main(evaluate, [run_dir, "--predict", str(tmp_path / "u8.npy"), "--out",
                                       str(blocker / "preds.npy")])
-    _one_line(code, lines, str(blocker / "preds.npy"))
+    one_error_line(code, lines, str(blocker / "preds.npy"))
 
 
 def test_an_empty_batch_predicts_nothing(trained_run):
