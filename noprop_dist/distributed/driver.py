@@ -236,7 +236,10 @@ def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, lo
     stopped = None if cleared else _stopped_early(rundir)
 
     def finished(epochs_done: int) -> bool:
-        return epochs_done >= cfg.train.passes or (stopped is not None and stopped["epoch"] == epochs_done)
+        """The budget is trained, or the run stopped early there under this patience (another one trains on)."""
+        return epochs_done >= cfg.train.passes or (
+            stopped is not None and stopped["epoch"] == epochs_done
+            and stopped["patience"] == cfg.train.early_stop_patience)
 
     started, connected = False, False
     if manifest is None or not finished(manifest["epochs_done"]):
