@@ -105,11 +105,13 @@ def test_a_stopped_block_stays_stopped_after_a_restart(policy, max_nonfinite):
     fresh, server, _, _ = _group(policy, max_nonfinite=max_nonfinite)  # the restarted worker
     fresh.load_state_dicts(_round_trip(group.state_dicts()))
     kept = {k: v.clone() for k, v in fresh.trainers[2].block.state_dict().items()}
+    steps_before = {t: st.total_steps for t, st in fresh.stats.items()}  # the whole run's, from the checkpoint
+    assert steps_before == {t: st.total_steps for t, st in group.stats.items()}
     stats = fresh.train_epoch(1)
     assert stats[2]["stopped"] == group.stats[2].stopped and stats[2]["nonfinite_events"] == 1
-    assert stats[2]["total_steps"] == 0, "the stopped block trained again after the restart"
+    assert stats[2]["total_steps"] == steps_before[2], "the stopped block trained again after the restart"
     assert all(torch.equal(v, kept[k]) for k, v in fresh.trainers[2].block.state_dict().items())
-    assert stats[1]["total_steps"] == stats[3]["total_steps"] == 10  # the others go on
+    assert [stats[t]["total_steps"] - steps_before[t] for t in (1, 3)] == [10, 10]  # the others go on
 
 
 def test_rollbacks_before_a_restart_count_towards_max_nonfinite_and_keep_the_lowered_lr():
@@ -126,10 +128,11 @@ def test_rollbacks_before_a_restart_count_towards_max_nonfinite_and_keep_the_low
 
 
 def test_a_checkpoint_from_before_the_nonfinite_record_loads_as_not_stopped():
-    """Block checkpoints written before the record was kept have no "nonfinite" entry: not stopped, 0 events."""
+    """Block checkpoints written before the record (and the run's counters) were kept have no "nonfinite" (nor
+    "counters") entry: not stopped, 0 events, counting from 0."""
     group, _, _, _ = _group("stop")
     group.train_epoch(0, on_step=_poison(group, 3, at_batch=2))
-    old = {t: {k: v for k, v in s.items() if k != "nonfinite"} for t, s in group.state_dicts().items()}
+    old = {t: {k: v for k, v in s.items() if k not in ("nonfinite", "counters")} for t, s in group.state_dicts().items()}
     fresh, _, _, _ = _group("stop")
     fresh.load_state_dicts(_round_trip(old))
     assert all(st.nonfinite_events == 0 and st.stopped == "" for st in fresh.stats.values())
