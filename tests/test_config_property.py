@@ -32,7 +32,7 @@ OUT_OF_RANGE = {
     "train.batch_size": [0], "train.lr": [0.0, -1e-3], "train.weight_decay": [-1.0], "train.seed": [-1],
     "train.sync_mode": ["semi"], "train.sync_every": [0], "train.log_every_seconds": [0],
     "cluster.num_workers": [0, 11, 100], "cluster.gpus_per_worker": [-0.5, 1.5], "cluster.cpus_per_worker": [0],
-    "cluster.threads_per_worker": [-1], "cluster.device": ["tpu"], "run.dir": [""],
+    "cluster.threads_per_worker": [-1], "cluster.device": ["tpu"],  # run.dir= (null): a new directory
     "run.checkpoint_every": [0], "eval.batch_size": [0],
 }
 NOT_A_NUMBER = st.sampled_from(["abc", "[1, 2]", "{a: 1}", "1.2.3", "true", "nan", "inf"])
