@@ -57,8 +57,12 @@ def test_the_readme_commands_work_in_any_order(ray_cluster, tmp_path, monkeypatc
     sets = [f"{k}={v}" for k, v in SMALL.items()]
     assert main(["--set", *sets, "train.epochs=2"]) == 0
     first = capsys.readouterr().out.split("run saved in ")[1].split()[0]
-    result = noprop_dist.train("quickstart", log=lambda s: None, train={"epochs": 3}, **SMALL)
+    seen: list[dict] = []
+    result = noprop_dist.train("quickstart", log=lambda s: None, train={"epochs": 3}, on_epoch=seen.append, **SMALL)
     assert result.run_dir != first and os.path.isdir(first) and result.summary["epochs"] == 3
+    # every epoch reported, the last one with the final chain's accuracy (no validation split: the test set's)
+    assert [i["epoch"] for i in seen] == [1, 2, 3] and all("test_accuracy" in i for i in seen)
+    assert seen[-1]["test_accuracy"] == result.summary["test_accuracy"]
     assert main(["--resume", first, "--set", "train.epochs=3"]) == 0
     out = capsys.readouterr().out
     assert "resuming from epoch 2" in out and f"run saved in {first}" in out

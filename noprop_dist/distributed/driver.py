@@ -134,7 +134,7 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
                                   before_manifest=driver_save_hook(sup.faults, done))
                 display.message(f"epoch {done}/{cfg.train.passes} done in {epoch_seconds[-1]:.1f}s; "
                                 f"checkpoint saved to {rundir.ckpt_dir}")
-            if on_epoch is not None:
+            if on_epoch is not None and not last:  # the last epoch's figures come after the final evaluation
                 on_epoch(_epoch_info(cfg, done, train_seconds, blocks, split, acc, best, early_stop))
             if early_stop:
                 display.message(f"stopping early after epoch {done}: the validation accuracy has not risen since "
@@ -288,6 +288,10 @@ def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, lo
         atomic_write_json(rundir.file(CURVE_FILE), curve)
         mlog.accuracy(epochs, point, trained.train_seconds, split)
     mlog.close()
+    if on_epoch is not None and trained.reports and not trained.early_stop:
+        blocks, _ = split_reports(trained.reports)
+        on_epoch(_epoch_info(cfg, epochs, trained.train_seconds, blocks, split,
+                             accuracy if last_val is None else last_val, best, None))
     train_accuracy = split_accuracy(chain, dataset, "train", cfg.eval.batch_size, cfg.eval.seed)
     chosen = {"best_epoch": best.epoch, "val_accuracy": best.val_accuracy} if best else {}
     chain.save(rundir.file(CHAIN_FILE), extra=_chain_extra(cfg, dataset) | {"test_accuracy": accuracy} | chosen)
