@@ -3,9 +3,9 @@ an OOM kill, a crash), it stops what is left of the cluster.
 
 Ray's processes are the driver's descendants while it lives, but a driver killed alone leaves some of them
 behind: its dashboard and runtime-env agents outlive the raylet, re-parented, and keep their ports open. This
-process, started beside the driver in a session of its own, notes the driver's process tree every second and,
-once the driver is gone, terminates every process of the last tree it saw that is still the same process
-(pid and start time). A driver that shuts its cluster down leaves it nothing to do. Run as
+process, started beside the driver in a session of its own, notes the Ray processes among the driver's
+descendants every second and, once the driver is gone, terminates every one it saw that is still the same
+process (pid and start time); the driver's other children are left alone. A driver that shuts its cluster down leaves it nothing to do. Run as
 ``python -m noprop_dist.distributed.reaper DRIVER_PID``.
 """
 from __future__ import annotations
@@ -20,8 +20,17 @@ POLL_SECONDS = 1.0
 GRACE_SECONDS = 5.0  # between SIGTERM and SIGKILL
 
 
+def _is_ray(p: psutil.Process) -> bool:
+    """Whether a process is one of Ray's: its GCS, raylet, workers (``ray::...``) or the agents and monitors Ray
+    runs from its package or its session directory. Other children of the driver are the user's business."""
+    name = p.name()
+    if name in ("gcs_server", "raylet") or name.startswith("ray::"):
+        return True
+    return any("/ray/" in arg for arg in p.cmdline())
+
+
 def _tree(driver: psutil.Process) -> dict[int, float]:
-    """pid -> start time of the driver's descendants now (the start time tells a reused pid apart)."""
+    """pid -> start time of the driver's Ray descendants now (the start time tells a reused pid apart)."""
     out = {}
     try:
         children = driver.children(recursive=True)
@@ -31,7 +40,8 @@ def _tree(driver: psutil.Process) -> dict[int, float]:
         if p.pid == os.getpid():  # the reaper is the driver's child too
             continue
         try:
-            out[p.pid] = p.create_time()
+            if _is_ray(p):
+                out[p.pid] = p.create_time()
         except psutil.Error:
             pass
     return out
