@@ -82,29 +82,46 @@ def test_a_nonfinite_step_changes_neither_the_block_nor_its_optimizer_nor_the_sh
 
 
 class _HostSyncs(TorchDispatchMode):
-    """Counts the ops that copy one value to the host (``.item()``, ``float(t)``, ``bool(t)``)."""
+    """Counts the ops that copy one value to the host (``.item()``, ``float(t)``, ``bool(t)``) and those that
+    bring host data into a step (``torch.tensor([...])``: on a GPU a copy to the device, which waits)."""
+
+    READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count, self.uploads = 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+        if func in self.READS:
             self.count += 1
+        elif func == torch.ops.aten.lift_fresh.default:
+            self.uploads += 1
         return func(*args, **(kwargs or {}))
 
 
-def test_an_epoch_reads_no_single_value_back_per_step():
-    cfg = load_config(None, ["model.num_blocks=2", "train.batch_size=64", "train.sync_every=3"])
+@pytest.mark.parametrize("method,extra", [
+    ("noprop_dt", []),
+    ("noprop_ct", ["model.num_shards=2"]),
+    ("noprop_ct", ["model.num_shards=2", "model.shard_partition=log_snr", "model.shard_overlap=0.2"]),
+    ("noprop_fm", ["model.num_shards=2", "model.shard_partition=equal_mass", "model.shard_overlap=0.2"]),
+])
+def test_an_epoch_reads_no_single_value_back_per_step(method, extra):
+    """A step at accelerator speed takes milliseconds: a read of one value (or a small upload) per step stalls
+    it on the device. CT's and FM's steps are covered too: they built a (2,) tensor from a Python list and read a
+    bool back every step."""
+    cfg = load_config(None, [f"model.method={method}", "model.num_blocks=2", "train.batch_size=64",
+                             "train.sync_every=3", *extra])
     data = load_dataset("digits", train_limit=640)
     spec = model_spec(cfg, data.image_shape, data.num_classes)
     group = ShardGroup(spec, [1, 2], cfg.train, data.train_x, data.train_y, data.mean, data.std,
                        LocalClient(SharedStateServer(spec, 0)))
+    group.train_epoch(0)  # what is built once (DT's schedule, cached) is built here, not counted below
     with _HostSyncs() as syncs:
-        stats = group.train_epoch(0)
-    assert stats[1]["total_steps"] == 10 and np.isfinite(stats[1]["loss"])
+        stats = group.train_epoch(1)
+    assert stats[1]["total_steps"] == 20 and np.isfinite(stats[1]["loss"])
     # The losses and flags come back once per exchange (tolist), not value by value.
-    assert syncs.count == 0, f"{syncs.count} single-value reads in an epoch of 20 block steps"
+    assert syncs.count == 0, f"{syncs.count} single-value reads in an epoch of 20 shard steps"
+    assert syncs.uploads == 0, f"{syncs.uploads} tensors built from host data in an epoch of 20 shard steps"
 
 
 def test_batches_are_gathered_from_the_placed_set_as_from_the_arrays():

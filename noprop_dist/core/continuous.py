@@ -15,6 +15,7 @@ K = 1 it is the paper's loss.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from typing import Callable
 
@@ -49,26 +50,38 @@ def shard_bounds(spec: ModelSpec, shared: SharedState | None = None) -> torch.Te
     """
     k = spec.num_shards
     device = shared.embed.device if shared is not None else torch.device("cpu")
-    frac = torch.arange(k + 1, dtype=torch.float64, device=device) / k
     if spec.shard_partition == "uniform" or k == 1:
-        return frac
+        return torch.arange(k + 1, dtype=torch.float64, device=device) / k
+    if spec.method == "noprop_fm":
+        return _fm_bounds(spec.shard_partition, k, str(device))
+    if shared is None or not hasattr(shared, "schedule"):
+        raise ValueError("NoProp-CT's non-uniform shard partition needs the shared state's schedule")
     with torch.no_grad():
-        if spec.method == "noprop_fm":
-            lo, hi = FM_LOG_SNR_RANGE if spec.shard_partition == "log_snr" else (-math.inf, math.inf)
-            levels = log_snr_levels(spec.shard_partition, k, torch.tensor(lo, dtype=torch.float64, device=device),
-                                    torch.tensor(hi, dtype=torch.float64, device=device))
-            bounds = torch.sigmoid(levels / 2)
-        else:
-            if shared is None or not hasattr(shared, "schedule"):
-                raise ValueError("NoProp-CT's non-uniform shard partition needs the shared state's schedule")
-            grid = torch.linspace(0.0, 1.0, CT_BOUNDS_GRID + 1, dtype=torch.float64, device=device)
-            lam = -shared.schedule.gamma(grid)  # strictly increasing
-            levels = log_snr_levels(spec.shard_partition, k, lam[0], lam[-1])
-            i = torch.searchsorted(lam, levels).clamp(1, CT_BOUNDS_GRID)
-            w = ((levels - lam[i - 1]) / (lam[i] - lam[i - 1])).clamp(0.0, 1.0)
-            bounds = grid[i - 1] + w * (grid[i] - grid[i - 1])
-        bounds[0], bounds[-1] = 0.0, 1.0
-        return bounds
+        grid = torch.linspace(0.0, 1.0, CT_BOUNDS_GRID + 1, dtype=torch.float64, device=device)
+        lam = -shared.schedule.gamma(grid)  # strictly increasing
+        levels = log_snr_levels(spec.shard_partition, k, lam[0], lam[-1])
+        i = torch.searchsorted(lam, levels).clamp(1, CT_BOUNDS_GRID)
+        w = ((levels - lam[i - 1]) / (lam[i] - lam[i - 1])).clamp(0.0, 1.0)
+        bounds = grid[i - 1] + w * (grid[i] - grid[i - 1])
+        return _pin_ends(bounds)
+
+
+@functools.lru_cache(maxsize=16)
+def _fm_bounds(partition: str, k: int, device: str) -> torch.Tensor:
+    """NoProp-FM's boundaries: a closed form of (partition, K), computed once per device (a training step asks
+    for them every time). (K + 1,) float64; callers must not write into it (it is shared)."""
+    lo, hi = FM_LOG_SNR_RANGE if partition == "log_snr" else (-math.inf, math.inf)
+    levels = log_snr_levels(partition, k, torch.tensor(lo, dtype=torch.float64, device=device),
+                            torch.tensor(hi, dtype=torch.float64, device=device))
+    return _pin_ends(torch.sigmoid(levels / 2))
+
+
+def _pin_ends(bounds: torch.Tensor) -> torch.Tensor:
+    """The partition's ends exactly 0 and 1, filled on the device (assigning Python floats would copy them from
+    the host, every step for CT, whose boundaries follow its learned schedule)."""
+    bounds[0].zero_()
+    bounds[-1].fill_(1.0)
+    return bounds
 
 
 def _training_interval(
@@ -147,7 +160,7 @@ def ct_shard_loss(
     z_t = ct_marginal(u_y, sched.abar(t), randn_like(u_y, generator))
     u_hat = denoised_estimate(net(z_t, x, t), embed)
     denoise = spec.eta / 2 * (ct_loss_weight(spec, sched, t) * (u_hat - u_y).pow(2).sum(dim=1)).mean()
-    ends = torch.tensor([0.0, 1.0], device=y.device)
+    ends = torch.arange(2, dtype=torch.float32, device=y.device)  # t = 0 and 1, made on the device
     abar_0, abar_1 = sched.abar(ends).unbind()
     z_1 = ct_marginal(u_y, abar_1.expand(y.shape[0]), randn_like(u_y, generator))
     # class_logits gives unnormalised scores; ONE cross_entropy applies the only softmax (pitfall 5).

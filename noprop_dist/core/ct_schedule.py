@@ -84,7 +84,8 @@ class LearnedSchedule(nn.Module):
 
     def _f_range(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(f(0), f(1) - f(0) >= 1) as 0-d tensors."""
-        f = self._f(torch.tensor([0.0, 1.0], dtype=dtype, device=self.g0.device))
+        # t = 0 and 1 made on the device (arange), not copied from host data: this runs in every CT step
+        f = self._f(torch.arange(2, dtype=dtype, device=self.g0.device))
         return f[0], f[1] - f[0]
     def gtilde(self, t: torch.Tensor) -> torch.Tensor:
         """Monotone increasing, gtilde(0) = 0, gtilde(1) = 1. (B,) -> (B,)."""
