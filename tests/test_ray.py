@@ -56,6 +56,8 @@ def test_two_workers_train_assemble_and_evaluate_above_chance(ray_cluster, tmp_p
     assert len({w["pid"] for w in summary["workers"]}) == 2
     assert all(w["zero_copy_data"] for w in summary["workers"]), "workers copied the dataset"
     assert all(w["precision"] == "fp32" for w in summary["workers"])  # the default, as the workers ran it
+    # between each two of the 4 epochs: the workers' wait for the driver (gather, checkpoint, evaluation)
+    assert len(summary["epoch_boundary_seconds"]) == 3 and all(0 <= b < 60 for b in summary["epoch_boundary_seconds"])
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["test_accuracy"] == summary["test_accuracy"]
     # The run's sampler (the default, mean) and the paper's (eq3) side by side; the accuracy along the chain.

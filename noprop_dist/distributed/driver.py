@@ -98,12 +98,17 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
     best = read_best(rundir.path) if split == "val" else None
     reports: list[dict] = []
     epoch_seconds: list[float] = []
+    boundaries: list[float] = []  # per epoch k > 1: first worker's start of k minus the last worker's end of k - 1
+    last_end: float | None = None
     early_stop = None
     try:
         for epoch in range(start_epoch, cfg.train.passes):
             t0 = time.perf_counter()
             reports = sup.run_epoch(epoch, mlog)
             epoch_seconds.append(time.perf_counter() - t0)
+            if last_end is not None:  # the time between epochs: gathering, checkpoints, evaluation
+                boundaries.append(min(r["epoch_started"] for r in reports) - last_end)
+            last_end = max(r["epoch_ended"] for r in reports)
             train_seconds += epoch_seconds[-1]
             done = epoch + 1
             blocks, by_rank = split_reports(reports)
@@ -142,6 +147,7 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
                 break
         for r in reports:
             r["epoch_wall_seconds"] = epoch_seconds
+            r["epoch_boundary_seconds"] = boundaries
         return Trained(states, shared_state, reports, train_seconds, sup.events, best, early_stop)
     finally:
         sup.close()
@@ -365,6 +371,10 @@ def _summary(cfg: Config, spec: Any, dataset: ImageDataset, accuracy: float | No
         "sync_fraction_of_step_time": (sync_s / step_s) if step_s else old.get("sync_fraction_of_step_time"),
         # Wall time of each epoch trained in this invocation; the first includes starting the actors.
         "epoch_seconds": reports[0]["epoch_wall_seconds"] if reports else old.get("epoch_seconds", []),
+        # Between consecutive epochs of this invocation: from the last worker ending epoch k to the first starting
+        # epoch k + 1 (the workers' wall clocks), the time the driver keeps them waiting.
+        "epoch_boundary_seconds": (reports[0]["epoch_boundary_seconds"] if reports
+                                   else old.get("epoch_boundary_seconds", [])),
         "workers": [
             {k: r[k] for k in ("rank", "pid", "device", "precision", "peak_rss_mb", "peak_gpu_mb", "exchanges", "exchange_seconds",
                                "push_seconds", "pull_seconds", "embedding_version_lag", "max_embedding_version_lag",

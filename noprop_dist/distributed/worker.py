@@ -192,6 +192,7 @@ class Worker:
 
     def train_epoch(self, epoch: int) -> dict:
         t0 = time.perf_counter()
+        started = time.time()  # wall clock: the driver compares it with other workers' (epoch_boundary_seconds)
         step = 0
 
         def on_step() -> None:
@@ -208,7 +209,7 @@ class Worker:
         if self.telemetry:
             self.telemetry.flush()  # the epoch's last counts, and epochs_done at the whole epoch
         self.epoch_seconds += time.perf_counter() - t0
-        return self.report() | {"blocks": stats}
+        return self.report() | {"blocks": stats, "epoch_started": started, "epoch_ended": time.time()}
 
     def report(self) -> dict:
         ex = self.group.replica.stats
