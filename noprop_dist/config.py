@@ -506,7 +506,7 @@ def new_run_dir(name: str, root: str = RUNS_ROOT) -> str:
     """A run directory no run has used: ``<root>/<name>/<date>-<time>`` (a suffix -2, -3, ... when two runs start
     in the same second), so that every command makes a run of its own; resuming one names it (run.dir=DIR or
     ``--resume DIR``)."""
-    stem = os.path.join(root, name, time.strftime("%Y%m%d-%H%M%S"))
+    stem = os.path.join(root, name, time.strftime("%Y%m%d-%H%M%S", time.localtime()))
     path, n = stem, 1
     while os.path.lexists(path):
         n += 1

@@ -3,6 +3,7 @@ validation split the best epoch's chain is kept, the last beside it, and early s
 improving; a per-epoch callback follows a run; the command line lists every key and prints the config."""
 import json
 import os
+import time
 
 import pytest
 from custom_block import tiny_block
@@ -18,6 +19,8 @@ SMALL = {"data.train_limit": 300, "data.test_limit": 100, "train.batch_size": 64
 
 def test_a_run_without_run_dir_gets_a_new_directory_each_time(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    now = time.localtime()  # both calls in one second, as two runs started together would be
+    monkeypatch.setattr(time, "localtime", lambda *a: now)
     first = load_config("quickstart").run.dir
     os.makedirs(first)  # taken (a run started in the same second): the next one does not reuse it
     second = load_config("quickstart").run.dir
