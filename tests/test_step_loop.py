@@ -99,6 +99,66 @@ class _HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _OnGPU(torch.Tensor):
+    """A CPU tensor that reports cuda:0 as its device and turns into a plain CPU tensor only when copied there:
+    what a worker's optimizer state is on a GPU, on a machine with none. Pickling one keeps its device, as a
+    real CUDA tensor's pickle does (and a driver without CUDA then fails to load it)."""
+
+    @staticmethod
+    def __new__(cls, data: torch.Tensor):
+        t = torch.Tensor._make_wrapper_subclass(cls, data.shape, dtype=data.dtype, strides=data.stride(),
+                                                device=torch.device("cuda", 0))
+        t.host = data
+        return t
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        unwrap = lambda a: a.host if isinstance(a, _OnGPU) else a  # noqa: E731
+        out = func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs))
+        if func is torch.ops.aten._to_copy.default and kwargs.get("device") == CPU:
+            return out
+        return torch.utils._pytree.tree_map(lambda a: _OnGPU(a) if isinstance(a, torch.Tensor) else a, out)
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)
+
+
+def test_worker_states_leave_on_the_cpu_whatever_device_trained_them():
+    """Checkpoints, optimizer and replica states are unpickled on the driver, which may have no GPU (a KubeRay
+    head): every tensor in them must be a plain CPU tensor even when the worker's live state is on a GPU."""
+    spec = make_spec("learned", num_shards=2)
+    data = load_dataset("digits", train_limit=64)
+    group = ShardGroup(spec, [1, 2], TrainConfig(seed=0, batch_size=32), data.train_x, data.train_y, data.mean,
+                       data.std, LocalClient(SharedStateServer(spec, 0)))
+    group.train_epoch(0)
+    live = [group.replica.optimizer.state]
+    for tr in group.trainers.values():
+        live.append(tr.optimizer.state)
+        for module in tr.block.modules():  # buffers (BatchNorm's statistics) too
+            for name, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[name] = _OnGPU(buf)
+    for state in live:
+        for per_param in state.values():
+            for k, v in per_param.items():
+                if isinstance(v, torch.Tensor):
+                    per_param[k] = _OnGPU(v)
+    assert any(isinstance(t, _OnGPU) for t in _tensors([dict(s) for s in live]))
+    out = [group.state_dicts(), group.replica.state_dict()]
+    tensors = list(_tensors(out))
+    assert tensors and all(type(t) is torch.Tensor and t.device == CPU for t in tensors), \
+        sorted({str(t.device) for t in tensors})
+
+
 @pytest.mark.parametrize("method,extra", [
     ("noprop_dt", []),
     ("noprop_ct", ["model.num_shards=2"]),

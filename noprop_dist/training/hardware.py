@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import resource
 import warnings
+from typing import Any
 
 import torch
 
@@ -29,6 +30,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         warnings.warn(f"train.precision=bf16 on {device}, which has no native bf16 (no AVX512-BF16 or AMX on a "
                       "CPU): torch emulates it, slower than fp32; set train.precision=auto or fp32", stacklevel=2)
     return precision
+
+
+def on_host(state: Any) -> Any:
+    """``state`` (nested dicts, lists and tuples of tensors and plain values) with every tensor copied to the
+    CPU: what leaves a worker (checkpoints, optimizer and replica states) must unpickle on a driver or a head
+    node that has no GPU and no CUDA. Tensors already on the CPU are returned as they are, not copied."""
+    if isinstance(state, torch.Tensor):
+        return state if state.device.type == "cpu" and type(state) is torch.Tensor else state.cpu()
+    if isinstance(state, dict):
+        return {k: on_host(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(on_host(v) for v in state)
+    return state
 
 
 def peak_rss_mb() -> float:

@@ -21,7 +21,7 @@ from ..core.blocks import prefers_channels_last
 from ..core.variants import build_shard, shard_loss
 from ..data import normalize
 from .assignment import replica_key
-from .hardware import resolve_precision
+from .hardware import on_host, resolve_precision
 from .shared_state import SharedReplica, SharedStateClient
 
 
@@ -97,7 +97,7 @@ class BlockTrainer:
 
     def state_dict(self) -> dict:
         return {
-            "block": {k: v.cpu() for k, v in self.block.state_dict().items()},
+            "block": self.block.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
         }
@@ -244,9 +244,9 @@ class ShardGroup:
         """Each block's checkpoint: its trainer's state (weights, AdamW with its possibly lowered learning
         rate, noise generator) and its non-finite record, so that a block stopped for NaN stays stopped, and
         keeps counting towards train.max_nonfinite, across a restart or resume."""
-        return {t: tr.state_dict() | {"nonfinite": {"events": self.stats[t].nonfinite_events,
-                                                    "stopped": self.stats[t].stopped},
-                                      "counters": {k: getattr(self.stats[t], k) for k in RUN_COUNTERS}}
+        return {t: on_host(tr.state_dict()) | {"nonfinite": {"events": self.stats[t].nonfinite_events,
+                                                             "stopped": self.stats[t].stopped},
+                                               "counters": {k: getattr(self.stats[t], k) for k in RUN_COUNTERS}}
                 for t, tr in self.trainers.items()}
 
     def load_state_dicts(self, states: dict[int, dict]) -> None:

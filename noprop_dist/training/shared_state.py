@@ -37,6 +37,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..core import ModelSpec, SharedState, build_shared
+from .hardware import on_host
 
 Round = tuple[int, int]  # (epoch, exchange within the epoch, from 1): increases along a run
 NO_ROUND: Round = (-1, 0)  # below every real round: nothing received yet
@@ -186,7 +187,7 @@ class SharedStateServer:
 
     def state_dict(self) -> dict:
         """For checkpoints, taken between epochs (nothing held then)."""
-        return {"shared": {k: v.detach().clone() for k, v in self.shared.state_dict().items()},
+        return {"shared": {k: v.detach().cpu().clone() for k, v in self.shared.state_dict().items()},
                 "version": self.version, "pushes": self.pushes,
                 "received": {s: list(r) for s, r in self.received.items()}}
 
@@ -442,7 +443,8 @@ class SharedReplica:
 
     # --- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict()}
+        """The replica's optimizer state, on the CPU (it leaves the worker for the driver's checkpoint)."""
+        return {"optimizer": on_host(self.optimizer.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
