@@ -37,6 +37,9 @@ ShardPartition = Literal["uniform", "log_snr", "equal_mass"]
 CtLossWeight = Literal["snr_prime", "sigmoid", "flat"]
 CtReadout = Literal["head", "nearest"]
 FmTarget = Literal["velocity", "endpoint"]
+# train.sync_every: a count of mini-batches, or "auto" (derived from the worker's device and step time where it
+# trains: training.hardware.auto_sync_every).
+SyncEvery = int | Literal["auto"]
 
 DATASET_NAMES: tuple[str, ...] = DATASETS.names()  # data.name (noprop_dist.registry)
 # The datasets read from a file or directory the user names in data.path.
@@ -191,7 +194,10 @@ class TrainConfig:
     # shards' updates and takes fresh state it asked for one exchange earlier. sync: that state holds every
     # worker's updates up to that exchange (runs repeat exactly); async: whatever the server had (never waits).
     sync_mode: SyncMode = "sync"
-    sync_every: int = 1
+    # auto: 1 on a CPU; on a GPU the run measures its block step time over the first few steps and exchanges
+    # about every 50 ms (training.hardware.auto_sync_every), one value for every worker of the run, reported in
+    # summary.json's workers. An integer fixes it (and makes a GPU run repeatable whatever its timing).
+    sync_every: SyncEvery = "auto"
     # fp32 | bf16 (autocast of the shards' forward and backward; weights stay fp32) | auto: bf16 where the
     # worker's device computes it natively, else fp32 (training.resolve_precision)
     precision: Precision = "fp32"
@@ -264,6 +270,9 @@ class EvalConfig:
     # samplers"); fashion_mnist.yaml sets stage_average, which keeps what the middle blocks add.
     sampler: Sampler = "mean"
     ensemble_draws: int = 8  # noisy runs averaged by the ensemble sampler
+    # The end of a run also scores the paper's sampler (config.PAPER_SAMPLER) when the run's differs: a pass of
+    # its own over the test set (test_accuracy_by_sampler). Off, the end of a run is one pass over the test set.
+    paper_sampler: bool = False
 
 
 @dataclass
@@ -296,6 +305,13 @@ def _section_types(section_cls: type) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Convert a YAML / command-line value to the declared type, or raise ConfigError naming `key`."""
+    if typ == SyncEvery:  # "auto" or a count; validate() checks that a count is positive
+        if value == "auto":
+            return value
+        try:
+            return _coerce(key, value, int)
+        except ConfigError:
+            raise _bad_sync_every(key, value) from None
     if get_origin(typ) is Literal:  # a fixed set of strings: validate() checks the value and lists the set
         typ = str
     if typ == int | float:  # a count that may be fractional (train.epochs): a whole number stays an int
@@ -529,6 +545,7 @@ def key_table() -> list[tuple[str, str, str]]:
                 else:
                     takes[key] = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
                                   int | float: "a number", int | None: "an integer or null",
+                                  SyncEvery: "a positive integer or auto",
                                   float | None: "a number or null", str | None: "a string or null"}[typ]
             default = getattr(obj, name)
             rows.append((key, "null" if default is None else str(default).lower() if isinstance(default, bool)
@@ -547,6 +564,11 @@ def config_from_dict(mapping: dict[str, Any]) -> Config:
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: {shown(value)} is not allowed; allowed: {', '.join(allowed)}")
+
+
+def _bad_sync_every(key: str, value: Any) -> ConfigError:
+    """The one error for a train.sync_every that is neither "auto" nor a count of at least 1."""
+    return ConfigError(f"{key}: must be a positive integer or auto, got {shown(value)}")
 
 
 def _positive(key: str, value: float, strict: bool = True) -> None:
@@ -647,7 +669,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.warmup_epochs: must be in [0, train.epochs = {t.epochs}), got {t.warmup_epochs!r}")
     _in_range("train.seed", t.seed, 0, MAX_TRAIN_SEED)
     _choice("train.sync_mode", t.sync_mode, SYNC_MODES)
-    _positive("train.sync_every", t.sync_every)
+    if t.sync_every != "auto" and (isinstance(t.sync_every, bool) or not isinstance(t.sync_every, int)
+                                   or t.sync_every < 1):
+        raise _bad_sync_every("train.sync_every", t.sync_every)
     _choice("train.precision", t.precision, PRECISIONS)
     _positive("train.log_every_seconds", t.log_every_seconds)
     _in_range("train.early_stop_patience", t.early_stop_patience, 0, MAX_EPOCHS)

@@ -139,7 +139,7 @@ def up_to_ray(monkeypatch):
 
     cached = load_dataset("digits")
 
-    def stop(cfg):
+    def stop(cfg, log=None):
         raise WouldStartRay
 
     monkeypatch.setattr(driver, "_connect_checked", stop)

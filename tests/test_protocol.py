@@ -78,6 +78,7 @@ def test_two_worker_sync_runs_repeat_bit_for_bit_within_the_staleness_bound(ray_
     assert s["test_accuracy"] == summaries[1]["test_accuracy"]
     assert s["shared_state_version"] == sum(b["steps"] for b in s["blocks"])  # exactly once
     for w in s["workers"]:
+        assert w["sync_every"] == 2  # as set, reported per worker
         assert w["max_stale_exchanges"] == 2
         # A refresh brings one exchange of the other worker: 2 mini-batches of its 2 blocks.
         assert 0 < w["max_embedding_version_lag"] <= 2 * 2

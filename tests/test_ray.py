@@ -43,7 +43,8 @@ def test_one_worker_sync_equals_in_process_reference(ray_cluster, tmp_path):
 def test_two_workers_train_assemble_and_evaluate_above_chance(ray_cluster, tmp_path):
     """Through the Python API (noprop_dist.train, load_chain), with the TensorBoard event files on."""
     result = noprop_dist.train("quickstart", run={"dir": str(tmp_path)}, train={"epochs": 4},
-                               cluster={"num_workers": 2}, log=lambda s: None, **{"metrics.tensorboard": True})
+                               cluster={"num_workers": 2}, log=lambda s: None,
+                               **{"metrics.tensorboard": True, "eval.paper_sampler": True})
     summary = result.summary
     assert result.run_dir == str(tmp_path)
     assert summary["test_accuracy"] > 0.5, summary["test_accuracy"]  # chance is 0.1
@@ -56,11 +57,13 @@ def test_two_workers_train_assemble_and_evaluate_above_chance(ray_cluster, tmp_p
     assert len({w["pid"] for w in summary["workers"]}) == 2
     assert all(w["zero_copy_data"] for w in summary["workers"]), "workers copied the dataset"
     assert all(w["precision"] == "fp32" for w in summary["workers"])  # the default, as the workers ran it
+    assert all(w["sync_every"] == 1 for w in summary["workers"])  # auto, on a CPU
     # between each two of the 4 epochs: the workers' wait for the driver (gather, checkpoint, evaluation)
     assert len(summary["epoch_boundary_seconds"]) == 3 and all(0 <= b < 60 for b in summary["epoch_boundary_seconds"])
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["test_accuracy"] == summary["test_accuracy"]
-    # The run's sampler (the default, mean) and the paper's (eq3) side by side; the accuracy along the chain.
+    # The run's sampler (the default, mean) and the paper's (eq3, asked for) side by side, scored on the workers
+    # in parts (mean) and whole (eq3): the same counts as the driver's own evaluation below.
     assert summary["sampler"] == "mean" and summary["paper_sampler"] == "eq3"
     by = summary["test_accuracy_by_sampler"]
     assert set(by) == {"mean", "eq3"} and by["mean"] == summary["test_accuracy"]
@@ -105,7 +108,7 @@ def test_training_figures_survive_a_driver_killed_during_the_final_evaluation(ra
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(driver, "final_evaluation", killed)
+        m.setattr(driver, "final_report", killed)  # once the workers have scored the chain
         with pytest.raises(KeyboardInterrupt):
             run_training(cfg, log=lambda s: None)
     partial = json.loads((tmp_path / "summary.json").read_text())

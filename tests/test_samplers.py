@@ -190,7 +190,9 @@ def test_final_evaluation_of_a_stage_average_run_reports_mean_and_the_papers_bes
         shared.head.weight.copy_(30 * shared.embed)
         shared.head.bias.zero_()
     chain = assemble_chain(spec, blocks, {"shared": shared.state_dict()})
-    out = final_evaluation(chain, ds, 32, 7)
+    out = final_evaluation(chain, ds, 32, 7)  # one pass: the paper's sampler, a pass of its own, only when asked
+    assert set(out["test_accuracy_by_sampler"]) == {"stage_average", "mean"}
+    out = final_evaluation(chain, ds, 32, 7, paper_sampler=True)
     by = out["test_accuracy_by_sampler"]
     assert out["sampler"] == "stage_average" and set(by) == {"stage_average", "eq3", "mean"}
     assert out["stages"][0]["chain_accuracy"] != out["stages"][-1]["chain_accuracy"], "stages must differ"
@@ -235,3 +237,34 @@ def test_evaluate_cli_runs_every_dt_sampler_and_refuses_what_does_not_apply(tmp_
         assert evaluate_main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("method,sampler", [("noprop_dt", "stage_average"), ("noprop_dt", "mean"),
+                                            ("noprop_ct", "mean"), ("noprop_fm", "mean")])
+def test_an_evaluation_split_into_parts_counts_what_one_pass_counts(method, sampler):
+    """Evaluation runs in parts on several workers: the parts replay the z_0 of the batches before them, so their
+    summed counts are exactly one pass's (a part that drew its own z_0 would change the figures)."""
+    from noprop_dist.core import StageCounts, batch_parts, build_chain, build_shared, count_stages, make_shard
+    from noprop_dist.data import load_dataset, normalize
+
+    ds = load_dataset("digits", test_limit=100)
+    extra = ["model.num_shards=2", "model.inference_steps=4"] if method != "noprop_dt" else ["model.num_blocks=3"]
+    spec = model_spec(load_config(None, [f"model.method={method}", f"eval.sampler={sampler}", *extra]),
+                      ds.image_shape, 10)
+    torch.manual_seed(0)
+    chain = build_chain(spec, [make_shard(spec, k).state_dict() for k in range(1, spec.num_shards + 1)],
+                        build_shared(spec, 0).state_dict())
+    x, y = torch.from_numpy(ds.test_x), torch.from_numpy(ds.test_y)
+
+    def norm(b):
+        return normalize(b, ds.mean, ds.std)
+
+    whole, _ = count_stages(chain, x, y, 16, 5, norm, "cpu")
+    parts = batch_parts(len(y), 16, 3)
+    assert [len(p) for p in parts] == [2, 3, 2] and parts[-1].stop == 7
+    summed = sum((count_stages(chain, x, y, 16, 5, norm, "cpu", batches=p)[0] for p in parts), StageCounts())
+    assert (summed.n, summed.correct, summed.table()) == (whole.n, whole.correct, whole.table())
+    assert whole.n == 100 and len(whole.stages) == spec.num_shards
+    if method == "noprop_dt":  # eq3 draws noise at every step: a part of it cannot start part-way
+        with pytest.raises(ValueError, match="eq3"):
+            count_stages(chain, x, y, 16, 5, norm, "cpu", batches=parts[1], sampler="eq3")

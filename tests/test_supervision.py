@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import make_spec
 
-from noprop_dist.config import ConfigError, load_config
+from noprop_dist.config import load_config
 from noprop_dist.distributed.driver import run_training
 from noprop_dist.distributed.faults import END, ENV_VAR, parse_faults
 from noprop_dist.distributed.restart_policy import RestartBudget, TrainingFailed
@@ -147,10 +147,16 @@ def test_past_max_restarts_the_run_fails_naming_the_limit(ray_cluster, tmp_path,
         _run(tmp_path, "run", "kill:0@1.2", monkeypatch, "cluster.max_restarts_per_worker=0")
 
 
-def test_more_gpus_than_the_cluster_has_writes_nothing(ray_cluster, tmp_path, monkeypatch):
+def test_a_joined_cluster_without_the_gpus_is_waited_for_then_refused_naming_the_timeout(
+        ray_cluster, tmp_path, monkeypatch, capsys):
+    """A joined cluster may be autoscaled (KubeRay minReplicas: 0): GPUs it lacks at the start may come. The run
+    waits for them up to cluster.placement_timeout_s, saying so, then ends with one line naming the timeout;
+    nothing is written meanwhile."""
     run_dir = tmp_path / "run"
-    with pytest.raises(ConfigError, match="cluster.gpus_per_worker: 2 workers x 1 GPU = 2 GPUs, the cluster has 0"):
-        _run(tmp_path, "run", "", monkeypatch, "cluster.gpus_per_worker=1")
+    with pytest.raises(TrainingFailed) as e:
+        _run(tmp_path, "run", "", monkeypatch, "cluster.gpus_per_worker=1", "cluster.placement_timeout_s=4")
+    assert "were not placed within 4s (cluster.placement_timeout_s): the cluster has 2 CPU, 0 GPU" in str(e.value)
+    assert "waiting up to 4s (cluster.placement_timeout_s)" in capsys.readouterr().out
     assert not run_dir.exists()
 
 

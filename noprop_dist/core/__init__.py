@@ -14,6 +14,9 @@ from .blocks import (
 )
 from .chain import (
     DTChain,
+    StageCounts,
+    batch_parts,
+    count_stages,
     default_device,
     evaluate_chain,
     evaluate_stages,
@@ -44,7 +47,8 @@ from .shared import SharedState, build_shared, prototype_embedding
 from .variants import build_chain, load_chain
 
 __all__ = [
-    "BlockError", "BlockSpec", "DTBlock", "ModelSpec", "build_block", "build_shard", "make_shard", "DTChain", "default_device", "evaluate_chain", "evaluate_stages",
+    "BlockError", "BlockSpec", "DTBlock", "ModelSpec", "build_block", "build_shard", "make_shard", "DTChain", "StageCounts", "batch_parts", "count_stages", "default_device",
+    "evaluate_chain", "evaluate_stages",
     "mean_probabilities", "block_loss", "class_logits",
     "denoised_estimate", "shard_loss", "shared_loss", "DTSchedule", "cosine_abar", "randn_like", "sample_marginal",
     "SharedState", "build_shared", "prototype_embedding",

@@ -317,6 +317,102 @@ def evaluate_chain(
     return acc, preds
 
 
+@dataclasses.dataclass
+class StageCounts:
+    """Exact counts of a chain's evaluation on some images, to be summed over parts of a split: ``n`` images,
+    ``correct`` right with the sampler asked for, and per stage [right with the chain stopped there, right by
+    the stage's own prediction (NaN: the stage has none, FM)]."""
+
+    n: int = 0
+    correct: int = 0
+    stages: list[list[float]] = dataclasses.field(default_factory=list)
+
+    def __add__(self, other: "StageCounts") -> "StageCounts":
+        if self.stages and other.stages and len(self.stages) != len(other.stages):
+            raise ValueError(f"counts of {len(self.stages)} and {len(other.stages)} stages cannot be added")
+        stages = ([[a + b for a, b in zip(x, y, strict=True)] for x, y in zip(self.stages, other.stages, strict=True)]
+                  if self.stages and other.stages else self.stages or other.stages)
+        return StageCounts(self.n + other.n, self.correct + other.correct, stages)
+
+    def accuracy(self) -> float:
+        # a count over n, not a float32 mean: that turns 9,000 of 10,000 into 0.89999998, short of a 0.90 target
+        return self.correct / self.n
+
+    def table(self) -> list[dict[str, float | None]]:
+        """[{"chain_accuracy", "own_accuracy" (None for FM)}] per stage."""
+        return [{"chain_accuracy": c / self.n, "own_accuracy": None if math.isnan(o) else o / self.n}
+                for c, o in self.stages]
+
+
+def batch_parts(num_images: int, batch_size: int, parts: int) -> list[range]:
+    """Split the evaluation batches of ``num_images`` into at most ``parts`` contiguous ranges of batch indices
+    of near-equal size (none empty), for :func:`count_stages` to score in parallel."""
+    batches = math.ceil(num_images / batch_size)
+    parts = max(1, min(parts, batches))
+    edges = [round(i * batches / parts) for i in range(parts + 1)]
+    return [range(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+@torch.no_grad()
+def count_stages(
+    chain: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    normalize: Any,
+    device: torch.device | str | None = None,
+    stages: bool = True,
+    batches: range | None = None,
+    keep_predictions: bool = False,
+    **forward_kwargs: Any,
+) -> tuple[StageCounts, list[torch.Tensor]]:
+    """Score the chain on the evaluation batches ``batches`` (indices of batches of ``batch_size``; None: all)
+    of uint8 ``images`` (N, C, H, W) with ``labels`` (N,): the counts :func:`evaluate_stages` divides, and
+    with ``keep_predictions`` the predictions (one (b,) tensor per batch, on the CPU).
+
+    The noise comes from one CPU generator seeded with ``seed`` and drawn batch after batch, so a part gives
+    the counts the whole run gives on its images only if the draws before it are replayed: for the samplers
+    whose only noise is z_0 (:data:`Z0_ONLY_SAMPLERS`) the batches before ``batches`` draw their z_0 and skip
+    the networks; any other sampler refuses a part that does not start at batch 0 (ValueError)."""
+    chain.eval()
+    device = default_device() if device is None else torch.device(device)
+    total = math.ceil(images.shape[0] / batch_size)
+    batches = range(total) if batches is None else batches
+    if batches.start > 0 and chain.sampler_name(forward_kwargs.get("sampler")) not in Z0_ONLY_SAMPLERS:
+        raise ValueError(f"sampler {chain.sampler_name(forward_kwargs.get('sampler'))!r} draws noise at every step: "
+                         "its evaluation cannot start part-way through the batches")
+    home = next(chain.parameters()).device
+    chain.to(device)
+    counts, preds = StageCounts(), []
+    embed_dim = int(chain.shared.embed.shape[1])
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        for b in range(batches.start):  # the z_0 of the batches before this part (start_noise's draw)
+            rows = min(batch_size, images.shape[0] - b * batch_size)
+            torch.randn((rows, embed_dim), generator=gen)
+        for b in batches:
+            x = normalize(images[b * batch_size : (b + 1) * batch_size].to(device))
+            y = labels[b * batch_size : (b + 1) * batch_size]
+            counts.n += int(y.shape[0])
+            if not stages:
+                pred = chain.predict(x, gen, **forward_kwargs).cpu()
+            else:
+                trace: list[StageTrace] = []
+                pred = chain(x, gen, trace=trace, **forward_kwargs).argmax(dim=1).cpu()
+                if not counts.stages:
+                    counts.stages = [[0.0, 0.0] for _ in trace]
+                for right, (readout, own) in zip(counts.stages, trace, strict=True):
+                    right[0] += float((readout.argmax(dim=1).cpu() == y).sum())
+                    right[1] = float("nan") if own is None else right[1] + float((own.argmax(dim=1).cpu() == y).sum())
+            counts.correct += int((pred == y).sum())
+            if keep_predictions:
+                preds.append(pred)
+    finally:
+        chain.to(home)
+    return counts, preds
+
+
 @torch.no_grad()
 def evaluate_stages(
     chain: nn.Module,
@@ -333,31 +429,6 @@ def evaluate_stages(
     of a NoProp chain (DT block, CT / FM shard): ``{"chain_accuracy": accuracy of the chain stopped after the
     stage, read out at its z; "own_accuracy": the stage's network's own prediction, None for FM}``.
     Returns (accuracy, predictions (N,), stage entries: [] without ``stages``)."""
-    chain.eval()
-    device = default_device() if device is None else torch.device(device)
-    home = next(chain.parameters()).device
-    chain.to(device)
-    preds: list[torch.Tensor] = []
-    right: list[list[float]] = []  # per stage: [chain correct, own correct]
-    try:
-        gen = torch.Generator().manual_seed(seed)
-        for i in range(0, images.shape[0], batch_size):
-            x = normalize(images[i : i + batch_size].to(device))
-            if not stages:
-                preds.append(chain.predict(x, gen, **forward_kwargs).cpu())
-                continue
-            trace: list[StageTrace] = []
-            preds.append(chain(x, gen, trace=trace, **forward_kwargs).argmax(dim=1).cpu())
-            y = labels[i : i + batch_size]
-            if not right:
-                right = [[0.0, 0.0] for _ in trace]
-            for counts, (readout, own) in zip(right, trace, strict=True):
-                counts[0] += float((readout.argmax(dim=1).cpu() == y).sum())
-                counts[1] = float("nan") if own is None else counts[1] + float((own.argmax(dim=1).cpu() == y).sum())
-    finally:
-        chain.to(home)
-    pred = torch.cat(preds)
-    n = images.shape[0]
-    table = [{"chain_accuracy": c / n, "own_accuracy": None if math.isnan(o) else o / n} for c, o in right]
-    # a count over n, not a float32 mean: that turns 9,000 of 10,000 into 0.89999998, short of a 0.90 target
-    return int((pred == labels).sum()) / n, pred, table
+    counts, preds = count_stages(chain, images, labels, batch_size, seed, normalize, device, stages,
+                                 keep_predictions=True, **forward_kwargs)
+    return counts.accuracy(), torch.cat(preds), counts.table()

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import ray
 import torch
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from ..config import Config, ConfigError
 from ..core import ModelSpec, variants
@@ -26,14 +27,9 @@ from ..storage.summary import (
     run_summary,
     write_summary,
 )
-from ..training import (
-    assemble_chain,
-    checked_spec,
-    evaluate_states,
-    final_evaluation,
-    peak_rss_mb,
-    split_accuracy,
-)
+from ..core.chain import StageCounts
+from ..training import assemble_chain, checked_spec, peak_rss_mb
+from ..training.evaluation import EvalJob, final_jobs, final_report, score_locally
 from ..training.selection import (
     CHAIN_FILE,
     LAST_CHAIN_FILE,
@@ -43,8 +39,9 @@ from ..training.selection import (
     should_stop,
 )
 from .cluster import connect, disconnect, ship_block
+from .evaluator import ClusterEvaluator, PendingEvaluation
 from .faults import driver_save_hook
-from .supervisor import Supervisor, split_reports
+from .supervisor import Supervisor, place_workers, split_reports
 
 # The chain's accuracy on the evaluation split (val when the run has one, else test) against cumulative training
 # time, one point per evaluation: {"epoch", "train_seconds", "val_accuracy" | "test_accuracy"}.
@@ -52,7 +49,8 @@ CURVE_FILE = "curve.json"
 
 
 def _check_resources(cfg: Config) -> None:
-    """Refuse, before placing anything, a run that asks for more GPUs than the cluster has."""
+    """Refuse, before placing anything, a run that asks a local cluster (this process started it: nothing adds
+    nodes to it) for more GPUs than it has. A joined cluster may be autoscaled: :func:`place_workers` waits."""
     c = cfg.cluster
     need_gpus = c.num_workers * c.gpus_per_worker
     have_gpus = ray.cluster_resources().get("GPU", 0.0)
@@ -61,6 +59,21 @@ def _check_resources(cfg: Config) -> None:
             f"cluster.gpus_per_worker: {c.num_workers} workers x {c.gpus_per_worker:g} GPU = {need_gpus:g} GPUs, "
             f"the cluster has {have_gpus:g}"
         )
+
+
+@dataclass
+class Final:
+    """The end of a run: the chain it keeps, the best validation epoch, the last epoch's validation accuracy
+    (both None without a validation split), and the figures of training.evaluation.final_report."""
+
+    chain: torch.nn.Module
+    best: Best | None
+    last_val: float | None
+    evaluation: dict[str, Any]
+
+
+# Scores a chain on evaluation jobs: (chain, jobs) -> counts per job (the workers', or this process's).
+Scorer = Callable[[torch.nn.Module, list[EvalJob]], dict[EvalJob, StageCounts]]
 
 
 @dataclass
@@ -76,6 +89,7 @@ class Trained:
     events: list[dict]
     best: Best | None
     early_stop: dict | None = None
+    final: Final | None = None  # the end-of-run evaluation, when the workers made it before they went
 
 
 OnEpoch = Callable[[dict[str, Any]], Any]
@@ -83,30 +97,78 @@ OnEpoch = Callable[[dict[str, Any]], Any]
 
 def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, resume: Any,
                   display: ProgressDisplay, mlog: MetricsLog, run_label: str | None, curve: list[dict],
-                  on_epoch: OnEpoch | None) -> Trained:
-    """Train the remaining epochs. ``curve`` gets a point on the evaluation split (val, else test) every
-    ``eval.every_epochs`` (not the last epoch: the caller measures that one); on a validation split a new best
-    epoch's chain is saved as chain.pt (training.selection) and train.early_stop_patience may end the run.
-    ``on_epoch`` gets each epoch's figures (:func:`_epoch_info`).
+                  on_epoch: OnEpoch | None, finish: Callable[[Trained, Scorer], Final],
+                  pg: PlacementGroup | None = None) -> Trained:
+    """Train the remaining epochs, then ``finish`` (:func:`_final_evaluation`) scores the chain the run keeps on
+    the workers before they go.
+
+    ``curve`` gets a point on the evaluation split (val, else test) every ``eval.every_epochs`` (not the last
+    epoch: the final evaluation measures that one). That evaluation runs on the workers while they train the
+    next epoch, and so does the checkpoint's writing: the workers wait only for their states to be gathered.
+    Its figures land after that next epoch: the curve, a new best epoch's chain.pt on a validation split
+    (training.selection) and ``on_epoch`` (:func:`_epoch_info`, each epoch once, in order). With
+    train.early_stop_patience the decision to go on needs the figures: the workers then wait for them.
 
     run_label: the `run` label of the metrics the actors export, None when they export none.
     """
-    sup = Supervisor(cfg, spec, dataset, rundir, resume, display, run_label)
+    sup = Supervisor(cfg, spec, dataset, rundir, resume, display, run_label, pg)
     train_seconds = resume.train_seconds if resume else 0.0
     start_epoch = resume.epochs_done if resume else 0
     split = dataset.eval_split()[0]
+    evaluator = ClusterEvaluator(dataset, sorted({split, "test", "train"}), cfg.eval.batch_size, cfg.eval.seed,
+                                 display.message)
     best = read_best(rundir.path) if split == "val" else None
     reports: list[dict] = []
     epoch_seconds: list[float] = []
     boundaries: list[float] = []  # per epoch k > 1: first worker's start of k minus the last worker's end of k - 1
     last_end: float | None = None
     early_stop = None
+    # The evaluation in flight: its epoch, the training seconds then, the epoch's figures for on_epoch (None:
+    # reported already) and the calls.
+    pending: tuple[int, float, dict | None, PendingEvaluation] | None = None
+    wait_for_figures = cfg.train.early_stop_patience > 0
+
+    def evaluation_due(done: int) -> bool:
+        every = cfg.eval.every_epochs
+        return every > 0 and done % every == 0 and done != cfg.train.passes
+
+    def land() -> dict | None:
+        """Record the evaluation in flight (curve point, best chain, message); returns its epoch's figures for
+        on_epoch, None when there are none to report."""
+        nonlocal pending, best
+        if pending is None:
+            return None
+        done, seconds, info, evaluation = pending
+        pending = None
+        acc = evaluator.result(evaluation)[EvalJob(split)].accuracy()
+        if split == "val":
+            best = keep_if_best(evaluation.chain, done, acc, best, rundir.path, _chain_extra(cfg, dataset))
+        curve.append({"epoch": done, "train_seconds": seconds, f"{split}_accuracy": acc})
+        mlog.accuracy(done, acc, seconds, split)
+        atomic_write_json(rundir.file(CURVE_FILE), curve)
+        display.message(f"epoch {done}: {split} accuracy of the chain as it stands {acc:.4f}"
+                        + (f" (best: epoch {best.epoch}, {best.val_accuracy:.4f})" if best else ""))
+        if info is None:
+            return None
+        return info | {f"{split}_accuracy": acc, "best_epoch": best.epoch if best else None,
+                       "best_val_accuracy": best.val_accuracy if best else None}
+
+    def report(info: dict | None) -> None:
+        if info is not None and on_epoch is not None:
+            on_epoch(info)
+
     try:
+        if resume and evaluation_due(start_epoch) and (not curve or curve[-1]["epoch"] < start_epoch):
+            # The driver stopped after that epoch's checkpoint, before its evaluation landed: measured now (its
+            # figures were reported, or not, by the driver that stopped: not again).
+            chain = assemble_chain(spec, resume.block_states, resume.shared_state)
+            pending = (start_epoch, train_seconds, None, evaluator.start(sup.workers, chain, [EvalJob(split)]))
+            land()
         for epoch in range(start_epoch, cfg.train.passes):
             t0 = time.perf_counter()
             reports = sup.run_epoch(epoch, mlog)
             epoch_seconds.append(time.perf_counter() - t0)
-            if last_end is not None:  # the time between epochs: gathering, checkpoints, evaluation
+            if last_end is not None:  # the time between epochs: gathering states, starting evaluations and saves
                 boundaries.append(min(r["epoch_started"] for r in reports) - last_end)
             last_end = max(r["epoch_ended"] for r in reports)
             train_seconds += epoch_seconds[-1]
@@ -114,43 +176,43 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
             blocks, by_rank = split_reports(reports)
             display.update(blocks, sup.owner, force=True)
             mlog.record(blocks, by_rank, sup.owner, event="epoch")
-            every = cfg.eval.every_epochs
+            report(land())  # the previous epoch's evaluation, done on the workers while they trained this one
             last = done == cfg.train.passes
-            evaluate_now = every > 0 and done % every == 0 and not last
+            evaluate_now = evaluation_due(done)
             checkpoint_now = done % cfg.run.checkpoint_every == 0 or last
             if checkpoint_now or evaluate_now:
                 states, shared_state, replicas = sup.states(epoch, mlog)
-            acc = None
-            if evaluate_now:  # on the driver, outside train_seconds
-                chain, acc = evaluate_states(spec, dataset, states, shared_state, cfg.eval.batch_size, cfg.eval.seed,
-                                             split)
-                if split == "val":
-                    best = keep_if_best(chain, done, acc, best, rundir.path, _chain_extra(cfg, dataset))
-                curve.append({"epoch": done, "train_seconds": train_seconds, f"{split}_accuracy": acc})
-                mlog.accuracy(done, acc, train_seconds, split)
-                atomic_write_json(rundir.file(CURVE_FILE), curve)
-                display.message(f"epoch {done}: {split} accuracy of the chain as it stands {acc:.4f}"
-                                + (f" (best: epoch {best.epoch}, {best.val_accuracy:.4f})" if best else ""))
+            info: dict | None = _epoch_info(cfg, done, train_seconds, blocks, split, None, best, None)
+            if evaluate_now:
+                chain = assemble_chain(spec, states, shared_state)
+                pending = (done, train_seconds, info, evaluator.start(sup.workers, chain, [EvalJob(split)]))
+                info = land() if wait_for_figures else None  # else reported when the figures land
             if should_stop(best, done, cfg.train.early_stop_patience) and not last:
                 early_stop = {"epoch": done, "best_epoch": best.epoch, "patience": cfg.train.early_stop_patience}
                 checkpoint_now = True
             if checkpoint_now:
-                rundir.save_epoch(done, states, shared_state, train_seconds, replicas,
-                                  before_manifest=driver_save_hook(sup.faults, done))
+                rundir.save_epoch_in_background(done, states, shared_state, train_seconds, replicas,
+                                                before_manifest=driver_save_hook(sup.faults, done))
                 display.message(f"epoch {done}/{cfg.train.passes} done in {epoch_seconds[-1]:.1f}s; "
-                                f"checkpoint saved to {rundir.ckpt_dir}")
-            if on_epoch is not None and not last:  # the last epoch's figures come after the final evaluation
-                on_epoch(_epoch_info(cfg, done, train_seconds, blocks, split, acc, best, early_stop))
+                                f"checkpoint being written to {rundir.ckpt_dir}")
+            if not last and info is not None:  # the last epoch's figures come after the final evaluation
+                report(info | {"stopping_early": early_stop is not None})
             if early_stop:
                 display.message(f"stopping early after epoch {done}: the validation accuracy has not risen since "
                                 f"epoch {best.epoch} (train.early_stop_patience={cfg.train.early_stop_patience})")
                 break
+        report(land())
         for r in reports:
             r["epoch_wall_seconds"] = epoch_seconds
             r["epoch_boundary_seconds"] = boundaries
-        return Trained(states, shared_state, reports, train_seconds, sup.events, best, early_stop)
+        trained = Trained(states, shared_state, reports, train_seconds, sup.events, best, early_stop)
+        trained.final = finish(trained, lambda chain, jobs: evaluator.score(sup.workers, chain, jobs))
+        return trained
     finally:
-        sup.close()
+        try:
+            rundir.wait_for_saves()  # a checkpoint in writing is finished, whatever ended the run
+        finally:
+            sup.close()
 
 
 def _epoch_info(cfg: Config, done: int, train_seconds: float, blocks: dict[int, dict], split: str,
@@ -182,16 +244,19 @@ def _chain_extra(cfg: Config, dataset: ImageDataset) -> dict[str, Any]:
     }
 
 
-def _connect_checked(cfg: Config) -> bool:
-    """Join or start Ray and refuse a run the cluster cannot hold; returns whether this call started Ray."""
+def _connect_checked(cfg: Config, log: Callable[[str], None]) -> tuple[bool, PlacementGroup]:
+    """Join or start Ray and place the workers' bundles (on a joined cluster, waiting for an autoscaler up to
+    cluster.placement_timeout_s), refusing a run the cluster cannot hold before anything is written. Returns
+    (whether this call started Ray, the placement group)."""
     started = connect(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker, dashboard=cfg.metrics.enabled,
                       allow_unauthenticated=cfg.cluster.allow_unauthenticated)
     try:
-        _check_resources(cfg)
+        if started:
+            _check_resources(cfg)
+        return started, place_workers(cfg, log)
     except BaseException:
         disconnect(started)
         raise
-    return started
 
 
 def _read_curve(rundir: RunDir, epochs_done: int) -> list[dict]:
@@ -247,16 +312,25 @@ def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, lo
             stopped is not None and stopped["epoch"] == epochs_done
             and stopped["patience"] == cfg.train.early_stop_patience)
 
-    started, connected = False, False
+    started, connected, pg = False, False, None
     if manifest is None or not finished(manifest["epochs_done"]):
-        started, connected = _connect_checked(cfg), True
+        (started, pg), connected = _connect_checked(cfg, log), True
     split = dataset.eval_split()[0]
+    run_label = metrics_run_id(cfg)
+
+    def finish(trained: Trained, scorer: Scorer) -> Final:
+        if trained.reports:
+            # The training figures exist only in this process until summary.json holds them: written now, before
+            # the evaluation, a driver killed from here on leaves them for the re-evaluation to keep.
+            write_summary(rundir.path, _summary(cfg, spec, dataset, None, None, trained, rundir, curve)
+                          | {"run_id": run_label, "status": "evaluating"})
+        return _final_evaluation(cfg, spec, dataset, rundir, trained, scorer)
+
     try:
         take_lock()
         rundir.prepare(cfg)
         resume = rundir.load_resume(spec.num_shards)
         display = ProgressDisplay(cfg.train.passes, interval=cfg.train.log_every_seconds)
-        run_label = metrics_run_id(cfg)
         mlog = MetricsLog(rundir.path, run_label, cfg.metrics.write_every_seconds, warn=log,
                           tensorboard=cfg.metrics.tensorboard, epochs_done=resume.epochs_done if resume else 0)
         val = f" / {len(dataset.val_y)} val" if dataset.val_y is not None else ""
@@ -272,22 +346,21 @@ def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, lo
             if resume:
                 log(f"resuming from epoch {resume.epochs_done} (checkpoints in {rundir.ckpt_dir})")
             if not connected:  # the last epoch's checkpoint was unusable: there is training to do after all
-                started, connected = _connect_checked(cfg), True
+                (started, pg), connected = _connect_checked(cfg, log), True
             if cfg.metrics.enabled:
                 log(f"metrics: exported through Ray's metrics port with the label run=\"{run_label}\"")
             trained = _train_on_ray(cfg, spec, dataset, rundir, resume, display, mlog,
-                                    run_label if cfg.metrics.enabled else None, curve, on_epoch)
+                                    run_label if cfg.metrics.enabled else None, curve, on_epoch, finish, pg)
     finally:
+        if pg is not None:  # placed, and the run ended before its supervisor took it over
+            with contextlib.suppress(Exception):
+                remove_placement_group(pg)
         disconnect(started)
-    if trained.reports:
-        # The training figures exist only in this process until summary.json holds them: written now, before
-        # the evaluation, a driver killed from here on leaves them for the re-evaluation to keep.
-        write_summary(rundir.path, _summary(cfg, spec, dataset, None, None, trained, rundir, curve)
-                      | {"run_id": run_label, "status": "evaluating"})
-    epochs = trained.early_stop["epoch"] if trained.early_stop else cfg.train.epochs
-    chain, best, last_val = _kept_chain(cfg, spec, dataset, rundir, trained, epochs)
-    evaluation = final_evaluation(chain, dataset, cfg.eval.batch_size, cfg.eval.seed)
-    accuracy = evaluation["test_accuracy"]
+    final = trained.final or finish(trained, lambda chain, jobs: score_locally(
+        chain, dataset, jobs, cfg.eval.batch_size, cfg.eval.seed))
+    chain, best, last_val, evaluation = final.chain, final.best, final.last_val, dict(final.evaluation)
+    epochs = _epochs_trained(cfg, trained)
+    accuracy, train_accuracy = evaluation["test_accuracy"], evaluation.pop("train_accuracy")
     if not curve or curve[-1]["epoch"] < epochs:
         point = accuracy if last_val is None else last_val  # the test set is scored once, here, with no val split
         curve.append({"epoch": epochs, "train_seconds": trained.train_seconds, f"{split}_accuracy": point})
@@ -298,7 +371,6 @@ def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, lo
         blocks, _ = split_reports(trained.reports)
         on_epoch(_epoch_info(cfg, epochs, trained.train_seconds, blocks, split,
                              accuracy if last_val is None else last_val, best, None))
-    train_accuracy = split_accuracy(chain, dataset, "train", cfg.eval.batch_size, cfg.eval.seed)
     chosen = {"best_epoch": best.epoch, "val_accuracy": best.val_accuracy} if best else {}
     chain.save(rundir.file(CHAIN_FILE), extra=_chain_extra(cfg, dataset) | {"test_accuracy": accuracy} | chosen)
     summary = _summary(cfg, spec, dataset, accuracy, train_accuracy, trained, rundir, curve) | {
@@ -312,24 +384,36 @@ def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, lo
     return summary
 
 
-def _kept_chain(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, trained: Trained,
-                epochs: int | float) -> tuple[torch.nn.Module, Best | None, float | None]:
-    """The chain the run keeps as chain.pt (training.selection): without a validation split the last epoch's;
-    with one the best validation epoch's, the last epoch's then saved beside it as chain_last.pt unless it is
-    the best. Returns (that chain, the best epoch, the last epoch's validation accuracy)."""
-    last = assemble_chain(spec, trained.states, trained.shared_state)
-    if dataset.eval_split()[0] != "val":
-        return last, None, None
-    last_val = split_accuracy(last, dataset, "val", cfg.eval.batch_size, cfg.eval.seed)
-    best = trained.best
-    if best is None or best.epoch == epochs or best.improved_by(last_val):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(rundir.file(LAST_CHAIN_FILE))  # from an earlier invocation whose last epoch was not the best
-        return last, Best(epochs, last_val), last_val
-    kept, _ = variants.load_chain(rundir.file(CHAIN_FILE), block=spec.block_factory)
-    last.save(rundir.file(LAST_CHAIN_FILE), extra=_chain_extra(cfg, dataset) | {"epoch": epochs,
-                                                                              "val_accuracy": last_val})
-    return kept, best, last_val
+def _epochs_trained(cfg: Config, trained: Trained) -> int | float:
+    """The epochs the run's chain has trained: the budget, or where it stopped early."""
+    return trained.early_stop["epoch"] if trained.early_stop else cfg.train.epochs
+
+
+def _final_evaluation(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, trained: Trained,
+                      scorer: Scorer) -> Final:
+    """The chain the run keeps as chain.pt (training.selection) and its end-of-run figures
+    (training.evaluation.final_jobs: one pass over the test set for the run's sampler and its stages, the training
+    subset, the paper's sampler only with eval.paper_sampler), scored by ``scorer`` (the workers, or this
+    process for a finished run re-evaluated).
+
+    Without a validation split the chain kept is the last epoch's; with one the best validation epoch's, the
+    last epoch's then saved beside it as chain_last.pt unless it is the best."""
+    epochs = _epochs_trained(cfg, trained)
+    chain = last = assemble_chain(spec, trained.states, trained.shared_state)
+    best, last_val = None, None
+    if dataset.eval_split()[0] == "val":
+        last_val = scorer(last, [EvalJob("val")])[EvalJob("val")].accuracy()
+        best = trained.best
+        if best is None or best.epoch == epochs or best.improved_by(last_val):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(rundir.file(LAST_CHAIN_FILE))  # from an earlier invocation whose last epoch was not the best
+            best = Best(epochs, last_val)
+        else:
+            chain, _ = variants.load_chain(rundir.file(CHAIN_FILE), block=spec.block_factory)
+            last.save(rundir.file(LAST_CHAIN_FILE), extra=_chain_extra(cfg, dataset) | {"epoch": epochs,
+                                                                                      "val_accuracy": last_val})
+    counts = scorer(chain, final_jobs(chain, cfg.eval.paper_sampler))
+    return Final(chain, best, last_val, final_report(chain, counts))
 
 
 def _summary(cfg: Config, spec: Any, dataset: ImageDataset, accuracy: float | None, train_accuracy: float | None,
@@ -379,7 +463,7 @@ def _summary(cfg: Config, spec: Any, dataset: ImageDataset, accuracy: float | No
             {k: r[k] for k in ("rank", "pid", "device", "precision", "peak_rss_mb", "peak_gpu_mb", "exchanges", "exchange_seconds",
                                "push_seconds", "pull_seconds", "embedding_version_lag", "max_embedding_version_lag",
                                "max_stale_exchanges", "polls", "epoch_seconds", "zero_copy_data", "data_on_device",
-                               "restarts", "server_resyncs")}
+                               "restarts", "server_resyncs", "sync_every")}
             for r in reports
         ] or old.get("workers", []),
         "driver_peak_rss_mb": peak_rss_mb(),

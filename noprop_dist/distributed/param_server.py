@@ -11,7 +11,7 @@ import torch
 
 from ..core import ModelSpec
 from ..storage.run_dir import RunDir
-from ..training.shared_state import Round, SharedStateServer, Snapshot
+from ..training.shared_state import Round, SharedStateServer, Snapshot, SyncEveryChoice
 from .telemetry import ServerTelemetry
 
 
@@ -85,6 +85,11 @@ class ParameterServer:
             self.packed = {r: w for r, w in self.packed.items() if r in self.server.after}
             self.packed[snap.after] = to_wire(snap.flat, put=True)
         return snap.version, self.packed[snap.after], snap.holds, snap.incarnation
+
+    def settle_sync_every(self, proposal: SyncEveryChoice | None) -> tuple[str, SyncEveryChoice | None]:
+        """(incarnation, the run's sync_every for auto on GPUs): SharedStateServer.settle_sync_every. The
+        incarnation tells a worker that the server it exchanged with before is gone."""
+        return self.server.incarnation, self.server.settle_sync_every(proposal)
 
     def version(self) -> int:
         return self.server.version

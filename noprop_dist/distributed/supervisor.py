@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.util.placement_group import (
+    PlacementGroup,
     placement_group,
     placement_group_table,
     remove_placement_group,
@@ -40,6 +41,36 @@ def worker_bundle(cfg: Config) -> dict[str, float]:
     return bundle
 
 
+def place_workers(cfg: Config, log: Callable[[str], None] | None = None) -> PlacementGroup:
+    """The placement group of the run's workers (one bundle each), once the cluster has placed it.
+
+    Waits up to cluster.placement_timeout_s: a cluster whose worker group scales from zero (KubeRay
+    ``minReplicas: 0``) gets its nodes from the autoscaler only once this demand is pending. ``log`` is told
+    when the wait is not immediate. A cluster that does not place it in time ends the run here with one line
+    naming the timeout and what the cluster has, as a fault it could not absorb does."""
+    c = cfg.cluster
+    pg = placement_group([worker_bundle(cfg)] * c.num_workers, strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=min(2.0, c.placement_timeout_s))
+    if not ready and c.placement_timeout_s > 2.0:
+        if log is not None:
+            have = ray.cluster_resources()
+            log(f"waiting up to {c.placement_timeout_s:g}s (cluster.placement_timeout_s) for the cluster to place "
+                f"{c.num_workers} workers x {worker_bundle(cfg)}: it has "
+                f"{', '.join(f'{have.get(k, 0):g} {k}' for k in worker_bundle(cfg))} now; an autoscaler adds "
+                "nodes for this request")
+        ready, _ = ray.wait([pg.ready()], timeout=c.placement_timeout_s - 2.0)
+    if not ready:
+        remove_placement_group(pg)
+        have = ray.cluster_resources()
+        raise TrainingFailed(
+            f"{c.num_workers} workers x {worker_bundle(cfg)} were not placed within {c.placement_timeout_s:g}s "
+            f"(cluster.placement_timeout_s): the cluster has "
+            f"{', '.join(f'{have.get(k, 0):g} {k}' for k in worker_bundle(cfg))}; ask for fewer "
+            "(cluster.num_workers, cluster.cpus_per_worker, cluster.gpus_per_worker), add nodes, or give an "
+            "autoscaler more time (cluster.placement_timeout_s)")
+    return pg
+
+
 def split_reports(reports: list[dict]) -> tuple[dict[int, dict], dict[int, dict]]:
     """Workers' reports (``Worker.progress`` / ``train_epoch``) -> (block -> counters, rank -> report)."""
     return {t: b for r in reports for t, b in r["blocks"].items()}, {r["rank"]: r for r in reports}
@@ -55,7 +86,8 @@ class Supervisor:
     """
 
     def __init__(self, cfg: Config, spec: Any, dataset: ImageDataset, rundir: RunDir, resume: Any,
-                 display: ProgressDisplay, run_label: str | None) -> None:
+                 display: ProgressDisplay, run_label: str | None, pg: PlacementGroup | None = None) -> None:
+        """pg: the workers' placement group, placed already (:func:`place_workers`); None: placed here."""
         self.cfg, self.spec, self.rundir, self.display, self.run_label = cfg, spec, rundir, display, run_label
         c = cfg.cluster
         self.groups = assign_blocks(spec.num_shards, c.num_workers)
@@ -66,18 +98,7 @@ class Supervisor:
         self.dataset = dataset
         # Once into the object store; every worker maps the same bytes read-only (no per-task copy).
         self.x_ref, self.y_ref = ray.put(dataset.train_x), ray.put(dataset.train_y)
-        self.pg = placement_group([worker_bundle(cfg)] * c.num_workers, strategy="PACK")
-        ready, _ = ray.wait([self.pg.ready()], timeout=c.placement_timeout_s)
-        if not ready:
-            remove_placement_group(self.pg)
-            # The cluster's size is known only once it is joined (an autoscaler may still be adding nodes):
-            # a run it cannot hold ends here with one line, as a fault it could not absorb does.
-            have = ray.cluster_resources()
-            raise TrainingFailed(
-                f"{c.num_workers} workers x {worker_bundle(cfg)} were not placed within {c.placement_timeout_s:g}s "
-                f"(cluster.placement_timeout_s): the cluster has "
-                f"{', '.join(f'{have.get(k, 0):g} {k}' for k in worker_bundle(cfg))}; ask for fewer "
-                "(cluster.num_workers, cluster.cpus_per_worker, cluster.gpus_per_worker) or add nodes")
+        self.pg = pg if pg is not None else place_workers(cfg)
         # On the driver's node: a restarted server reads the last checkpoint from run.dir, which only the
         # driver's filesystem is sure to have.
         self.server = ParameterServer.options(
@@ -284,10 +305,12 @@ class Supervisor:
         """
         while True:
             parts, replicas = {}, {}
-            for w, h in enumerate(self.workers):
+            # Asked of every worker at once: the gather takes the slowest worker's time, not the sum.
+            refs = [(h.state_dicts.remote(epoch), h.replica_state.remote()) for h in self.workers]
+            for w, (blocks_ref, replica_ref) in enumerate(refs):
                 try:
-                    parts[w] = ray.get(h.state_dicts.remote(epoch))
-                    key, replica = ray.get(h.replica_state.remote())
+                    parts[w] = ray.get(blocks_ref)
+                    key, replica = ray.get(replica_ref)
                     replicas[key] = replica
                 except ray.exceptions.RayActorError as e:
                     ref = self._restart(w, epoch, f"died at the end of epoch {epoch + 1}, before its checkpoint "
@@ -295,7 +318,7 @@ class Supervisor:
                     self._drive({w: ref}, epoch, mlog)
                     break
             else:
-                try:
+                try:  # asked last: a server that died while the workers' states came has lost the epoch
                     server = ray.get(self.server.state_dict.remote())
                 except ray.exceptions.RayActorError:
                     self._redo_epoch(epoch, mlog)

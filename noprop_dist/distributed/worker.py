@@ -11,8 +11,10 @@ import torch
 
 from ..config import TrainConfig
 from ..core import ModelSpec
+from ..core.chain import StageCounts
 from ..training import ShardGroup, peak_rss_mb
-from ..training.shared_state import Round, ServerRestarted, Snapshot
+from ..training.evaluation import EvalJob, score
+from ..training.shared_state import Round, ServerRestarted, Snapshot, SyncEveryChoice
 from .faults import END, Fault, fault_hook
 from .param_server import WireSnapshot, snapshot_from_wire, to_wire
 from .telemetry import WorkerTelemetry
@@ -98,6 +100,20 @@ class RayClient:
             self.on_pull(time.perf_counter() - t0)
         return snapshot_from_wire(wire)
 
+    def settle_sync_every(self, proposal: SyncEveryChoice | None) -> SyncEveryChoice | None:
+        """The run's sync_every for auto on GPUs (``SharedStateServer.settle_sync_every``): one blocking call,
+        sent after this worker's exchanges (Ray keeps their order). A restarted server raises ServerRestarted."""
+        try:
+            reply = ray.get(self.server.settle_sync_every.remote(proposal))
+        except SERVER_ERRORS as e:
+            self._resync(e)  # the same server, only out of reach a moment: ask again
+            if self.want is not None:  # and again for the state the replica waits for (_resync dropped it)
+                self.answer = self.server.pull.remote(self.source, self.want)
+            reply = ray.get(self.server.settle_sync_every.remote(proposal))
+        incarnation, chosen = reply
+        self._checked((incarnation, None))
+        return None if chosen is None else (int(chosen[0]), int(chosen[1]))
+
     def _checked(self, reply: tuple[str, WireSnapshot | None]) -> tuple[str, WireSnapshot | None]:
         if reply[0] != self.incarnation:  # a restarted server answered: it refused what we sent before
             self._resync(RuntimeError("a restarted parameter server answered"))
@@ -146,8 +162,9 @@ class RayClient:
         raise ServerRestarted(snap)
 
 
-# max_concurrency=2: `progress` answers while `train_epoch` runs (it only reads counters).
-@ray.remote(max_concurrency=2)
+# max_concurrency=3: `progress` answers while `train_epoch` runs (it only reads counters), and `evaluate` scores
+# the last epoch's chain on the worker's device while the next epoch trains (it touches nothing of training's).
+@ray.remote(max_concurrency=3)
 class Worker:
     def __init__(
         self, rank: int, spec: ModelSpec, block_ids: list[int], train: TrainConfig, threads: int, device: str,
@@ -172,7 +189,7 @@ class Worker:
             self.group.load_state_dicts(states)
         if replica_state:
             self.group.replica.load_state_dict(replica_state)
-        self.device = device
+        self.device, self.mean, self.std = device, mean, std
         self.epoch_seconds = 0.0
         self.telemetry: WorkerTelemetry | None = None
         if run_id is not None:
@@ -222,6 +239,8 @@ class Worker:
             "epoch_seconds": self.epoch_seconds, "zero_copy_data": not self.group.train_x.flags.writeable,
             "data_on_device": self.group.data.on_device,
             "restarts": self.restarts, "server_resyncs": ex.resyncs,
+            # mini-batches between exchanges: train.sync_every, or what auto resolved to (1 while it measures)
+            "sync_every": self.group.sync_every,
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if self.device.startswith("cuda") else None,
         }
 
@@ -238,3 +257,10 @@ class Worker:
     def replica_state(self) -> tuple[str, dict]:
         """(the group's key, its shared-state replica's optimizer state), for checkpoints."""
         return self.group.key, self.group.replica.state_dict()
+
+    def evaluate(self, chain: torch.nn.Module, images: dict[str, tuple[np.ndarray, np.ndarray]],
+                 tasks: list[tuple[EvalJob, range]], batch_size: int, seed: int) -> list[StageCounts]:
+        """Score ``chain`` (this worker's own copy) on its device: ``images``: split -> (uint8 (N, C, H, W),
+        labels (N,)), ``tasks``: (job, batch range) pairs. Returns the counts of each task, in order."""
+        return [score(chain, images[job.split], job, batches, batch_size, seed, self.mean, self.std, self.device)
+                for job, batches in tasks]

@@ -29,6 +29,7 @@ import math
 import os
 import re
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -117,6 +118,8 @@ def _manifest_problem(manifest: Any) -> str | None:
 class RunDir:
     def __init__(self, path: str) -> None:
         self.path = path
+        self._saving: threading.Thread | None = None  # save_epoch_in_background's thread
+        self._save_error: BaseException | None = None
         self.ckpt_dir = os.path.join(path, "checkpoints")
         self.holds_lock = False  # inside lock(): check() then need not (and must not) probe it
 
@@ -361,6 +364,32 @@ class RunDir:
         return ConfigError(f"run.dir: {self.path} is in use by {holder}; wait for it to finish or use another run.dir")
 
     # --- checkpoints ---------------------------------------------------------------------
+    def save_epoch_in_background(self, *args: Any, **kwargs: Any) -> None:
+        """:meth:`save_epoch` in a thread of its own, so that the workers train the next epoch meanwhile. The
+        save before it is waited for first (saves land in order), and so is every read of the checkpoints
+        (:meth:`wait_for_saves`); a crash at any point leaves the last manifest's checkpoints whole, as the
+        manifest is still written last. What the save raised (a full disk) is raised by the next wait."""
+        self.wait_for_saves()
+
+        def save() -> None:
+            try:
+                self.save_epoch(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - handed to the thread that waits
+                self._save_error = e
+
+        # Not a daemon: an interpreter that exits (Ctrl-C included) finishes the checkpoint first.
+        self._saving = threading.Thread(target=save, name=f"checkpoint-{args[0] if args else ''}")
+        self._saving.start()
+
+    def wait_for_saves(self) -> None:
+        """Wait for the checkpoint being written in the background, if any; raise what it raised."""
+        saving, self._saving = self._saving, None
+        if saving is not None:
+            saving.join()
+        error, self._save_error = self._save_error, None
+        if error is not None:
+            raise error
+
     def save_epoch(
         self, epochs_done: int, block_states: dict[int, dict], shared_state: dict, train_seconds: float,
         replica_states: dict[str, dict] | None = None, before_manifest: Callable[[], None] | None = None,
@@ -429,7 +458,9 @@ class RunDir:
         A checkpoint that is missing or fails its checksum is reported (``warn``, with its path) and the
         whole run falls back to the previous complete epoch, whose files the manifest still lists: the
         blocks share an epoch counter, and one epoch lost beats loading garbage. Both epochs bad: error.
+        A checkpoint being written in the background is waited for.
         """
+        self.wait_for_saves()
         manifest = self.read_manifest()
         if manifest is None:
             return None

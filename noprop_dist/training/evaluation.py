@@ -1,13 +1,16 @@
 """The assembled chain from trained shard states, and its evaluation (test, along the chain, train subset)."""
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..config import PAPER_SAMPLER
-from ..core import ModelSpec, evaluate_chain, evaluate_stages
+from ..core import ModelSpec, StageCounts, batch_parts, count_stages
+from ..core.chain import Z0_ONLY_SAMPLERS
 from ..core.variants import build_chain
 from ..data import ImageDataset, normalize
 
@@ -28,42 +31,97 @@ def evaluate_states(
     return chain, split_accuracy(chain, dataset, split, batch_size, seed)
 
 
-def final_evaluation(chain: torch.nn.Module, dataset: ImageDataset, batch_size: int, seed: int) -> dict[str, Any]:
-    """The end-of-run evaluation of an assembled chain on the test set: its accuracy with the run's sampler, the
-    accuracy along the chain (stage by stage), and the paper's sampler beside it when the run's differs, so a
-    Table 1 row compares like with like (and mean beside stage_average, which it refines). Returns
-    {"test_accuracy", "sampler", "paper_sampler", "test_accuracy_by_sampler": {name: accuracy},
-    "stages": [{"block", "chain_accuracy", "own_accuracy"}]}.
-    """
-    test_x, test_y = torch.from_numpy(np.ascontiguousarray(dataset.test_x)), torch.from_numpy(dataset.test_y)
+@dataclass(frozen=True)
+class EvalJob:
+    """One figure an evaluation measures: the chain's accuracy on ``split`` (test | val | train, the training
+    images of :meth:`ImageDataset.train_accuracy_subset`) with ``sampler`` (None: the chain's own), with
+    ``stages`` also along the chain (stage by stage) from the same pass."""
 
-    def norm(xb: torch.Tensor) -> torch.Tensor:
-        return normalize(xb, dataset.mean, dataset.std)
+    split: str
+    stages: bool = False
+    sampler: str | None = None
 
+
+def split_images(dataset: ImageDataset, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 images (N, C, H, W) and labels (N,) of ``split``; ValueError for a val split the dataset lacks."""
+    if split == "train":
+        return dataset.train_accuracy_subset()
+    if split == "val" and dataset.val_x is None:
+        raise ValueError(f"{dataset.name} has no validation split")
+    x, y = {"test": (dataset.test_x, dataset.test_y), "val": (dataset.val_x, dataset.val_y)}[split]
+    return np.ascontiguousarray(x), np.asarray(y)
+
+
+def job_parts(chain: torch.nn.Module, job: EvalJob, num_images: int, batch_size: int, parts: int) -> list[range]:
+    """The batch ranges ``job`` splits into for ``parts`` scorers: as many as asked for a sampler whose only
+    noise is z_0 (its parts replay the earlier batches' z_0 and give exactly the counts of one pass), a single
+    one for the others (their noise at every step makes a part depend on all the batches before it)."""
+    splittable = chain.sampler_name(job.sampler) in Z0_ONLY_SAMPLERS
+    return batch_parts(num_images, batch_size, parts if splittable else 1)
+
+
+def score(chain: torch.nn.Module, images: tuple[np.ndarray, np.ndarray], job: EvalJob, batches: range | None,
+          batch_size: int, seed: int, mean: tuple[float, ...], std: tuple[float, ...],
+          device: torch.device | str | None = None) -> StageCounts:
+    """The counts of ``job`` on ``batches`` (None: all) of ``images`` = (uint8 (N, C, H, W), labels (N,)), the
+    chain on ``device`` (None: the GPU when there is one); batches of ``batch_size``, noise seeded by ``seed``."""
+    with warnings.catch_warnings():  # a read-only view of the object store's copy; it is never written
+        warnings.simplefilter("ignore", UserWarning)
+        x, y = torch.from_numpy(images[0]), torch.from_numpy(np.asarray(images[1]))
+    counts, _ = count_stages(chain, x, y, batch_size, seed,
+                             lambda xb: normalize(xb, mean, std), device, job.stages, batches, sampler=job.sampler)
+    return counts
+
+
+def score_locally(chain: torch.nn.Module, dataset: ImageDataset, jobs: list[EvalJob], batch_size: int,
+                  seed: int) -> dict[EvalJob, StageCounts]:
+    """Every job in this process (a finished run re-evaluated without a cluster, the in-process runs)."""
+    return {job: score(chain, split_images(dataset, job.split), job, None, batch_size, seed, dataset.mean,
+                       dataset.std) for job in jobs}
+
+
+def final_jobs(chain: torch.nn.Module, paper_sampler: bool = False, train_accuracy: bool = True) -> list[EvalJob]:
+    """What the end of a run measures: the test set with the run's sampler, stage by stage from that one pass;
+    the training subset's accuracy (``train_accuracy``); the paper's sampler's own pass only when asked
+    (``paper_sampler``, eval.paper_sampler) and when it differs from the run's."""
+    jobs = [EvalJob("test", stages=True)]
+    if train_accuracy:
+        jobs.append(EvalJob("train"))
+    paper = PAPER_SAMPLER[chain.spec.method]
+    if paper_sampler and paper != chain.sampler_name():
+        jobs.append(EvalJob("test", sampler=paper))
+    return jobs
+
+
+def final_report(chain: torch.nn.Module, counts: dict[EvalJob, StageCounts]) -> dict[str, Any]:
+    """The end-of-run figures from the counts of :func:`final_jobs`: {"test_accuracy", "train_accuracy" (None
+    when not measured), "sampler", "paper_sampler", "test_accuracy_by_sampler": {name: accuracy},
+    "stages": [{"block", "chain_accuracy", "own_accuracy"}]}. stage_average's stages are one mean run's: its
+    last stage is mean's figure, reported at no cost."""
     sampler, paper = chain.sampler_name(), PAPER_SAMPLER[chain.spec.method]
-    acc, _, stages = evaluate_stages(chain, test_x, test_y, batch_size, seed, norm)
-    by_sampler = {sampler: acc}
-    if paper != sampler:
-        by_sampler[paper], _ = evaluate_chain(chain, test_x, test_y, batch_size, seed, norm, sampler=paper)
-    if sampler == "stage_average":  # its stages are one mean run's: the last one is mean's figure, at no cost
+    test = counts[EvalJob("test", stages=True)]
+    stages = test.table()
+    by_sampler = {sampler: test.accuracy()}
+    if EvalJob("test", sampler=paper) in counts:
+        by_sampler[paper] = counts[EvalJob("test", sampler=paper)].accuracy()
+    if sampler == "stage_average":
         by_sampler["mean"] = stages[-1]["chain_accuracy"]
+    train = counts.get(EvalJob("train"))
     return {
-        "test_accuracy": acc, "sampler": sampler, "paper_sampler": paper, "test_accuracy_by_sampler": by_sampler,
+        "test_accuracy": test.accuracy(), "train_accuracy": train.accuracy() if train else None,
+        "sampler": sampler, "paper_sampler": paper, "test_accuracy_by_sampler": by_sampler,
         "stages": [{"block": k} | s for k, s in enumerate(stages, start=1)],
     }
+
+
+def final_evaluation(chain: torch.nn.Module, dataset: ImageDataset, batch_size: int, seed: int,
+                     paper_sampler: bool = False) -> dict[str, Any]:
+    """:func:`final_report` of :func:`final_jobs`, scored in this process."""
+    return final_report(chain, score_locally(chain, dataset, final_jobs(chain, paper_sampler), batch_size, seed))
 
 
 def split_accuracy(chain: torch.nn.Module, dataset: ImageDataset, split: str, batch_size: int, seed: int) -> float:
     """Accuracy of the chain (its own sampler) on one split: "test", "val" (ValueError when the dataset has none)
     or "train", the training images of :meth:`ImageDataset.train_accuracy_subset`."""
-    if split == "train":
-        x, y = dataset.train_accuracy_subset()
-    elif split == "val" and dataset.val_x is None:
-        raise ValueError(f"{dataset.name} has no validation split")
-    else:
-        x, y = {"test": (dataset.test_x, dataset.test_y), "val": (dataset.val_x, dataset.val_y)}[split]
-    acc, _ = evaluate_chain(
-        chain, torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.asarray(y)), batch_size, seed,
-        lambda xb: normalize(xb, dataset.mean, dataset.std),
-    )
-    return acc
+    return score(chain, split_images(dataset, split), EvalJob(split), None, batch_size, seed, dataset.mean,
+                 dataset.std).accuracy()

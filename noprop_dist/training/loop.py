@@ -21,8 +21,15 @@ from ..core.blocks import prefers_channels_last
 from ..core.variants import build_shard, shard_loss
 from ..data import normalize
 from .assignment import replica_key
-from .hardware import on_host, resolve_precision
-from .shared_state import SharedReplica, SharedStateClient
+from .hardware import auto_sync_every, on_host, resolve_precision
+from .shared_state import SharedReplica, SharedStateClient, SyncEveryChoice
+
+# train.sync_every=auto on a GPU: the first mini-batches of the run exchange every batch (as on a CPU) while the
+# block step time is measured; the first WARMUP ones are left out (CUDA's lazy start, cuDNN's algorithm search,
+# the caching allocator's growth), the next TIMED ones are timed, each between two device synchronisations.
+AUTO_WARMUP_BATCHES = 2
+AUTO_TIMED_BATCHES = 4
+AUTO_MEASURED_BATCHES = AUTO_WARMUP_BATCHES + AUTO_TIMED_BATCHES
 
 
 def lr_schedule_factor(train: TrainConfig, progress: float) -> float:
@@ -206,7 +213,9 @@ class ShardGroup:
 
     train_x: uint8 (N, C, H, W) (read-only, possibly a zero-copy view of Ray's object store), train_y: (N,).
     Every ``train.sync_every`` mini-batches the group exchanges with the parameter server; losses and
-    non-finite flags are read back from the device then, in one batch.
+    non-finite flags are read back from the device then, in one batch. ``auto`` is 1 on a CPU; on a GPU the
+    group measures its block step time over its first mini-batches and the run takes the first worker's
+    :func:`~.hardware.auto_sync_every` from the server (:meth:`sync_every`, :meth:`cadence`).
     """
 
     spec: ModelSpec
@@ -228,6 +237,45 @@ class ShardGroup:
         self.replica = SharedReplica(self.spec, self.train, self.client, self.device, self.log)
         self.data = TrainingData(self.train_x, self.train_y, self.mean, self.std, self.device,
                                  channels_last=any(tr.channels_last for tr in self.trainers.values()))
+        # sync_every=auto measured and agreed through the server: on a GPU only (elsewhere auto is 1, and the
+        # loop makes no call and no measurement: CPU runs are exactly as with sync_every=1).
+        self.auto_sync = self.train.sync_every == "auto" and self.device.type == "cuda"
+        self.sync_choice: SyncEveryChoice | None = None  # (sync_every, epoch measured in), once the server has one
+
+    # --- the exchange cadence --------------------------------------------------------------
+    @property
+    def sync_every(self) -> int:
+        """Mini-batches between this group's exchanges: train.sync_every, or what ``auto`` resolved to (1 on a
+        CPU; on a GPU the run's measured value, 1 while it is still being measured)."""
+        if self.train.sync_every != "auto":
+            return int(self.train.sync_every)
+        return self.sync_choice[0] if self.sync_choice is not None else 1
+
+    def cadence(self, epoch: int, batches: int) -> tuple[int, int]:
+        """(head, every): in epoch ``epoch`` of ``batches`` mini-batches the group exchanges after each of the
+        first ``head`` mini-batches, then after every ``every`` and after the last. A function of the run's
+        choice alone, the same on every worker and for a restarted one: rounds are numbered by exchange, and
+        in sync mode round k must be every worker's k-th (a worker exchanging less often would leave the
+        others waiting for rounds it never pushes)."""
+        if not self.auto_sync:
+            return 0, self.sync_every
+        if self.sync_choice is None:  # measuring, or an epoch too short to: every mini-batch, as on a CPU
+            return batches, 1
+        every, measured_in = self.sync_choice
+        if epoch < measured_in:  # redone by a restarted worker: the run exchanged every batch then
+            return batches, 1
+        if epoch == measured_in:
+            return min(AUTO_MEASURED_BATCHES, batches), every
+        return 0, every
+
+    def _propose_sync_every(self, epoch: int, timed: list[tuple[float, int]]) -> None:
+        """The measurement is done: propose auto_sync_every for it; the server keeps the run's first proposal.
+
+        timed: (seconds, block steps) of each timed mini-batch."""
+        seconds, steps = sum(s for s, _ in timed), sum(n for _, n in timed)
+        shards = max(1, round(steps / len(timed)))  # blocks stepped per mini-batch (stopped ones do not)
+        tau = seconds / steps if steps else 0.0
+        self.sync_choice = self.replica.settle_sync_every((auto_sync_every(tau, shards, self.device.type), epoch))
 
     # --- state ---------------------------------------------------------------------------
     @property
@@ -322,7 +370,7 @@ class ShardGroup:
         # Dropout draws from the global RNG: seed it per (epoch, group) so runs and resumes repeat.
         torch.manual_seed(self.train.seed * 1_000_003 + epoch * 1_009 + self.block_ids[0])
         order = self.epoch_order(epoch).to(self.data.where)
-        n, bs, every = order.numel(), self.train.batch_size, self.train.sync_every
+        n, bs = order.numel(), self.train.batch_size
         # BatchNorm cannot train on a batch of one: a trailing singleton batch is dropped.
         full = [s for s in range(0, n, bs) if min(bs, n - s) > 1]
         starts = full[: self.train.batches_in(epoch, len(full))]  # a partial last epoch is cut short
@@ -330,10 +378,23 @@ class ShardGroup:
             st.epochs_done = epoch  # also right after a resume
             st.start_epoch(len(starts))
         self.replica.begin_epoch()
+        if self.auto_sync:
+            # The run's choice (a new or restarted worker learns it here); one already made is offered again,
+            # for a server that restarted from a checkpoint older than the choice.
+            self.sync_choice = self.replica.settle_sync_every(self.sync_choice)
+        # Measure this epoch when the run has no value yet and the epoch is long enough to (every worker has
+        # as many batches, so all measure in the same epoch; a shorter one exchanges every batch, as on a CPU).
+        measure = self.auto_sync and self.sync_choice is None and len(starts) >= AUTO_MEASURED_BATCHES
+        timed: list[tuple[float, int]] = []  # (seconds, block steps) per timed batch
+        head, every = self.cadence(epoch, len(starts))
         # Last good state of each block, for a rollback after a non-finite loss (copied only once per epoch).
         good = {t: clone_state(tr.state_dict()) for t, tr in self.trainers.items() if not self.stats[t].stopped}
         taken: list[tuple[int, torch.Tensor, torch.Tensor, int, float]] = []
         for i, start in enumerate(starts):
+            timing = measure and AUTO_WARMUP_BATCHES <= i < AUTO_MEASURED_BATCHES
+            if timing:  # only here does the loop wait for the device: a few batches, once per run
+                torch.cuda.synchronize(self.device)
+                t_batch, before = time.perf_counter(), len(taken)
             x, y = self.data.batch(order[start : start + bs])
             schedule = lr_schedule_factor(self.train, epoch + i / len(full))  # the blocks' and the shared state's
             self.replica.set_lr(schedule)
@@ -344,15 +405,26 @@ class ShardGroup:
                 trainer.set_lr(schedule * self._lr_cut(t))
                 loss, bad = trainer.step(x, y, self.replica)
                 taken.append((t, loss, bad, y.shape[0], time.perf_counter() - t0))
+            if timing:
+                torch.cuda.synchronize(self.device)
+                timed.append((time.perf_counter() - t_batch, len(taken) - before))
             last = i == len(starts) - 1
-            if (i + 1) % every == 0 or last:
+            if i < head or (i + 1 - head) % every == 0 or last:
                 stepped = sorted({t for t, *_ in taken})
                 steps = self._settle(taken, epoch, good)
                 taken = []
                 t0 = time.perf_counter()
-                self.replica.exchange((epoch, i // every + 1), steps, last)
+                # Round: the exchange's number in the epoch (with head = 0, i // every + 1).
+                round_ = i + 1 if i < head else head + (i - head) // every + 1
+                self.replica.exchange((epoch, round_), steps, last)
                 for t in stepped:  # the exchange served the blocks that stepped since the last one
                     self.stats[t].sync_seconds += (time.perf_counter() - t0) / len(stepped)
+            if measure and i == AUTO_MEASURED_BATCHES - 1:
+                self._propose_sync_every(epoch, timed)
+                # Another worker may have proposed first, and in another epoch only if the server lost the
+                # choice meanwhile: this epoch then goes on exchanging every batch, as it began.
+                if self.sync_choice is not None and self.sync_choice[1] == epoch:
+                    head, every = self.cadence(epoch, len(starts))
             if on_step is not None:
                 on_step()
         for st in self.stats.values():

@@ -41,6 +41,10 @@ from .hardware import on_host
 
 Round = tuple[int, int]  # (epoch, exchange within the epoch, from 1): increases along a run
 NO_ROUND: Round = (-1, 0)  # below every real round: nothing received yet
+# train.sync_every=auto on a GPU: (mini-batches between exchanges, the epoch whose first batches measured it).
+# One per run, kept by the server (SharedStateServer.settle_sync_every): rounds are numbered by exchange, so
+# every worker must exchange after the same mini-batches, and so must a restarted or resumed one.
+SyncEveryChoice = tuple[int, int]
 
 
 class FlatLayout:
@@ -108,6 +112,17 @@ class SharedStateServer:
         self.repeats = 0  # pushes ignored as repeats
         self.refused = 0  # pushes meant for an earlier incarnation
         self.incarnation = f"{os.getpid()}-{os.urandom(4).hex()}"
+        self.sync_every: SyncEveryChoice | None = None  # train.sync_every=auto on GPUs: the run's value, once chosen
+
+    def settle_sync_every(self, proposal: SyncEveryChoice | None) -> SyncEveryChoice | None:
+        """The run's sync_every for ``auto`` on GPUs: the first proposal wins, every later one (and a query,
+        None) gets it back. Each worker measures its own step time, but in sync mode round k is every worker's
+        k-th exchange: workers that exchanged after different numbers of mini-batches would wait for rounds the
+        others push only later, or (at an epoch's end) never. It is part of the checkpoint, so a restarted or
+        resumed worker exchanges as the run did."""
+        if self.sync_every is None and proposal is not None:
+            self.sync_every = (int(proposal[0]), int(proposal[1]))
+        return self.sync_every
 
     @property
     def complete(self) -> Round:
@@ -187,9 +202,12 @@ class SharedStateServer:
 
     def state_dict(self) -> dict:
         """For checkpoints, taken between epochs (nothing held then)."""
-        return {"shared": {k: v.detach().cpu().clone() for k, v in self.shared.state_dict().items()},
-                "version": self.version, "pushes": self.pushes,
-                "received": {s: list(r) for s, r in self.received.items()}}
+        state = {"shared": {k: v.detach().cpu().clone() for k, v in self.shared.state_dict().items()},
+                 "version": self.version, "pushes": self.pushes,
+                 "received": {s: list(r) for s, r in self.received.items()}}
+        if self.sync_every is not None:  # only GPU runs with sync_every=auto have one
+            state["sync_every"] = list(self.sync_every)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.shared.load_state_dict(state["shared"])  # copies into the parameters: into self.flat
@@ -199,6 +217,8 @@ class SharedStateServer:
         # them carries over but the state and its version.
         self.received = {str(s): (int(r[0]), int(r[1])) for s, r in state.get("received", {}).items()}
         self.held, self.after = {}, {}
+        chosen = state.get("sync_every")  # absent: not chosen yet, or a checkpoint from before it was kept
+        self.sync_every = None if chosen is None else (int(chosen[0]), int(chosen[1]))
 
 
 class ServerRestarted(Exception):
@@ -233,6 +253,10 @@ class SharedStateClient(Protocol):
         """Wait until every delta sent so far is received by the server."""
         ...
 
+    def settle_sync_every(self, proposal: SyncEveryChoice | None) -> SyncEveryChoice | None:
+        """SharedStateServer.settle_sync_every on the server; blocks (once per epoch, GPUs with auto only)."""
+        ...
+
 
 class LocalClient:
     """Direct calls on an in-process server: the reference run's 'network', with the same protocol."""
@@ -263,6 +287,9 @@ class LocalClient:
 
     def flush(self) -> None:
         pass
+
+    def settle_sync_every(self, proposal: SyncEveryChoice | None) -> SyncEveryChoice | None:
+        return self.server.settle_sync_every(proposal)
 
 
 @dataclass
@@ -440,6 +467,20 @@ class SharedReplica:
         self.log(f"parameter server restarted with the shared state of version {snap.version}; "
                  + ("this worker's updates since the epoch started go out again with its next push" if carry
                     else "the shared-state updates since that checkpoint are lost"))
+
+    def settle_sync_every(self, proposal: SyncEveryChoice | None) -> SyncEveryChoice | None:
+        """The run's sync_every for ``auto`` on GPUs, from the server (``SharedStateServer.settle_sync_every``):
+        ``proposal`` if it is the first, else the one chosen before. A server restart noticed on the way is
+        handled as at an exchange, and the proposal made again to the restored server."""
+        t0 = time.perf_counter()
+        while True:
+            try:
+                chosen = self.client.settle_sync_every(proposal)
+                break
+            except ServerRestarted as e:
+                self._restored(e.snapshot)
+        self.stats.seconds += time.perf_counter() - t0
+        return chosen
 
     # --- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:
