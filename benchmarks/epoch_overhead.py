@@ -33,12 +33,12 @@ CASES = {
 }
 
 
-def run_case(config: str, overrides: list[str], work: str, pythonpath: str | None) -> dict:
+def run_case(name: str, config: str, overrides: list[str], work: str, pythonpath: str | None) -> dict:
     """One whole command in a fresh directory: its wall time and what its summary.json says."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    run_dir = os.path.join(work, config)
+    run_dir = os.path.join(work, name)
     cmd = [sys.executable, "-m", "noprop_dist.run", "--config", config,
            *[a for kv in [*overrides, f"run.dir={run_dir}"] for a in ("--set", kv)]]
     t0 = time.perf_counter()
@@ -50,7 +50,8 @@ def run_case(config: str, overrides: list[str], work: str, pythonpath: str | Non
     with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
         s = json.load(f)
     boundaries = s.get("epoch_boundary_seconds") or []
-    return {"command": " ".join(cmd[1:]), "wall_seconds": wall, "train_seconds": s["train_seconds"],
+    shown = ["python", *cmd[1:-2]]  # without the interpreter's path and the temporary run.dir
+    return {"command": " ".join(shown), "wall_seconds": wall, "train_seconds": s["train_seconds"],
             "wall_over_training": wall / s["train_seconds"], "epoch_seconds": s.get("epoch_seconds"),
             "epoch_boundary_seconds": boundaries,
             "boundaries_share_of_training": sum(boundaries) / s["train_seconds"],
@@ -65,18 +66,19 @@ def main() -> None:
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = p.parse_args()
     results = {}
+    # Which code ran: the commit of the checkout given, else of this one (never a path of this machine).
+    where = args.pythonpath or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or None
     with tempfile.TemporaryDirectory() as work:
         for name in args.cases:
             config, overrides = CASES[name]
-            r = results[name] = run_case(config, overrides, work, args.pythonpath)
+            r = results[name] = run_case(name, config, overrides, work, args.pythonpath)
             print(f"{args.label} {name}: whole command {r['wall_seconds']:.1f} s, training {r['train_seconds']:.1f} s "
                   f"({r['wall_over_training']:.2f}x), boundaries {sum(r['epoch_boundary_seconds']):.2f} s "
                   f"({100 * r['boundaries_share_of_training']:.2f} % of training), test {r['test_accuracy']:.4f}",
                   flush=True)
-            write_result(f"epoch_overhead_{args.label}", {"label": args.label, "pythonpath": args.pythonpath,
-                                                           "cases": results})
-    print(write_result(f"epoch_overhead_{args.label}", {"label": args.label, "pythonpath": args.pythonpath,
-                                                         "cases": results}))
+            print(write_result(f"epoch_overhead_{args.label}", {"label": args.label, "code": code, "cases": results}))
 
 
 if __name__ == "__main__":

@@ -74,10 +74,12 @@ def train(config: str | os.PathLike | Config | None = None, *, preset: str | Non
     (``data.name`` becomes ``arrays``; the config's limits and ``data.val_fraction`` still apply).
     block: your own block factory ``(BlockSpec) -> nn.Module`` in place of ``model.block`` (which records its
     import path); it reaches the Ray workers by value (docs/your_data_and_blocks.md).
-    on_epoch: called after every epoch with a dict of its figures: ``epoch``, ``epochs`` (the budget),
+    on_epoch: called once per epoch, in order, with a dict of its figures: ``epoch``, ``epochs`` (the budget),
     ``train_seconds``, ``losses`` (per shard), ``val_accuracy`` or ``test_accuracy`` when measured,
-    ``best_epoch``, ``best_val_accuracy``, ``stopping_early``; for Ray Tune, Optuna or a notebook. What it raises
-    ends the run (which resumes from that epoch's checkpoint): an Optuna pruning exception, for instance.
+    ``best_epoch``, ``best_val_accuracy``, ``stopping_early``; for Ray Tune, Optuna or a notebook. An epoch whose
+    chain is evaluated is reported when its figures land, after the next epoch (the workers score it while they
+    train on; with ``train.early_stop_patience`` they wait and it comes at once). What it raises ends the run,
+    which resumes from the last checkpoint: an Optuna pruning exception, for instance.
     resume: a run directory to continue, with its own config (its config.yaml; overrides still apply).
     overrides: sections as mappings (``train={"epochs": 3}``) or dotted keys (``**{"train.epochs": 3}``),
     applied after the file and the preset. A bad key or value raises ConfigError naming it; nothing is written.

@@ -273,6 +273,9 @@ class EvalConfig:
     # The end of a run also scores the paper's sampler (config.PAPER_SAMPLER) when the run's differs: a pass of
     # its own over the test set (test_accuracy_by_sampler). Off, the end of a run is one pass over the test set.
     paper_sampler: bool = False
+    # The end of a run also scores the training subset (data.TRAIN_ACCURACY_LIMIT evenly spaced training images:
+    # summary.json's train_accuracy, Table 1's train column), another pass as long as the test set's.
+    train_accuracy: bool = False
 
 
 @dataclass

@@ -143,6 +143,7 @@ def test_all_lists_every_cell_and_runs_nothing(tmp_path):
 def test_run_overrides_put_the_harness_keys_last():
     o = reproduce.run_overrides("noprop_dt", "digits", "learned", 3, "out/x", ["train.epochs=2"])
     assert o[0] == "train.epochs=2" and o[-2:] == ["train.seed=3", "run.dir=out/x"]
+    assert "eval.train_accuracy=true" in o  # Table 1's train column
     cmd = reproduce.run_command("configs/quickstart.yaml", o)
     assert cmd[1:5] == ["-m", "noprop_dist.run", "--config", "configs/quickstart.yaml"]
     assert cmd[5:7] == ["--set", "train.epochs=2"]

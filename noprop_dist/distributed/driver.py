@@ -132,12 +132,16 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
         every = cfg.eval.every_epochs
         return every > 0 and done % every == 0 and done != cfg.train.passes
 
-    def land() -> dict | None:
-        """Record the evaluation in flight (curve point, best chain, message); returns its epoch's figures for
-        on_epoch, None when there are none to report."""
+    # on_epoch's figures not reported yet: those of epochs after one whose evaluation is in flight wait for it,
+    # so that every epoch is reported once and in order.
+    waiting: list[dict] = []
+
+    def land(wait: bool = True) -> None:
+        """Record the evaluation in flight (curve point, best chain, message) and put its epoch's figures first in
+        line for on_epoch. ``wait=False``: only if it is done already."""
         nonlocal pending, best
-        if pending is None:
-            return None
+        if pending is None or not (wait or pending[3].done()):
+            return
         done, seconds, info, evaluation = pending
         pending = None
         acc = evaluator.result(evaluation)[EvalJob(split)].accuracy()
@@ -148,14 +152,19 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
         atomic_write_json(rundir.file(CURVE_FILE), curve)
         display.message(f"epoch {done}: {split} accuracy of the chain as it stands {acc:.4f}"
                         + (f" (best: epoch {best.epoch}, {best.val_accuracy:.4f})" if best else ""))
-        if info is None:
-            return None
-        return info | {f"{split}_accuracy": acc, "best_epoch": best.epoch if best else None,
-                       "best_val_accuracy": best.val_accuracy if best else None}
+        if info is not None:
+            waiting.append(info | {f"{split}_accuracy": acc, "best_epoch": best.epoch if best else None,
+                                   "best_val_accuracy": best.val_accuracy if best else None})
 
-    def report(info: dict | None) -> None:
-        if info is not None and on_epoch is not None:
-            on_epoch(info)
+    def report(info: dict | None = None) -> None:
+        """Give on_epoch ``info`` (an epoch's figures) and what waited, in epoch order, up to the epoch whose
+        evaluation is in flight."""
+        if info is not None:
+            waiting.append(info)
+        waiting.sort(key=lambda i: i["epoch"])
+        hold = pending[0] if pending is not None and pending[2] is not None else None
+        while waiting and on_epoch is not None and (hold is None or waiting[0]["epoch"] < hold):
+            on_epoch(waiting.pop(0))
 
     try:
         if resume and evaluation_due(start_epoch) and (not curve or curve[-1]["epoch"] < start_epoch):
@@ -176,9 +185,17 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
             blocks, by_rank = split_reports(reports)
             display.update(blocks, sup.owner, force=True)
             mlog.record(blocks, by_rank, sup.owner, event="epoch")
-            report(land())  # the previous epoch's evaluation, done on the workers while they trained this one
+            # The previous evaluation, scored on the workers while they trained this epoch; one that is not done
+            # yet (it takes longer than an epoch: CT's 1,000 steps on a CPU) is left running, and this epoch is
+            # not evaluated: the workers never wait for an evaluation.
+            land(wait=wait_for_figures)
+            report()
             last = done == cfg.train.passes
-            evaluate_now = evaluation_due(done)
+            evaluate_now = evaluation_due(done) and pending is None
+            if evaluation_due(done) and pending is not None:
+                display.message(f"epoch {done}: not evaluated, the evaluation of epoch {pending[0]} is still running "
+                                "on the workers (an evaluation takes longer than an epoch here; eval.every_epochs "
+                                "spaces them)")
             checkpoint_now = done % cfg.run.checkpoint_every == 0 or last
             if checkpoint_now or evaluate_now:
                 states, shared_state, replicas = sup.states(epoch, mlog)
@@ -186,7 +203,9 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
             if evaluate_now:
                 chain = assemble_chain(spec, states, shared_state)
                 pending = (done, train_seconds, info, evaluator.start(sup.workers, chain, [EvalJob(split)]))
-                info = land() if wait_for_figures else None  # else reported when the figures land
+                info = None  # reported when its figures land (at once when the workers wait for them)
+                if wait_for_figures:
+                    land()
             if should_stop(best, done, cfg.train.early_stop_patience) and not last:
                 early_stop = {"epoch": done, "best_epoch": best.epoch, "patience": cfg.train.early_stop_patience}
                 checkpoint_now = True
@@ -195,13 +214,16 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
                                                 before_manifest=driver_save_hook(sup.faults, done))
                 display.message(f"epoch {done}/{cfg.train.passes} done in {epoch_seconds[-1]:.1f}s; "
                                 f"checkpoint being written to {rundir.ckpt_dir}")
-            if not last and info is not None:  # the last epoch's figures come after the final evaluation
-                report(info | {"stopping_early": early_stop is not None})
+            if early_stop:  # this epoch's figures: landed just now (the workers waited for them), or not measured
+                (info if info is not None else waiting[-1])["stopping_early"] = True
+            if not last:  # the last epoch's figures come after the final evaluation
+                report(info)
             if early_stop:
                 display.message(f"stopping early after epoch {done}: the validation accuracy has not risen since "
                                 f"epoch {best.epoch} (train.early_stop_patience={cfg.train.early_stop_patience})")
                 break
-        report(land())
+        land()
+        report()
         for r in reports:
             r["epoch_wall_seconds"] = epoch_seconds
             r["epoch_boundary_seconds"] = boundaries
@@ -412,7 +434,7 @@ def _final_evaluation(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundi
             chain, _ = variants.load_chain(rundir.file(CHAIN_FILE), block=spec.block_factory)
             last.save(rundir.file(LAST_CHAIN_FILE), extra=_chain_extra(cfg, dataset) | {"epoch": epochs,
                                                                                       "val_accuracy": last_val})
-    counts = scorer(chain, final_jobs(chain, cfg.eval.paper_sampler))
+    counts = scorer(chain, final_jobs(chain, cfg.eval.paper_sampler, cfg.eval.train_accuracy))
     return Final(chain, best, last_val, final_report(chain, counts))
 
 

@@ -25,6 +25,11 @@ class PendingEvaluation:
     jobs: list[EvalJob]
     calls: list[tuple["ray.ObjectRef", Tasks]] = field(default_factory=list)
 
+    def done(self) -> bool:
+        """Whether every call has answered: :meth:`ClusterEvaluator.result` would not wait."""
+        refs = [ref for ref, _ in self.calls]
+        return len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs)
+
 
 class ClusterEvaluator:
     """Scores chains on the run's workers: the evaluation images go into the object store once; each evaluation

@@ -141,8 +141,8 @@ def check_user_overrides(overrides: list[str]) -> None:
 def run_overrides(method: str, dataset: str, embedding: str, seed: int, run_dir: str,
                   user: list[str]) -> list[str]:
     """The run's --set list: the user's first, then the harness's keys (never overridden, see above)."""
-    return [*user, f"model.method={method}", f"data.name={dataset}", f"model.embedding={embedding}",
-            f"train.seed={seed}", f"run.dir={run_dir}"]
+    return [*user, "eval.train_accuracy=true", f"model.method={method}", f"data.name={dataset}",
+            f"model.embedding={embedding}", f"train.seed={seed}", f"run.dir={run_dir}"]
 
 
 def run_command(config: str, overrides: list[str], preset: str | None = None) -> list[str]:

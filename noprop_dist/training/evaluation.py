@@ -80,10 +80,10 @@ def score_locally(chain: torch.nn.Module, dataset: ImageDataset, jobs: list[Eval
                        dataset.std) for job in jobs}
 
 
-def final_jobs(chain: torch.nn.Module, paper_sampler: bool = False, train_accuracy: bool = True) -> list[EvalJob]:
+def final_jobs(chain: torch.nn.Module, paper_sampler: bool = False, train_accuracy: bool = False) -> list[EvalJob]:
     """What the end of a run measures: the test set with the run's sampler, stage by stage from that one pass;
-    the training subset's accuracy (``train_accuracy``); the paper's sampler's own pass only when asked
-    (``paper_sampler``, eval.paper_sampler) and when it differs from the run's."""
+    when asked, the training subset's accuracy (``train_accuracy``, eval.train_accuracy) and the paper's
+    sampler's own pass (``paper_sampler``, eval.paper_sampler; only when it differs from the run's)."""
     jobs = [EvalJob("test", stages=True)]
     if train_accuracy:
         jobs.append(EvalJob("train"))
@@ -115,9 +115,10 @@ def final_report(chain: torch.nn.Module, counts: dict[EvalJob, StageCounts]) -> 
 
 
 def final_evaluation(chain: torch.nn.Module, dataset: ImageDataset, batch_size: int, seed: int,
-                     paper_sampler: bool = False) -> dict[str, Any]:
+                     paper_sampler: bool = False, train_accuracy: bool = False) -> dict[str, Any]:
     """:func:`final_report` of :func:`final_jobs`, scored in this process."""
-    return final_report(chain, score_locally(chain, dataset, final_jobs(chain, paper_sampler), batch_size, seed))
+    jobs = final_jobs(chain, paper_sampler, train_accuracy)
+    return final_report(chain, score_locally(chain, dataset, jobs, batch_size, seed))
 
 
 def split_accuracy(chain: torch.nn.Module, dataset: ImageDataset, split: str, batch_size: int, seed: int) -> float:
