@@ -137,8 +137,8 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
     waiting: list[dict] = []
 
     def land(wait: bool = True) -> None:
-        """Record the evaluation in flight (curve point, best chain, message) and put its epoch's figures first in
-        line for on_epoch. ``wait=False``: only if it is done already."""
+        """Record the evaluation in flight (curve point, best chain, message) and queue its epoch's figures for
+        on_epoch (:func:`report`). ``wait=False``: only if it is done already."""
         nonlocal pending, best
         if pending is None or not (wait or pending[3].done()):
             return
