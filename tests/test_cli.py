@@ -54,6 +54,19 @@ def test_config_errors_are_one_line_exit_2(tmp_path, args, key):
     assert not run_dir.exists(), "a failed config must not write a run directory"
 
 
+@pytest.mark.ray
+def test_a_local_cluster_without_the_gpus_asked_for_refuses_at_once(tmp_path):
+    """A cluster the run starts itself has no autoscaler: GPUs it lacks will not come, so the run is refused at
+    once (well inside cluster.placement_timeout_s, which a joined cluster is given), exit 2, nothing written."""
+    run_dir = tmp_path / "run"
+    p = _run("noprop_dist.run", "--set", "cluster.gpus_per_worker=1", "cluster.placement_timeout_s=300",
+             f"run.dir={run_dir}", timeout=120)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    last = p.stderr.strip().splitlines()[-1]
+    assert last == "error: cluster.gpus_per_worker: 2 workers x 1 GPU = 2 GPUs, the cluster has 0", p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and not run_dir.exists()
+
+
 def test_run_dir_of_another_config_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
