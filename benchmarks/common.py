@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import torch
@@ -28,6 +30,23 @@ def machine() -> dict:
             "native_bf16": {k: bool(caps.get(k)) for k in ("avx512_bf16", "amx_bf16")},
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def user_command(cmd: list[str], cwd: str, pythonpath: str | None = None,
+                 timeout: float = 3600) -> tuple[subprocess.CompletedProcess, float]:
+    """Run a command as a user would, timed from outside: in ``cwd``, without this shell's RAY_ADDRESS (it
+    starts its own cluster) or PYTHONPATH (it imports the installed package, or ``pythonpath``'s), output
+    unbuffered and captured. Exits with the command's error output when it fails. Returns (it, wall seconds)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, cwd=cwd, env=env | {"PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done, wall
 
 
 def write_result(name: str, payload: dict) -> str:

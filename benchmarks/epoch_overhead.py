@@ -21,9 +21,8 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
-from common import write_result
+from common import user_command, write_result
 
 CASES = {
     "dt_1x30k": ("fashion_mnist", ["data.train_limit=30000", "train.epochs=1"]),
@@ -35,18 +34,10 @@ CASES = {
 
 def run_case(name: str, config: str, overrides: list[str], work: str, pythonpath: str | None) -> dict:
     """One whole command in a fresh directory: its wall time and what its summary.json says."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
     run_dir = os.path.join(work, name)
     cmd = [sys.executable, "-m", "noprop_dist.run", "--config", config,
            *[a for kv in [*overrides, f"run.dir={run_dir}"] for a in ("--set", kv)]]
-    t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=work, env=env | {"PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
-                          timeout=3600)
-    wall = time.perf_counter() - t0
-    if done.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    _, wall = user_command(cmd, work, pythonpath)
     with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as f:
         s = json.load(f)
     boundaries = s.get("epoch_boundary_seconds") or []

@@ -73,6 +73,7 @@ class Budget:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.end = time.monotonic() + seconds
+        self.last = 0.0  # seconds of the last sub-measurement (measure)
 
     def left(self) -> float:
         return self.end - time.monotonic()
@@ -83,6 +84,28 @@ class Budget:
 
     def affords(self, need_s: float) -> bool:
         return self.left() >= need_s
+
+    def measure(self, ctx: "Ctx", rows: list[dict], label: str, key: dict, margin: float, floor: float,
+                run: Callable[[], dict], skipped: str = "time cap", error_chars: int = 300) -> dict | None:
+        """One sub-measurement of a part, capped: skipped (a row saying ``skipped``) when the cap cannot afford
+        ``margin`` x the seconds the previous one took (``self.last``, at least ``floor``); else ``run()``'s row,
+        or a row with its error, which does not stop the part. The row gets ``key``, its seconds, goes into
+        ``rows`` and the JSON file. Returns the row measured, None when skipped or failed."""
+        if not self.affords(margin * self.last):
+            rows.append(key | {"skipped": skipped})
+            ctx.emit(f"{label}: skipped (time cap)")
+            return None
+        t0 = time.monotonic()
+        try:
+            row, ok = key | run(), True
+        except Exception as e:  # one configuration failing leaves the others' figures
+            row, ok = key | {"error": brief(e)}, False
+            ctx.emit(f"{label}: error {brief(e, error_chars)}")
+        self.last = max(time.monotonic() - t0, floor)
+        row["seconds"] = self.last
+        rows.append(row)
+        ctx.save()
+        return row if ok else None
 
 
 @dataclass
@@ -635,25 +658,14 @@ def graphs(ctx: Ctx, budget: Budget, res: dict) -> None:
     rows = res.setdefault("rows", [])
     state: dict = {}
     res["state"] = state
-    last = 4.0
+    budget.last = 4.0
     for shape, batch, precision in configs:
         name = f"{'x'.join(map(str, shape))} b{batch} {precision}"
-        if not budget.affords(1.3 * last):
-            rows.append({"config": name,
-                         "skipped": f"time cap: {budget.left():.0f} s left, a config took {last:.0f} s"})
-            ctx.emit(f"{name}: skipped (time cap)")
-            continue
-        t0 = time.monotonic()
-        try:
-            row = _graph_config(ctx, shape, batch, precision, state)
-        except Exception as e:
-            row = {"config": name, "error": brief(e)}
-            ctx.emit(f"{name}: error {brief(e, 200)}")
-        last = max(time.monotonic() - t0, 0.5)
-        row["seconds"] = last
-        rows.append(row)
-        ctx.save()
-        if "eager" in row:
+        row = budget.measure(ctx, rows, name, {"config": name}, 1.3, 0.5,
+                             lambda: _graph_config(ctx, shape, batch, precision, state),
+                             skipped=f"time cap: {budget.left():.0f} s left, a config took {budget.last:.0f} s",
+                             error_chars=200)
+        if row is not None and "eager" in row:
             e, pe, g = row["eager"], row["plain_eager"], row["graph"]
             kern = (f"{fmt(e['kernels_per_step'], '.0f')} kernels, busy {fmt(e.get('kernel_busy_ms_per_step'))} ms"
                     if ctx.cuda else f"{fmt(e.get('aten_ops_per_step'), '.0f')} aten ops")
@@ -722,7 +734,7 @@ def shard_loop(ctx: Ctx, budget: Budget, res: dict) -> None:
     res["setup"] = {"images": n, "shape": ctx.shape("1x28x28"), "blocks": nblocks, "timed_epochs": epochs,
                     "batch_size": 128}
     rows = res.setdefault("rows", [])
-    last = 5.0
+    budget.last = 5.0
     for precision in ("bf16", "fp32"):  # bf16 first: precision auto gives it on a GPU
         base = [f"model.num_blocks={nblocks}", f"train.precision={precision}", "model.dropout=0.0"]
         per_epoch = sum(len(b) for b in epoch_batches(load_config(None, base), n, 0)) * nblocks
@@ -730,34 +742,25 @@ def shard_loop(ctx: Ctx, budget: Budget, res: dict) -> None:
         cadences: list[Any] = [1, 8] + (["auto"] if accepts([*base, "train.sync_every=auto"]) else [])
         for what in ["plain", *cadences]:
             label = f"{precision} {'plain loop' if what == 'plain' else f'shard loop sync_every {what}'}"
-            if not budget.affords(1.2 * last):
-                rows.append({"precision": precision, "what": str(what), "skipped": "time cap"})
-                ctx.emit(f"{label}: skipped (time cap)")
-                continue
-            t0 = time.monotonic()
-            try:
+
+            def run(what: Any = what, label: str = label) -> dict:
+                nonlocal plain
                 if what == "plain":
                     seconds = plain_loop(load_config(None, base), data, epochs + 1, blocks, ctx.device)
                     plain = per_epoch / (sum(seconds[1:]) / epochs)  # the first epoch warms up
-                    row = {"precision": precision, "what": "plain", "block_samples_per_s": plain}
                     ctx.emit(f"{label}: {plain:,.0f} block-samples/s")
-                else:
-                    cfg = load_config(None, [*base, f"train.sync_every={what}"])
-                    rate, info = loop_rate(cfg, data, blocks, ctx.device, epochs, ctx.emit)
-                    row = {"precision": precision, "what": f"shard loop, sync_every {what}", "sync_every": what,
-                           "block_samples_per_s": rate, "of_plain": rate / plain if plain else None, **info}
-                    ctx.emit(f"{label}: {rate:,.0f} block-samples/s"
-                             + (f" ({rate / plain:.2f} of plain)" if plain else "")
-                             + f", exchanging every {info['sync_every_used']}, protocol "
-                             f"{100 * info['protocol_share']:.1f} % of step time, data on device "
-                             f"{info['data_on_device']}")
-            except Exception as e:  # one configuration failing leaves the others' figures
-                row = {"precision": precision, "what": str(what), "error": brief(e)}
-                ctx.emit(f"{label}: error {brief(e, 300)}")
-            last = max(time.monotonic() - t0, 1.0)
-            row["seconds"] = last
-            rows.append(row)
-            ctx.save()
+                    return {"what": "plain", "block_samples_per_s": plain}
+                cfg = load_config(None, [*base, f"train.sync_every={what}"])
+                rate, info = loop_rate(cfg, data, blocks, ctx.device, epochs, ctx.emit)
+                ctx.emit(f"{label}: {rate:,.0f} block-samples/s"
+                         + (f" ({rate / plain:.2f} of plain)" if plain else "")
+                         + f", exchanging every {info['sync_every_used']}, protocol "
+                         f"{100 * info['protocol_share']:.1f} % of step time, data on device "
+                         f"{info['data_on_device']}")
+                return {"what": f"shard loop, sync_every {what}", "sync_every": what, "block_samples_per_s": rate,
+                        "of_plain": rate / plain if plain else None, **info}
+
+            budget.measure(ctx, rows, label, {"precision": precision, "what": str(what)}, 1.2, 1.0, run)
 
 
 # ---------------------------------------------------------------------------------------------- 6. Fashion-MNIST
@@ -1036,24 +1039,12 @@ def vmap_blocks(ctx: Ctx, budget: Budget, res: dict) -> None:
     cases = ([(2, 8, "fp32")] if ctx.quick else
              [(b, n, p) for n in (128, 32) for p in ("bf16", "fp32") for b in (5, 10)])
     rows = res.setdefault("rows", [])
-    last = 3.0
+    budget.last = 3.0
     for nblocks, batch, precision in cases:
         name = f"B={nblocks} batch {batch} {precision}"
-        if not budget.affords(1.3 * last):
-            rows.append({"case": name, "skipped": "time cap"})
-            ctx.emit(f"{name}: skipped (time cap)")
-            continue
-        t0 = time.monotonic()
-        try:
-            row = _vmap_case(ctx, nblocks, batch, precision, 0.0 if ctx.quick else 0.25)
-        except Exception as e:
-            row = {"case": name, "error": brief(e)}
-            ctx.emit(f"{name}: error {brief(e, 300)}")
-        last = max(time.monotonic() - t0, 0.5)
-        row["seconds"] = last
-        rows.append(row)
-        ctx.save()
-        if "winner" in row:
+        row = budget.measure(ctx, rows, name, {"case": name}, 1.3, 0.5,
+                             lambda: _vmap_case(ctx, nblocks, batch, precision, 0.0 if ctx.quick else 0.25))
+        if row is not None and "winner" in row:
             c = row["check"]
             noise = (f"; bf16 itself moves the grad {c['bf16_noise_grad_rel_diff']:.1e}"
                      if "bf16_noise_grad_rel_diff" in c else "")

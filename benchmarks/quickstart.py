@@ -9,25 +9,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
 
-from common import write_result
+from common import user_command, write_result
 
 COMMAND = [sys.executable, "-m", "noprop_dist.run"]
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as work:
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
-        t0 = time.perf_counter()
-        done = subprocess.run(COMMAND, cwd=work, env=env | {"PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
-                              timeout=1800)
-        wall = time.perf_counter() - t0
-        if done.returncode != 0:
-            sys.exit(f"the quickstart failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        done, wall = user_command(COMMAND, work, timeout=1800)
         run_dir = done.stdout.split("run saved in ")[1].split()[0]
         with open(os.path.join(work, run_dir, "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)
