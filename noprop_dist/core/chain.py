@@ -346,8 +346,8 @@ class StageCounts:
 
 # Images per forward pass on a CPU of a sampler whose only noise is z_0 (count_stages): the batch's z_0 is drawn
 # whole, so eval.batch_size keeps its meaning for the noise, while the networks run on pieces that stay in the
-# CPU's caches (a Fig. 6 block runs about twice as fast on 32 images at a time as on 1,000, with the same
-# logits bit for bit). A GPU takes the batch whole: there a forward pass costs its kernel launches.
+# CPU's caches: faster than the whole batch, and the same logits bit for bit. A GPU takes the batch whole:
+# there a forward pass costs its kernel launches.
 EVAL_PIECE_CPU = 32
 
 
