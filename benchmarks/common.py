@@ -11,9 +11,10 @@ import time
 import torch
 
 from noprop_dist.config import Config
-from noprop_dist.core import build_shared
-from noprop_dist.core.variants import build_shard, shard_loss
+from noprop_dist.core import build_shard, build_shared
+from noprop_dist.core.seeds import block_noise_seed, epoch_order_seed
 from noprop_dist.data import ImageDataset
+from noprop_dist.registry import get_method
 from noprop_dist.training import (
     TrainingData,
     initial_prototypes,
@@ -68,7 +69,7 @@ def ray_run(cfg: Config) -> dict:
 def epoch_batches(cfg: Config, n: int, epoch: int) -> list[torch.Tensor]:
     """The index batches of an epoch of n images, as the shard loop draws them (same seed, same dropped
     singleton)."""
-    gen = torch.Generator().manual_seed(cfg.train.seed * 7_919 + epoch)
+    gen = torch.Generator().manual_seed(epoch_order_seed(cfg.train.seed, epoch))
     order = torch.randperm(n, generator=gen)
     bs = cfg.train.batch_size
     return [order[s : s + bs] for s in range(0, n, bs) if min(bs, n - s) > 1]
@@ -89,7 +90,7 @@ def plain_loop(cfg: Config, data: ImageDataset, epochs: int, blocks: list[int] |
     opts = {t: torch.optim.AdamW(n.parameters(), lr=tr.lr, weight_decay=tr.weight_decay, fused=True)
             for t, n in nets.items()}
     shared_opt = torch.optim.AdamW(shared.parameters(), lr=tr.lr, weight_decay=tr.weight_decay, fused=True)
-    gens = {t: torch.Generator(device=device).manual_seed(tr.seed * 1_000 + t) for t in blocks}
+    gens = {t: torch.Generator(device=device).manual_seed(block_noise_seed(tr.seed, t)) for t in blocks}
     placed = TrainingData(data.train_x, data.train_y, data.mean, data.std, device)
     seconds = []
     for epoch in range(epochs):
@@ -101,7 +102,7 @@ def plain_loop(cfg: Config, data: ImageDataset, epochs: int, blocks: list[int] |
                 opts[t].zero_grad(set_to_none=True)
                 shared_opt.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    total, _ = shard_loss(net, shared, spec, t, x, y, gens[t])
+                    total, _ = get_method(spec.method).shard_loss(net, shared, spec, t, x, y, gens[t])
                 total.backward()
                 opts[t].step()
                 shared_opt.step()

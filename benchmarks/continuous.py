@@ -22,7 +22,7 @@ import tempfile
 from common import ray_run, write_result
 
 from noprop_dist.config import SHARD_PARTITIONS, load_config
-from noprop_dist.core import load_chain
+from noprop_dist.core import load_chain_file
 from noprop_dist.evaluate import evaluate_run
 
 STEPS = (10, 100, 1000)
@@ -92,7 +92,7 @@ def partitions(args: argparse.Namespace, tmp: str) -> dict:
 
 def chain_bounds(run_dir: str) -> list[float]:
     """The partition boundaries of a finished run's chain (CT's follow its learned schedule)."""
-    chain, _ = load_chain(f"{run_dir}/chain.pt")
+    chain, _ = load_chain_file(f"{run_dir}/chain.pt")
     return chain.shard_bounds()
 
 

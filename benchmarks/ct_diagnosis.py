@@ -32,9 +32,8 @@ from common import write_result
 
 from noprop_dist.config import load_config
 from noprop_dist.core import evaluate_chain, evaluate_stages
-from noprop_dist.core.continuous import ct_loss_weight, ct_marginal, shard_bounds
-from noprop_dist.core.objectives import denoised_estimate
-from noprop_dist.core.schedule import randn_like
+from noprop_dist.core.losses import ct_loss_weight
+from noprop_dist.core.paths import ct_marginal, denoised_estimate, randn_like, shard_bounds
 from noprop_dist.data import load_dataset, normalize
 from noprop_dist.training import evaluate_states, model_spec, train_in_process
 

@@ -16,7 +16,7 @@ GPU; torch's import and CUDA's start, about 5 s per invocation, come on top):
    warnings counted with the project line that caused each) in one epoch of the shard loop after a warm-up epoch,
    for NoProp-DT, CT and FM (2 shards, batch 64, sync_every 3); also single-value reads, uploads and copies to
    the host counted by a dispatch mode.
-4. ``graphs`` (cap 70 s, ~40 s): one Fig. 6 block step eager (BlockTrainer.step, the project's) against a
+4. ``graphs`` (cap 70 s, ~40 s): one Fig. 6 block step eager (ShardTrainer.step, the project's) against a
    whole-step CUDA graph (forward, backward, both optimizer steps; the project's step with its optimizers made
    capturable, else a plain-torch step of the same block, the reason recorded), fp32 and bf16, batch 128 / 32 /
    512, images 1x28x28 and 3x32x32: GPU time per step (CUDA events) and kernels per step (torch.profiler).

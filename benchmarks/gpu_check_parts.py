@@ -32,12 +32,12 @@ from common import epoch_batches, plain_loop
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from noprop_dist.config import Config, TrainConfig, load_config
-from noprop_dist.core import build_shared, evaluate_chain
+from noprop_dist.core import DTSchedule, build_shard, build_shared, evaluate_chain
 from noprop_dist.core.blocks import ModelSpec
-from noprop_dist.core.variants import build_shard, dt_schedule, shard_loss
 from noprop_dist.data import IDX_FILES, ImageDataset, dataset_for, normalize
+from noprop_dist.registry import get_method
 from noprop_dist.training import (
-    BlockTrainer,
+    ShardTrainer,
     ShardGroup,
     initial_prototypes,
     model_spec,
@@ -516,8 +516,8 @@ def _device_batches(shape: tuple[int, int, int], batch: int, k: int, device: tor
 
 
 class PlainStep:
-    """Shard t's training step in plain torch: its loss (core.variants.shard_loss, the same ops), backward, a
-    fused AdamW step of the block and one of the shared state, as BlockTrainer.step does, without the project's
+    """Shard t's training step in plain torch: its loss (the method's shard_loss, the same ops), backward, a
+    fused AdamW step of the block and one of the shared state, as ShardTrainer.step does, without the project's
     non-finite check, found_inf skip and replica. Noise comes from the default CUDA generator and autocast
     keeps no weight-cast cache, so that the step can be captured as it is."""
 
@@ -537,7 +537,7 @@ class PlainStep:
         """Forward, backward, optimizer steps (no zero_grad: a captured step writes the same .grad buffers)."""
         self.block.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
-            total, _ = shard_loss(self.block, self.shared, self.spec, self.t, x, y, None)
+            total, _ = get_method(self.spec.method).shard_loss(self.block, self.shared, self.spec, self.t, x, y, None)
         total.backward()
         for o in self.opts:
             o.step()
@@ -583,8 +583,8 @@ def _graph_config(ctx: Ctx, shape: tuple[int, int, int], batch: int, precision: 
     n_prof = 1 if ctx.quick else 5
     row: dict[str, Any] = {"shape": "x".join(map(str, shape)), "batch": batch, "precision": precision, "block": t}
 
-    # The project's step, as the shard loop runs it (BlockTrainer.step with a replica of the shared state).
-    trainer = BlockTrainer(spec, t, cfg.train, dev)
+    # The project's step, as the shard loop runs it (ShardTrainer.step with a replica of the shared state).
+    trainer = ShardTrainer(spec, t, cfg.train, dev)
     replica = SharedReplica(spec, cfg.train, LocalClient(SharedStateServer(spec, 0)), dev)
     row["resolved_precision"] = trainer.precision
 
@@ -608,17 +608,17 @@ def _graph_config(ctx: Ctx, shape: tuple[int, int, int], batch: int, precision: 
     graph, out, what, probe = None, None, None, None
     if state.get("project_capture_error") is None:
         try:
-            g_trainer = BlockTrainer(spec, t, cfg.train, dev)
+            g_trainer = ShardTrainer(spec, t, cfg.train, dev)
             g_replica = SharedReplica(spec, cfg.train, LocalClient(SharedStateServer(spec, 0)), dev)
             for opt in (g_trainer.optimizer, g_replica.optimizer):
                 for group in opt.param_groups:  # the project's optimizers are fused but not capturable
                     group["capturable"] = True
             # step() sets the gradients to None itself, so the captured backward allocates them in the pool
             graph, out = _capture(lambda: g_trainer.step(xs, ys, g_replica), [g_trainer.generator])
-            what, probe = "the project's BlockTrainer.step (optimizers made capturable)", g_trainer.params[0]
+            what, probe = "the project's ShardTrainer.step (optimizers made capturable)", g_trainer.params[0]
         except Exception as e:  # recorded once; the plain step stands in from then on
             state["project_capture_error"] = brief(e)
-            ctx.emit(f"capturing BlockTrainer.step failed ({brief(e, 200)}); capturing the plain-torch step instead")
+            ctx.emit(f"capturing ShardTrainer.step failed ({brief(e, 200)}); capturing the plain-torch step instead")
             graph = None
             try:
                 torch.cuda.synchronize()
@@ -683,7 +683,7 @@ def graphs(ctx: Ctx, budget: Budget, res: dict) -> None:
     if ctx.cuda:
         res["project_step_capturable"] = state.get("project_capture_error") is None
         if state.get("project_capture_error"):
-            ctx.emit(f"BlockTrainer.step could not be captured: {state['project_capture_error']}")
+            ctx.emit(f"ShardTrainer.step could not be captured: {state['project_capture_error']}")
         # A captured step bakes the learning rate in as a constant: the shard loop sets it every step (cosine
         # schedule), so a graphed loop would need it as a device tensor.
         res["note"] = "lr is a Python float baked into the graph; a graphed loop needs a tensor lr"
@@ -967,12 +967,12 @@ def _vmap_case(ctx: Ctx, nblocks: int, batch: int, precision: str, target: float
     y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
     embed = (torch.randn(10, spec.embed_dim, generator=gen) / spec.embed_dim**0.5).to(dev)
     u = embed[y]
-    abar = dt_schedule(10, spec.abar_max).abar_values
+    abar = DTSchedule.cosine(10, spec.abar_max).abar_values
     z = torch.stack([math.sqrt(abar[t % 10]) * u + math.sqrt(1 - abar[t % 10]) *
                      torch.randn(u.shape, generator=gen).to(dev) for t in range(nblocks)])  # (B, N, d)
 
     def losses(logits: torch.Tensor) -> torch.Tensor:
-        """(..., N, m) logits -> (...) each block's denoising error, as core.objectives.block_loss forms it."""
+        """(..., N, m) logits -> (...) each block's denoising error, as core.losses.block_loss forms it."""
         return (torch.softmax(logits.float(), -1) @ embed - u).pow(2).sum(-1).mean(-1)
 
     models = [build_shard(spec, t + 1, 0).to(dev) for t in range(nblocks)]

@@ -26,8 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import ray_run, write_result  # noqa: E402
 
-from noprop_dist.config import SAMPLERS, load_config  # noqa: E402
+from noprop_dist.config import load_config  # noqa: E402
 from noprop_dist.evaluate import evaluation, load_chain  # noqa: E402
+from noprop_dist.registry import get_method  # noqa: E402
 
 
 def _pct(x: float | None) -> str:
@@ -37,11 +38,11 @@ def _pct(x: float | None) -> str:
 def measure(run_dir: str, seeds: int, draws: list[int], steps: list[int]) -> list[dict]:
     """One row per (sampler, steps, seed or draws): test accuracy, stage table, seconds."""
     chain = load_chain(run_dir).chain
-    method = chain.spec.method
-    step_list = steps if method != "noprop_dt" else [None]
+    method = get_method(chain.spec.method)
+    step_list = steps if method.takes_steps else [None]
     rows = []
     for n_steps in step_list:
-        for sampler in (s for s, methods in SAMPLERS.items() if method in methods):
+        for sampler in method.samplers:
             settings = [{"seed": 1234 + i} for i in range(seeds if sampler == "eq3" else 1)] if sampler != "ensemble" \
                 else [{"draws": n} for n in draws]
             for extra in settings:

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from .config import BASELINE_METHODS, Config, ConfigError, load_config, resume_config
-from .registry import target_of
+from .config import Config, ConfigError, load_config, resume_config
+from .registry import get_method, target_of
 
 if TYPE_CHECKING:
     from torch import nn
@@ -37,7 +37,7 @@ def run_config(cfg: Config, log: Callable[[str], None] = print, dataset: ImageDa
     """Train (or resume, or re-evaluate) the run ``cfg`` describes; returns its summary. dataset / block /
     on_epoch: the arrays, the block factory and the per-epoch callback the Python API was given (see
     :func:`train`)."""
-    if cfg.model.method in BASELINE_METHODS:
+    if not get_method(cfg.model.method).noprop:
         from .baselines.runner import run_baseline
 
         data_parallel = None

@@ -1,7 +1,9 @@
 """Typed, validated run configuration: dataclasses, YAML loading and ``--set a.b=v`` overrides.
 
-Every error a user can make in a config ends as one :class:`ConfigError` whose message names the
-key and what is allowed; the entry points turn it into a one-line message and exit code 2.
+Each section (DataConfig, ModelConfig, ...) checks its own keys in its ``validate``; :meth:`Config.validate` runs
+them and holds the rules that join two sections. Every error a user can make in a config ends as one
+:class:`ConfigError` whose message names the key and what is allowed; the entry points turn it into a one-line
+message and exit code 2.
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .paper.numbers import paper_epochs
-from .registry import BLOCKS, DATASETS
+from .paper.numbers import PAPER_SETTINGS, paper_epochs
+from .registry import BLOCKS, DATASETS, METHODS
 
 # Keys with a fixed set of values have a Literal type; the tuple of its values (what validation allows and
 # error messages list) comes from that type, so each set is written once.
@@ -29,9 +31,6 @@ LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["fp32", "bf16", "auto"]
 NonfinitePolicy = Literal["rollback", "stop"]
 Device = Literal["auto", "cpu", "cuda"]
-NoPropMethod = Literal["noprop_dt", "noprop_ct", "noprop_fm"]
-BaselineMethod = Literal["backprop", "adjoint", "dtp"]
-Method = Literal[NoPropMethod, BaselineMethod]
 Sampler = Literal["eq3", "mean", "ensemble", "stage_average", "ode"]
 ShardPartition = Literal["uniform", "log_snr", "equal_mass"]
 CtLossWeight = Literal["snr_prime", "sigmoid", "flat"]
@@ -51,30 +50,21 @@ LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 NONFINITE_POLICIES: tuple[str, ...] = get_args(NonfinitePolicy)
 DEVICES: tuple[str, ...] = get_args(Device)
-NOPROP_METHODS: tuple[str, ...] = get_args(NoPropMethod)
-BASELINE_METHODS: tuple[str, ...] = get_args(BaselineMethod)
-METHODS: tuple[str, ...] = get_args(Method)
-# Inference samplers of the NoProp chains, and the methods each applies to (docs/method.md, "Inference samplers").
+# Inference samplers of the NoProp chains (docs/method.md, "Inference samplers"); the methods each applies to:
+# their registry.METHODS entry's samplers.
 # eq3: Eq. 3 with its noise term, as the paper runs it; mean: the same update without the noise term (the
 # posterior mean); ensemble: class probabilities averaged over eval.ensemble_draws noisy (eq3) runs;
 # stage_average (DT): one mean run, the head's class probabilities averaged over z_1 .. z_T; ode:
 # NoProp-CT's probability-flow ODE. NoProp-FM's flow has no noise term: mean is its Euler solve, ensemble
 # averages it over draws of z_0.
-SAMPLERS: dict[Sampler, tuple[NoPropMethod, ...]] = {
-    "eq3": ("noprop_dt", "noprop_ct"),
-    "mean": ("noprop_dt", "noprop_ct", "noprop_fm"),
-    "ensemble": ("noprop_dt", "noprop_ct", "noprop_fm"),
-    "stage_average": ("noprop_dt",),
-    "ode": ("noprop_ct",),
-}
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
 # NoProp-CT / FM: how [0, 1] is split among the K time-shards (core.partition) and NoProp-CT's denoising
-# weight (core.continuous.ct_loss_weight; snr_prime is the paper's).
+# weight (core.losses.ct_loss_weight; snr_prime is the paper's).
 SHARD_PARTITIONS: tuple[str, ...] = get_args(ShardPartition)
 CT_LOSS_WEIGHTS: tuple[str, ...] = get_args(CtLossWeight)
-CT_READOUTS: tuple[str, ...] = get_args(CtReadout)  # NoProp-CT's readout at z_1 (core.continuous.ContinuousChain)
-FM_TARGETS: tuple[str, ...] = get_args(FmTarget)  # what a NoProp-FM network predicts (core.continuous.fm_field)
-ABAR_MAX_LIMIT = 0.9999  # model.abar_max's ceiling (see validate)
-PAPER_SAMPLER = {"noprop_dt": "eq3", "noprop_ct": "eq3", "noprop_fm": "mean"}  # what the paper's Table 1 ran
+CT_READOUTS: tuple[str, ...] = get_args(CtReadout)  # NoProp-CT's readout at z_1 (core.chain.CTChain.readout)
+FM_TARGETS: tuple[str, ...] = get_args(FmTarget)  # what a NoProp-FM network predicts (core.paths.fm_field)
+ABAR_MAX_LIMIT = 0.9999  # model.abar_max's ceiling (see ModelConfig.validate)
 # Keys that were renamed: old (section, key) -> (section, key, value map). Old configs and run snapshots load.
 _RENAMED = {("model", "ct_inference"): ("eval", "sampler", {"chain": "eq3"})}
 
@@ -130,6 +120,77 @@ def load_yaml(stream: Any) -> Any:
     return yaml.load(stream, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+# ----------------------------------------------------------------------------- checks and bounds
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {shown(value)} is not allowed; allowed: {', '.join(allowed)}")
+
+
+def _bad_sync_every(key: str, value: Any) -> ConfigError:
+    """The one error for a train.sync_every that is neither "auto" nor a count of at least 1."""
+    return ConfigError(f"{key}: must be a positive integer or auto, got {shown(value)}")
+
+
+def _positive(key: str, value: float, strict: bool = True) -> None:
+    if (value <= 0) if strict else (value < 0):
+        raise ConfigError(f"{key}: must be {'> 0' if strict else '>= 0'}, got {shown(value)}")
+
+
+def _in_range(key: str, value: float, low: float, high: float) -> None:
+    """ConfigError naming ``key`` and the closed range [low, high] unless ``value`` lies in it."""
+    if not low <= value <= high:
+        raise ConfigError(f"{key}: must be in [{low}, {high}], got {shown(value)}")
+
+
+# Upper bounds: values above them pass the type and sign checks but fail only later, after Ray has started
+# (or at the final evaluation, losing the run), in torch or Ray: refused up front instead.
+# T / K: every shard is a whole network with its own AdamW state, and the driver assembles all of them
+# into one chain in its memory; the paper uses 10, and past a thousand no single machine holds the chain.
+MAX_SHARDS = 1_000
+# d of the learned embedding: the head and every block output d-vectors for each class; above the largest
+# prototype d this project meets (3 x 128 x 128 = 49 152, BloodMNIST 128) nothing gains from it.
+MAX_EMBEDDING_DIM = 65_536
+# CT / FM: the inference grid holds steps + 1 times and each step is a pass over every test batch; the
+# paper uses 1000, a hundred times that is past any accuracy gain and an evaluation of days.
+MAX_INFERENCE_STEPS = 100_000
+# A batch is capped at the split it comes from (the largest supported split, MNIST's, is 60 000 images), so
+# a bigger value changes nothing but nears the int64 overflow of torch's slicing.
+MAX_BATCH_SIZE = 1 << 20
+# Ray keeps resource amounts to four decimals and refuses a request below that; amounts are multiples of it.
+RAY_RESOURCE_QUANTUM = 1e-4
+# Waits measured in seconds become Ray and time.monotonic() arithmetic; a week is past any placement or hang
+# worth waiting for, and 1e308 overflows them after Ray has started.
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+# The ensemble sampler runs the whole chain once per draw: past a thousand draws its average no longer moves.
+MAX_ENSEMBLE_DRAWS = 1_000
+# A chain file's spec is built before its weights are checked: these bound what one may ask for (besides the
+# shards, the embedding and the steps above). Images have 1 or 3 channels in every loader; m classes of a head.
+MAX_CHANNELS = 3
+MAX_CLASSES = 1_000_000
+# image_folder's resize: every image becomes S x S x C bytes in memory and in Ray's object store.
+MAX_IMAGE_SIZE = 4_096
+# Early stopping counts epochs; no run has more (train.epochs is not capped, but a patience longer than this is
+# not one).
+MAX_EPOCHS = 1_000_000
+# One Ray actor (a process) per worker, and the NoProp methods need at least one shard per worker.
+MAX_WORKERS = MAX_SHARDS
+# A worker's CPUs become its torch threads (set_num_threads takes a C int) and its bundle lies on one node:
+# past a thousand cores per process there is no node to place it on.
+MAX_CPUS_PER_WORKER = 1_024
+# Ray keeps the count as a C integer; a fault recurring more than a thousand times is not one to absorb.
+MAX_RESTARTS = 1_000
+# train.seed is multiplied by up to 2_000_003 and offset by the epoch and block (or rank) before it seeds
+# torch (core.seeds), whose manual_seed takes at most 2**64 - 1; seeds up to 2**32 - 1 keep every derived seed in range
+# (numpy's legacy seeding takes the same range, should it ever be seeded with it).
+MAX_TRAIN_SEED = 2**32 - 1
+# eval.seed seeds a torch.Generator as it is: manual_seed accepts [-2**63, 2**64 - 1].
+EVAL_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+# ----------------------------------------------------------------------------- sections
+# Each section checks its own keys (validate); Config.validate adds the rules across sections.
+
 @dataclass
 class DataConfig:
     # A registered dataset (noprop_dist.registry.DATASETS): the bundled and downloadable ones, npz (your .npz
@@ -146,11 +207,33 @@ class DataConfig:
     # (an npz's val_images, image_folder's val/, MedMNIST's val) if it has one, else none.
     val_fraction: float = 0.0
 
+    def validate(self) -> None:
+        """data.*: a registered dataset, the keys it uses and no key it would ignore."""
+        _choice("data.name", self.name, DATASET_NAMES)
+        for key, v in (("data.train_limit", self.train_limit), ("data.test_limit", self.test_limit)):
+            if v is not None:
+                _positive(key, v)
+        if self.name in PATH_DATASETS and not self.path:
+            what = "the .npz file" if self.name == "npz" else "the directory holding train/<class>/ and test/<class>/"
+            raise ConfigError(f"data.path: data.name={self.name} reads {what}; set data.path")
+        if self.path is not None and self.name not in PATH_DATASETS:
+            raise ConfigError(f"data.path: applies to data.name {' or '.join(PATH_DATASETS)}, not {self.name} "
+                              "(its files are found under data.root)")
+        if self.path is not None and "\0" in self.path:
+            raise ConfigError("data.path: holds a NUL byte")
+        if self.image_size is not None:
+            if self.name != "image_folder":
+                raise ConfigError(f"data.image_size: applies to data.name=image_folder, not {self.name}")
+            _in_range("data.image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction!r}")
+
 
 @dataclass
 class ModelConfig:
     # noprop_dt | noprop_ct | noprop_fm (layer-parallel on Ray), or a baseline: backprop | adjoint | dtp
-    method: Method = "noprop_dt"
+    # (noprop_dist.registry.METHODS)
+    method: str = "noprop_dt"
     # The network of each shard: a registered block (noprop_dist.registry.BLOCKS: fig6, the paper's; resnet) or
     # the import path package.module:factory of your own (docs/your_data_and_blocks.md).
     block: str = "fig6"
@@ -174,6 +257,38 @@ class ModelConfig:
     eta: float = 0.1
     abar_max: float = 0.999  # cap of the cosine schedule at t = T (keeps the last SNR finite)
     dropout: float = 0.2
+
+    def validate(self) -> None:
+        """model.*: ranges and choices; model.block against the baselines that train only the paper's network."""
+        _choice("model.method", self.method, tuple(METHODS))
+        if not BLOCKS.is_valid(self.block):
+            raise ConfigError(f"model.block: {shown(self.block)} is not allowed; allowed: {BLOCKS.allowed()}")
+        if not METHODS[self.method].takes_block and self.block != "fig6":
+            *others, last = (name for name, method in METHODS.items() if method.takes_block)
+            raise ConfigError(f"model.block: model.method={self.method} trains the paper's own network; model.block="
+                              f"{self.block} applies to {', '.join(others)} and {last}")
+        _in_range("model.num_blocks", self.num_blocks, 1, MAX_SHARDS)
+        _in_range("model.num_shards", self.num_shards, 1, MAX_SHARDS)
+        _in_range("model.inference_steps", self.inference_steps, 1, MAX_INFERENCE_STEPS)
+        _choice("model.shard_partition", self.shard_partition, SHARD_PARTITIONS)
+        if not 0.0 <= self.shard_overlap < 0.5:
+            raise ConfigError(f"model.shard_overlap: must be in [0, 0.5) (a fraction of a shard's span), "
+                              f"got {self.shard_overlap!r}")
+        _choice("model.ct_loss_weight", self.ct_loss_weight, CT_LOSS_WEIGHTS)
+        _choice("model.ct_readout", self.ct_readout, CT_READOUTS)
+        _choice("model.fm_target", self.fm_target, FM_TARGETS)
+        _choice("model.embedding", self.embedding, EMBEDDINGS)
+        _in_range("model.embedding_dim", self.embedding_dim, 1, MAX_EMBEDDING_DIM)
+        _choice("model.class_prob", self.class_prob, CLASS_PROBS)
+        _positive("model.radial_sigma", self.radial_sigma)
+        _positive("model.eta", self.eta)
+        # The last block's loss weight is SNR(T) - SNR(T-1), about abar_max / (1 - abar_max): beyond 1e4
+        # (abar_max 0.9999) that one block's denoising term swamps every other gradient W_embed receives.
+        if not 0.5 < self.abar_max <= ABAR_MAX_LIMIT:
+            raise ConfigError(f"model.abar_max: must be in (0.5, {ABAR_MAX_LIMIT}], got {self.abar_max} (the last "
+                              f"block's loss weight grows as abar_max / (1 - abar_max))")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -224,6 +339,29 @@ class TrainConfig:
         share = self.epochs - epoch
         return full if share >= 1 else max(1, min(full, round(share * full)))
 
+    def validate(self) -> None:
+        """train.*: ranges and choices; the warm-up within the budget."""
+        _positive("train.epochs", self.epochs)
+        _in_range("train.batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _positive("train.lr", self.lr)
+        _positive("train.weight_decay", self.weight_decay, strict=False)
+        _choice("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"train.warmup_epochs: must be in [0, train.epochs = {self.epochs}), "
+                              f"got {self.warmup_epochs!r}")
+        _in_range("train.seed", self.seed, 0, MAX_TRAIN_SEED)
+        _choice("train.sync_mode", self.sync_mode, SYNC_MODES)
+        if self.sync_every != "auto" and (isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int)
+                                          or self.sync_every < 1):
+            raise _bad_sync_every("train.sync_every", self.sync_every)
+        _choice("train.precision", self.precision, PRECISIONS)
+        _positive("train.log_every_seconds", self.log_every_seconds)
+        _in_range("train.early_stop_patience", self.early_stop_patience, 0, MAX_EPOCHS)
+        _choice("train.on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        if not 0.0 < self.nonfinite_lr_factor < 1.0:
+            raise ConfigError(f"train.nonfinite_lr_factor: must be in (0, 1), got {self.nonfinite_lr_factor}")
+        _positive("train.max_nonfinite", self.max_nonfinite, strict=False)
+
 
 @dataclass
 class ClusterConfig:
@@ -239,7 +377,7 @@ class ClusterConfig:
     # A worker that makes no step for this long in an epoch (stopped, deadlocked, its node unreachable) is
     # killed and restarted like a dead one, and so is a parameter server that does not answer; both count
     # against the restart limits. 0: automatic, 10x the longest gap between two steps seen so far in the
-    # run and at least supervisor.HANG_FLOOR_S (actor start and the first steps are slow).
+    # run and at least restart_policy.HANG_FLOOR_S (actor start and the first steps are slow).
     hang_timeout_s: float = 0.0
     # Seconds the run waits for Ray to place its workers' bundles: at the start, and after a node is lost and
     # Ray looks for room for the bundles it held (an autoscaler may be adding a node). A bundle still without a
@@ -250,6 +388,27 @@ class ClusterConfig:
     # (anyone who reaches an unauthenticated cluster's ports can run code on it); true: go on, with a warning.
     allow_unauthenticated: bool = False
 
+    def validate(self) -> None:
+        """cluster.*: what Ray would refuse only after it started, refused here (see the bounds above)."""
+        _in_range("cluster.num_workers", self.num_workers, 1, MAX_WORKERS)
+        _positive("cluster.gpus_per_worker", self.gpus_per_worker, strict=False)
+        if self.gpus_per_worker > 1 and not float(self.gpus_per_worker).is_integer():
+            raise ConfigError(f"cluster.gpus_per_worker: above 1 must be a whole number, got {self.gpus_per_worker}")
+        if 0 < self.gpus_per_worker < RAY_RESOURCE_QUANTUM:
+            raise ConfigError(f"cluster.gpus_per_worker: 0, or at least {RAY_RESOURCE_QUANTUM} (Ray counts "
+                              f"resources in steps of {RAY_RESOURCE_QUANTUM}), got {self.gpus_per_worker}")
+        _positive("cluster.cpus_per_worker", self.cpus_per_worker)
+        _in_range("cluster.cpus_per_worker", self.cpus_per_worker, RAY_RESOURCE_QUANTUM, MAX_CPUS_PER_WORKER)
+        _in_range("cluster.threads_per_worker", self.threads_per_worker, 0, MAX_CPUS_PER_WORKER)
+        _choice("cluster.device", self.device, DEVICES)
+        _in_range("cluster.max_restarts_per_worker", self.max_restarts_per_worker, 0, MAX_RESTARTS)
+        _in_range("cluster.max_restarts", self.max_restarts, 0, MAX_RESTARTS)
+        _in_range("cluster.hang_timeout_s", self.hang_timeout_s, 0, MAX_TIMEOUT_S)
+        _positive("cluster.placement_timeout_s", self.placement_timeout_s)
+        _in_range("cluster.placement_timeout_s", self.placement_timeout_s, 0, MAX_TIMEOUT_S)
+        if self.device == "cuda" and self.gpus_per_worker == 0:
+            raise ConfigError("cluster.device: 'cuda' needs cluster.gpus_per_worker > 0")
+
 
 @dataclass
 class RunConfig:
@@ -258,6 +417,14 @@ class RunConfig:
     dir: str | None = None
     checkpoint_every: int = 1  # epochs between checkpoints
     overwrite: bool = False  # true: a run.dir written by another config is cleared and started afresh
+
+    def validate(self) -> None:
+        """run.*: a usable directory (load_config has replaced null by a new one)."""
+        if not self.dir:
+            raise ConfigError("run.dir: must be a non-empty path (or null: a new directory under runs/)")
+        if "\0" in self.dir:
+            raise ConfigError("run.dir: holds a NUL byte")
+        _positive("run.checkpoint_every", self.checkpoint_every)
 
 
 @dataclass
@@ -270,12 +437,20 @@ class EvalConfig:
     # samplers"); fashion_mnist.yaml sets stage_average, which keeps what the middle blocks add.
     sampler: Sampler = "mean"
     ensemble_draws: int = 8  # noisy runs averaged by the ensemble sampler
-    # The end of a run also scores the paper's sampler (config.PAPER_SAMPLER) when the run's differs: a pass of
+    # The end of a run also scores the paper's sampler (registry.Method.paper_sampler) when the run's differs: a pass of
     # its own over the test set (test_accuracy_by_sampler). Off, the end of a run is one pass over the test set.
     paper_sampler: bool = False
     # The end of a run also scores the training subset (data.TRAIN_ACCURACY_LIMIT evenly spaced training images:
     # summary.json's train_accuracy, Table 1's train column), another pass as long as the test set's.
     train_accuracy: bool = False
+
+    def validate(self) -> None:
+        """eval.*: ranges and a known sampler (which methods it applies to: Config.validate)."""
+        _in_range("eval.batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _in_range("eval.seed", self.seed, *EVAL_SEED_RANGE)
+        _positive("eval.every_epochs", self.every_epochs, strict=False)
+        _choice("eval.sampler", self.sampler, tuple(SAMPLERS))
+        _in_range("eval.ensemble_draws", self.ensemble_draws, 1, MAX_ENSEMBLE_DRAWS)
 
 
 @dataclass
@@ -284,6 +459,20 @@ class MetricsConfig:
     run_id: str | None = None  # the `run` label; None: <run.dir name>-<hash of the run's config>
     write_every_seconds: float = 5.0  # <run.dir>/metrics.jsonl gets a line per block this often (and per epoch)
     tensorboard: bool = False  # the same lines as TensorBoard event files in <run.dir>/tensorboard/ (extra: tensorboard)
+
+    def validate(self) -> None:
+        """metrics.*: a run label Prometheus and Grafana take as it is; TensorBoard only where it is installed."""
+        # It becomes a Prometheus label value and a Grafana variable: keep it to characters that need no quoting.
+        if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]*", self.run_id):
+            raise ConfigError(f"metrics.run_id: {shown(self.run_id)} is not allowed; allowed: letters, digits and "
+                              "_ . : - (starting with a letter or digit)")
+        _positive("metrics.write_every_seconds", self.write_every_seconds)
+        if self.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError("metrics.tensorboard: needs the tensorboard package: "
+                                  "pip install 'noprop_dist[tensorboard]'")
 
 
 @dataclass
@@ -299,6 +488,28 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Each section's own checks (in the order of the sections), then the rules that join two sections: each
+        message names both keys. ConfigError on the first problem."""
+        for section in fields(self):
+            getattr(self, section.name).validate()
+        m = self.model
+        if self.train.early_stop_patience and self.eval.every_epochs == 0:
+            raise ConfigError("train.early_stop_patience: needs a validation accuracy every epoch or few; "
+                              "eval.every_epochs=0 measures none until the end")
+        shard_key = shards_key(m)
+        shards = None if shard_key is None else getattr(m, shard_key.split(".")[1])
+        if shards is not None and self.cluster.num_workers > shards:
+            raise ConfigError(f"cluster.num_workers: must be in [1, {shard_key} = {shards}] "
+                              f"for model.method={m.method}, got {self.cluster.num_workers}")
+        method = METHODS[m.method]
+        if method.noprop and self.eval.sampler not in method.samplers:
+            raise ConfigError(f"eval.sampler: {self.eval.sampler!r} does not apply to model.method={m.method}; "
+                              f"allowed: {', '.join(method.samplers)}")
+        if self.metrics.tensorboard and not method.noprop:
+            raise ConfigError(f"metrics.tensorboard: the per-shard metrics are NoProp's; model.method={m.method} "
+                              "writes its curve to summary.json only")
+
 
 # ----------------------------------------------------------------------------- parsing
 
@@ -308,14 +519,14 @@ def _section_types(section_cls: type) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Convert a YAML / command-line value to the declared type, or raise ConfigError naming `key`."""
-    if typ == SyncEvery:  # "auto" or a count; validate() checks that a count is positive
+    if typ == SyncEvery:  # "auto" or a count; TrainConfig.validate checks that it is positive
         if value == "auto":
             return value
         try:
             return _coerce(key, value, int)
         except ConfigError:
             raise _bad_sync_every(key, value) from None
-    if get_origin(typ) is Literal:  # a fixed set of strings: validate() checks the value and lists the set
+    if get_origin(typ) is Literal:  # a fixed set of strings: its section's validate checks the value
         typ = str
     if typ == int | float:  # a count that may be fractional (train.epochs): a whole number stays an int
         number = _coerce(key, value, float)
@@ -416,26 +627,17 @@ def preset_values(name: str, method: str, dataset: str) -> dict[str, Any]:
     time-shards without overlap, CT / FM networks without BatchNorm, and the Fig. 6 blocks' dropout 0.2.
     The number of time-shards and workers (how the run is distributed) stay the config's."""
     _choice("--preset", name, PRESETS)
-    continuous = method in ("noprop_ct", "noprop_fm")
     values: dict[str, Any] = {
         "train.batch_size": 128, "train.lr": 1e-3, "train.weight_decay": 1e-3, "model.dropout": 0.2,
         "train.lr_schedule": "constant", "train.warmup_epochs": 0.0, "train.precision": "fp32",
         # datasets the paper does not use take MNIST's epochs
         "train.epochs": paper_epochs(method, dataset) or paper_epochs(method, "mnist") or 100,
-        "model.eta": 1.0 if continuous else 0.1,
+        "model.eta": 0.1,
     }
-    if method in PAPER_SAMPLER:
-        values["eval.sampler"] = PAPER_SAMPLER[method]
-    if method == "noprop_dt":
-        values["model.num_blocks"] = 10
-    if continuous:
-        values |= {"model.inference_steps": 1000, "model.shard_partition": "uniform", "model.shard_overlap": 0.0,
-                   "model.image_batch_norm": False}
-    if method == "noprop_ct":
-        values |= {"model.ct_loss_weight": "snr_prime", "model.ct_readout": "head"}
-    if method == "noprop_fm":
-        values["model.fm_target"] = "velocity"
-    return values
+    paper_sampler = METHODS[method].paper_sampler if method in METHODS else None  # validate() names a bad method
+    if paper_sampler is not None:
+        values["eval.sampler"] = paper_sampler
+    return values | PAPER_SETTINGS.get(method, {})
 
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")  # the packaged configs
@@ -504,7 +706,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         _apply(cfg, section, name, value)
     if cfg.run.dir is None:
         cfg.run.dir = new_run_dir(os.path.splitext(os.path.basename(path))[0] if path is not None else "quickstart")
-    validate(cfg)
+    cfg.validate()
     return cfg
 
 
@@ -536,7 +738,8 @@ def new_run_dir(name: str, root: str = RUNS_ROOT) -> str:
 def key_table() -> list[tuple[str, str, str]]:
     """(section.key, default, what it takes) for every config key, from the dataclasses, their types and the
     registries: what ``python -m noprop_dist.run --help`` lists, so it cannot drift from the config."""
-    takes = {"data.name": DATASETS.allowed(), "model.block": BLOCKS.allowed(), "eval.sampler": ", ".join(SAMPLERS)}
+    takes = {"data.name": DATASETS.allowed(), "model.block": BLOCKS.allowed(), "model.method": ", ".join(METHODS),
+             "eval.sampler": ", ".join(SAMPLERS)}
     rows = []
     for section in fields(Config):
         obj = section.default_factory()
@@ -560,213 +763,15 @@ def config_from_dict(mapping: dict[str, Any]) -> Config:
     """Rebuild a Config from :meth:`Config.to_dict` output (run snapshots, saved chains)."""
     cfg = Config()
     _apply_mapping(cfg, mapping, "config")
-    validate(cfg)
+    cfg.validate()
     return cfg
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: {shown(value)} is not allowed; allowed: {', '.join(allowed)}")
-
-
-def _bad_sync_every(key: str, value: Any) -> ConfigError:
-    """The one error for a train.sync_every that is neither "auto" nor a count of at least 1."""
-    return ConfigError(f"{key}: must be a positive integer or auto, got {shown(value)}")
-
-
-def _positive(key: str, value: float, strict: bool = True) -> None:
-    if (value <= 0) if strict else (value < 0):
-        raise ConfigError(f"{key}: must be {'> 0' if strict else '>= 0'}, got {shown(value)}")
-
-
-def _in_range(key: str, value: float, low: float, high: float) -> None:
-    """ConfigError naming ``key`` and the closed range [low, high] unless ``value`` lies in it."""
-    if not low <= value <= high:
-        raise ConfigError(f"{key}: must be in [{low}, {high}], got {shown(value)}")
-
-
-# Upper bounds: values above them pass the type and sign checks but fail only later, after Ray has started
-# (or at the final evaluation, losing the run), in torch or Ray: refused up front instead.
-# T / K: every shard is a whole network with its own AdamW state, and the driver assembles all of them
-# into one chain in its memory; the paper uses 10, and past a thousand no single machine holds the chain.
-MAX_SHARDS = 1_000
-# d of the learned embedding: the head and every block output d-vectors for each class; above the largest
-# prototype d this project meets (3 x 128 x 128 = 49 152, BloodMNIST 128) nothing gains from it.
-MAX_EMBEDDING_DIM = 65_536
-# CT / FM: the inference grid holds steps + 1 times and each step is a pass over every test batch; the
-# paper uses 1000, a hundred times that is past any accuracy gain and an evaluation of days.
-MAX_INFERENCE_STEPS = 100_000
-# A batch is capped at the split it comes from (the largest supported split, MNIST's, is 60 000 images), so
-# a bigger value changes nothing but nears the int64 overflow of torch's slicing.
-MAX_BATCH_SIZE = 1 << 20
-# Ray keeps resource amounts to four decimals and refuses a request below that; amounts are multiples of it.
-RAY_RESOURCE_QUANTUM = 1e-4
-# Waits measured in seconds become Ray and time.monotonic() arithmetic; a week is past any placement or hang
-# worth waiting for, and 1e308 overflows them after Ray has started.
-MAX_TIMEOUT_S = 7 * 24 * 3600.0
-# The ensemble sampler runs the whole chain once per draw: past a thousand draws its average no longer moves.
-MAX_ENSEMBLE_DRAWS = 1_000
-# A chain file's spec is built before its weights are checked: these bound what one may ask for (besides the
-# shards, the embedding and the steps above). Images have 1 or 3 channels in every loader; m classes of a head.
-MAX_CHANNELS = 3
-MAX_CLASSES = 1_000_000
-# image_folder's resize: every image becomes S x S x C bytes in memory and in Ray's object store.
-MAX_IMAGE_SIZE = 4_096
-# Early stopping counts epochs; no run has more (train.epochs is not capped, but a patience longer than this is
-# not one).
-MAX_EPOCHS = 1_000_000
-# One Ray actor (a process) per worker, and the NoProp methods need at least one shard per worker.
-MAX_WORKERS = MAX_SHARDS
-# A worker's CPUs become its torch threads (set_num_threads takes a C int) and its bundle lies on one node:
-# past a thousand cores per process there is no node to place it on.
-MAX_CPUS_PER_WORKER = 1_024
-# Ray keeps the count as a C integer; a fault recurring more than a thousand times is not one to absorb.
-MAX_RESTARTS = 1_000
-# train.seed is multiplied by up to 2_000_003 and offset by the epoch and block (or rank) before it seeds
-# torch, whose manual_seed takes at most 2**64 - 1; seeds up to 2**32 - 1 keep every derived seed in range
-# (numpy's legacy seeding takes the same range, should it ever be seeded with it).
-MAX_TRAIN_SEED = 2**32 - 1
-# eval.seed seeds a torch.Generator as it is: manual_seed accepts [-2**63, 2**64 - 1].
-EVAL_SEED_RANGE = (-(2**63), 2**64 - 1)
-
-
-def validate(cfg: Config) -> None:
-    """Range and choice checks; cross-key checks name both keys."""
-    validate_data(cfg.data)
-    m = cfg.model
-    _choice("model.method", m.method, METHODS)
-    if not BLOCKS.is_valid(m.block):
-        raise ConfigError(f"model.block: {m.block!r} is not allowed; allowed: {BLOCKS.allowed()}")
-    if m.method in ("adjoint", "dtp") and m.block != "fig6":
-        raise ConfigError(f"model.block: model.method={m.method} trains the paper's own network; model.block="
-                          f"{m.block} applies to noprop_dt, noprop_ct, noprop_fm and backprop")
-    _in_range("model.num_blocks", m.num_blocks, 1, MAX_SHARDS)
-    _in_range("model.num_shards", m.num_shards, 1, MAX_SHARDS)
-    _in_range("model.inference_steps", m.inference_steps, 1, MAX_INFERENCE_STEPS)
-    _choice("model.shard_partition", m.shard_partition, SHARD_PARTITIONS)
-    if not 0.0 <= m.shard_overlap < 0.5:
-        raise ConfigError(f"model.shard_overlap: must be in [0, 0.5) (a fraction of a shard's span), "
-                          f"got {m.shard_overlap!r}")
-    _choice("model.ct_loss_weight", m.ct_loss_weight, CT_LOSS_WEIGHTS)
-    _choice("model.ct_readout", m.ct_readout, CT_READOUTS)
-    _choice("model.fm_target", m.fm_target, FM_TARGETS)
-    _choice("model.embedding", m.embedding, EMBEDDINGS)
-    _in_range("model.embedding_dim", m.embedding_dim, 1, MAX_EMBEDDING_DIM)
-    _choice("model.class_prob", m.class_prob, CLASS_PROBS)
-    _positive("model.radial_sigma", m.radial_sigma)
-    _positive("model.eta", m.eta)
-    # The last block's loss weight is SNR(T) - SNR(T-1), about abar_max / (1 - abar_max): beyond 1e4
-    # (abar_max 0.9999) that one block's denoising term swamps every other gradient W_embed receives.
-    if not 0.5 < m.abar_max <= ABAR_MAX_LIMIT:
-        raise ConfigError(f"model.abar_max: must be in (0.5, {ABAR_MAX_LIMIT}], got {m.abar_max} (the last "
-                          f"block's loss weight grows as abar_max / (1 - abar_max))")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
-    t = cfg.train
-    _positive("train.epochs", t.epochs)
-    _in_range("train.batch_size", t.batch_size, 1, MAX_BATCH_SIZE)
-    _positive("train.lr", t.lr)
-    _positive("train.weight_decay", t.weight_decay, strict=False)
-    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
-    if not 0 <= t.warmup_epochs < t.epochs:
-        raise ConfigError(f"train.warmup_epochs: must be in [0, train.epochs = {t.epochs}), got {t.warmup_epochs!r}")
-    _in_range("train.seed", t.seed, 0, MAX_TRAIN_SEED)
-    _choice("train.sync_mode", t.sync_mode, SYNC_MODES)
-    if t.sync_every != "auto" and (isinstance(t.sync_every, bool) or not isinstance(t.sync_every, int)
-                                   or t.sync_every < 1):
-        raise _bad_sync_every("train.sync_every", t.sync_every)
-    _choice("train.precision", t.precision, PRECISIONS)
-    _positive("train.log_every_seconds", t.log_every_seconds)
-    _in_range("train.early_stop_patience", t.early_stop_patience, 0, MAX_EPOCHS)
-    if t.early_stop_patience and cfg.eval.every_epochs == 0:
-        raise ConfigError("train.early_stop_patience: needs a validation accuracy every epoch or few; "
-                          "eval.every_epochs=0 measures none until the end")
-    _choice("train.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
-    if not 0.0 < t.nonfinite_lr_factor < 1.0:
-        raise ConfigError(f"train.nonfinite_lr_factor: must be in (0, 1), got {t.nonfinite_lr_factor}")
-    _positive("train.max_nonfinite", t.max_nonfinite, strict=False)
-    c = cfg.cluster
-    _in_range("cluster.num_workers", c.num_workers, 1, MAX_WORKERS)
-    shard_key = shards_key(m)
-    if shard_key is not None and c.num_workers > getattr(m, shard_key.split(".")[1]):
-        raise ConfigError(f"cluster.num_workers: must be in [1, {shard_key} = {getattr(m, shard_key.split('.')[1])}] "
-                          f"for model.method={m.method}, got {c.num_workers}")
-    _positive("cluster.gpus_per_worker", c.gpus_per_worker, strict=False)
-    if c.gpus_per_worker > 1 and not float(c.gpus_per_worker).is_integer():
-        raise ConfigError(f"cluster.gpus_per_worker: above 1 must be a whole number, got {c.gpus_per_worker}")
-    if 0 < c.gpus_per_worker < RAY_RESOURCE_QUANTUM:
-        raise ConfigError(f"cluster.gpus_per_worker: 0, or at least {RAY_RESOURCE_QUANTUM} (Ray counts resources "
-                          f"in steps of {RAY_RESOURCE_QUANTUM}), got {c.gpus_per_worker}")
-    _positive("cluster.cpus_per_worker", c.cpus_per_worker)
-    _in_range("cluster.cpus_per_worker", c.cpus_per_worker, RAY_RESOURCE_QUANTUM, MAX_CPUS_PER_WORKER)
-    _in_range("cluster.threads_per_worker", c.threads_per_worker, 0, MAX_CPUS_PER_WORKER)
-    _choice("cluster.device", c.device, DEVICES)
-    _in_range("cluster.max_restarts_per_worker", c.max_restarts_per_worker, 0, MAX_RESTARTS)
-    _in_range("cluster.max_restarts", c.max_restarts, 0, MAX_RESTARTS)
-    _in_range("cluster.hang_timeout_s", c.hang_timeout_s, 0, MAX_TIMEOUT_S)
-    _positive("cluster.placement_timeout_s", c.placement_timeout_s)
-    _in_range("cluster.placement_timeout_s", c.placement_timeout_s, 0, MAX_TIMEOUT_S)
-    if c.device == "cuda" and c.gpus_per_worker == 0:
-        raise ConfigError("cluster.device: 'cuda' needs cluster.gpus_per_worker > 0")
-    if not cfg.run.dir:
-        raise ConfigError("run.dir: must be a non-empty path (or null: a new directory under runs/)")
-    if "\0" in cfg.run.dir:
-        raise ConfigError("run.dir: holds a NUL byte")
-    _positive("run.checkpoint_every", cfg.run.checkpoint_every)
-    _in_range("eval.batch_size", cfg.eval.batch_size, 1, MAX_BATCH_SIZE)
-    _in_range("eval.seed", cfg.eval.seed, *EVAL_SEED_RANGE)
-    _positive("eval.every_epochs", cfg.eval.every_epochs, strict=False)
-    _choice("eval.sampler", cfg.eval.sampler, tuple(SAMPLERS))
-    if m.method in NOPROP_METHODS and m.method not in SAMPLERS[cfg.eval.sampler]:
-        raise ConfigError(f"eval.sampler: {cfg.eval.sampler!r} does not apply to model.method={m.method}; "
-                          f"allowed: {', '.join(k for k, v in SAMPLERS.items() if m.method in v)}")
-    _in_range("eval.ensemble_draws", cfg.eval.ensemble_draws, 1, MAX_ENSEMBLE_DRAWS)
-    run_id = cfg.metrics.run_id
-    # It becomes a Prometheus label value and a Grafana variable: keep it to characters that need no quoting.
-    if run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]*", run_id):
-        raise ConfigError(f"metrics.run_id: {run_id!r} is not allowed; allowed: letters, digits and _ . : - "
-                          "(starting with a letter or digit)")
-    _positive("metrics.write_every_seconds", cfg.metrics.write_every_seconds)
-    if cfg.metrics.tensorboard:
-        if cfg.model.method in BASELINE_METHODS:
-            raise ConfigError(f"metrics.tensorboard: the per-shard metrics are NoProp's; model.method={m.method} "
-                              "writes its curve to summary.json only")
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None:
-            raise ConfigError("metrics.tensorboard: needs the tensorboard package: "
-                              "pip install 'noprop_dist[tensorboard]'")
-
-
-def validate_data(d: DataConfig) -> None:
-    """data.*: a registered dataset, the keys it uses and no key it would ignore."""
-    _choice("data.name", d.name, DATASET_NAMES)
-    for key, v in (("data.train_limit", d.train_limit), ("data.test_limit", d.test_limit)):
-        if v is not None:
-            _positive(key, v)
-    if d.name in PATH_DATASETS and not d.path:
-        what = "the .npz file" if d.name == "npz" else "the directory holding train/<class>/ and test/<class>/"
-        raise ConfigError(f"data.path: data.name={d.name} reads {what}; set data.path")
-    if d.path is not None and d.name not in PATH_DATASETS:
-        raise ConfigError(f"data.path: applies to data.name {' or '.join(PATH_DATASETS)}, not {d.name} "
-                          "(its files are found under data.root)")
-    if d.path is not None and "\0" in d.path:
-        raise ConfigError("data.path: holds a NUL byte")
-    if d.image_size is not None:
-        if d.name != "image_folder":
-            raise ConfigError(f"data.image_size: applies to data.name=image_folder, not {d.name}")
-        _in_range("data.image_size", d.image_size, 1, MAX_IMAGE_SIZE)
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction!r}")
-
-
 def shards_key(m: ModelConfig) -> str | None:
-    """The key that counts a NoProp method's shards (model.num_blocks or model.num_shards); None for baselines."""
-    if m.method == "noprop_dt":
-        return "model.num_blocks"
-    if m.method in NOPROP_METHODS:
-        return "model.num_shards"
-    return None
+    """The key that counts a NoProp method's shards (model.num_blocks or model.num_shards), at least one per
+    worker; None for baselines (their workers are data-parallel)."""
+    method = METHODS[m.method]
+    return method.shards_key if method.noprop else None
 
 
 def worker_threads(c: ClusterConfig) -> int:

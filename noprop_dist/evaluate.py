@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from .config import MAX_ENSEMBLE_DRAWS, shown
-from .core import evaluate_stages, variants
-from .core.chain import Z0_ONLY_SAMPLERS
+from .core import evaluate_stages, load_chain_file
+from .core.samplers import Z0_ONLY_SAMPLERS
 from .data import DatasetNotFoundError, load_dataset, normalize
+from .registry import METHODS, get_method
 
 PREDICT_BATCH = 1000  # images per call of the chain in TrainedChain.predict and --predict
 
@@ -70,7 +71,7 @@ class TrainedChain(torch.nn.Module):
     def forward(self, images: object, generator: torch.Generator | None = None,
                 z0: torch.Tensor | None = None) -> torch.Tensor:
         """Class log-probabilities (N, m) of raw ``images``; ``generator`` seeds the sampler's noise, ``z0`` (N, d)
-        replaces its first draw, z_0 (core.SavedChain.forward)."""
+        replaces its first draw, z_0 (core.chain.SavedChain.forward)."""
         return self.chain(self.inputs(images), generator, z0=z0)
 
     def predict(self, images: object, seed: int = 0, source: str = "images",
@@ -78,7 +79,7 @@ class TrainedChain(torch.nn.Module):
         """Predicted classes (N,) int64 of raw ``images``, the sampler's noise seeded by ``seed``.
 
         The predictions of one call of the chain on all N images with ``torch.Generator().manual_seed(seed)``.
-        Samplers whose only noise is z_0 (core.chain.Z0_ONLY_SAMPLERS) run in batches of ``batch_size``, each
+        Samplers whose only noise is z_0 (core.samplers.Z0_ONLY_SAMPLERS) run in batches of ``batch_size``, each
         with its rows of the one z_0 (N, d) drawn for all N images (:func:`draw_z0`), so memory does not grow
         with N; eq3 and the ensemble draw noise at every step and run on all N at once to keep those draws.
         """
@@ -104,7 +105,7 @@ class TrainedChain(torch.nn.Module):
 def draw_z0(n: int, embed_dim: int, seed: int) -> torch.Tensor:
     """z_0 (n, embed_dim) float32 that ``load_chain(run_dir).predict(images, seed)`` starts n images from:
     ``torch.randn((n, d), generator=torch.Generator().manual_seed(seed))``, the chain's own first draw for a
-    batch of n (core.chain.start_noise). An exported chain (noprop_dist.export) takes it as its input z0."""
+    batch of n (core.samplers.start_noise). An exported chain (noprop_dist.export) takes it as its input z0."""
     return torch.randn((n, embed_dim), generator=torch.Generator().manual_seed(int(seed)))
 
 
@@ -138,11 +139,12 @@ def load_chain(run_dir: str | os.PathLike, steps: int | None = None, sampler: st
     path = os.path.join(run_dir, "chain.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no chain.pt in {run_dir}: has the run finished?")
-    chain, extra = variants.load_chain(path, block=block)
+    chain, extra = load_chain_file(path, block=block)
     _check_extra(path, extra, chain.spec.image_shape[0])
-    method = chain.spec.method
-    if steps is not None and method == "noprop_dt":
-        raise ValueError(f"--steps applies to noprop_ct / noprop_fm chains; {path} is {method}")
+    method = get_method(chain.spec.method)
+    if steps is not None and not method.takes_steps:
+        takers = " / ".join(name for name, m in METHODS.items() if m.noprop and m.takes_steps)
+        raise ValueError(f"--steps applies to {takers} chains; {path} is {method.name}")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
     if draws is not None and not 1 <= draws <= MAX_ENSEMBLE_DRAWS:
@@ -186,7 +188,7 @@ def evaluation(run_dir: str, seed: int | None = None, steps: int | None = None, 
         extra["eval_batch_size"], seed, lambda xb: normalize(xb, extra["mean"], extra["std"]), stages=stages,
     )
     out = {"test_accuracy": acc, "sampler": chain.spec.sampler,
-           "steps": None if chain.spec.method == "noprop_dt" else chain.spec.inference_steps, "seed": seed}
+           "steps": get_method(chain.spec.method).steps(chain.spec.inference_steps), "seed": seed}
     if chain.spec.sampler == "ensemble":
         out["draws"] = chain.spec.ensemble_draws
     return out | ({"stages": table} if stages else {})

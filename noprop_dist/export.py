@@ -5,7 +5,7 @@
 The file takes raw uint8 images as the run's dataset stores them and the starting noise z_0, and returns the
 chain's class log-probabilities (N, m), usable as logits (or the classes, ``--output classes``); the
 normalisation with the run's mean and std is inside it. Only samplers whose only randomness is z_0 can be
-exported (core.chain.Z0_ONLY_SAMPLERS): given z0 the file is a fixed function of the images, and with
+exported (core.samplers.Z0_ONLY_SAMPLERS): given z0 the file is a fixed function of the images, and with
 ``z0 = torch.randn((N, d), generator=torch.Generator().manual_seed(seed))`` it gives the classes of
 ``noprop_dist.load_chain(RUN_DIR).predict(images, seed)``. After writing, the command loads the file, runs it on
 a few of the run's test images and compares it with the torch chain. docs/export.md.
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import SAMPLERS
-from .core.chain import Z0_ONLY_SAMPLERS
+from .core.samplers import Z0_ONLY_SAMPLERS
 from .data import DatasetNotFoundError, load_dataset, normalize
 from .evaluate import TrainedChain, draw_z0, load_chain
+from .registry import get_method
 
 FORMATS = ("onnx", "torchscript")
 OUTPUTS = ("logits", "classes")
@@ -79,7 +79,7 @@ class ExportResult:
 
 def exportable_samplers(method: str) -> list[str]:
     """The samplers of ``method`` that can be exported: those it runs whose only noise is z_0."""
-    return [name for name in Z0_ONLY_SAMPLERS if method in SAMPLERS[name]]
+    return [name for name in Z0_ONLY_SAMPLERS if name in get_method(method).samplers]
 
 
 def _check_sampler(trained: TrainedChain, sampler: str | None) -> str:
@@ -155,7 +155,7 @@ def _require(fmt: str) -> None:
 def _notes(trained: TrainedChain, run_dir: str, sampler: str, layout: str, output: str) -> dict[str, str]:
     """What the file records about itself (ONNX metadata_props, a JSON file inside the TorchScript archive)."""
     spec = trained.spec
-    steps = None if spec.method == "noprop_dt" else spec.inference_steps
+    steps = get_method(spec.method).steps(spec.inference_steps)
     shape = ", ".join(map(str, input_shape(layout, spec.image_shape)))
     return {
         "producer": "noprop_dist.export",
@@ -306,7 +306,7 @@ def export_chain(run_dir: str, out: str, fmt: str = "onnx", sampler: str | None 
         path=out, format=fmt, size_bytes=os.path.getsize(out),
         inputs={"images": f"uint8 ({shape})", "z0": f"float32 (N, {spec.embed_dim})"},
         output="classes int64 (N,)" if output == "classes" else f"logits float32 (N, {spec.num_classes})",
-        method=spec.method, sampler=name, steps=None if spec.method == "noprop_dt" else spec.inference_steps,
+        method=spec.method, sampler=name, steps=get_method(spec.method).steps(spec.inference_steps),
         layout=layout, export_seconds=seconds, check_images=what, checked=len(images), max_logit_difference=diff,
         classes_agree=agree)
 

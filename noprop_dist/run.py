@@ -15,12 +15,13 @@ import sys
 import yaml
 
 from .api import run_config
-from .config import BASELINE_METHODS, PRESETS, ConfigError, key_table, load_config, resume_config
+from .config import PRESETS, ConfigError, key_table, load_config, resume_config
 from .data import DatasetFileError, DatasetNotFoundError
 from .distributed.restart_policy import (
     TrainingFailed,  # no Ray import: the CLI stays fast on bad input
 )
-from .storage.run_dir import CheckpointError
+from .registry import get_method
+from .storage.checkpoints import CheckpointError
 from .storage.summary import describe_model
 
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f"; continue it with: python -m noprop_dist.run --resume {cfg.run.dir}" if cfg is not None else ""
         print(f"stopped ({e or 'interrupted'}){where}", file=sys.stderr)
         return 130
-    baseline, workers = cfg.model.method in BASELINE_METHODS, summary["num_workers"]
+    baseline, workers = not get_method(cfg.model.method).noprop, summary["num_workers"]
     block = f" ({summary['block']} blocks)" if summary.get("block", "fig6") != "fig6" else ""
     val = f"; validation {summary['val_accuracy']:.4f}" if summary.get("val_accuracy") is not None else ""
     print(f"test accuracy of the {'model' if baseline else 'assembled chain'}: {summary['test_accuracy']:.4f} "

@@ -10,8 +10,10 @@ import sys
 import zipfile
 
 import pytest
+from conftest import one_error_line, run_main
 
 import noprop_dist
+from noprop_dist import run
 from noprop_dist.api import _dotted
 from noprop_dist.config import CONFIG_DIR, ConfigError, config_names, load_config
 
@@ -39,11 +41,9 @@ def test_every_packaged_config_loads_by_name_from_any_directory(tmp_path, monkey
     assert load_config("mnist").data.name == "mnist"
 
 
-def test_an_unknown_config_name_lists_the_packaged_ones(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "noprop_dist.run", "--config", "mnits"], capture_output=True,
-                       text=True, cwd=tmp_path, timeout=120)
-    assert p.returncode == 2, p.stderr
-    assert p.stderr.count("\n") == 1 and "mnits" in p.stderr and "mnist_ct" in p.stderr
+def test_an_unknown_config_name_lists_the_packaged_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_error_line(*run_main(run, ["--config", "mnits"])[:2], "mnits", "mnist_ct")
     assert os.listdir(tmp_path) == []
 
 

@@ -15,17 +15,19 @@ from noprop_dist.config import ConfigError, load_config
 from noprop_dist.core import (
     BlockError,
     BlockSpec,
+    DTSchedule,
     build_block,
+    build_chain,
     build_ct_block,
     build_shard,
     build_shared,
     evaluate_chain,
-    variants,
+    load_chain_file,
 )
 from noprop_dist.core.block_check import check_block
-from noprop_dist.core.chain import read_chain_file
+from noprop_dist.core.chain_file import read_chain_file
 from noprop_dist.data import normalize
-from noprop_dist.registry import BLOCKS
+from noprop_dist.registry import BLOCKS, get_method
 
 METHODS = ["noprop_dt", "noprop_ct", "noprop_fm"]
 # Every registered block and one the package does not ship: a new registry entry is tested the day it is added.
@@ -96,7 +98,7 @@ def test_a_shard_loss_reaches_its_network_and_the_shared_state_only(block, metho
     spec = spec_for(block, method, embedding, num_shards=3)
     shared, nets = _shared(spec), [build_shard(spec, k, 0) for k in (1, 2, 3)]
     x, y = _batch(spec)
-    total, _ = variants.shard_loss(nets[1], shared, spec, 2, x, y, torch.Generator().manual_seed(0))
+    total, _ = get_method(method).shard_loss(nets[1], shared, spec, 2, x, y, torch.Generator().manual_seed(0))
     total.backward()
     for other in (nets[0], nets[2]):
         assert all(g is None for g in _grad_norms(other)), "another shard's network received a gradient"
@@ -116,14 +118,14 @@ def test_the_denoising_term_itself_trains_the_label_embedding(block, method):
     calls: list[tuple] = []
     net.register_forward_hook(lambda mod, args, out: calls.append((args, out)))
     x, y = _batch(spec)
-    _, denoise = variants.shard_loss(net, shared, spec, 2, x, y, torch.Generator().manual_seed(0))
+    _, denoise = get_method(method).shard_loss(net, shared, spec, 2, x, y, torch.Generator().manual_seed(0))
     params = {"embed": shared.embed} | {n: p for n, p in shared.named_parameters() if n.startswith("schedule.")}
     grads = dict(zip(params, torch.autograd.grad(denoise, list(params.values()), retain_graph=True,
                                                  allow_unused=True)))
     for name, g in grads.items():
         assert g is not None and float(g.abs().sum()) > 0, f"the denoising term does not reach {name}"
     if method == "noprop_dt":
-        schedule = variants.dt_schedule(spec.num_shards, spec.abar_max)
+        schedule = DTSchedule.cosine(spec.num_shards, spec.abar_max)
         (_, logits), = calls
         u_hat = torch.softmax(logits, dim=1) @ shared.embed
         replay = spec.eta * spec.num_shards / 2 * schedule.loss_weight(2) * (u_hat - shared.embed[y]).pow(2).sum(1).mean()
@@ -151,8 +153,7 @@ def test_no_network_input_depends_on_the_labels_evaluation_is_given(digits, bloc
     bit for bit. Comparing predictions of an untrained chain would not do: a chain that built z_0 from the label
     gives nearly the same predictions (its first block learned, or happens, to ignore z_0)."""
     spec = spec_for(block, method, "learned", image_shape=digits.image_shape, num_shards=2)
-    chain = variants.build_chain(spec, [build_shard(spec, k, 0).state_dict() for k in (1, 2)],
-                                 _shared(spec).state_dict())
+    chain = build_chain(spec, [build_shard(spec, k, 0).state_dict() for k in (1, 2)], _shared(spec).state_dict())
     seen: list[torch.Tensor] = []
     for net in chain.blocks:
         net.register_forward_pre_hook(lambda mod, args: seen.extend(a.detach().clone() for a in args))
@@ -184,12 +185,11 @@ def test_no_network_input_depends_on_the_labels_evaluation_is_given(digits, bloc
 @pytest.mark.parametrize("method", METHODS)
 def test_the_chain_file_records_the_block_and_rebuilds_it(tmp_path, block, method):
     spec = spec_for(block, method, num_shards=2)
-    chain = variants.build_chain(spec, [build_shard(spec, k, 0).state_dict() for k in (1, 2)],
-                                 _shared(spec).state_dict())
+    chain = build_chain(spec, [build_shard(spec, k, 0).state_dict() for k in (1, 2)], _shared(spec).state_dict())
     chain.save(str(tmp_path / "chain.pt"))
     saved, _ = read_chain_file(str(tmp_path / "chain.pt"))
     assert saved.block == spec.block and saved.block_factory is None
-    loaded, _ = variants.load_chain(str(tmp_path / "chain.pt"))  # custom: imported by its path, custom_block:tiny_block
+    loaded, _ = load_chain_file(str(tmp_path / "chain.pt"))  # custom: imported by its path, custom_block:tiny_block
     x = torch.randn(5, *spec.image_shape)
     kw = {} if method == "noprop_dt" else {"steps": 5}
     assert torch.equal(loaded(x, torch.Generator().manual_seed(0), **kw), chain(x, torch.Generator().manual_seed(0), **kw))
@@ -200,14 +200,13 @@ def test_a_chain_whose_block_cannot_be_imported_names_the_module(tmp_path):
                           ("custom_block:gone", "module 'custom_block' has no attribute 'gone'"),
                           ("__main__:make_block", "pass it again, load_chain(run_dir, block=fn)")]:
         spec = replace(spec_for("custom", num_shards=2), block=block)
-        chain = variants.build_chain(spec, [build_shard(spec, k, 0).state_dict() for k in (1, 2)],
-                                     _shared(spec).state_dict())
+        chain = build_chain(spec, [build_shard(spec, k, 0).state_dict() for k in (1, 2)], _shared(spec).state_dict())
         path = str(tmp_path / "chain.pt")
         chain.save(path)
         with pytest.raises(ValueError) as e:
-            variants.load_chain(path)
+            load_chain_file(path)
         assert needle in str(e.value) and "\n" not in str(e.value) and path in str(e.value)
-        loaded, _ = variants.load_chain(path, block=tiny_block)  # the factory itself, as load_chain(block=) takes it
+        loaded, _ = load_chain_file(path, block=tiny_block)  # the factory itself, as load_chain(block=) takes it
         assert isinstance(loaded.blocks[0], TinyDT)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_spec
 
-from noprop_dist.core import DTChain, build_block, build_shared
+from noprop_dist.core import DTChain, build_block, build_shared, load_chain_file
 
 
 def _chain(embedding="learned", class_prob="softmax"):
@@ -20,7 +20,7 @@ def test_save_load_round_trip(tmp_path, embedding, class_prob):
     before = chain.predict(x, torch.Generator().manual_seed(3))
     path = str(tmp_path / "chain.pt")
     chain.save(path, extra={"note": "x"})
-    loaded, extra = DTChain.load(path)
+    loaded, extra = load_chain_file(path)
     assert extra == {"note": "x"}
     assert torch.equal(loaded.predict(x, torch.Generator().manual_seed(3)), before)
     log_probs = loaded(x, torch.Generator().manual_seed(3))
@@ -54,6 +54,9 @@ def _saved(tmp_path, mutate) -> str:
     (lambda p: p["spec"].__setitem__("embed_dim", 10**9), r"chain spec out of bounds \(embed_dim 1000000000"),
     (lambda p: p["spec"].__setitem__("image_shape", [3, 100_000, 100_000]), "chain spec out of bounds .image_shape"),
     (lambda p: p["spec"].__setitem__("num_shards", 10**7), "chain spec out of bounds .num_shards"),
+    # a method without a chain, or no method name at all: refused before any network is built
+    (lambda p: [d.__setitem__("method", "backprop") for d in (p, p["spec"])], r"out of bounds \(method 'backprop'\)"),
+    (lambda p: [d.__setitem__("method", ["noprop_dt"]) for d in (p, p["spec"])], r"out of bounds \(method \['noprop"),
     (lambda p: p["spec"].__setitem__("num_classes", -1), "chain spec out of bounds .num_classes"),
     (lambda p: p.__setitem__("extra", [1, 2]), "chain file's extra is a list, not a mapping"),
 ])
@@ -61,14 +64,28 @@ def test_broken_chain_file_is_a_value_error(tmp_path, mutate, message):
     """Every way a chain file can disagree with its network is one ValueError naming the part (the CLI's exit 2)."""
     path = _saved(tmp_path, mutate)
     with pytest.raises(ValueError, match=message):
-        DTChain.load(path)
+        load_chain_file(path)
 
 
 def test_chain_saved_with_the_old_spec_key_num_blocks_loads(tmp_path):
     """Chains saved before ModelSpec.num_blocks became num_shards keep loading, and predict the same."""
     path = _saved(tmp_path, lambda p: p["spec"].__setitem__("num_blocks", p["spec"].pop("num_shards")))
-    old, new = DTChain.load(path)[0], _chain()
+    old, new = load_chain_file(path)[0], _chain()
     assert old.spec == new.spec
+    x = torch.randn(5, *new.spec.image_shape)
+    assert torch.equal(old(x, torch.Generator().manual_seed(0)), new(x, torch.Generator().manual_seed(0)))
+
+
+def test_chain_saved_before_the_later_spec_keys_loads_as_it_was_trained(tmp_path):
+    """A chain file that predates ModelSpec's later keys gets the values its chain was trained with (the paper's
+    sampler, SNR'(t), the head, velocity), not the config's defaults of today (mean, flat, nearest, endpoint)."""
+    later = ("method", "inference_steps", "sampler", "ensemble_draws", "shard_partition", "shard_overlap",
+             "ct_loss_weight", "image_batch_norm", "ct_readout", "fm_target", "block")
+    path = _saved(tmp_path, lambda p: [p["spec"].pop(k) for k in later])
+    old, new = load_chain_file(path)[0], _chain()
+    assert (old.spec.method, old.spec.sampler, old.spec.ct_loss_weight, old.spec.ct_readout, old.spec.fm_target) == \
+        ("noprop_dt", None, "snr_prime", "head", "velocity")
+    assert old.spec == new.spec and old.sampler_name() == "eq3"
     x = torch.randn(5, *new.spec.image_shape)
     assert torch.equal(old(x, torch.Generator().manual_seed(0)), new(x, torch.Generator().manual_seed(0)))
 
@@ -78,7 +95,7 @@ def test_truncated_chain_file_is_a_value_error(tmp_path):
     _chain().save(str(path))
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ValueError, match="not a readable chain file"):
-        DTChain.load(str(path))
+        load_chain_file(str(path))
 
 
 @pytest.mark.parametrize("extra,needle", [

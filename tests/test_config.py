@@ -1,7 +1,18 @@
 """Config loading: defaults, YAML, --set overrides, and errors that name the key."""
+from dataclasses import MISSING, fields
+
 import pytest
 
-from noprop_dist.config import ConfigError, config_file, config_from_dict, load_config
+from noprop_dist.config import (
+    ClusterConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    RunConfig,
+    config_file,
+    config_from_dict,
+    load_config,
+)
 
 
 def test_defaults_are_the_quickstart():
@@ -12,6 +23,30 @@ def test_defaults_are_the_quickstart():
         assert c.run.dir.startswith("runs/quickstart/")
         c.run.dir = None
     assert packaged.to_dict() == cfg.to_dict()
+
+
+def test_each_section_checks_its_own_keys_and_config_the_rules_across_sections():
+    """A section validates alone (data.load_dataset checks a DataConfig by itself); a rule that joins two sections
+    is Config.validate's, and its message names both keys."""
+    with pytest.raises(ConfigError, match="^data.name: 'imagenet' is not allowed; allowed: digits"):
+        DataConfig(name="imagenet").validate()
+    cfg = Config(run=RunConfig(dir="x"), cluster=ClusterConfig(num_workers=11))
+    for section in fields(cfg):
+        getattr(cfg, section.name).validate()  # 11 workers: a cluster of its own, whatever the model
+    with pytest.raises(ConfigError, match=r"^cluster.num_workers: must be in \[1, model.num_blocks = 10\]"):
+        cfg.validate()
+
+
+def test_model_spec_defaults_are_the_configs():
+    """ModelSpec's optional fields default to what the default config trains (they said snr_prime, head, velocity
+    and the paper's sampler where the config says flat, nearest, endpoint and mean)."""
+    from noprop_dist.core import ModelSpec
+    from noprop_dist.training.spec import model_spec
+
+    configured = model_spec(Config(), (1, 8, 8), 10)
+    required = {f.name: getattr(configured, f.name) for f in fields(ModelSpec)
+                if f.default is MISSING and f.default_factory is MISSING}
+    assert ModelSpec(**required) == configured
 
 
 def test_overrides_parse_yaml_values():
@@ -113,15 +148,15 @@ def test_paper_preset_restores_the_papers_settings_and_set_still_wins():
 
 
 def test_each_fixed_set_of_values_is_written_once_as_a_literal_type():
-    """The tuples validation allows come from the Literal types the config's fields carry."""
+    """The tuples validation allows come from the Literal types the config's fields carry (model.method's from
+    registry.METHODS)."""
     from typing import get_args, get_type_hints
 
     from noprop_dist import config as C
 
     assert tuple(C.SAMPLERS) == get_args(C.Sampler)
-    assert C.METHODS == C.NOPROP_METHODS + C.BASELINE_METHODS
     hints = get_type_hints(C.ModelConfig)
-    assert get_args(hints["method"]) == C.METHODS and get_args(hints["embedding"]) == C.EMBEDDINGS
+    assert get_args(hints["embedding"]) == C.EMBEDDINGS
     assert get_args(get_type_hints(C.EvalConfig)["sampler"]) == tuple(C.SAMPLERS)
     with pytest.raises(ConfigError, match="model.method: 'sgd' is not allowed; allowed: noprop_dt, noprop_ct"):
         load_config(None, ["model.method=sgd"])
@@ -155,7 +190,8 @@ def test_an_error_line_stays_short_whatever_the_value(tmp_path):
     bomb.write_text("model:\n  dropout:\n    - " + "\n    - ".join(
         ["&a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] + [f"&{n} [{', '.join([f'*{p}'] * 9)}]"
                                                              for p, n in zip("abcde", "bcdef")]) + "\n")
-    for path, over in ((str(bomb), []), (None, [f"model.{'x' * 10_000}=1"]), (None, ["model.dropuot=0.1"])):
+    for path, over in ((str(bomb), []), (None, [f"model.{'x' * 10_000}=1"]), (None, ["model.dropuot=0.1"]),
+                       (None, [f"model.block={'x' * 10_000}"]), (None, [f"metrics.run_id={'x' * 10_000} y"])):
         with pytest.raises(ConfigError) as e:
             load_config(path, over)
         assert len(str(e.value)) < 300 and "\n" not in str(e.value), str(e.value)[:500]

@@ -18,7 +18,8 @@ from hypothesis.extra import numpy as hnp
 from noprop_dist import run
 from noprop_dist.config import Config, ConfigError, load_config
 from noprop_dist.observability.run_log import MetricsLog, read_metrics
-from noprop_dist.storage.run_dir import CheckpointError, RunDir
+from noprop_dist.storage.checkpoints import CheckpointError, CheckpointStore
+from noprop_dist.storage.run_dir import RunDir
 
 SECTIONS = {name: typing.get_type_hints(type(section)) for name, section in vars(Config()).items()}
 KEYS = [(s, k, t) for s, hints in SECTIONS.items() for k, t in hints.items()]
@@ -225,7 +226,7 @@ def test_any_manifest_in_run_dir_is_accepted_or_one_line(tmp_path, up_to_ray, co
         f.write(content)
     _accepted_or_one_line(*up_to_ray(run_dir))
     try:
-        RunDir(run_dir).load_resume(10, warn=lambda _: None)
+        CheckpointStore(run_dir).load_resume(10, warn=lambda _: None)
     except CheckpointError as e:
         assert "\n" not in str(e)
 

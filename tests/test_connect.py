@@ -1,4 +1,5 @@
-"""Which Ray cluster a run joins: a stale address file left by a dead `ray start` is not joined."""
+"""Which Ray cluster a run joins: a stale address file left by a dead `ray start` is not joined. The runs here
+start their own local clusters, which is what they test: slow, and not on the session's cluster."""
 import contextlib
 import os
 import signal

@@ -10,13 +10,12 @@ import torch.nn.functional as F
 from conftest import make_spec
 
 from noprop_dist.core import (
-    ContinuousChain,
     CTBlock,
+    CTChain,
     DTSchedule,
     build_ct_block,
     build_shared,
     class_logits,
-    continuous_shard_loss,
     ct_shard_loss,
     euler_integrate,
     fm_path,
@@ -24,8 +23,10 @@ from noprop_dist.core import (
     shard_interval,
     step_shards,
 )
-from noprop_dist.core.continuous import ct_chain_coefficients
-from noprop_dist.core.objectives import denoised_estimate
+from noprop_dist.core.chain_file import load_chain_file
+from noprop_dist.core.paths import denoised_estimate
+from noprop_dist.core.schedules import ct_chain_coefficients
+from noprop_dist.registry import get_method
 
 EMBEDDINGS = ["one_hot", "learned", "prototype"]
 
@@ -69,7 +70,7 @@ def _batch(spec, n=16, seed=0):
 def test_shard_loss_reaches_only_its_network_and_shared_state(method, embedding):
     spec, shared, nets = _parts(method, embedding)
     x, y = _batch(spec)
-    total, _ = continuous_shard_loss(nets[0], shared, spec, 1, x, y, torch.Generator().manual_seed(0))
+    total, _ = get_method(method).shard_loss(nets[0], shared, spec, 1, x, y, torch.Generator().manual_seed(0))
     total.backward()
     assert all(p.grad is None for p in nets[1].parameters()), "shard 2 received a gradient from shard 1's loss"
     own = [p.grad for p in nets[0].parameters()]
@@ -96,7 +97,7 @@ def test_each_shard_draws_times_inside_its_interval(method):
         lo, hi = shard_interval(spec, k)
         assert (lo, hi) == ((k - 1) / 4, k / 4)
         probe = _probe(spec, k)
-        continuous_shard_loss(probe, shared, spec, k, x, y, torch.Generator().manual_seed(k))
+        get_method(method).shard_loss(probe, shared, spec, k, x, y, torch.Generator().manual_seed(k))
         t = probe.calls[0]["t"]
         assert float(t.min()) >= lo and float(t.max()) <= hi
         assert float(t.max() - t.min()) > 0.8 * (hi - lo)  # spread over the interval, not one value
@@ -228,7 +229,8 @@ def test_cross_entropy_applies_softmax_once_cifar100(method, class_prob):
     probe = _probe(spec, 2)
     x, y = _batch(spec, n=8)
     gen_seed = 4
-    total, denoise = continuous_shard_loss(probe, shared, spec, 2, x, y, torch.Generator().manual_seed(gen_seed))
+    total, denoise = get_method(method).shard_loss(probe, shared, spec, 2, x, y,
+                                                   torch.Generator().manual_seed(gen_seed))
     with torch.no_grad():
         u = shared.embed[y]
         if method == "noprop_ct":
@@ -283,7 +285,7 @@ def _chain(method, embedding="learned", num_blocks=2, class_prob="softmax", prob
     spec, shared, nets = _parts(method, embedding, num_blocks, class_prob, seed=seed, **kw)
     if probes:
         nets = [_probe(spec, k, seed, tag=k) for k in range(1, num_blocks + 1)]
-    return ContinuousChain(spec, nets, shared).eval()
+    return get_method(method).chain(spec, nets, shared).eval()
 
 
 SAMPLERS = [("noprop_ct", "eq3"), ("noprop_ct", "mean"), ("noprop_ct", "ode"), ("noprop_fm", None)]
@@ -328,9 +330,11 @@ def test_chain_takes_no_labels():
     evaluation is given is tested for every block and method in test_blocks.py)."""
     chain = _chain("noprop_ct", "learned")
     assert list(inspect.signature(chain.forward).parameters) == ["x", "generator", "sampler", "draws", "trace",
-                                                                 "z0", "kwargs"]
-    assert list(inspect.signature(chain._sample).parameters) == ["x", "generator", "sampler", "trace", "steps",
-                                                                 "z0"]
+                                                                 "z0", "steps"]
+    for method in ("noprop_dt", "noprop_ct", "noprop_fm"):
+        for sampler in get_method(method).chain.samplers.values():
+            assert list(inspect.signature(sampler).parameters) == ["chain", "x", "z0", "generator", "steps",
+                                                                   "draws", "trace"], sampler.__name__
 
 
 @pytest.mark.parametrize("method,sampler", SAMPLERS)
@@ -411,7 +415,7 @@ def test_save_load_round_trip(tmp_path, method, sampler, embedding):
     chain.save(path, extra={"note": "x"})
     payload = torch.load(path, weights_only=True)
     assert payload["method"] == method and payload["spec"]["method"] == method
-    loaded, extra = ContinuousChain.load(path)
+    loaded, extra = load_chain_file(path)
     assert extra == {"note": "x"} and not loaded.training
     after = loaded(x, torch.Generator().manual_seed(3), steps=15, sampler=sampler)
     assert torch.equal(before, after)
@@ -422,13 +426,14 @@ def test_save_load_round_trip(tmp_path, method, sampler, embedding):
 def test_chain_rejects_wrong_shapes_and_samplers():
     spec, shared, nets = _parts("noprop_ct", num_blocks=3)
     with pytest.raises(ValueError, match="3 shard networks"):
-        ContinuousChain(spec, nets[:2], shared)
-    chain = ContinuousChain(spec, nets, shared).eval()
+        CTChain(spec, nets[:2], shared)
+    chain = CTChain(spec, nets, shared).eval()
     with pytest.raises(ValueError, match="sampler 'rk4' does not apply to a noprop_ct chain; allowed: eq3, mean, "
                                          "ensemble, ode"):
         chain(torch.randn(2, 1, 8, 8), steps=3, sampler="rk4")
-    with pytest.raises(ValueError, match="noprop_ct / noprop_fm"):
-        ContinuousChain(make_spec(num_shards=3), nets, shared)
+    for other in ("noprop_dt", "noprop_fm"):  # each method's chain is its own class
+        with pytest.raises(ValueError, match=f"a CTChain is not the chain of model.method={other}"):
+            CTChain(make_spec(num_shards=3, method=other), nets, shared)
 
 
 def test_chain_coefficients_are_the_dt_posterior():
@@ -467,13 +472,13 @@ def test_image_batch_norm_keeps_eval_features_per_example_and_round_trips(tmp_pa
     for net in nets:  # train mode: running statistics move away from (0, 1)
         net.train()
         net.encode_image(x * 3 + 1)
-    chain = ContinuousChain(spec, nets, shared).eval()
+    chain = get_method(method).chain(spec, nets, shared).eval()
     alone = chain.blocks[0].encode_image(x[:1])
     assert torch.allclose(alone, chain.blocks[0].encode_image(x)[:1], atol=1e-5)
     before = chain(x, torch.Generator().manual_seed(3), steps=12)
     path = str(tmp_path / "chain.pt")
     chain.save(path)
-    loaded, _ = ContinuousChain.load(path)
+    loaded, _ = load_chain_file(path)
     assert loaded.spec.image_batch_norm and loaded.spec.shard_partition == "equal_mass"
     assert torch.equal(before, loaded(x, torch.Generator().manual_seed(3), steps=12))
 
@@ -483,7 +488,7 @@ def test_ct_readout_is_the_head_or_the_nearest_class_embedding(readout):
     """model.ct_readout: the head (Eq. 14) reads z_1 through f_out; nearest picks the class embedding closest to
     z_1, whatever the head says. The head is rigged to answer the class after the nearest one."""
     spec, shared, nets = _parts("noprop_ct", "learned", num_blocks=2, ct_readout=readout)
-    chain = ContinuousChain(spec, nets, shared).eval()
+    chain = CTChain(spec, nets, shared).eval()
     emb = shared.embed.detach()
     with torch.no_grad():  # head(z) = scores of the embeddings rolled by one class
         shared.head.weight.copy_(emb.roll(1, dims=0) * 50)

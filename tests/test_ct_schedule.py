@@ -4,7 +4,7 @@ import torch
 from conftest import make_spec
 
 from noprop_dist.core import LearnedSchedule, build_shared
-from noprop_dist.core.ct_schedule import G0_INIT, G1_INIT, MIN_GAMMA_RANGE
+from noprop_dist.core.schedules import G0_INIT, G1_INIT, MIN_GAMMA_RANGE
 
 
 def _assert_valid(sched: LearnedSchedule, n: int = 20_001, dtype=torch.float64) -> None:

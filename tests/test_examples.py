@@ -1,8 +1,7 @@
 """docs/your_data_and_blocks.md's worked example, as written: the files it shows are the files in examples/, and
-its commands run in a fresh copy of the directory (a local Ray cluster, the block found in the working
-directory and shipped to the workers with no PYTHONPATH set)."""
+its commands run in a fresh copy of the directory (on the session's Ray cluster, joined through RAY_ADDRESS; the
+block found in the working directory and shipped to the workers with no PYTHONPATH set)."""
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -30,11 +29,11 @@ def test_the_files_the_page_shows_are_the_example_files():
 
 
 @pytest.mark.ray
-def test_the_worked_example_runs_as_written(tmp_path):
+def test_the_worked_example_runs_as_written(ray_head, tmp_path):
     (where, script), = _blocks("run in")
     work = tmp_path / "own_data"
     shutil.copytree(ROOT / where, work)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    env = {k: v for k, v in ray_head.driver_env().items() if k != "PYTHONPATH"}
     commands = [c.strip() for c in script.replace("\\\n", " ").splitlines() if c.strip()]
     for command in commands:
         argv = command.split()

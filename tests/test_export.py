@@ -17,7 +17,7 @@ from conftest import one_error_line, run_main
 
 from noprop_dist import evaluate, export
 from noprop_dist.config import load_config
-from noprop_dist.core import variants
+from noprop_dist.core import load_chain_file
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -184,7 +184,7 @@ def test_steps_override_is_unrolled_into_the_file(runs, test_images, tmp_path):
 
 
 def test_a_run_on_arrays_is_checked_on_random_images(runs, tmp_path):
-    chain, extra = variants.load_chain(os.path.join(runs["dt"], "chain.pt"))
+    chain, extra = load_chain_file(os.path.join(runs["dt"], "chain.pt"))
     run_dir = tmp_path / "arrays_run"
     run_dir.mkdir()
     chain.save(str(run_dir / "chain.pt"), extra=extra | {"dataset": "arrays"})

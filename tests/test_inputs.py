@@ -14,6 +14,7 @@ from conftest import one_error_line, run_main
 
 from noprop_dist import evaluate, run
 from noprop_dist.config import MAX_TRAIN_SEED, load_config
+from noprop_dist.core import seeds
 
 # ----------------------------------------------------------------------------- config files and values
 
@@ -67,8 +68,11 @@ def test_the_largest_allowed_seeds_seed_torch():
     cfg = load_config(None, [f"train.seed={MAX_TRAIN_SEED}", f"eval.seed={2**64 - 1}", "model.num_blocks=1000",
                              "cluster.num_workers=1000"])
     torch.Generator().manual_seed(cfg.eval.seed)
-    torch.Generator().manual_seed(cfg.train.seed * 2_000_003 + 10**6 * 7_927 + 1_000)  # baselines' epoch order
-    torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 10**6 * 1_009 + 1_000)  # the shard loop's dropout
+    seed, epoch, last = cfg.train.seed, 10**6, 1_000
+    for derived in (seeds.shard_init_seed(seed, last, True), seeds.shared_init_seed(seed), seeds.dtp_init_seed(seed),
+                    seeds.block_noise_seed(seed, last), seeds.epoch_order_seed(seed, epoch),
+                    seeds.global_rng_seed(seed, epoch, last), seeds.baseline_noise_seed(seed, epoch, last)):
+        torch.Generator().manual_seed(derived)
 
 
 # ----------------------------------------------------------------------------- run.dir permissions

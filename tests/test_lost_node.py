@@ -1,7 +1,8 @@
 """A lost node on a real multi-node local Ray cluster: a head and 1-CPU worker nodes on loopback
 (``ray.cluster_utils.Cluster``), the node that holds a worker's bundle killed (raylet and workers) after
-the first epoch's checkpoint. Each scenario runs in its own process: the tests' session cluster is
-single-node, and a process holds one Ray connection."""
+the first epoch's checkpoint. The scenarios run in a process of their own (the tests' session cluster is
+single-node, and a process holds one Ray connection), one after the other on one cluster: the first starts with
+a head and 2 nodes and loses one, which leaves the second's cluster, a head and 1 node."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ import threading
 import time
 
 import pytest
+from ray.cluster_utils import Cluster
 
 pytestmark = pytest.mark.ray
 
@@ -21,30 +23,41 @@ pytestmark = pytest.mark.ray
 STEPS = 3 * 4 * 10
 
 
-def _scenario(extra_nodes: int) -> dict:
-    proc = subprocess.run([sys.executable, __file__, str(extra_nodes)], capture_output=True, text=True, timeout=480,
-                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # The driver's messages (restarts and why) reach the process's stdout.
-    return json.loads(lines[-1].removeprefix("RESULT ")) | {"hung_restarts": proc.stdout.count("made no step")}
+@pytest.fixture(scope="module")
+def scenarios() -> list[dict]:
+    """What happened in each scenario, in order, with the restarts its driver blamed on a hang. Slow: a cluster of
+    three nodes starts, and the second scenario waits out its cluster.placement_timeout_s."""
+    # The GCS takes a node for dead after 5 missed health checks, one every 3 s by default: one a second here, so
+    # the loss is noticed in seconds rather than in some 15 s.
+    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=480,
+                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                               "RAY_health_check_period_ms": "1000"})
+    # The driver's messages (restarts and why) reach the process's stdout, each scenario's before its result.
+    outputs, results = [], []
+    for part in proc.stdout.split("\nRESULT "):
+        result, _, output = part.partition("\n")
+        results.append(result)
+        outputs.append(output)
+    assert len(results) == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(r) | {"hung_restarts": output.count("made no step")}
+            for r, output in zip(results[1:], [f"{results[0]}\n{outputs[0]}", outputs[1]])]
 
 
-def test_lost_node_with_room_left_finishes_with_every_block():
+def test_lost_node_with_room_left_finishes_with_every_block(scenarios):
     """Head + 2 nodes (3 CPUs) for 2 one-CPU workers: after the loss Ray places the bundle on the node
     left, the worker restarts from its checkpoint, and the run ends with every block step applied once."""
-    r = _scenario(2)
+    r = scenarios[0]
     assert r["error"] is None, r
     assert r["blocks"] == [1, 2, 3, 4] and r["version"] == STEPS
     assert r["restarts"] and all(e["kind"] == "worker" for e in r["restarts"])
 
 
-def test_lost_node_without_room_fails_with_one_line_naming_what_is_left():
+def test_lost_node_without_room_fails_with_one_line_naming_what_is_left(scenarios):
     """Head + 1 node (2 CPUs) for 2 one-CPU workers: after the loss the bundle has no node to go to. The run
     must not restart the waiting worker as hung until its budget is spent (a message that blames a hang);
     after cluster.placement_timeout_s it fails with one line: the worker, its blocks, what the cluster has
     left, and the number of workers that fit."""
-    r = _scenario(1)
+    r = scenarios[1]
     error = r["error"] or ""
     assert re.match(r"TrainingFailed: worker (0 \(blocks 1-2\)|1 \(blocks 3-4\)) lost its node in epoch 2", error), r
     assert "found no room" in error and "1 CPU left" in error and "cluster.num_workers=1" in error, error
@@ -52,16 +65,11 @@ def test_lost_node_without_room_fails_with_one_line_naming_what_is_left():
     assert r["hung_restarts"] == 0, r
 
 
-def _run(extra_nodes: int) -> dict:
-    """Start the cluster, train in a thread, kill a bundle's node after epoch 1; what happened."""
-    import ray
-    from ray.cluster_utils import Cluster
+def _run(cluster: Cluster, nodes: list) -> dict:
+    """Train in a thread, kill the node of ``nodes`` that holds a bundle after epoch 1 (and take it from
+    ``nodes``); what happened."""
     from ray.util import placement_group_table
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
-                                                            "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(extra_nodes)]
-    ray.init(address=cluster.address)
     from noprop_dist.config import load_config
     from noprop_dist.distributed.driver import run_training
 
@@ -87,6 +95,7 @@ def _run(extra_nodes: int) -> dict:
         time.sleep(0.2)
     held = {n for pg in placement_group_table().values() for n in pg["bundles_to_node_id"].values()}
     victim = next(n for n in nodes if n.node_id in held)
+    nodes.remove(victim)
     cluster.remove_node(victim, allow_graceful=False)
     lost = time.monotonic()
     thread.join()
@@ -95,4 +104,11 @@ def _run(extra_nodes: int) -> dict:
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(_run(int(sys.argv[1]))), flush=True)
+    import ray
+
+    head = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                         "include_dashboard": False})
+    extra = [head.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
+    ray.init(address=head.address)
+    for _ in range(2):  # with room left after the loss, then (a node fewer) without
+        print("\nRESULT " + json.dumps(_run(head, extra)), flush=True)

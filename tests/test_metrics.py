@@ -5,13 +5,14 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from noprop_dist.config import load_config
 from noprop_dist.observability import metrics as M
-from noprop_dist.training import BlockStats
+from noprop_dist.training import ShardStats
 from noprop_dist.training.shared_state import ExchangeStats
 
 PROMETHEUS_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
@@ -87,7 +88,7 @@ def test_definitions_and_report_import_neither_ray_nor_prometheus_client():
 
 # --- the recorders (ray.util.metrics objects record without a cluster; nothing is exported then) ---------
 
-def _stepped(stats: BlockStats, steps: int, seconds: float, batch: int = 32) -> None:
+def _stepped(stats: ShardStats, steps: int, seconds: float, batch: int = 32) -> None:
     for _ in range(steps):
         stats.record(loss=1.0, batch=batch, compute_s=seconds * 0.75, sync_s=seconds * 0.25)
 
@@ -95,7 +96,7 @@ def _stepped(stats: BlockStats, steps: int, seconds: float, batch: int = 32) -> 
 def test_step_tracker_turns_totals_into_per_step_times():
     from noprop_dist.distributed.telemetry import StepTracker
 
-    stats = {1: BlockStats(block=1), 2: BlockStats(block=2)}
+    stats = {1: ShardStats(shard=1), 2: ShardStats(shard=2)}
     tracker = StepTracker(stats)
     assert tracker.advance() == []
     _stepped(stats[1], 1, 0.004)
@@ -109,7 +110,7 @@ def test_step_tracker_turns_totals_into_per_step_times():
 def test_worker_telemetry_counts_each_sample_once():
     from noprop_dist.distributed.telemetry import WorkerTelemetry
 
-    stats = {3: BlockStats(block=3)}
+    stats = {3: ShardStats(shard=3)}
     stats[3].start_epoch(10)
     exchange = ExchangeStats()
     tel = WorkerTelemetry("unit-test", 0, stats, total_epochs=2, device=torch.device("cpu"), exchange=exchange)
@@ -128,13 +129,10 @@ def test_worker_telemetry_counts_each_sample_once():
 
 
 @pytest.mark.ray
-def test_metrics_off_still_writes_the_run_files(ray_cluster, tmp_path):
-    from noprop_dist.distributed.driver import run_training
-
-    cfg = load_config(None, ["data.train_limit=200", "data.test_limit=50", "model.num_blocks=2",
-                             "cluster.num_workers=1", "train.epochs=1", "metrics.enabled=false",
-                             f"run.dir={tmp_path}"])
-    summary = run_training(cfg, log=lambda s: None)
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_metrics_off_still_writes_the_run_files(finished_run):
+    """The session's finished run: 2 blocks, metrics.enabled=false."""
+    assert not finished_run.cfg.metrics.enabled
+    run_dir = Path(finished_run.cfg.run.dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {(r["block"], r["event"]) for r in rows if r["event"] == "epoch"} == {(1, "epoch"), (2, "epoch")}
-    assert summary["run_id"] in (tmp_path / "report.md").read_text()
+    assert finished_run.summary["run_id"] in (run_dir / "report.md").read_text()

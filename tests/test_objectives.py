@@ -14,10 +14,10 @@ from noprop_dist.core import (
     build_block,
     build_shared,
     class_logits,
-    shard_loss,
+    dt_shard_loss,
     shared_loss,
 )
-from noprop_dist.training import BlockTrainer
+from noprop_dist.training import ShardTrainer
 from noprop_dist.training.shared_state import (
     LocalClient,
     SharedReplica,
@@ -38,9 +38,8 @@ def test_block_loss_reaches_only_its_block_and_shared_state(embedding):
     proto = torch.randn(spec.num_classes, spec.embed_dim) if embedding == "prototype" else None
     shared = build_shared(spec, 0, proto)
     blocks = [build_block(spec, t, 0) for t in (1, 2, 3)]
-    schedule = DTSchedule.cosine(3)
     x, y = _batch(spec)
-    total, _ = shard_loss(blocks[1], shared, spec, schedule, 2, x, y, torch.Generator().manual_seed(0))
+    total, _ = dt_shard_loss(blocks[1], shared, spec, 2, x, y, torch.Generator().manual_seed(0))
     total.backward()
     for other in (blocks[0], blocks[2]):
         assert all(p.grad is None for p in other.parameters()), "another block received a gradient"
@@ -58,7 +57,7 @@ def test_block_loss_reaches_only_its_block_and_shared_state(embedding):
 def test_trainer_step_changes_only_its_own_block_and_the_shared_replica():
     spec = make_spec("learned", num_shards=2)
     train = TrainConfig(seed=0)
-    t1, t2 = (BlockTrainer(spec, t, train, torch.device("cpu")) for t in (1, 2))
+    t1, t2 = (ShardTrainer(spec, t, train, torch.device("cpu")) for t in (1, 2))
     server = SharedStateServer(spec, 0)
     replica = SharedReplica(spec, train, LocalClient(server), torch.device("cpu"))
     replica.begin_epoch()

@@ -1,4 +1,4 @@
-"""Time-shard partitions of NoProp-CT / FM (core.partition, continuous.shard_bounds): coverage, order, and the
+"""Time-shard partitions of NoProp-CT / FM (core.partition, paths.shard_bounds): coverage, order, and the
 property each kind promises, checked in closed form against the process's own log-SNR."""
 import math
 
@@ -9,18 +9,17 @@ from conftest import make_spec
 from noprop_dist.config import SHARD_PARTITIONS, ConfigError, load_config
 from noprop_dist.core import (
     build_shared,
-    continuous_shard_loss,
     shard_interval,
     step_shards,
 )
-from noprop_dist.core.continuous import (
+from noprop_dist.core.paths import (
     FM_LOG_SNR_RANGE,
-    ContinuousChain,
     sample_times,
     shard_bounds,
 )
 from noprop_dist.core.ct_blocks import build_ct_block
 from noprop_dist.core.partition import EQUAL_MASS_MEAN, EQUAL_MASS_STD
+from noprop_dist.registry import get_method
 
 METHODS = ["noprop_ct", "noprop_fm"]
 
@@ -108,7 +107,7 @@ def test_overlap_widens_training_intervals_but_not_the_chains_switch_points():
     t = sample_times(spec, 2, 4096, torch.Generator().manual_seed(0), shared=shared)
     assert float(t.min()) >= 0.1875 and float(t.max()) <= 0.5625
     assert float(t.min()) < 0.24 and float(t.max()) > 0.51  # reaches into both neighbours
-    chain = ContinuousChain(spec, [build_ct_block(spec, j, 0) for j in range(1, 5)], shared)
+    chain = get_method(spec.method).chain(spec, [build_ct_block(spec, j, 0) for j in range(1, 5)], shared)
     assert chain.shard_bounds() == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
 
 
@@ -117,7 +116,7 @@ def test_chain_and_training_use_the_same_intervals(method):
     """Each inference step's start time lies in the interval its shard trained on (a non-uniform partition)."""
     spec = make_spec("learned", num_shards=3, method=method, shard_partition="equal_mass")
     shared = _shared(spec)
-    chain = ContinuousChain(spec, [build_ct_block(spec, j, 0) for j in range(1, 4)], shared)
+    chain = get_method(method).chain(spec, [build_ct_block(spec, j, 0) for j in range(1, 4)], shared)
     bounds = chain.shard_bounds()
     for steps in (10, 97, 1000):
         for n, s in enumerate(step_shards(steps, 3, bounds)):
@@ -131,7 +130,7 @@ def test_chain_and_training_use_the_same_intervals(method):
         t = sample_times(spec, k, 64, torch.Generator().manual_seed(k), shared=shared)
         lo, hi = shard_interval(spec, k, shared)
         assert float(t.min()) >= lo and float(t.max()) <= hi
-        continuous_shard_loss(build_ct_block(spec, k, 0), shared, spec, k, x, y, gen)  # runs on those times
+        get_method(method).shard_loss(build_ct_block(spec, k, 0), shared, spec, k, x, y, gen)  # on those times
 
 
 def test_ct_bounds_follow_the_schedule_as_it_trains():

@@ -122,15 +122,15 @@ def test_missing_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
 
 
 @pytest.mark.ray
-def test_fig2_of_a_real_prototype_run(tmp_path):
-    """A tiny prototype-embedding run on digits (8x8): d = 64, one 8x8 tile per class."""
+def test_fig2_of_a_real_prototype_run(ray_head, tmp_path):
+    """A tiny prototype-embedding run on digits (8x8), on the session's cluster: d = 64, one 8x8 tile per class."""
     run_dir = tmp_path / "proto"
     p = subprocess.run(
         [sys.executable, "-m", "noprop_dist.run", *[a for o in (
             "model.embedding=prototype", "model.num_blocks=2", "cluster.num_workers=1", "train.epochs=1",
             "data.train_limit=300", "data.test_limit=100", "metrics.enabled=false", f"run.dir={run_dir}")
             for a in ("--set", o)]],
-        capture_output=True, text=True, timeout=600, env=ENV)
+        capture_output=True, text=True, timeout=600, env=ray_head.driver_env())
     assert p.returncode == 0, p.stderr[-3000:]
     embed, shape = plots.load_embedding(str(run_dir))
     assert embed.shape == (10, 64) and shape == (1, 8, 8)

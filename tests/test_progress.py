@@ -2,11 +2,11 @@
 import io
 
 from noprop_dist.observability.progress import ProgressDisplay
-from noprop_dist.training import BlockStats
+from noprop_dist.training import ShardStats
 
 
 def _stats(block, epochs_done, step, spe=10, total_steps=None):
-    st = BlockStats(block=block, epochs_done=epochs_done, step=step, steps_per_epoch=spe,
+    st = ShardStats(shard=block, epochs_done=epochs_done, step=step, steps_per_epoch=spe,
                     total_steps=total_steps if total_steps is not None else epochs_done * spe + step,
                     samples=1280, compute_seconds=2.0, loss_ema=0.5)
     return st.as_dict()
@@ -29,7 +29,7 @@ def test_plain_mode_prints_one_line_per_block_at_most_every_interval():
 def test_blocks_not_started_say_so():
     out = io.StringIO()
     d = ProgressDisplay(total_epochs=1, stream=out, tty=False)
-    d.update({7: BlockStats(block=7).as_dict()})
+    d.update({7: ShardStats(shard=7).as_dict()})
     assert "block  7 | starting" in out.getvalue()
 
 

@@ -6,7 +6,7 @@ from conftest import make_spec
 
 from noprop_dist.config import TrainConfig, load_config
 from noprop_dist.distributed.driver import run_training
-from noprop_dist.storage.run_dir import RunDir
+from noprop_dist.storage.checkpoints import CheckpointStore
 from noprop_dist.training.shared_state import (
     LocalClient,
     SharedReplica,
@@ -68,7 +68,7 @@ def test_two_worker_sync_runs_repeat_bit_for_bit_within_the_staleness_bound(ray_
             "metrics.enabled=false", "eval.every_epochs=0"]
     summaries = [run_training(load_config(None, [*sets, f"run.dir={tmp_path / name}"]), log=lambda s: None)
                  for name in ("a", "b")]
-    a, b = (RunDir(str(tmp_path / name)).load_resume(4) for name in ("a", "b"))
+    a, b = (CheckpointStore(str(tmp_path / name)).load_resume(4) for name in ("a", "b"))
     for t in range(1, 5):
         for k, v in a.block_states[t]["block"].items():
             assert torch.equal(v, b.block_states[t]["block"][k]), f"block {t} {k} differs between two runs"

@@ -1,5 +1,6 @@
 """Distributed runs on a real local Ray cluster (loopback, 2 CPUs): parity, two workers, async, resume."""
 import json
+import os
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from noprop_dist.config import ConfigError, load_config
 from noprop_dist.data import load_dataset
 from noprop_dist.distributed.driver import run_training
 from noprop_dist.evaluate import evaluate_run, predict
-from noprop_dist.storage.run_dir import RunDir
+from noprop_dist.storage.checkpoints import CheckpointStore
 from noprop_dist.storage.summary import RunSummary
 from noprop_dist.training import train_in_process
 
@@ -31,7 +32,7 @@ def _assert_same_states(a: dict, b: dict) -> None:
 def test_one_worker_sync_equals_in_process_reference(ray_cluster, tmp_path):
     cfg = _cfg(tmp_path, "model.num_blocks=3", "cluster.num_workers=1", "train.epochs=2", "train.sync_mode=sync")
     summary = run_training(cfg, log=lambda s: None)
-    saved = RunDir(str(tmp_path)).load_resume(3)
+    saved = CheckpointStore(str(tmp_path)).load_resume(3)
     ds = load_dataset("digits", train_limit=300, test_limit=120)
     ref_blocks, ref_shared, _ = train_in_process(cfg, ds)
     _assert_same_states(saved.block_states, ref_blocks)
@@ -136,7 +137,7 @@ def test_resume_continues_where_it_stopped(ray_cluster, tmp_path):
     common = ("model.num_blocks=2", "cluster.num_workers=1", "metrics.write_every_seconds=0.2")
     whole = run_training(_cfg(straight, *common, "train.epochs=2"), log=lambda s: None)
     run_training(_cfg(split, *common, "train.epochs=1"), log=lambda s: None)
-    assert RunDir(str(split)).read_manifest()["epochs_done"] == 1
+    assert CheckpointStore(str(split)).read_manifest()["epochs_done"] == 1
     leftovers = [line for line in (straight / "metrics.jsonl").read_text().splitlines()
                  if json.loads(line)["epoch"] > 1]
     assert leftovers
@@ -145,7 +146,7 @@ def test_resume_continues_where_it_stopped(ray_cluster, tmp_path):
     logs: list[str] = []
     resumed = run_training(_cfg(split, *common, "train.epochs=2"), log=logs.append)
     assert any("resuming from epoch 1" in line for line in logs), logs
-    a, b = RunDir(str(straight)).load_resume(2), RunDir(str(split)).load_resume(2)
+    a, b = CheckpointStore(str(straight)).load_resume(2), CheckpointStore(str(split)).load_resume(2)
     assert b.epochs_done == 2
     _assert_same_states(b.block_states, a.block_states)  # the resumed run lost and repeated nothing
     assert a.shared_state["version"] == b.shared_state["version"]
@@ -156,14 +157,15 @@ def test_resume_continues_where_it_stopped(ray_cluster, tmp_path):
     assert sorted(ends) == [(1, 1), (1, 2), (2, 1), (2, 2)], ends
 
 
-def test_finished_run_is_not_retrained(ray_cluster, tmp_path):
-    cfg = _cfg(tmp_path, "model.num_blocks=2", "cluster.num_workers=1", "train.epochs=1")
-    first = run_training(cfg, log=lambda s: None)
-    manifest_before = (tmp_path / "manifest.json").read_text()
+def test_finished_run_is_not_retrained(finished_run):
+    first, manifest = finished_run.summary, os.path.join(finished_run.cfg.run.dir, "manifest.json")
+    with open(manifest) as f:
+        manifest_before = f.read()
     logs: list[str] = []
-    again = run_training(cfg, log=logs.append)
+    again = run_training(finished_run.cfg, log=logs.append)
     assert any("already finished" in line for line in logs), logs
-    assert (tmp_path / "manifest.json").read_text() == manifest_before
+    with open(manifest) as f:
+        assert f.read() == manifest_before
     assert again["test_accuracy"] == first["test_accuracy"]
     assert again["train_seconds"] == first["train_seconds"]
     assert again["blocks"] == first["blocks"]
@@ -179,8 +181,8 @@ def test_a_fractional_budget_trains_part_of_the_last_epoch_and_cannot_be_stretch
     assert summary["epochs"] == 1.5
     assert [b["steps"] for b in summary["blocks"]] == [5 + 2, 5 + 2]
     assert [p["epoch"] for p in summary["curve"]] == [1, 1.5]
-    assert RunDir(str(tmp_path)).read_manifest()["epochs_done"] == 2
-    states = RunDir(str(tmp_path)).load_resume(2).block_states
+    assert CheckpointStore(str(tmp_path)).read_manifest()["epochs_done"] == 2
+    states = CheckpointStore(str(tmp_path)).load_resume(2).block_states
     last_lr = states[1]["optimizer"]["param_groups"][0]["lr"]
     assert last_lr < 0.1 * cfg.train.lr  # the last step ran at 1.2 of 1.5 epochs: 0.5 (1 + cos 0.8 pi) = 0.095
     logs: list[str] = []

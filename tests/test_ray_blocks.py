@@ -11,7 +11,7 @@ import noprop_dist
 from noprop_dist.config import load_config
 from noprop_dist.data import load_dataset
 from noprop_dist.distributed.faults import ENV_VAR
-from noprop_dist.storage.run_dir import RunDir
+from noprop_dist.storage.checkpoints import CheckpointStore
 from noprop_dist.training import train_in_process
 
 pytestmark = pytest.mark.ray
@@ -40,7 +40,7 @@ def test_a_block_keeps_restart_resume_parity_and_metrics_on_ray(ray_cluster, tmp
                                                                    {"model.block": "custom_block:tiny_block"}))
     ds = load_dataset("digits", train_limit=300, test_limit=100)
     ref_blocks, ref_shared, _ = train_in_process(cfg, ds, block=tiny_block if block == "custom" else None)
-    saved = RunDir(str(run_dir)).load_resume(2)
+    saved = CheckpointStore(str(run_dir)).load_resume(2)
     assert saved.epochs_done == 3
     for t in (1, 2):
         for k, v in ref_blocks[t]["block"].items():

@@ -9,7 +9,7 @@ from noprop_dist.data import load_dataset
 from noprop_dist.distributed.driver import run_training
 from noprop_dist.evaluate import evaluate_run
 from noprop_dist.evaluate import main as evaluate_main
-from noprop_dist.storage.run_dir import RunDir
+from noprop_dist.storage.checkpoints import CheckpointStore
 from noprop_dist.training import train_in_process
 
 pytestmark = pytest.mark.ray
@@ -22,7 +22,7 @@ def test_one_shard_one_worker_sync_equals_in_process(ray_cluster, tmp_path, meth
             "model.eta=1", f"run.dir={tmp_path}", "metrics.enabled=false", "eval.every_epochs=0"]
     cfg = load_config(None, over)
     summary = run_training(cfg, log=lambda s: None)
-    saved = RunDir(str(tmp_path)).load_resume(1)
+    saved = CheckpointStore(str(tmp_path)).load_resume(1)
     ref_blocks, ref_shared, _ = train_in_process(cfg, load_dataset("digits", train_limit=300, test_limit=100))
     for k, v in ref_blocks[1]["block"].items():
         assert torch.equal(saved.block_states[1]["block"][k], v), f"shard 1 {k} differs"

@@ -17,6 +17,7 @@ SUMMARY_KEYS = {"method", "dataset", "embedding", "num_workers", "epochs", "seed
 
 
 def test_backprop_on_two_ray_train_workers(ray_cluster, tmp_path):
+    """Slow for its size: Ray Train starts a controller and two DDP workers and sets up gloo around 2 epochs."""
     run_dir = str(tmp_path / "bp_ddp")
     cfg = load_config(None, ["model.method=backprop", "data.name=digits", "model.num_blocks=2", "train.epochs=2",
                              "train.batch_size=64", "train.lr=0.005", "cluster.num_workers=2",

@@ -8,13 +8,13 @@ import time
 import pytest
 
 from noprop_dist.observability.run_log import MetricsLog, read_metrics, write_report
-from noprop_dist.training import BlockStats
+from noprop_dist.training import ShardStats
 
 
 def _blocks(steps: int, spe: int = 10) -> dict[int, dict]:
     out = {}
     for t in (1, 2):
-        st = BlockStats(block=t)
+        st = ShardStats(shard=t)
         st.start_epoch(spe)
         for _ in range(steps):
             st.record(loss=2.0 / t, batch=32, compute_s=0.01, sync_s=0.002)
@@ -43,8 +43,8 @@ def test_polls_are_throttled_epoch_ends_always_written(tmp_path):
 
 def test_blocks_not_started_and_nan_losses(tmp_path):
     log = MetricsLog(str(tmp_path), "r-1", every_seconds=0.0)
-    assert not log.record({1: BlockStats(block=1).as_dict()}, WORKERS, {1: 0}), "nothing to say yet"
-    fresh = BlockStats(block=1)
+    assert not log.record({1: ShardStats(shard=1).as_dict()}, WORKERS, {1: 0}), "nothing to say yet"
+    fresh = ShardStats(shard=1)
     fresh.start_epoch(5)  # started, no step yet: loss is NaN, which JSON cannot hold
     assert log.record({1: fresh.as_dict()}, WORKERS, {1: 0})
     text = (tmp_path / "metrics.jsonl").read_text()

@@ -14,21 +14,21 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import one_error_line, run_main
 
 from noprop_dist.paper import harness as reproduce
 from noprop_dist.paper import numbers as paper
 from noprop_dist.paper.harness import HarnessError, build_row, mean_se, seed_record
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["model.num_blocks=2", "cluster.num_workers=1", "train.epochs=2", "data.train_limit=300",
         "data.test_limit=100", "metrics.enabled=false"]
 
 
-def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def _cli(*args: str, env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "noprop_dist.reproduce", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, cwd=REPO)
+                          timeout=timeout, env=env, cwd=REPO)
 
 
 def _benchmark_module(name: str = "time_to_accuracy"):
@@ -114,26 +114,24 @@ def test_config_path(tmp_path):
 
 
 def test_missing_config_is_one_line_exit_2(tmp_path):
-    p = _cli("--method", "noprop_fm", "--dataset", "cifar100", "--config-dir", str(tmp_path),
-             "--out", str(tmp_path / "out"), timeout=120)
-    assert p.returncode == 2
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cifar100_fm.yaml" in lines[0] and lines[0].startswith("error: "), p.stderr
+    code, lines, _ = run_main(reproduce, ["--method", "noprop_fm", "--dataset", "cifar100", "--config-dir",
+                                          str(tmp_path), "--out", str(tmp_path / "out")])
+    one_error_line(code, lines, "cifar100_fm.yaml")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("override,key", [("run.dir=x", "run.dir"), ("train.seed=3", "train.seed"),
                                           ("train.epochs=zero", "train.epochs")])
 def test_bad_set_is_one_line_exit_2(tmp_path, override, key):
-    p = _cli("--dataset", "digits", "--seeds", "0", "--out", str(tmp_path / "out"), "--set", override, timeout=120)
-    assert p.returncode == 2 and key in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    one_error_line(*run_main(reproduce, ["--dataset", "digits", "--seeds", "0", "--out", str(tmp_path / "out"),
+                                         "--set", override])[:2], key)
     assert not (tmp_path / "out" / "runs").exists(), "nothing may run after a bad --set"
 
 
 def test_all_lists_every_cell_and_runs_nothing(tmp_path):
-    p = _cli("--all", "--seeds", "0", "1", "--out", str(tmp_path / "out"), timeout=120)
-    assert p.returncode == 0, p.stderr
-    lines = p.stdout.strip().splitlines()
+    code, errors, out = run_main(reproduce, ["--all", "--seeds", "0", "1", "--out", str(tmp_path / "out")])
+    assert code == 0, errors
+    lines = out.strip().splitlines()
     assert len(lines) == len(paper.table1_cells())
     assert any(line.startswith("python -m noprop_dist.reproduce --method noprop_dt --dataset mnist "
                                "--embedding one_hot --seeds 0 1") and "# needs" not in line for line in lines)
@@ -329,13 +327,14 @@ def test_time_to_accuracy_config_fallbacks():
 # ----------------------------------------------------------------------------- end to end
 
 @pytest.mark.ray
-def test_harness_end_to_end_on_tiny_digits_runs(tmp_path):
-    """Two seeds x two inference runs of a tiny real NoProp-DT run; then the same command again."""
+def test_harness_end_to_end_on_tiny_digits_runs(ray_head, tmp_path):
+    """Two seeds x two inference runs of a tiny real NoProp-DT run, on the session's cluster; then the same command
+    again."""
     out = tmp_path / "out"
     reproduce.merge_row(str(out), _row())  # an earlier invocation's row (MNIST): the table must keep it
     args = ["--method", "noprop_dt", "--dataset", "digits", "--embedding", "learned", "--seeds", "0", "1",
             "--inference-runs", "2", "--out", str(out), "--quiet", "--set", *TINY]
-    p = _cli(*args)
+    p = _cli(*args, env=ray_head.driver_env())
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
 
     results = json.loads((out / "results.json").read_text())
@@ -378,9 +377,10 @@ def test_harness_end_to_end_on_tiny_digits_runs(tmp_path):
     assert tta(summaries[0]["curve"], 0.0)["epoch"] == 1
     assert tta(summaries[0]["curve"], 1.01) is None
 
-    # The same command again: finished runs are re-evaluated, not retrained; the numbers do not move.
-    again = _cli(*args)
-    assert again.returncode == 0, again.stderr[-3000:]
+    # The same command again (its main, in this process): finished runs are re-evaluated, not retrained; the
+    # numbers do not move.
+    code, errors, _ = run_main(reproduce, args)
+    assert code == 0, errors[-20:]
     assert "already finished" in (out / "runs" / "noprop_dt-digits-learned" / "seed0.log").read_text()
     row2 = json.loads((out / "results.json").read_text())["rows"]["noprop_dt-digits-learned"]
     assert row2["test"] == row["test"]

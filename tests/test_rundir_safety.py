@@ -19,7 +19,11 @@ from noprop_dist.storage.run_dir import CONFIG_HISTORY, RunDir
 
 def _save(rd: RunDir, epoch: int) -> None:
     blocks = {t: {"block": {"w": torch.full((3,), float(epoch + t))}} for t in (1, 2)}
-    rd.save_epoch(epoch, blocks, {"shared": {"e": torch.zeros(2)}}, train_seconds=float(epoch))
+    rd.checkpoints.save_epoch(epoch, blocks, {"shared": {"e": torch.zeros(2)}}, train_seconds=float(epoch))
+
+
+def _history(path, warn=print) -> list[dict]:
+    return read_jsonl(str(path / CONFIG_HISTORY), warn)
 
 
 def _prepared(path, *sets) -> RunDir:
@@ -35,7 +39,7 @@ def test_pruning_keeps_files_the_run_did_not_write(tmp_path):
     os.makedirs(tmp_path / "checkpoints" / "old_runs")
     for epoch in range(1, 5):
         _save(rd, epoch)
-    names = set(os.listdir(rd.ckpt_dir))
+    names = set(os.listdir(rd.checkpoints.dir))
     assert {"other_model.ckpt", "block_01.e0001.pt.bak", "old_runs"} <= names
     assert {n for n in names if n.endswith(".pt")} == {
         f"{k}.e{e:04d}.pt" for k in ("block_01", "block_02", "shared") for e in (3, 4)}
@@ -60,9 +64,9 @@ def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     os.makedirs(tmp_path / "checkpoints" / "subdir")
     (tmp_path / "notes.txt").write_text("mine")
     _prepared(tmp_path, "model.embedding=one_hot", "run.overwrite=true")
-    assert sorted(os.listdir(rd.ckpt_dir)) == ["other_model.ckpt", "subdir"]
+    assert sorted(os.listdir(rd.checkpoints.dir)) == ["other_model.ckpt", "subdir"]
     assert (tmp_path / "notes.txt").read_text() == "mine"
-    assert not (tmp_path / "metrics.jsonl").exists() and rd.read_manifest() is None
+    assert not (tmp_path / "metrics.jsonl").exists() and rd.checkpoints.read_manifest() is None
 
 
 # Every file and directory a run writes, appends to or repairs, as a symlink to something outside run.dir.
@@ -128,10 +132,10 @@ def test_run_dir_that_is_a_file_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="is a file"):
         RunDir(str(path)).check(load_config(None, [f"run.dir={path}"]))
     with pytest.raises(ConfigError, match="is a file"):
-        with RunDir(str(path)).lock():
+        with RunDir(str(path)).lock.hold():
             pass
     with pytest.raises(ConfigError, match="cannot create or lock"):
-        with RunDir(str(path / "below")).lock():  # a directory below a file
+        with RunDir(str(path / "below")).lock.hold():  # a directory below a file
             pass
 
 
@@ -160,7 +164,7 @@ def test_unreadable_lines_are_skipped_with_one_message(tmp_path):
 HOLDER = textwrap.dedent("""
     import sys, time
     from noprop_dist.storage.run_dir import RunDir
-    with RunDir(sys.argv[1]).lock("a test holder"):
+    with RunDir(sys.argv[1]).lock.hold("a test holder"):
         print("held", flush=True)
         time.sleep(600)
 """)
@@ -180,7 +184,7 @@ def test_a_second_driver_is_refused_with_one_line_naming_the_holder(tmp_path):
         holder.kill()
         holder.wait()
     # The holder died without releasing anything: its lock is taken over.
-    with RunDir(str(tmp_path)).lock("the next run"):
+    with RunDir(str(tmp_path)).lock.hold("the next run"):
         info = json.loads((tmp_path / ".lock").read_text())
         assert info["pid"] == os.getpid() and info["what"] == "the next run"
 
@@ -188,10 +192,10 @@ def test_a_second_driver_is_refused_with_one_line_naming_the_holder(tmp_path):
 def test_the_lock_is_released_when_the_body_fails(tmp_path):
     rd = RunDir(str(tmp_path))
     with pytest.raises(RuntimeError):
-        with rd.lock():
+        with rd.lock.hold():
             raise RuntimeError("boom")
     t0 = time.perf_counter()
-    with rd.lock():
+    with rd.lock.hold():
         pass
     assert time.perf_counter() - t0 < 5
     assert oct(os.stat(tmp_path / ".lock").st_mode & 0o777) == "0o600"
@@ -252,7 +256,7 @@ def test_the_holder_itself_checks_and_prepares_under_its_lock(tmp_path):
     """check() refuses a run.dir that another process holds, not the one its own driver holds."""
     rd = RunDir(str(tmp_path))
     cfg = load_config(None, [f"run.dir={tmp_path}"])
-    with rd.lock():
+    with rd.lock.hold():
         rd.prepare(cfg)
         assert rd.check(cfg) is False
 
@@ -264,7 +268,7 @@ def test_every_invocation_keeps_its_config_in_the_history(tmp_path):
     for epoch in (1, 2, 3):
         _save(rd, epoch)
     _prepared(tmp_path, "train.epochs=5", "train.log_every_seconds=9")  # a resume with more epochs
-    history = rd.config_history()
+    history = _history(tmp_path)
     assert [h["epochs_done"] for h in history] == [0, 3]
     assert [h["config"]["train"]["epochs"] for h in history] == [3, 5]
     assert history[1]["config"]["train"]["log_every_seconds"] == 9 and all(h["time"] for h in history)
@@ -274,11 +278,11 @@ def test_every_invocation_keeps_its_config_in_the_history(tmp_path):
 
 def test_a_torn_history_line_is_cut_off_before_the_next_one(tmp_path):
     """A crash mid-append leaves a torn last line: the next invocation's line starts on a line of its own."""
-    rd = _prepared(tmp_path)
+    _prepared(tmp_path)
     with open(tmp_path / CONFIG_HISTORY, "a") as f:
         f.write('{"time": "2026-')
     _prepared(tmp_path, "train.epochs=30")
-    assert [h["config"]["train"]["epochs"] for h in rd.config_history(warn=pytest.fail)] == [20, 30]
+    assert [h["config"]["train"]["epochs"] for h in _history(tmp_path, warn=pytest.fail)] == [20, 30]
 
 
 def test_overwrite_removes_the_history_and_a_foreign_file_stays(tmp_path):
@@ -286,12 +290,12 @@ def test_overwrite_removes_the_history_and_a_foreign_file_stays(tmp_path):
     of the user's beside it, or one behind a symlink named like it, is never deleted."""
     _prepared(tmp_path)
     _prepared(tmp_path)
-    assert len(RunDir(str(tmp_path)).config_history()) == 2
+    assert len(_history(tmp_path)) == 2
     (tmp_path / "config_history.jsonl.bak").write_text("mine")
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "config.0001.yaml").write_text("mine too")
-    rd = _prepared(tmp_path, "model.embedding=one_hot", "run.overwrite=true")
-    history = rd.config_history()
+    _prepared(tmp_path, "model.embedding=one_hot", "run.overwrite=true")
+    history = _history(tmp_path)
     assert len(history) == 1 and history[0]["config"]["model"]["embedding"] == "one_hot"
     assert (tmp_path / "config_history.jsonl.bak").read_text() == "mine"
     assert (tmp_path / "configs" / "config.0001.yaml").read_text() == "mine too"

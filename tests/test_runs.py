@@ -10,7 +10,7 @@ from custom_block import tiny_block
 
 import noprop_dist
 from noprop_dist.config import ConfigError, key_table, load_config
-from noprop_dist.core.chain import read_chain_file
+from noprop_dist.core.chain_file import read_chain_file
 from noprop_dist.run import main
 
 SMALL = {"data.train_limit": 300, "data.test_limit": 100, "train.batch_size": 64, "model.num_blocks": 2,

@@ -7,9 +7,10 @@ import torch
 from conftest import make_spec
 from torch import nn
 
-from noprop_dist.config import PAPER_SAMPLER, SAMPLERS, ConfigError, load_config
+from noprop_dist.config import SAMPLERS, ConfigError, load_config
 from noprop_dist.core import DTChain, build_shared, evaluate_stages, mean_probabilities
 from noprop_dist.core.blocks import ModelSpec
+from noprop_dist.registry import METHODS
 from noprop_dist.training import model_spec
 
 
@@ -126,6 +127,8 @@ def test_spec_sampler_is_the_default_and_old_chains_run_the_papers():
     with pytest.raises(ValueError, match="sampler 'ode' does not apply to a noprop_dt chain; allowed: eq3, mean, "
                                          "ensemble, stage_average$"):
         chain(torch.randn(2, 1, 8, 8), sampler="ode")
+    with pytest.raises(ValueError, match="steps does not apply to a noprop_dt chain$"):  # it runs its T blocks
+        chain(torch.randn(2, 1, 8, 8), steps=5)
     old = dict(make_spec("learned").to_dict(), method="noprop_ct", ct_inference="chain")
     old.pop("sampler")
     assert ModelSpec.from_dict(old).sampler == "eq3"
@@ -145,7 +148,11 @@ def test_config_sampler_reaches_the_spec_and_is_checked_per_method():
     with pytest.raises(ConfigError, match="eval.sampler: 'noisy' is not allowed; allowed: eq3, mean, ensemble, "
                                          "stage_average, ode"):
         load_config(None, ["eval.sampler=noisy"])
-    assert set(PAPER_SAMPLER) == {m for ms in SAMPLERS.values() for m in ms}
+    for method in METHODS.values():  # a NoProp method runs samplers of the config's, in its order, the paper's too
+        assert list(method.samplers) == [s for s in SAMPLERS if s in method.samplers]
+        assert (method.paper_sampler in method.samplers) == method.noprop == bool(method.samplers)
+        if method.noprop:  # its chain class registers a sampler (core.samplers) for each name, and no other
+            assert set(method.chain.samplers) == set(method.samplers), method.name
 
 
 def test_evaluate_stages_scores_each_stage_and_matches_evaluate_chain():

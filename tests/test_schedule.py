@@ -31,13 +31,14 @@ def test_loss_weights_follow_model_abar_max_and_stay_bounded(abar_max):
     and the block loss), and its largest weight eta T/2 (SNR(T) - SNR(T-1)) stays below
     eta T/2 * abar_max / (1 - abar_max) <= eta T/2 * 1e4 at the highest cap the config accepts."""
     from noprop_dist.config import ABAR_MAX_LIMIT, load_config
-    from noprop_dist.core import build_block, build_shared, variants
-    from noprop_dist.core.objectives import block_loss, denoised_estimate
+    from noprop_dist.core import DTSchedule, build_block, build_shared
+    from noprop_dist.core.losses import block_loss
+    from noprop_dist.core.paths import denoised_estimate
     from noprop_dist.training import model_spec
 
     cfg = load_config(None, [f"model.abar_max={abar_max}", "model.num_blocks=10"])
     spec = model_spec(cfg, (1, 8, 8), 10)
-    schedule = variants.dt_schedule(spec.num_shards, spec.abar_max)  # what variants.shard_loss trains with
+    schedule = DTSchedule.cosine(spec.num_shards, spec.abar_max)  # what NoProp-DT's shard loss trains with
     assert schedule.abar_values[-1] == pytest.approx(abar_max, rel=1e-9)
     weights = [spec.eta * spec.num_shards / 2 * w for w in schedule.loss_weights]
     bound = spec.eta * spec.num_shards / 2 * abar_max / (1 - abar_max)

@@ -14,7 +14,7 @@ from noprop_dist.config import TrainConfig, load_config
 from noprop_dist.core import build_chain, evaluate_chain, randn_like
 from noprop_dist.data import load_dataset, normalize
 from noprop_dist.training import (
-    BlockTrainer,
+    ShardTrainer,
     ShardGroup,
     TrainingData,
     model_spec,
@@ -34,7 +34,7 @@ def _trainer_and_replica(spec, train=None):
     train = train or TrainConfig(seed=0)
     replica = SharedReplica(spec, train, LocalClient(SharedStateServer(spec, 0)), CPU)
     replica.begin_epoch()
-    return BlockTrainer(spec, 1, train, CPU), replica
+    return ShardTrainer(spec, 1, train, CPU), replica
 
 
 def _batch(spec, n=16):

@@ -1,5 +1,6 @@
 """Faults injected into runs on a real local Ray cluster: a worker process or the parameter server is
-SIGKILLed mid-epoch, a block's weights turn NaN; restart limits; refusals that write nothing."""
+SIGKILLed mid-epoch, a block's weights turn NaN; restart limits; refusals that write nothing. The policy's
+decisions alone, without Ray: tests/test_restart_policy.py."""
 
 import pytest
 import torch
@@ -8,8 +9,8 @@ from conftest import make_spec
 from noprop_dist.config import load_config
 from noprop_dist.distributed.driver import run_training
 from noprop_dist.distributed.faults import END, ENV_VAR, parse_faults
-from noprop_dist.distributed.restart_policy import RestartBudget, TrainingFailed
-from noprop_dist.storage.run_dir import RunDir
+from noprop_dist.distributed.restart_policy import TrainingFailed
+from noprop_dist.storage.checkpoints import CheckpointStore
 from noprop_dist.training.shared_state import SharedStateServer
 
 pytestmark = pytest.mark.ray
@@ -66,7 +67,7 @@ def test_killed_worker_loses_and_repeats_nothing(ray_cluster, tmp_path, monkeypa
     _run(tmp_path, "clean", "", monkeypatch, *one)
     s = _run(tmp_path, "killed", "kill:0@2.0", monkeypatch, *one)
     assert "worker 0 (blocks 1-2) died in epoch 2" in capsys.readouterr().out and len(s["restarts"]) == 1
-    a, b = RunDir(str(tmp_path / "clean")).load_resume(2), RunDir(str(tmp_path / "killed")).load_resume(2)
+    a, b = (CheckpointStore(str(tmp_path / name)).load_resume(2) for name in ("clean", "killed"))
     for t in (1, 2):
         for k, v in a.block_states[t]["block"].items():
             assert torch.equal(b.block_states[t]["block"][k], v), f"block {t} {k} differs"
@@ -91,7 +92,7 @@ def test_killed_server_restores_its_checkpoint_workers_resync_and_nan_rolls_back
     assert {b["block"]: b["nonfinite_events"] for b in s["blocks"]} == {1: 0, 2: 0, 3: 1, 4: 0}
     assert "block 3: loss nan (non-finite) at epoch 3" in out and "rolled back" in out
     assert all(not b["stopped"] for b in s["blocks"])
-    saved = RunDir(str(tmp_path / "run")).load_resume(4)
+    saved = CheckpointStore(str(tmp_path / "run")).load_resume(4)
     assert all(_finite(saved.block_states[t]["block"]) for t in range(1, 5)) and _finite(saved.shared_state["shared"])
     diff = 100 * abs(s["test_accuracy"] - clean["test_accuracy"])
     # Block 3 loses the half epoch it rolls back; the run must still have trained well past chance.
@@ -126,7 +127,7 @@ def test_worker_dying_at_the_end_of_an_epoch_is_restarted_like_one_dying_in_it(r
     assert "worker 1 (blocks 3-4) died at the end of epoch 2, before its checkpoint" in out
     assert [(e["cause"], e["worker"], e["epoch"], e["resumed_from_epoch"]) for e in s["restarts"]] == [
         ("died", 1, 2, 1)]
-    assert RunDir(str(tmp_path / "run")).read_manifest()["epochs_done"] == 3
+    assert CheckpointStore(str(tmp_path / "run")).read_manifest()["epochs_done"] == 3
     assert [b["block"] for b in s["blocks"]] == [1, 2, 3, 4]
     assert s["shared_state_version"] == SHORT_STEPS
 
@@ -168,18 +169,6 @@ def test_more_workers_than_a_joined_cluster_can_place_fail_with_one_line(ray_clu
     message = str(e.value)
     assert "3 workers x {'CPU': 1.0} were not placed within 2s (cluster.placement_timeout_s)" in message
     assert "the cluster has 2 CPU" in message and "\n" not in message
-
-
-def test_restart_budget_counts_per_worker_and_per_run():
-    b = RestartBudget(per_worker=2, per_run=3)
-    assert b.worker_restart(0, "w0") == 1 and b.worker_restart(1, "w1") == 1
-    assert b.server_restart("ps") == 1
-    with pytest.raises(TrainingFailed, match="restart 4 of the run, more than cluster.max_restarts=3"):
-        b.worker_restart(0, "w0 again")
-    b = RestartBudget(per_worker=1, per_run=10)
-    b.worker_restart(3, "w3")
-    with pytest.raises(TrainingFailed, match="w3 twice; it has died 2 times, more than cluster.max_restarts_per_worker=1"):
-        b.worker_restart(3, "w3 twice")
 
 
 def test_a_repeated_push_is_applied_once_also_after_a_restore():

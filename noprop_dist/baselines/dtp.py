@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.seeds import dtp_init_seed
+
 
 @dataclass(frozen=True)
 class DTPHyper:
@@ -67,7 +69,7 @@ class DTPNet(nn.Module):
     def __init__(self, in_dim: int, num_classes: int, hidden: tuple[int, ...], seed: int) -> None:
         super().__init__()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 100_003 + 777_767)
+            torch.manual_seed(dtp_init_seed(seed))
             sizes = (in_dim, *hidden)
             self.forward_layers = nn.ModuleList(_orthogonal_linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
             self.out = _orthogonal_linear(hidden[-1], num_classes)

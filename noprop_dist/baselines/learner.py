@@ -4,7 +4,6 @@ The epoch loop (``runner.train_epochs``) and Ray Train's workers drive any learn
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable
 
@@ -14,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from ..core import ModelSpec
 from ..core.blocks import prefers_channels_last
 from ..data import ImageDataset, normalize
+from ..registry import get_method
 from ..training import initial_prototypes, model_spec, resolve_precision
 from .backprop import BackpropChain
 from .dtp import DTPHyper, DTPNet, dtp_hyper, dtp_losses
@@ -169,38 +168,50 @@ class DTPLearner(Learner):
         self.feedback_opt.load_state_dict(state["feedback_opt"])
 
 
-def baseline_spec(cfg: Config, dataset: ImageDataset, block: Callable | None = None) -> ModelSpec:
-    """The ModelSpec of a backprop (T = model.num_blocks blocks of model.block; ``block``: its factory, when the
-    Python API was given one) or adjoint (one CT network) model."""
-    spec = model_spec(cfg, dataset.image_shape, dataset.num_classes, block)
-    return dataclasses.replace(spec, num_shards=cfg.model.num_blocks if cfg.model.method == "backprop" else 1)
-
-
 def build_learner(cfg: Config, dataset: ImageDataset, device: torch.device,
                   wrap: Wrap = lambda m: m, block: Callable | None = None) -> Learner:
-    """The learner ``model.method`` names, its initial weights a function of train.seed (and the data, for
+    """The learner of ``model.method`` (its registry.METHODS entry's: :func:`backprop_learner`,
+    :func:`adjoint_learner`, :func:`dtp_learner`), its initial weights a function of train.seed (and the data, for
     prototype embeddings) only. ``wrap`` turns the model into what trains (DDP under Ray Train); ``block``: the
     block factory the Python API was given (backprop)."""
-    method, t = cfg.model.method, cfg.train
-    if method == "dtp":
-        c, h, w = dataset.image_shape
-        hyper = dtp_hyper(cfg.data.name, t.lr)
-        return DTPLearner(DTPNet(c * h * w, dataset.num_classes, hyper.hidden, t.seed), hyper, t.weight_decay, device)
-    spec = baseline_spec(cfg, dataset, block)
-    protos = initial_prototypes(spec, dataset, t.seed)
-    if method == "backprop":
-        module: nn.Module = BackpropChain(spec, t.seed, protos)
-        make_opt = torch.optim.AdamW  # Table 3, DT setting: AdamW
-    elif method == "adjoint":
-        from .adjoint import (
-            AdjointODE,  # torchdiffeq and the CT network: only this baseline needs them
-        )
+    return get_method(cfg.model.method).learner(cfg, dataset, device, wrap, block)
 
-        module = AdjointODE(spec, t.seed, protos)
-        make_opt = torch.optim.Adam  # Table 3, CT setting: Adam with weight decay
-    else:
-        raise ValueError(f"not a baseline method: {method!r}; allowed: backprop, adjoint, dtp")
-    # channels_last: as the NoProp blocks (training.BlockTrainer), so the two time the same convolutions.
+
+def backprop_learner(cfg: Config, dataset: ImageDataset, device: torch.device, wrap: Wrap,
+                     block: Callable | None) -> Learner:
+    """The DT blocks chained (T = model.num_blocks blocks of model.block, ``block`` its factory when the Python API
+    was given one) and trained end to end with AdamW (Table 3, DT setting)."""
+    spec = model_spec(cfg, dataset.image_shape, dataset.num_classes, block)
+    module = BackpropChain(spec, cfg.train.seed, initial_prototypes(spec, dataset, cfg.train.seed))
+    return _gradient_learner(cfg, dataset, device, wrap, module, torch.optim.AdamW)
+
+
+def adjoint_learner(cfg: Config, dataset: ImageDataset, device: torch.device, wrap: Wrap,
+                    block: Callable | None) -> Learner:
+    """A neural ODE whose vector field is one CT network, trained through adjoint gradients with Adam and weight
+    decay (Table 3, CT setting)."""
+    from .adjoint import AdjointODE  # torchdiffeq and the CT network: only this baseline needs them
+
+    spec = model_spec(cfg, dataset.image_shape, dataset.num_classes, block)
+    module = AdjointODE(spec, cfg.train.seed, initial_prototypes(spec, dataset, cfg.train.seed))
+    return _gradient_learner(cfg, dataset, device, wrap, module, torch.optim.Adam)
+
+
+def dtp_learner(cfg: Config, dataset: ImageDataset, device: torch.device, wrap: Wrap,
+                block: Callable | None) -> Learner:
+    """Difference target propagation's MLP on the flattened images (its own network: no block; one worker: no
+    wrap)."""
+    c, h, w = dataset.image_shape
+    t = cfg.train
+    hyper = dtp_hyper(cfg.data.name, t.lr)
+    return DTPLearner(DTPNet(c * h * w, dataset.num_classes, hyper.hidden, t.seed), hyper, t.weight_decay, device)
+
+
+def _gradient_learner(cfg: Config, dataset: ImageDataset, device: torch.device, wrap: Wrap, module: nn.Module,
+                      make_opt: Callable[..., torch.optim.Optimizer]) -> GradientLearner:
+    """``module`` (backprop's or the adjoint's model) on ``device``, wrapped to train, with its optimizer."""
+    t = cfg.train
+    # channels_last: as the NoProp blocks (training.ShardTrainer), so the two time the same convolutions.
     module = module.to(device)
     if prefers_channels_last(module):
         module = module.to(memory_format=torch.channels_last)

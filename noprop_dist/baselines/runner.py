@@ -1,10 +1,10 @@
 """``run_baseline``: train (or resume, or re-evaluate) a baseline run, write ``<run.dir>/summary.json``.
 
-The run directory has the NoProp driver's layout (``checkpoint.RunDir``): config snapshot with the
+The run directory has the NoProp driver's layout (``storage.run_dir.RunDir``): config snapshot with the
 config-conflict check, a manifest and checksummed checkpoints per epoch. A baseline is stored as the single
-"block" 1 (``{"learner": model + optimizer state dicts}``) and its progress (curve, peak memory) in the slot
-the NoProp run uses for the parameter server; every file is torch.save of plain tensors / numbers / strings,
-loaded with ``weights_only=True``.
+"block" :data:`LEARNER_SHARD` (``{"learner": model + optimizer state dicts}``) and its progress (curve, peak
+memory) in the slot the NoProp run uses for the parameter server; every file is torch.save of plain tensors /
+numbers / strings, loaded with ``weights_only=True``.
 """
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..config import BASELINE_METHODS, Config, ConfigError, worker_threads
+from ..config import Config, ConfigError, worker_threads
+from ..core.seeds import baseline_noise_seed, epoch_order_seed, global_rng_seed
 from ..data import ImageDataset, dataset_for
 from ..observability.progress import duration
+from ..registry import METHODS, get_method
 from ..storage.run_dir import RunDir
 from ..storage.summary import run_summary, write_summary
 from ..training import checked_spec, lr_schedule_factor, peak_rss_mb
@@ -26,18 +28,22 @@ from .learner import Learner, accuracy, build_learner
 PROGRESS_EVERY_S = 30.0
 
 Log = Callable[[str], None]
+# Every baseline is checkpointed as one shard, its learner, in the slot of NoProp's shard 1.
+LEARNER_SHARD = 1
 
 
 def check_baseline(cfg: Config) -> None:
     """Config errors specific to the baselines (ConfigError naming the key)."""
-    if cfg.model.method not in BASELINE_METHODS:
-        raise ConfigError(f"model.method: {cfg.model.method!r} is not a baseline; "
-                          f"allowed: {', '.join(BASELINE_METHODS)}")
-    if cfg.model.method == "dtp" and cfg.train.precision == "bf16":
-        raise ConfigError("train.precision: model.method=dtp trains in fp32 only, got 'bf16' (auto gives fp32 for it)")
-    if cfg.model.method == "dtp" and cfg.cluster.num_workers != 1:
-        raise ConfigError(f"cluster.num_workers: must be 1 for model.method=dtp (its layer-local updates are not "
-                          f"data-parallel here), got {cfg.cluster.num_workers}")
+    method = get_method(cfg.model.method)
+    if method.noprop:
+        raise ConfigError(f"model.method: {method.name!r} is not a baseline; "
+                          f"allowed: {', '.join(name for name, m in METHODS.items() if not m.noprop)}")
+    if not method.bf16 and cfg.train.precision == "bf16":
+        raise ConfigError(f"train.precision: model.method={method.name} trains in fp32 only, got 'bf16' (auto gives "
+                          "fp32 for it)")
+    if not method.data_parallel and cfg.cluster.num_workers != 1:
+        raise ConfigError(f"cluster.num_workers: must be 1 for model.method={method.name} (its layer-local updates "
+                          f"are not data-parallel here), got {cfg.cluster.num_workers}")
 
 
 def local_device(cfg: Config) -> torch.device:
@@ -57,7 +63,7 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The epoch's shuffled sample order, a function of (seed, epoch) only: every rank draws the same one
     (the NoProp shard groups use the same seeding)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_order_seed(seed, epoch)))
 
 
 def rank_batches(order: torch.Tensor, batch_size: int, rank: int, world: int) -> list[torch.Tensor]:
@@ -106,8 +112,8 @@ def train_epochs(
     n = len(dataset.train_y)
     for epoch in range(start_epoch, t.passes):
         # Dropout and the noise (z_0, DTP's corruption) are seeded by (seed, epoch, rank): a resumed run repeats.
-        torch.manual_seed(t.seed * 1_000_003 + epoch * 1_009 + rank)
-        gen = torch.Generator().manual_seed(t.seed * 2_000_003 + epoch * 7_927 + rank)
+        torch.manual_seed(global_rng_seed(t.seed, epoch, rank))
+        gen = torch.Generator().manual_seed(baseline_noise_seed(t.seed, epoch, rank))
         t0 = time.perf_counter()
         losses = []
         full = rank_batches(epoch_order(n, t.seed, epoch), t.batch_size, rank, world)
@@ -153,7 +159,8 @@ def train_epochs(
                 metrics[f"{split}_accuracy"] = acc
                 line += f" | {split} accuracy {acc:.4f}"
             if done % cfg.run.checkpoint_every == 0 or last:
-                rundir.save_epoch(done, {1: {"learner": learner.state_dict()}}, progress, train_seconds)
+                rundir.checkpoints.save_epoch(done, {LEARNER_SHARD: {"learner": learner.state_dict()}}, progress,
+                                              train_seconds)
             log(f"[{cfg.model.method}] {line}")
         if report is not None:
             report(metrics)
@@ -181,11 +188,11 @@ def run_baseline(cfg: Config, log: Log = print, data_parallel: DataParallel | No
         raise ConfigError(f"cluster.num_workers: {cfg.cluster.num_workers} workers need a data-parallel trainer "
                           "(noprop_dist.train and python -m noprop_dist.run pass Ray Train's)")
     dataset = dataset_for(cfg, dataset, log)
-    if cfg.model.method == "backprop":  # the one baseline that trains model.block's blocks
+    if get_method(cfg.model.method).takes_block:  # backprop trains model.block's blocks
         checked_spec(cfg, dataset, block)
     rundir = RunDir(cfg.run.dir)
     rundir.check(cfg)  # refuses (a driver already on run.dir included) before the lock creates anything
-    with rundir.lock(f"a {cfg.model.method} baseline run"):
+    with rundir.lock.hold(f"a {cfg.model.method} baseline run"):
         return _run_locked(cfg, dataset, rundir, log, data_parallel, block, on_epoch)
 
 
@@ -195,7 +202,7 @@ def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Log, da
     device = local_device(cfg)
     torch.set_num_threads(worker_threads(cfg.cluster))
     learner = build_learner(cfg, dataset, device, block=block)
-    resume = rundir.load_resume(1, warn=log)
+    resume = rundir.checkpoints.load_resume(LEARNER_SHARD, warn=log)
     done = resume.epochs_done if resume else 0
     workers = cfg.cluster.num_workers
     log(f"{cfg.model.method} on {dataset.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test images "
@@ -204,21 +211,21 @@ def _run_locked(cfg: Config, dataset: ImageDataset, rundir: RunDir, log: Log, da
         log(f"run already finished ({done} epochs); not retraining, re-evaluating its checkpoint")
     else:
         if resume:
-            log(f"resuming from epoch {done} (checkpoints in {rundir.ckpt_dir})")
+            log(f"resuming from epoch {done} (checkpoints in {rundir.checkpoints.dir})")
         if cfg.cluster.num_workers == 1:
             if resume:
-                learner.load_state_dict(resume.block_states[1]["learner"])
+                learner.load_state_dict(resume.block_states[LEARNER_SHARD]["learner"])
             progress = resume.shared_state if resume else empty_progress()
             train_epochs(cfg, dataset, learner, rundir, done, resume.train_seconds if resume else 0.0, progress, log,
                          report=on_epoch)
         else:
             data_parallel(cfg, dataset, rundir, resume, log, block)
             if on_epoch is not None:
-                for point in rundir.load_resume(1, warn=log).shared_state["curve"]:
+                for point in rundir.checkpoints.load_resume(LEARNER_SHARD, warn=log).shared_state["curve"]:
                     if point["epoch"] > done:
                         on_epoch(dict(point))
-        resume = rundir.load_resume(1, warn=log)
-    learner.load_state_dict(resume.block_states[1]["learner"])
+        resume = rundir.checkpoints.load_resume(LEARNER_SHARD, warn=log)
+    learner.load_state_dict(resume.block_states[LEARNER_SHARD]["learner"])
     summary = _summary(cfg, dataset, learner, resume.shared_state, resume.train_seconds, rundir)
     write_summary(rundir.path, summary)
     log(f"[{cfg.model.method}] test accuracy {summary['test_accuracy']:.4f}, train accuracy "
@@ -235,12 +242,12 @@ def _summary(cfg: Config, dataset: ImageDataset, learner: Learner, progress: dic
                accuracy(learner, dataset.val_x, dataset.val_y, cfg.eval.batch_size, cfg.eval.seed))
     tx, ty = dataset.train_accuracy_subset()
     train_acc = accuracy(learner, tx, ty, cfg.eval.batch_size, cfg.eval.seed)
-    m = cfg.model
+    m, method = cfg.model, get_method(cfg.model.method)
+    shards = method.num_shards(m)  # backprop's T blocks; None: one network
     common = run_summary(
         cfg, test_accuracy=test_acc, train_accuracy=train_acc, train_accuracy_examples=len(ty),
         train_seconds=train_seconds, curve=progress["curve"], peak_memory_mb=float(progress["peak_memory_mb"]),
-        peak_memory_kind=progress["peak_memory_kind"], num_shards=m.num_blocks if m.method == "backprop" else None,
-        run_dir=rundir.path)
+        peak_memory_kind=progress["peak_memory_kind"], num_shards=shards, run_dir=rundir.path)
     return {
         **common,
         "block": m.block,
@@ -252,6 +259,6 @@ def _summary(cfg: Config, dataset: ImageDataset, learner: Learner, progress: dic
         "precision": progress.get("precision", learner.precision),
         # DDP only: the largest spread of the replicas' weight fingerprints over the epochs; 0.0 when in sync
         "replica_divergence": progress.get("replica_divergence"),
-        "num_blocks": m.num_blocks if m.method == "backprop" else None,
-        "inference_steps": m.inference_steps if m.method == "adjoint" else None,
+        "num_blocks": shards,
+        "inference_steps": method.steps(m.inference_steps),
     }

@@ -14,16 +14,18 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..config import ConfigError
-from ..registry import BLOCKS
+from ..config import ConfigError, EvalConfig, ModelConfig
+from ..registry import BLOCKS, get_method
+from .seeds import shard_init_seed
 
-# The methods whose shard networks take the time t (NoProp-CT / FM, and the adjoint baseline's vector field).
-TIME_CONDITIONED = ("noprop_ct", "noprop_fm", "adjoint")
-# A shard network's initial weights are seeded by seed * SEED_STRIDE + k (DT-form blocks, k <= 1000) or
-# seed * SEED_STRIDE + CT_SEED_OFFSET + k (time-conditioned networks): disjoint from each other and from the
-# shared state's seed * SEED_STRIDE + 999_983.
-SEED_STRIDE = 100_003
-CT_SEED_OFFSET = 500_009
+# What a chain file saved before a ModelSpec key existed was trained and evaluated with: ModelSpec.from_dict fills
+# the key the file lacks with it, whatever the config's default has become since. sampler None: the paper's
+# (registry.Method.paper_sampler), what chains ran before samplers existed.
+_BEFORE_THE_KEY = {
+    "method": "noprop_dt", "inference_steps": 1000, "sampler": None, "ensemble_draws": 8,
+    "shard_partition": "uniform", "shard_overlap": 0.0, "ct_loss_weight": "snr_prime", "image_batch_norm": False,
+    "ct_readout": "head", "fm_target": "velocity", "block": "fig6",
+}
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class BlockSpec:
     image_shape: tuple[int, int, int]  # (C, H, W) of x
     num_classes: int  # m: the logits' width
     embed_dim: int  # d: z's width
-    method: str  # model.method: noprop_dt | noprop_ct | noprop_fm | backprop
+    method: str  # model.method: noprop_dt | noprop_ct | noprop_fm | backprop | adjoint (registry.METHODS)
     shard: int  # which network this is, 1..num_shards (DT: block t, CT / FM: time-shard k)
     num_shards: int  # T blocks or K time-shards
     image_like_label: bool  # d == C*H*W
@@ -48,12 +50,13 @@ class BlockSpec:
     @property
     def time_conditioned(self) -> bool:
         """Whether the block is called as ``forward(z, x, t)`` (CT / FM) rather than ``forward(z, x)``."""
-        return self.method in TIME_CONDITIONED
+        return get_method(self.method).time_conditioned
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to rebuild blocks, shared state and chain without the run config."""
+    """Everything needed to rebuild blocks, shared state and chain without the run config. The optional fields
+    default to the config's defaults (training.model_spec passes every one of them)."""
 
     image_shape: tuple[int, int, int]  # (C, H, W)
     num_classes: int  # m
@@ -65,23 +68,21 @@ class ModelSpec:
     radial_sigma: float
     eta: float
     abar_max: float
-    method: str = "noprop_dt"  # noprop_dt | noprop_ct | noprop_fm (older saved chains have no key: DT)
-    inference_steps: int = 1000  # CT / FM: steps of the inference chain / ODE solver
-    # The chain's default inference sampler (config.SAMPLERS); None: the paper's (config.PAPER_SAMPLER), which
-    # is what chains saved before samplers existed ran, so they re-evaluate as they did.
-    sampler: str | None = None
-    ensemble_draws: int = 8
-    # CT / FM (core.partition, core.continuous): how [0, 1] is split among the K shards, how far each shard's
-    # training interval reaches into its neighbours', and CT's denoising weight. The defaults are what chains
-    # saved before these keys existed used.
-    shard_partition: str = "uniform"
-    shard_overlap: float = 0.0
-    ct_loss_weight: str = "snr_prime"
-    image_batch_norm: bool = False  # CT / FM networks: BatchNorm after the image path (DT blocks always have it)
-    ct_readout: str = "head"  # CT's class readout at z_1: head (Eq. 14) | nearest (class embedding, as FM's)
-    fm_target: str = "velocity"  # FM's network predicts: velocity (the paper's) | endpoint (core.continuous.fm_field)
-    # model.block: a registered block's name or a factory's import path (chains saved before it existed: fig6).
-    block: str = "fig6"
+    method: str = ModelConfig.method  # noprop_dt | noprop_ct | noprop_fm
+    inference_steps: int = ModelConfig.inference_steps  # CT / FM: steps of the inference chain / ODE solver
+    # The chain's default inference sampler (config.SAMPLERS); None: the paper's (Method.paper_sampler).
+    sampler: str | None = EvalConfig.sampler
+    ensemble_draws: int = EvalConfig.ensemble_draws
+    # CT / FM (core.partition, core.paths): how [0, 1] is split among the K shards, how far each shard's
+    # training interval reaches into its neighbours', and CT's denoising weight.
+    shard_partition: str = ModelConfig.shard_partition
+    shard_overlap: float = ModelConfig.shard_overlap
+    ct_loss_weight: str = ModelConfig.ct_loss_weight
+    # CT / FM networks: BatchNorm after the image path (DT blocks always have it)
+    image_batch_norm: bool = ModelConfig.image_batch_norm
+    ct_readout: str = ModelConfig.ct_readout  # CT's class readout at z_1: head (Eq. 14) | nearest (class embedding)
+    fm_target: str = ModelConfig.fm_target  # FM's network predicts: velocity (the paper's) | endpoint (fm_field)
+    block: str = ModelConfig.block  # model.block: a registered block's name or a factory's import path
     # The factory itself when the Python API was given a function (train(..., block=fn)): it travels to the
     # workers with the spec, by value where its module is not importable there; never written to a file.
     block_factory: Callable[[BlockSpec], nn.Module] | None = field(default=None, compare=False, repr=False)
@@ -105,6 +106,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
+        """The spec :meth:`to_dict` recorded (chain files): renamed keys under their names of today, and a key the
+        file predates with the value its chain was trained with (:data:`_BEFORE_THE_KEY`)."""
         d = dict(d)
         d["image_shape"] = tuple(d["image_shape"])
         if "num_blocks" in d and "num_shards" not in d:  # the key's name in chains saved before 2026-12
@@ -112,7 +115,7 @@ class ModelSpec:
         old = d.pop("ct_inference", None)  # the CT sampler's name before eval.sampler: chain | ode
         if old is not None and "sampler" not in d:
             d["sampler"] = {"chain": "eq3"}.get(old, old)
-        return cls(**d)
+        return cls(**(_BEFORE_THE_KEY | d))
 
 
 class ConvEncoder(nn.Module):
@@ -188,7 +191,7 @@ def build_block(spec: ModelSpec, t: int, seed: int) -> DTBlock:
     """Fig. 6's block t (1..T) with initial weights that depend only on (seed, t): every process builds the same.
     (:func:`build_shard` builds ``spec.block``'s; for fig6 the two are the same.)"""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(shard_seed(spec.method, seed, t))
+        torch.manual_seed(shard_init_seed(seed, t, get_method(spec.method).time_conditioned))
         return DTBlock(spec)
 
 
@@ -217,11 +220,6 @@ def block_factory(spec: ModelSpec) -> Callable[[BlockSpec], nn.Module]:
     return factory
 
 
-def shard_seed(method: str, seed: int, k: int) -> int:
-    """The seed of shard k's initial weights: a function of (seed, k) only, so every process builds the same."""
-    return seed * SEED_STRIDE + (CT_SEED_OFFSET if method in TIME_CONDITIONED else 0) + k
-
-
 def make_shard(spec: ModelSpec, k: int) -> nn.Module:
     """Shard k's network (1..num_shards) from ``spec.block``'s factory, with whatever initial weights the global
     RNG gives (the chain loads trained weights into it). BlockError when the factory returns no nn.Module."""
@@ -243,5 +241,5 @@ def prefers_channels_last(net: nn.Module) -> bool:
 def build_shard(spec: ModelSpec, k: int, seed: int) -> nn.Module:
     """Shard k's network with initial weights that depend only on (seed, k): every process builds the same."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(shard_seed(spec.method, seed, k))
+        torch.manual_seed(shard_init_seed(seed, k, get_method(spec.method).time_conditioned))
         return make_shard(spec, k)

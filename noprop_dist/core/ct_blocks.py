@@ -14,13 +14,12 @@ import torch
 from torch import nn
 
 from .blocks import (
-    CT_SEED_OFFSET,
-    SEED_STRIDE,
     BlockSpec,
     ConvEncoder,
     ImageEncoder,
     ModelSpec,
 )
+from .seeds import shard_init_seed
 
 TIME_EMBED_DIM = 64
 # Times in [0, 1] are scaled to [0, 1000] before the sinusoids, as if they were the step index of a 1000-step
@@ -94,5 +93,5 @@ class CTBlock(nn.Module):
 def build_ct_block(spec: ModelSpec, k: int, seed: int) -> CTBlock:
     """Network of shard k (1..K) with initial weights that depend only on (seed, k): every process builds the same."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * SEED_STRIDE + CT_SEED_OFFSET + k)
+        torch.manual_seed(shard_init_seed(seed, k, time_conditioned=True))
         return CTBlock(spec)

@@ -10,7 +10,7 @@ A partition is K + 1 times ``0 = b_0 < b_1 < ... < b_K = 1``; shard k owns [b_{k
   partitions its blocks: EDM's ``ln sigma ~ N(-1.2, 1.2^2)`` (Karras et al. 2022), which with
   ``sigma^2 = 1 / SNR`` is ``lambda ~ N(2.4, 2.4^2)``, truncated to the process's range.
 
-This module holds the closed forms on log-SNR levels; ``continuous.shard_bounds`` maps them to times through the
+This module holds the closed forms on log-SNR levels; ``paths.shard_bounds`` maps them to times through the
 method's lambda(t). Pure torch, float64.
 """
 from __future__ import annotations

@@ -2,15 +2,17 @@
 (NoProp-CT only) the learnable noise schedule.
 
 Every block's loss touches it, so in the distributed run it lives on the parameter server, and each worker
-trains against a replica of it (shared_server.py).
+trains against a replica of it (``training.shared_state``).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..registry import get_method
 from .blocks import ModelSpec
-from .ct_schedule import LearnedSchedule
+from .schedules import LearnedSchedule
+from .seeds import shared_init_seed
 
 
 class SharedState(nn.Module):
@@ -40,7 +42,7 @@ class SharedState(nn.Module):
         else:
             raise ValueError(f"unknown embedding {spec.embedding!r}")
         self.head = nn.Linear(d, m)
-        if spec.method == "noprop_ct":
+        if get_method(spec.method).learned_schedule:
             # Every shard's loss reaches it; it is shared like W_embed.
             self.schedule = LearnedSchedule()
 
@@ -48,7 +50,7 @@ class SharedState(nn.Module):
 def build_shared(spec: ModelSpec, seed: int, prototype_init: torch.Tensor | None = None) -> SharedState:
     """Shared state whose initial values depend only on the seed (and the data, for prototypes)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed * 100_003 + 999_983)
+        torch.manual_seed(shared_init_seed(seed))
         return SharedState(spec, prototype_init)
 
 

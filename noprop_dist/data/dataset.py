@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import Config, ConfigError, DataConfig, validate_data
+from ..config import Config, ConfigError, DataConfig
 from ..registry import DATASETS
 
 TRAIN_ACCURACY_LIMIT = 10_000  # train_accuracy is measured on at most this many training images
@@ -365,7 +365,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, download: boo
                       train_limit=train_limit, test_limit=test_limit,
                       path=None if path is None else os.fspath(path), image_size=image_size,
                       val_fraction=val_fraction)
-    validate_data(data)  # config.py holds the data.* rules (an unknown name lists the allowed ones)
+    data.validate()  # DataConfig holds the data.* rules (an unknown name lists the allowed ones)
     loader: Loader = DATASETS.resolve(name)
     return prepare(loader(data, log or _quiet), data, seed, source=data.path or name)
 

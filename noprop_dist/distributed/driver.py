@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import ray
@@ -14,12 +14,13 @@ import torch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from ..config import Config, ConfigError
-from ..core import ModelSpec, variants
+from ..core import ModelSpec, load_chain_file
 from ..data import ImageDataset, dataset_for
 from ..observability.metrics import run_id as metrics_run_id
 from ..observability.progress import ProgressDisplay
 from ..observability.run_log import MetricsLog, write_report
-from ..storage.run_dir import RunDir, atomic_write_json
+from ..storage.atomic import atomic_write_json
+from ..storage.run_dir import RunDir
 from ..storage.summary import (
     SummaryError,
     describe_model,
@@ -27,7 +28,7 @@ from ..storage.summary import (
     run_summary,
     write_summary,
 )
-from ..core.chain import StageCounts
+from ..core.scoring import StageCounts
 from ..training import assemble_chain, checked_spec, peak_rss_mb
 from ..training.evaluation import EvalJob, final_jobs, final_report, score_locally
 from ..training.selection import (
@@ -41,7 +42,8 @@ from ..training.selection import (
 from .cluster import connect, disconnect, ship_block
 from .evaluator import ClusterEvaluator, PendingEvaluation
 from .faults import driver_save_hook
-from .supervisor import Supervisor, place_workers, split_reports
+from .supervisor import Observers, Supervisor, place_workers
+from .worker import WorkerReport, shard_counters
 
 # The chain's accuracy on the evaluation split (val when the run has one, else test) against cumulative training
 # time, one point per evaluation: {"epoch", "train_seconds", "val_accuracy" | "test_accuracy"}.
@@ -78,18 +80,56 @@ Scorer = Callable[[torch.nn.Module, list[EvalJob]], dict[EvalJob, StageCounts]]
 
 @dataclass
 class Trained:
-    """What the epochs trained in this invocation leave: the last states, the workers' reports (empty when none
-    were trained), the training seconds of the whole run, restart events, the best validation epoch so far and
-    whether the run stopped early (its epoch, the best, the patience)."""
+    """What the epochs trained in this invocation leave: the last states, the workers' last reports (empty when
+    none were trained), the training seconds of the whole run, restart events, the best validation epoch so far,
+    whether the run stopped early (its epoch, the best, the patience), and the wall seconds of each epoch trained
+    here and between them (summary.json's epoch_seconds, epoch_boundary_seconds)."""
 
     states: dict[int, dict]
     shared_state: dict
-    reports: list[dict]
+    reports: list[WorkerReport]
     train_seconds: float
     events: list[dict]
     best: Best | None
     early_stop: dict | None = None
     final: Final | None = None  # the end-of-run evaluation, when the workers made it before they went
+    epoch_seconds: list[float] = field(default_factory=list)
+    # per epoch k > 1: the first worker's start of k minus the last worker's end of k - 1 (their wall clocks)
+    boundary_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EpochFigures:
+    """What ``noprop_dist.train(on_epoch=fn)`` gets after each epoch, as :meth:`as_dict`: the epoch (1-based)
+    and the budget, the training seconds so far, each shard's mean loss over the epoch, the accuracy on the
+    evaluation split when it was measured (``val_accuracy`` or ``test_accuracy``, else absent), the best
+    validation epoch so far and whether the run stops early here."""
+
+    epoch: int | float
+    epochs: int | float  # train.epochs
+    train_seconds: float
+    losses: dict[int, float]  # shard -> its mean loss over the epoch
+    best: Best | None
+    split: str  # the evaluation split: val, else test
+    accuracy: float | None = None  # on ``split``; None: not measured
+    stopping_early: bool = False
+
+    @classmethod
+    def of(cls, cfg: Config, done: int | float, train_seconds: float, reports: list[WorkerReport], split: str,
+           best: Best | None, accuracy: float | None = None) -> EpochFigures:
+        losses = {int(t): b["last_epoch_mean_loss"] for t, b in sorted(shard_counters(reports).items())}
+        return cls(done, cfg.train.epochs, train_seconds, losses, best, split, accuracy)
+
+    def as_dict(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "epoch": self.epoch, "epochs": self.epochs, "train_seconds": self.train_seconds, "losses": self.losses,
+            "best_epoch": self.best.epoch if self.best else None,
+            "best_val_accuracy": self.best.val_accuracy if self.best else None,
+            "stopping_early": self.stopping_early,
+        }
+        if self.accuracy is not None:
+            info[f"{self.split}_accuracy"] = self.accuracy
+        return info
 
 
 OnEpoch = Callable[[dict[str, Any]], Any]
@@ -106,26 +146,33 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
     epoch: the final evaluation measures that one). That evaluation runs on the workers while they train the
     next epoch, and so does the checkpoint's writing: the workers wait only for their states to be gathered.
     Its figures land after that next epoch: the curve, a new best epoch's chain.pt on a validation split
-    (training.selection) and ``on_epoch`` (:func:`_epoch_info`, each epoch once, in order). With
+    (training.selection) and ``on_epoch`` (:class:`EpochFigures`, each epoch once, in order). With
     train.early_stop_patience the decision to go on needs the figures: the workers then wait for them.
 
     run_label: the `run` label of the metrics the actors export, None when they export none.
     """
-    sup = Supervisor(cfg, spec, dataset, rundir, resume, display, run_label, pg)
+
+    def show(reports: list[WorkerReport], event: str = "poll") -> None:
+        """The workers' reports to the progress lines and metrics.jsonl; event "epoch": an epoch ended."""
+        blocks, owner = shard_counters(reports), {t: r.rank for r in reports for t in r.blocks}
+        display.update(blocks, owner, force=event == "epoch")
+        mlog.record(blocks, {r.rank: r.as_dict() for r in reports}, owner, event=event)
+
+    sup = Supervisor(cfg, spec, dataset, rundir, resume, Observers(display.message, show), run_label, pg)
     train_seconds = resume.train_seconds if resume else 0.0
     start_epoch = resume.epochs_done if resume else 0
     split = dataset.eval_split()[0]
     evaluator = ClusterEvaluator(dataset, sorted({split, "test", "train"}), cfg.eval.batch_size, cfg.eval.seed,
                                  display.message)
     best = read_best(rundir.path) if split == "val" else None
-    reports: list[dict] = []
+    reports: list[WorkerReport] = []
     epoch_seconds: list[float] = []
     boundaries: list[float] = []  # per epoch k > 1: first worker's start of k minus the last worker's end of k - 1
     last_end: float | None = None
     early_stop = None
     # The evaluation in flight: its epoch, the training seconds then, the epoch's figures for on_epoch (None:
     # reported already) and the calls.
-    pending: tuple[int, float, dict | None, PendingEvaluation] | None = None
+    pending: tuple[int, float, EpochFigures | None, PendingEvaluation] | None = None
     wait_for_figures = cfg.train.early_stop_patience > 0
 
     def evaluation_due(done: int) -> bool:
@@ -134,7 +181,7 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
 
     # on_epoch's figures not reported yet: those of epochs after one whose evaluation is in flight wait for it,
     # so that every epoch is reported once and in order.
-    waiting: list[dict] = []
+    waiting: list[EpochFigures] = []
 
     def land(wait: bool = True) -> None:
         """Record the evaluation in flight (curve point, best chain, message) and queue its epoch's figures for
@@ -153,18 +200,17 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
         display.message(f"epoch {done}: {split} accuracy of the chain as it stands {acc:.4f}"
                         + (f" (best: epoch {best.epoch}, {best.val_accuracy:.4f})" if best else ""))
         if info is not None:
-            waiting.append(info | {f"{split}_accuracy": acc, "best_epoch": best.epoch if best else None,
-                                   "best_val_accuracy": best.val_accuracy if best else None})
+            waiting.append(replace(info, accuracy=acc, best=best))
 
-    def report(info: dict | None = None) -> None:
+    def report(info: EpochFigures | None = None) -> None:
         """Give on_epoch ``info`` (an epoch's figures) and what waited, in epoch order, up to the epoch whose
         evaluation is in flight."""
         if info is not None:
             waiting.append(info)
-        waiting.sort(key=lambda i: i["epoch"])
+        waiting.sort(key=lambda i: i.epoch)
         hold = pending[0] if pending is not None and pending[2] is not None else None
-        while waiting and on_epoch is not None and (hold is None or waiting[0]["epoch"] < hold):
-            on_epoch(waiting.pop(0))
+        while waiting and on_epoch is not None and (hold is None or waiting[0].epoch < hold):
+            on_epoch(waiting.pop(0).as_dict())
 
     try:
         if resume and evaluation_due(start_epoch) and (not curve or curve[-1]["epoch"] < start_epoch):
@@ -175,16 +221,14 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
             land()
         for epoch in range(start_epoch, cfg.train.passes):
             t0 = time.perf_counter()
-            reports = sup.run_epoch(epoch, mlog)
+            reports = sup.run_epoch(epoch)
             epoch_seconds.append(time.perf_counter() - t0)
             if last_end is not None:  # the time between epochs: gathering states, starting evaluations and saves
-                boundaries.append(min(r["epoch_started"] for r in reports) - last_end)
-            last_end = max(r["epoch_ended"] for r in reports)
+                boundaries.append(min(r.epoch_started for r in reports) - last_end)
+            last_end = max(r.epoch_ended for r in reports)
             train_seconds += epoch_seconds[-1]
             done = epoch + 1
-            blocks, by_rank = split_reports(reports)
-            display.update(blocks, sup.owner, force=True)
-            mlog.record(blocks, by_rank, sup.owner, event="epoch")
+            show(reports, event="epoch")
             # The previous evaluation, scored on the workers while they trained this epoch; one that is not done
             # yet (it takes longer than an epoch: CT's 1,000 steps on a CPU) is left running, and this epoch is
             # not evaluated: the workers never wait for an evaluation.
@@ -198,8 +242,8 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
                                 "spaces them)")
             checkpoint_now = done % cfg.run.checkpoint_every == 0 or last
             if checkpoint_now or evaluate_now:
-                states, shared_state, replicas = sup.states(epoch, mlog)
-            info: dict | None = _epoch_info(cfg, done, train_seconds, blocks, split, None, best, None)
+                states, shared_state, replicas = sup.states(epoch)
+            info: EpochFigures | None = EpochFigures.of(cfg, done, train_seconds, reports, split, best)
             if evaluate_now:
                 chain = assemble_chain(spec, states, shared_state)
                 pending = (done, train_seconds, info, evaluator.start(sup.workers, chain, [EvalJob(split)]))
@@ -210,12 +254,15 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
                 early_stop = {"epoch": done, "best_epoch": best.epoch, "patience": cfg.train.early_stop_patience}
                 checkpoint_now = True
             if checkpoint_now:
-                rundir.save_epoch_in_background(done, states, shared_state, train_seconds, replicas,
-                                                before_manifest=driver_save_hook(sup.faults, done))
+                rundir.checkpoints.save_epoch_in_background(done, states, shared_state, train_seconds, replicas,
+                                                            before_manifest=driver_save_hook(sup.faults, done))
                 display.message(f"epoch {done}/{cfg.train.passes} done in {epoch_seconds[-1]:.1f}s; "
-                                f"checkpoint being written to {rundir.ckpt_dir}")
+                                f"checkpoint being written to {rundir.checkpoints.dir}")
             if early_stop:  # this epoch's figures: landed just now (the workers waited for them), or not measured
-                (info if info is not None else waiting[-1])["stopping_early"] = True
+                if info is not None:
+                    info = replace(info, stopping_early=True)
+                else:
+                    waiting[-1] = replace(waiting[-1], stopping_early=True)
             if not last:  # the last epoch's figures come after the final evaluation
                 report(info)
             if early_stop:
@@ -224,34 +271,15 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
                 break
         land()
         report()
-        for r in reports:
-            r["epoch_wall_seconds"] = epoch_seconds
-            r["epoch_boundary_seconds"] = boundaries
-        trained = Trained(states, shared_state, reports, train_seconds, sup.events, best, early_stop)
+        trained = Trained(states, shared_state, reports, train_seconds, sup.events, best, early_stop,
+                          epoch_seconds=epoch_seconds, boundary_seconds=boundaries)
         trained.final = finish(trained, lambda chain, jobs: evaluator.score(sup.workers, chain, jobs))
         return trained
     finally:
         try:
-            rundir.wait_for_saves()  # a checkpoint in writing is finished, whatever ended the run
+            rundir.checkpoints.wait_for_saves()  # a checkpoint in writing is finished, whatever ended the run
         finally:
             sup.close()
-
-
-def _epoch_info(cfg: Config, done: int, train_seconds: float, blocks: dict[int, dict], split: str,
-                accuracy: float | None, best: Best | None, early_stop: dict | None) -> dict[str, Any]:
-    """What ``noprop_dist.train(on_epoch=fn)`` gets after each epoch: the epoch (1-based) and the budget, the
-    training seconds so far, each shard's mean loss over the epoch, the accuracy on the evaluation split when it
-    was measured (``val_accuracy`` or ``test_accuracy``, else absent), the best validation epoch so far and
-    whether the run stops early here."""
-    info: dict[str, Any] = {
-        "epoch": done, "epochs": cfg.train.epochs, "train_seconds": train_seconds,
-        "losses": {int(t): b["last_epoch_mean_loss"] for t, b in sorted(blocks.items())},
-        "best_epoch": best.epoch if best else None, "best_val_accuracy": best.val_accuracy if best else None,
-        "stopping_early": early_stop is not None,
-    }
-    if accuracy is not None:
-        info[f"{split}_accuracy"] = accuracy
-    return info
 
 
 def _chain_extra(cfg: Config, dataset: ImageDataset) -> dict[str, Any]:
@@ -296,7 +324,7 @@ def run_training(cfg: Config, log: Callable[[str], None] = print, dataset: Image
 
     dataset: the arrays the Python API was given (cfg.data.name is then "arrays"), else cfg.data's loader runs.
     block: the block factory the Python API was given (cfg.model.block records its import path).
-    on_epoch: called after every epoch with its figures (:func:`_epoch_info`); what it raises ends the run,
+    on_epoch: called after every epoch with its figures (:class:`EpochFigures`); what it raises ends the run,
     which resumes from that epoch's checkpoint.
     The dataset is loaded and the block built and run on two of its images (training.checked_spec) before anything
     is written or Ray starts. One driver per run.dir: a second one is refused (ConfigError naming the holder)
@@ -310,7 +338,7 @@ def run_training(cfg: Config, log: Callable[[str], None] = print, dataset: Image
     rundir = RunDir(cfg.run.dir)
     with contextlib.ExitStack() as held:  # the lock, once taken, is held until the summary is written
         return _run(cfg, spec, dataset, rundir, log,
-                    lambda: held.enter_context(rundir.lock("a noprop_dist training run")), on_epoch)
+                    lambda: held.enter_context(rundir.lock.hold("a noprop_dist training run")), on_epoch)
 
 
 def _stopped_early(rundir: RunDir) -> dict | None:
@@ -325,7 +353,7 @@ def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, lo
     # Everything that can refuse the run does so before anything is written to run.dir (a driver already
     # running on it included).
     cleared = rundir.check(cfg)
-    manifest = None if cleared else rundir.read_manifest()
+    manifest = None if cleared else rundir.checkpoints.read_manifest()
     stopped = None if cleared else _stopped_early(rundir)
 
     def finished(epochs_done: int) -> bool:
@@ -351,7 +379,7 @@ def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, lo
     try:
         take_lock()
         rundir.prepare(cfg)
-        resume = rundir.load_resume(spec.num_shards)
+        resume = rundir.checkpoints.load_resume(spec.num_shards)
         display = ProgressDisplay(cfg.train.passes, interval=cfg.train.log_every_seconds)
         mlog = MetricsLog(rundir.path, run_label, cfg.metrics.write_every_seconds, warn=log,
                           tensorboard=cfg.metrics.tensorboard, epochs_done=resume.epochs_done if resume else 0)
@@ -366,7 +394,7 @@ def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, lo
                               read_best(rundir.path) if split == "val" else None, stopped)
         else:
             if resume:
-                log(f"resuming from epoch {resume.epochs_done} (checkpoints in {rundir.ckpt_dir})")
+                log(f"resuming from epoch {resume.epochs_done} (checkpoints in {rundir.checkpoints.dir})")
             if not connected:  # the last epoch's checkpoint was unusable: there is training to do after all
                 (started, pg), connected = _connect_checked(cfg, log), True
             if cfg.metrics.enabled:
@@ -390,9 +418,8 @@ def _run(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: RunDir, lo
         mlog.accuracy(epochs, point, trained.train_seconds, split)
     mlog.close()
     if on_epoch is not None and trained.reports and not trained.early_stop:
-        blocks, _ = split_reports(trained.reports)
-        on_epoch(_epoch_info(cfg, epochs, trained.train_seconds, blocks, split,
-                             accuracy if last_val is None else last_val, best, None))
+        on_epoch(EpochFigures.of(cfg, epochs, trained.train_seconds, trained.reports, split, best,
+                                 accuracy if last_val is None else last_val).as_dict())
     chosen = {"best_epoch": best.epoch, "val_accuracy": best.val_accuracy} if best else {}
     chain.save(rundir.file(CHAIN_FILE), extra=_chain_extra(cfg, dataset) | {"test_accuracy": accuracy} | chosen)
     summary = _summary(cfg, spec, dataset, accuracy, train_accuracy, trained, rundir, curve) | {
@@ -431,7 +458,7 @@ def _final_evaluation(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundi
                 os.remove(rundir.file(LAST_CHAIN_FILE))  # from an earlier invocation whose last epoch was not the best
             best = Best(epochs, last_val)
         else:
-            chain, _ = variants.load_chain(rundir.file(CHAIN_FILE), block=spec.block_factory)
+            chain, _ = load_chain_file(rundir.file(CHAIN_FILE), block=spec.block_factory)
             last.save(rundir.file(LAST_CHAIN_FILE), extra=_chain_extra(cfg, dataset) | {"epoch": epochs,
                                                                                       "val_accuracy": last_val})
     counts = scorer(chain, final_jobs(chain, cfg.eval.paper_sampler, cfg.eval.train_accuracy))
@@ -446,18 +473,18 @@ def _summary(cfg: Config, spec: Any, dataset: ImageDataset, accuracy: float | No
         with contextlib.suppress(SummaryError):
             old = read_summary(rundir.path)
     blocks = [
-        {"block": int(t), "worker": r["rank"], "samples_per_second": b["samples_per_second"],
+        {"block": int(t), "worker": r.rank, "samples_per_second": b["samples_per_second"],
          "final_loss": b["loss"], "last_epoch_mean_loss": b["last_epoch_mean_loss"], "steps": b["total_steps"],
          "compute_seconds": b["compute_seconds"], "sync_seconds": b["sync_seconds"],
-         "nonfinite_events": b["nonfinite_events"], "stopped": b["stopped"], "restarts": r.get("restarts", 0)}
-        for r in reports for t, b in r["blocks"].items()
+         "nonfinite_events": b["nonfinite_events"], "stopped": b["stopped"], "restarts": r.restarts}
+        for r in reports for t, b in r.blocks.items()
     ]
     blocks.sort(key=lambda b: b["block"])
     step_s = sum(b["compute_seconds"] + b["sync_seconds"] for b in blocks)
     sync_s = sum(b["sync_seconds"] for b in blocks)
-    gpu = [r["peak_gpu_mb"] for r in reports if r.get("peak_gpu_mb") is not None]
+    gpu = [r.peak_gpu_mb for r in reports if r.peak_gpu_mb is not None]
     if reports:
-        memory = (max(gpu), "gpu") if gpu else (max(r["peak_rss_mb"] for r in reports), "rss")
+        memory = (max(gpu), "gpu") if gpu else (max(r.peak_rss_mb for r in reports), "rss")
     else:
         memory = (old.get("peak_memory_mb"), old.get("peak_memory_kind"))
     common = run_summary(
@@ -476,18 +503,11 @@ def _summary(cfg: Config, spec: Any, dataset: ImageDataset, accuracy: float | No
         "blocks": blocks or old.get("blocks", []),
         "sync_fraction_of_step_time": (sync_s / step_s) if step_s else old.get("sync_fraction_of_step_time"),
         # Wall time of each epoch trained in this invocation; the first includes starting the actors.
-        "epoch_seconds": reports[0]["epoch_wall_seconds"] if reports else old.get("epoch_seconds", []),
+        "epoch_seconds": trained.epoch_seconds if reports else old.get("epoch_seconds", []),
         # Between consecutive epochs of this invocation: from the last worker ending epoch k to the first starting
         # epoch k + 1 (the workers' wall clocks), the time the driver keeps them waiting.
-        "epoch_boundary_seconds": (reports[0]["epoch_boundary_seconds"] if reports
-                                   else old.get("epoch_boundary_seconds", [])),
-        "workers": [
-            {k: r[k] for k in ("rank", "pid", "device", "precision", "peak_rss_mb", "peak_gpu_mb", "exchanges", "exchange_seconds",
-                               "push_seconds", "pull_seconds", "embedding_version_lag", "max_embedding_version_lag",
-                               "max_stale_exchanges", "polls", "epoch_seconds", "zero_copy_data", "data_on_device",
-                               "restarts", "server_resyncs", "sync_every")}
-            for r in reports
-        ] or old.get("workers", []),
+        "epoch_boundary_seconds": trained.boundary_seconds if reports else old.get("epoch_boundary_seconds", []),
+        "workers": [r.as_dict() for r in reports] or old.get("workers", []),
         "driver_peak_rss_mb": peak_rss_mb(),
         "chain": rundir.file(CHAIN_FILE),
     }

@@ -8,7 +8,7 @@ from typing import Callable
 import ray
 import torch
 
-from ..core.chain import StageCounts
+from ..core.scoring import StageCounts
 from ..data import ImageDataset
 from ..training.evaluation import EvalJob, job_parts, score, split_images
 
@@ -33,7 +33,7 @@ class PendingEvaluation:
 
 class ClusterEvaluator:
     """Scores chains on the run's workers: the evaluation images go into the object store once; each evaluation
-    splits its jobs into as many parts as there are workers (core.chain.batch_parts: exact counts), one call per
+    splits its jobs into as many parts as there are workers (core.scoring.batch_parts: exact counts), one call per
     worker, which runs beside its training (Worker.evaluate)."""
 
     def __init__(self, dataset: ImageDataset, splits: list[str], batch_size: int, seed: int,

@@ -10,7 +10,7 @@ import ray
 import torch
 
 from ..core import ModelSpec
-from ..storage.run_dir import RunDir
+from ..storage.checkpoints import CheckpointStore
 from ..training.shared_state import Round, SharedStateServer, Snapshot, SyncEveryChoice
 from .telemetry import ServerTelemetry
 
@@ -25,7 +25,7 @@ class ParameterServer:
     ``max_restarts`` > 0 on the driver's node; when its process dies Ray runs ``__init__`` again, which then
     restores the last checkpoint of ``run_dir`` (version and rounds received included) instead of the initial
     state. Calls in flight when it died fail (no task retries): the workers notice, take the restored state
-    and send again what it lacks (``shared_server.SharedReplica``).
+    and send again what it lacks (``training.shared_state.SharedReplica``).
 
     The state travels as one flat vector (``to_wire``).
     """
@@ -43,7 +43,7 @@ class ParameterServer:
         with warnings.catch_warnings():  # Ray 2.60 warns inside this property about its own use of actor_id
             warnings.simplefilter("ignore", DeprecationWarning)
             restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
-        saved = RunDir(run_dir).load_shared() if (restarted and run_dir) else None
+        saved = CheckpointStore(run_dir).load_shared() if (restarted and run_dir) else None
         if saved is not None:
             self.restored_from, state = saved
         if state is not None:
@@ -90,9 +90,6 @@ class ParameterServer:
         """(incarnation, the run's sync_every for auto on GPUs): SharedStateServer.settle_sync_every. The
         incarnation tells a worker that the server it exchanged with before is gone."""
         return self.server.incarnation, self.server.settle_sync_every(proposal)
-
-    def version(self) -> int:
-        return self.server.version
 
     def identity(self) -> dict:
         """This incarnation: pid (changes when Ray restarts it), version, what it restored, repeats ignored;

@@ -17,11 +17,14 @@ from typing import Any, Callable
 import ray
 import torch
 
-from ..baselines.learner import baseline_spec, build_learner
-from ..baselines.runner import Log, empty_progress, train_epochs
+from ..baselines.learner import build_learner
+from ..baselines.runner import LEARNER_SHARD, Log, empty_progress, train_epochs
 from ..config import ClusterConfig, Config, config_from_dict, worker_threads
 from ..data import ImageDataset
-from ..storage.run_dir import Resume, RunDir
+from ..registry import get_method
+from ..storage.checkpoints import Resume
+from ..storage.run_dir import RunDir
+from ..training import model_spec
 from .cluster import connect, disconnect, ship_block
 
 
@@ -50,13 +53,14 @@ def fit(cfg: Config, dataset: ImageDataset, rundir: RunDir, resume: Resume | Non
     run_dir = os.path.abspath(rundir.path)  # workers do not share the driver's working directory
     started = connect_for_train(c)
     # backprop trains model.block's blocks; the factory travels to the workers as the NoProp workers' does
-    factory = ship_block(baseline_spec(cfg, dataset, block)).block_factory if cfg.model.method == "backprop" else None
+    factory = (ship_block(model_spec(cfg, dataset.image_shape, dataset.num_classes, block)).block_factory
+               if get_method(cfg.model.method).takes_block else None)
     try:
         resources = {"CPU": c.cpus_per_worker} | ({"GPU": c.gpus_per_worker} if c.gpus_per_worker > 0 else {})
         start = None
         if resume is not None:
             start = {"epochs_done": resume.epochs_done, "train_seconds": resume.train_seconds,
-                     "learner": resume.block_states[1]["learner"], "progress": resume.shared_state}
+                     "learner": resume.block_states[LEARNER_SHARD]["learner"], "progress": resume.shared_state}
         trainer = TorchTrainer(
             _train_worker,
             train_loop_config={"cfg": cfg.to_dict(), "run_dir": run_dir, "data": ray.put(dataset),

@@ -1,9 +1,12 @@
-"""The supervisor of a run's actors: one placement group, the parameter server and W workers; it restarts
-dead and hung workers, notices a restarted server, and fails the run with one line when it cannot go on."""
+"""The supervisor of a run's actors: one placement group, the parameter server and W workers. The mechanism
+apart from the policy: it gathers what it sees into a status, asks ``restart_policy.decide`` what to do (restart
+dead and hung workers, kill a hung server, count a restarted one, fail the run with one line, or wait) and does
+it."""
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
@@ -20,18 +23,25 @@ from ray.util.scheduling_strategies import (
 
 from ..config import Config, worker_threads
 from ..data import ImageDataset
-from ..observability.progress import ProgressDisplay
-from ..observability.run_log import MetricsLog
-from ..storage.run_dir import Resume, RunDir
-from ..training import assign_blocks, initial_prototypes, replica_key
+from ..storage.checkpoints import Resume
+from ..storage.run_dir import RunDir
+from ..training import assign_shards, initial_prototypes, replica_key
 from .faults import faults_from_env
 from .param_server import ParameterServer
-from .restart_policy import RestartBudget, TrainingFailed
-from .worker import Worker
-
-# The automatic cluster.hang_timeout_s never goes below this: starting an actor, importing torch and the first
-# steps of a restarted worker take tens of seconds on a loaded machine.
-HANG_FLOOR_S = 120.0
+from .restart_policy import (
+    Clocks,
+    Decision,
+    KillServer,
+    Limits,
+    Restart,
+    RestartBudget,
+    RunStatus,
+    ServerStatus,
+    TrainingFailed,
+    WorkerStatus,
+    decide,
+)
+from .worker import Worker, WorkerReport, WorkerSpec
 
 
 def worker_bundle(cfg: Config) -> dict[str, float]:
@@ -71,13 +81,17 @@ def place_workers(cfg: Config, log: Callable[[str], None] | None = None) -> Plac
     return pg
 
 
-def split_reports(reports: list[dict]) -> tuple[dict[int, dict], dict[int, dict]]:
-    """Workers' reports (``Worker.progress`` / ``train_epoch``) -> (block -> counters, rank -> report)."""
-    return {t: b for r in reports for t, b in r["blocks"].items()}, {r["rank"]: r for r in reports}
+@dataclass(frozen=True)
+class Observers:
+    """Where the supervisor's news goes; it knows nothing of how progress is shown or logged."""
+
+    message: Callable[[str], None]  # a line for the run's log: restarts, waits, checkpoints it falls back from
+    progress: Callable[[list[WorkerReport]], None]  # every worker's last report, each second while an epoch trains
 
 
 class Supervisor:
-    """The run's actors: one placement group, the parameter server, W workers; restarts dead workers.
+    """The run's actors: one placement group, the parameter server, W workers; restarts dead and hung workers
+    as :func:`decide` says.
 
     A worker whose process dies is re-created in its own bundle; its shards reload their last checkpoint
     and redo the epochs since, while the other workers go on (they wait only at the epoch barrier). The
@@ -86,13 +100,13 @@ class Supervisor:
     """
 
     def __init__(self, cfg: Config, spec: Any, dataset: ImageDataset, rundir: RunDir, resume: Any,
-                 display: ProgressDisplay, run_label: str | None, pg: PlacementGroup | None = None) -> None:
+                 observers: Observers, run_label: str | None, pg: PlacementGroup | None = None) -> None:
         """pg: the workers' placement group, placed already (:func:`place_workers`); None: placed here."""
-        self.cfg, self.spec, self.rundir, self.display, self.run_label = cfg, spec, rundir, display, run_label
+        self.cfg, self.spec, self.rundir, self.observers, self.run_label = cfg, spec, rundir, observers, run_label
         c = cfg.cluster
-        self.groups = assign_blocks(spec.num_shards, c.num_workers)
-        self.owner = {t: w for w, g in enumerate(self.groups) for t in g}
+        self.groups = assign_shards(spec.num_shards, c.num_workers)
         self.budget = RestartBudget(c.max_restarts_per_worker, c.max_restarts)
+        self.limits = Limits(c.hang_timeout_s, c.placement_timeout_s, worker_bundle(cfg), len(self.groups))
         self.events: list[dict] = []  # one per restart, for the summary
         self.faults = faults_from_env()
         self.dataset = dataset
@@ -111,22 +125,12 @@ class Supervisor:
         )
         self.server_pid = ray.get(self.server.identity.remote())["pid"]
         if resume and any(replica_key(g) not in resume.replica_states for g in self.groups):
-            display.message("the checkpoint holds no shared-state replica for this layout of blocks on workers "
-                            f"({', '.join(replica_key(g) for g in self.groups)}): their optimizers start afresh")
+            observers.message("the checkpoint holds no shared-state replica for this layout of blocks on workers "
+                              f"({', '.join(replica_key(g) for g in self.groups)}): their optimizers start afresh")
         self.workers = [self._worker(w, resume, 0) for w in range(c.num_workers)]
-        self.last_progress: dict[int, dict] = {}
-        # Hang detection: per worker (its pid, its steps so far, when that count was first seen); the longest
-        # gap between two steps of one process seen in the run; when the server last answered.
-        self.advanced: dict[int, tuple[int | None, int | None, float]] = {}
-        self.slowest_gap = 0.0
-        self.server_seen, self.server_answers = time.monotonic(), True  # its last answer; whether the last call got one
+        self.last_progress: dict[int, WorkerReport] = {}
         self.answered: dict[int, bool] = {}  # whether the worker's last progress call was answered
-        self.unplaced_since: dict[int, float] = {}  # worker -> since when its bundle has had no node
-
-    def hang_timeout(self) -> float:
-        """Seconds without a step after which a training worker counts as hung (cluster.hang_timeout_s)."""
-        fixed = self.cfg.cluster.hang_timeout_s
-        return fixed if fixed > 0 else max(HANG_FLOOR_S, 10 * self.slowest_gap)
+        self.clocks = Clocks(time.monotonic())
 
     def _worker(self, w: int, resume: Resume | None, restarts: int, first: bool | None = None
                 ) -> "ray.actor.ActorHandle":
@@ -137,32 +141,28 @@ class Supervisor:
         c, group = self.cfg.cluster, self.groups[w]
         states = {t: resume.block_states[t] for t in group} if resume else None
         replica = resume.replica_states.get(replica_key(group)) if resume else None
+        worker_spec = WorkerSpec(
+            w, self.spec, group, self.cfg.train, worker_threads(c), c.device, self.dataset.mean, self.dataset.std,
+            self.server, states, replica, run_id=self.run_label, restarts=restarts,
+            faults=[f for f in self.faults if f.worker == w] if first else None,
+        )
         return Worker.options(
             num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=w),
-        ).remote(
-            w, self.spec, group, self.cfg.train, worker_threads(c), c.device, self.x_ref, self.y_ref,
-            self.dataset.mean, self.dataset.std, self.server, states, replica, run_id=self.run_label,
-            restarts=restarts, faults=[f for f in self.faults if f.worker == w] if first else None,
-        )
+        ).remote(worker_spec, self.x_ref, self.y_ref)
 
-    def _blocks(self, w: int) -> str:
-        g = self.groups[w]
-        return f"block {g[0]}" if len(g) == 1 else f"blocks {g[0]}-{g[-1]}"
-
-    def _restart(self, w: int, epoch: int, why: str, kind: str = "died") -> "ray.ObjectRef":
-        """Worker w died (or hung) during ``epoch`` (0-based): a new one in its bundle, from the last checkpoint,
-        redoing the epochs since. ``why``: what happened, for the message; ``kind``: died | hung."""
-        what = f"worker {w} ({self._blocks(w)}) {why}"
-        n = self.budget.worker_restart(w, what)
+    def _restart(self, action: Restart, epoch: int) -> "ray.ObjectRef":
+        """Worker ``action.rank`` died (or hung) during ``epoch`` (0-based): a new one in its bundle, from the last
+        checkpoint, redoing the epochs since. Returns its train call."""
+        w, n, what = action.rank, action.count, action.what
         ray.kill(self.workers[w])  # already gone, or hung: makes sure its bundle is free
-        resume = self.rundir.load_resume(self.spec.num_shards, warn=self.display.message)
+        resume = self.rundir.checkpoints.load_resume(self.spec.num_shards, warn=self.observers.message)
         from_epoch = resume.epochs_done if resume else 0
         self.workers[w] = self._worker(w, resume, n)
-        self.advanced[w] = (None, None, time.monotonic())
-        self.events.append({"kind": "worker", "cause": kind, "worker": w, "blocks": self.groups[w],
+        self.clocks.started(w, time.monotonic())
+        self.events.append({"kind": "worker", "cause": action.cause, "worker": w, "blocks": self.groups[w],
                             "epoch": epoch + 1, "restart": n, "resumed_from_epoch": from_epoch, "time": time.time()})
-        self.display.message(
+        self.observers.message(
             f"{what}; restarted ({n}/{self.cfg.cluster.max_restarts_per_worker}), its blocks redo "
             f"epoch{'s' if epoch > from_epoch else ''} {from_epoch + 1}{f'-{epoch + 1}' if epoch > from_epoch else ''} "
             f"from {'the checkpoint of epoch ' + str(from_epoch) if resume else 'their initial weights'}; "
@@ -170,89 +170,45 @@ class Supervisor:
         )
         return self.workers[w].train_epochs.remote(list(range(from_epoch, epoch + 1)))
 
-    def _watch_placement(self, epoch: int) -> set[int]:
-        """The workers whose bundle has no node (theirs was lost; Ray is looking for room): they cannot step, so
-        they are not hung. Fails the run with one line once one has waited cluster.placement_timeout_s."""
+    def _unplaced(self) -> dict[int, float]:
+        """The workers whose bundle has no node (theirs was lost; Ray is looking for room) -> for how long."""
         table = placement_group_table(self.pg)
-        unplaced = {int(b) for b, node in table.get("bundles_to_node_id", {}).items() if not node}
-        now, limit = time.monotonic(), self.cfg.cluster.placement_timeout_s
-        for w in set(self.unplaced_since) - unplaced:  # placed again: its hang clock starts now
-            del self.unplaced_since[w]
-            self.advanced[w] = (None, None, now)
-        for w in sorted(unplaced):
-            waited = now - self.unplaced_since.setdefault(w, now)
-            if waited > limit:
-                bundle, left = worker_bundle(self.cfg), ray.cluster_resources()
-                fit = min(int(left.get(k, 0) // v) for k, v in bundle.items())
-                have = ", ".join(f"{left.get(k, 0):g} {k}" for k in bundle)
-                fewer = (f"resume with cluster.num_workers={fit} (run.dir keeps the checkpoint of the last epoch "
-                         "done)" if fit else "no worker fits")
-                raise TrainingFailed(
-                    f"worker {w} ({self._blocks(w)}) lost its node in epoch {epoch + 1} and Ray found no room for "
-                    f"its bundle {bundle} within {limit:g}s (cluster.placement_timeout_s): the cluster has {have} "
-                    f"left, {len(self.groups)} workers need {len(self.groups)} x {bundle}; add a node, or {fewer}")
-        return unplaced
+        ranks = {int(b) for b, node in table.get("bundles_to_node_id", {}).items() if not node}
+        return self.clocks.unplaced(ranks, time.monotonic())
 
-    def _check_hangs(self, pending: dict[int, Any], epoch: int, unplaced: set[int] = frozenset()) -> None:
-        """Restart the pending workers that have made no step for :meth:`hang_timeout` seconds.
-
-        In sync mode one hung worker soon stalls the others (they wait for its pushes), but those still
-        answer progress calls: only the silent ones are restarted. Nothing is restarted while the server is
-        silent: the workers wait for it, and it is the one to restart (:meth:`_watch_server`).
-        """
-        now = time.monotonic()
-        if not self.server_answers:
-            return
-        stalled = []
-        for w in set(pending) - unplaced:
-            report = self.last_progress.get(w)
-            pid = report["pid"] if report else None
-            steps = sum(b["total_steps"] for b in report["blocks"].values()) if report else None
-            seen_pid, seen_steps, since = self.advanced.get(w, (None, None, now))
-            if (pid, steps) != (seen_pid, seen_steps):
-                if pid == seen_pid and seen_steps is not None:  # a step of the same process: a gap measured
-                    self.slowest_gap = max(self.slowest_gap, now - since)
-                self.advanced[w] = (pid, steps, now)
-            elif now - since > self.hang_timeout():
-                stalled.append((w, now - since))
-        silent = [(w, gap) for w, gap in stalled if not self.answered.get(w, False)]
-        limit = self.cfg.cluster.hang_timeout_s
-        rule = f"cluster.hang_timeout_s={limit:g}" if limit > 0 else \
-            f"automatic hang timeout {self.hang_timeout():.0f}s; cluster.hang_timeout_s sets it"
-        # Stalled workers that still answer wait for a silent or a slow one; they are restarted only when
-        # every worker is stalled and answering (a deadlock the silent ones do not explain).
-        hung = silent or (stalled if len(stalled) == len(pending) else [])
-        for w, gap in hung:
-            pending[w] = self._restart(w, epoch, f"made no step for {gap:.0f}s in epoch {epoch + 1} ({rule})", "hung")
-
-    def _watch_server(self) -> None:
-        """Notice a restarted parameter server (new pid); fail when it is gone for good."""
+    def _server_status(self) -> ServerStatus:
+        """Ask the server who it is: whether it answers, and whether a new incarnation (pid) does."""
         try:
             ident = ray.get(self.server.identity.remote(), timeout=2.0)
         except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
-            self.server_answers = False
-            silent = time.monotonic() - self.server_seen
-            if silent > self.hang_timeout():  # hung (stopped, deadlocked): kill it and let Ray restart it
-                self.display.message(f"parameter server did not answer for {silent:.0f}s; killed, Ray restarts it")
-                ray.kill(self.server, no_restart=False)
-                self.server_seen = time.monotonic()  # give the new incarnation the same time to come up
-            return  # restarting, or busy: look again next time
-        except ray.exceptions.RayActorError as e:
-            raise TrainingFailed(f"parameter server died and was not restarted "
-                                 f"(cluster.max_restarts={self.cfg.cluster.max_restarts}): {e}") from None
-        self.server_seen, self.server_answers = time.monotonic(), True
-        if ident["pid"] != self.server_pid:
-            self.server_pid = ident["pid"]
-            what = ("parameter server restarted; it restored "
-                    + (f"the checkpoint of epoch {ident['restored_from']}" if ident["restored_from"] is not None
-                       else "its initial state (no checkpoint yet)") + f", version {ident['start_version']}")
-            n = self.budget.server_restart(what)
-            self.events.append({"kind": "server", "restart": n, "restored_from_epoch": ident["restored_from"],
-                                "version": ident["start_version"], "time": time.time()})
-            self.display.message(what + "; workers re-sync with it")
+            return ServerStatus(answered=False, silent_s=self.clocks.server_silent(time.monotonic()))
+        except ray.exceptions.RayActorError as e:  # after the above: ActorUnavailableError is one
+            return ServerStatus(answered=False, gone=str(e))
+        self.clocks.server_answered(time.monotonic())
+        restarted, self.server_pid = ident["pid"] != self.server_pid, ident["pid"]
+        return ServerStatus(restarted=restarted, restored_from=ident["restored_from"],
+                            start_version=ident["start_version"])
 
-    def _poll(self, pending: dict[int, Any]) -> list[dict]:
-        """Progress of every worker; a dead one keeps its last report (its train call tells the rest)."""
+    def _carry_out(self, decision: Decision, epoch: int, pending: dict[int, Any]) -> None:
+        """Do what :func:`decide` said about ``epoch`` (0-based): restart workers (their train calls go into
+        ``pending``), kill a hung server, count a restarted one; then fail the run if it said so."""
+        self.budget = decision.budget
+        for action in decision.actions:
+            if isinstance(action, Restart):
+                pending[action.rank] = self._restart(action, epoch)
+            elif isinstance(action, KillServer):
+                self.observers.message(action.message)
+                ray.kill(self.server, no_restart=False)
+                self.clocks.server_answered(time.monotonic())  # give the new incarnation the same time to come up
+            else:
+                self.events.append({"kind": "server", "restart": action.count, "restored_from_epoch":
+                                    action.restored_from, "version": action.version, "time": time.time()})
+                self.observers.message(action.message)
+        if decision.fail is not None:
+            raise TrainingFailed(decision.fail)
+
+    def _poll(self, pending: dict[int, Any]) -> None:
+        """Progress of every pending worker; a dead one keeps its last report (its train call tells the rest)."""
         refs = {w: self.workers[w].progress.remote() for w in pending}
         for w, ref in refs.items():
             try:
@@ -260,42 +216,54 @@ class Supervisor:
                 self.answered[w] = True
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 self.answered[w] = False
-        return list(self.last_progress.values())
 
-    def run_epoch(self, epoch: int, mlog: MetricsLog) -> list[dict]:
+    def run_epoch(self, epoch: int) -> list[WorkerReport]:
         """Every worker trains ``epoch``; dead workers are restarted until the limits. Returns the reports."""
         now = time.monotonic()
-        self.advanced = {w: (None, None, now) for w in range(len(self.workers))}
-        return self._drive({w: h.train_epoch.remote(epoch) for w, h in enumerate(self.workers)}, epoch, mlog)
+        for w in range(len(self.workers)):
+            self.clocks.started(w, now)
+        return self._drive({w: h.train_epoch.remote(epoch) for w, h in enumerate(self.workers)}, epoch)
 
-    def _drive(self, pending: dict[int, Any], epoch: int, mlog: MetricsLog) -> list[dict]:
-        """Wait for the workers' train calls of ``epoch`` in ``pending`` (worker -> ref), restarting dead and hung
-        ones; returns their reports in worker order."""
-        results: dict[int, dict] = {}
+    def _drive(self, pending: dict[int, Any], epoch: int) -> list[WorkerReport]:
+        """Wait for the workers' train calls of ``epoch`` in ``pending`` (worker -> ref), doing what
+        :func:`decide` says about them; returns their reports in worker order."""
+        results: dict[int, WorkerReport] = {}
         while pending:
             ray.wait(list(pending.values()), num_returns=len(pending), timeout=1.0)
+            ended: dict[int, tuple[str, str]] = {}  # worker -> (died | failed, the error)
             for w, ref in list(pending.items()):
                 ready, _ = ray.wait([ref], timeout=0)
                 if not ready:
                     continue
-                del pending[w]
                 try:
                     results[w] = self.last_progress[w] = ray.get(ref)
+                    del pending[w]
                 # Its process died; or its node did, taking the report it had stored there (object lost).
                 except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
-                    pending[w] = self._restart(w, epoch, f"died in epoch {epoch + 1} ({type(e).__name__})")
+                    ended[w] = ("died", type(e).__name__)
                 except ray.exceptions.RayTaskError as e:
-                    first = str(e.cause if e.cause is not None else e).strip().splitlines()[-1]
-                    raise TrainingFailed(f"worker {w} ({self._blocks(w)}) failed in epoch {epoch + 1}: {first}") from None
-            self._watch_server()
-            unplaced = self._watch_placement(epoch)
-            blocks, by_rank = split_reports(self._poll(pending))
-            self._check_hangs(pending, epoch, unplaced)
-            self.display.update(blocks, self.owner)
-            mlog.record(blocks, by_rank, self.owner)
+                    ended[w] = ("failed", str(e.cause if e.cause is not None else e).strip().splitlines()[-1])
+            server = self._server_status()
+            unplaced = self._unplaced()
+            self._poll(pending)
+            now, workers = time.monotonic(), []
+            for w, group in enumerate(self.groups):
+                call, error = ended.get(w, ("running" if w in pending else "done", ""))
+                idle = 0.0
+                # A silent server stalls every worker: their clocks wait for it to answer again.
+                if call == "running" and w not in unplaced and server.answered:
+                    report = self.last_progress.get(w)
+                    idle = self.clocks.stepped(w, report.pid if report else None,
+                                               report.total_steps if report else None, now)
+                workers.append(WorkerStatus(w, tuple(group), call, error, idle, self.answered.get(w, False),
+                                            unplaced.get(w)))
+            status = RunStatus(epoch, tuple(workers), server, self.clocks.slowest_gap_s,
+                               resources=ray.cluster_resources() if unplaced else {})
+            self._carry_out(decide(status, self.budget, self.limits), epoch, pending)
+            self.observers.progress(list(self.last_progress.values()))
         return [results[w] for w in sorted(results)]
 
-    def states(self, epoch: int, mlog: MetricsLog) -> tuple[dict[int, dict], dict, dict[str, dict]]:
+    def states(self, epoch: int) -> tuple[dict[int, dict], dict, dict[str, dict]]:
         """(block states, server state, replica states by group key) at the end of ``epoch`` (0-based).
 
         A worker that dies after its epoch ended, before its states are gathered, is restarted like one that
@@ -313,50 +281,48 @@ class Supervisor:
                     key, replica = ray.get(replica_ref)
                     replicas[key] = replica
                 except ray.exceptions.RayActorError as e:
-                    ref = self._restart(w, epoch, f"died at the end of epoch {epoch + 1}, before its checkpoint "
-                                                  f"({type(e).__name__})")
-                    self._drive({w: ref}, epoch, mlog)
+                    died = WorkerStatus(w, tuple(self.groups[w]), "died", type(e).__name__)
+                    pending: dict[int, Any] = {}
+                    status = RunStatus(epoch, (died,), slowest_gap_s=self.clocks.slowest_gap_s, gathering=True)
+                    self._carry_out(decide(status, self.budget, self.limits), epoch, pending)
+                    self._drive(pending, epoch)
                     break
             else:
                 try:  # asked last: a server that died while the workers' states came has lost the epoch
                     server = ray.get(self.server.state_dict.remote())
                 except ray.exceptions.RayActorError:
-                    self._redo_epoch(epoch, mlog)
+                    self._redo_epoch(epoch)
                     continue
                 blocks = {t: s for part in parts.values() for t, s in part.items()}
                 return blocks, server, replicas
 
-    def _redo_epoch(self, epoch: int, mlog: MetricsLog) -> None:
+    def _redo_epoch(self, epoch: int) -> None:
         """The server died after the workers finished ``epoch``: once Ray has restarted it (from the last
         checkpoint), every worker starts again from that checkpoint and redoes the epochs since. The server's
         restart counts against cluster.max_restarts; the workers' do not (nothing was wrong with them)."""
-        limit = self.cfg.cluster.placement_timeout_s
-        deadline = time.monotonic() + limit
-        while True:
-            self._watch_server()
-            try:
-                ray.get(self.server.identity.remote(), timeout=2.0)
+        since = time.monotonic()
+        while True:  # until it answers (a new incarnation: its restart is counted)
+            server = self._server_status()
+            status = RunStatus(epoch, (), server, self.clocks.slowest_gap_s, gathering=True,
+                               server_wait_s=time.monotonic() - since)
+            self._carry_out(decide(status, self.budget, self.limits), epoch, {})
+            if server.answered:
                 break
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.ActorUnavailableError):
-                if time.monotonic() > deadline:
-                    raise TrainingFailed(f"parameter server did not come back within {limit:g}s "
-                                         f"(cluster.placement_timeout_s) after dying at the end of epoch "
-                                         f"{epoch + 1}") from None
-                time.sleep(0.5)
-        self._watch_server()  # counts the restart (a new pid)
-        resume = self.rundir.load_resume(self.spec.num_shards, warn=self.display.message)
+            time.sleep(0.5)
+        resume = self.rundir.checkpoints.load_resume(self.spec.num_shards, warn=self.observers.message)
         from_epoch = resume.epochs_done if resume else 0
-        self.display.message(f"parameter server died at the end of epoch {epoch + 1}; every worker redoes "
-                             f"epoch{'s' if epoch > from_epoch else ''} {from_epoch + 1}"
-                             f"{f'-{epoch + 1}' if epoch > from_epoch else ''} from its last checkpoint")
+        self.observers.message(f"parameter server died at the end of epoch {epoch + 1}; every worker redoes "
+                               f"epoch{'s' if epoch > from_epoch else ''} {from_epoch + 1}"
+                               f"{f'-{epoch + 1}' if epoch > from_epoch else ''} from its last checkpoint")
         pending = {}
         for w, h in enumerate(self.workers):
             ray.kill(h)
             self.workers[w] = self._worker(w, resume, self.budget.by_worker.get(w, 0), first=False)
             pending[w] = self.workers[w].train_epochs.remote(list(range(from_epoch, epoch + 1)))
         now = time.monotonic()
-        self.advanced = {w: (None, None, now) for w in pending}
-        self._drive(pending, epoch, mlog)
+        for w in pending:
+            self.clocks.started(w, now)
+        self._drive(pending, epoch)
 
     def close(self) -> None:
         for w in self.workers:

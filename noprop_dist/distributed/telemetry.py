@@ -30,7 +30,7 @@ from ..observability.metrics import (
     WORKER_RESTARTS,
     MetricSpec,
 )
-from ..training import BlockStats
+from ..training import ShardStats
 from ..training.shared_state import ExchangeStats
 
 Instrument = Union[Counter, Gauge, Histogram]
@@ -46,13 +46,13 @@ def instrument(spec: MetricSpec) -> Instrument:
 
 
 class StepTracker:
-    """Turns a shard group's cumulative BlockStats into per-step times.
+    """Turns a shard group's cumulative ShardStats into per-step times.
 
     ShardGroup counts totals (steps, compute and sync seconds per block); a histogram needs each step's
     own time. Read after every mini-batch, the difference since the last read is one step per block.
     """
 
-    def __init__(self, stats: dict[int, BlockStats]) -> None:
+    def __init__(self, stats: dict[int, ShardStats]) -> None:
         self.stats = stats
         self.last = {t: (st.total_steps, st.compute_seconds + st.sync_seconds) for t, st in stats.items()}
 
@@ -75,14 +75,14 @@ class WorkerTelemetry:
     latencies and replica lag; its restarts; its GPU where it has one.
 
     The training thread records each step's time (``on_step``), each push and each pull taken. Counters and
-    gauges are set from the BlockStats by a background thread once a second, while the actor lives:
+    gauges are set from the ShardStats by a background thread once a second, while the actor lives:
     Ray's metrics agent drops a gauge not set again within two export intervals, which would blank the
     dashboard between epochs (checkpoints) and lose the restart count that is set only once.
     """
 
     FLUSH_SECONDS = 1.0
 
-    def __init__(self, run: str, rank: int, stats: dict[int, BlockStats], total_epochs: int,
+    def __init__(self, run: str, rank: int, stats: dict[int, ShardStats], total_epochs: int,
                  device: torch.device, restarts: int = 0, exchange: ExchangeStats | None = None) -> None:
         """exchange: the worker replica's counters (the embedding lag comes from them); None: no lag."""
         self.gpu = device if device.type == "cuda" else None
@@ -114,7 +114,7 @@ class WorkerTelemetry:
 
     # --- counters and gauges ----------------------------------------------------------------
     def flush(self) -> None:
-        """Counters and gauges from the current BlockStats (also called at the end of every epoch).
+        """Counters and gauges from the current ShardStats (also called at the end of every epoch).
 
         Reads counters the training thread writes; a read that straddles an epoch's end may be one
         flush late, never lost (the counter adds the difference to what it already counted).

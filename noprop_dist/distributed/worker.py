@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable
 
 import numpy as np
 import ray
@@ -11,7 +12,7 @@ import torch
 
 from ..config import TrainConfig
 from ..core import ModelSpec
-from ..core.chain import StageCounts
+from ..core.scoring import StageCounts
 from ..training import ShardGroup, peak_rss_mb
 from ..training.evaluation import EvalJob, score
 from ..training.shared_state import Round, ServerRestarted, Snapshot, SyncEveryChoice
@@ -25,7 +26,7 @@ RESYNC_TIMEOUT_S = 120.0
 
 
 class RayClient:
-    """The shared-state protocol's transport through Ray (``shared_server.SharedStateClient``).
+    """The shared-state protocol's transport through Ray (``training.shared_state.SharedStateClient``).
 
     An exchange is one call: it carries the delta and returns the state asked for, and nobody waits for it;
     the replica takes its answer at its next exchange, by then long arrived. Ray runs one caller's calls on the
@@ -162,52 +163,114 @@ class RayClient:
         raise ServerRestarted(snap)
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What one incarnation of a :class:`Worker` is made of (the training data travel beside it)."""
+
+    rank: int
+    model: ModelSpec
+    shard_ids: list[int]
+    train: TrainConfig
+    threads: int  # torch threads: its share of the cores
+    device: str  # cluster.device: auto | cpu | cuda
+    mean: tuple[float, ...]  # the data's per-channel normalisation
+    std: tuple[float, ...]
+    server: "ray.actor.ActorHandle"  # the parameter server
+    states: dict[int, dict] | None = None  # the shards' checkpointed states; None: a fresh start
+    replica_state: dict | None = None  # its shared-state replica's optimizer state; None: a fresh one
+    run_id: str | None = None  # the `run` label of the exported metrics; None: export none
+    restarts: int = 0  # how many times the driver has re-created this worker (also exported as a metric)
+    faults: list[Fault] | None = None  # injected faults (tests, fault benchmarks; see faults.py)
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """A worker's figures, as ``Worker.progress`` (mid-epoch) and ``Worker.train_epoch`` (its end) return
+    them. The fields up to ``sync_every`` are summary.json's ``workers`` rows (:meth:`as_dict`), in order."""
+
+    rank: int
+    pid: int
+    device: str
+    precision: str
+    peak_rss_mb: float
+    peak_gpu_mb: float | None  # None: not on a GPU
+    exchanges: int
+    exchange_seconds: float
+    push_seconds: float
+    pull_seconds: float
+    embedding_version_lag: int | None
+    max_embedding_version_lag: int
+    max_stale_exchanges: int
+    polls: int
+    epoch_seconds: float
+    zero_copy_data: bool
+    data_on_device: bool
+    restarts: int
+    server_resyncs: int
+    sync_every: int  # mini-batches between exchanges: train.sync_every, or what auto resolved to (1 while it measures)
+    blocks: dict[int, dict] = field(default_factory=dict)  # shard -> training.ShardStats.as_dict()
+    epoch_started: float | None = None  # train_epoch's: its wall-clock start and end (time.time())
+    epoch_ended: float | None = None
+
+    @property
+    def total_steps(self) -> int:
+        """The steps of all its shards so far."""
+        return sum(b["total_steps"] for b in self.blocks.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """The worker's row of summary.json's ``workers`` (metrics.jsonl rows read it too)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_IN_ROW}
+
+
+_NOT_IN_ROW = ("blocks", "epoch_started", "epoch_ended")
+
+
+def shard_counters(reports: list[WorkerReport]) -> dict[int, dict]:
+    """Workers' reports -> shard -> its counters (training.ShardStats.as_dict())."""
+    return {t: b for r in reports for t, b in r.blocks.items()}
+
+
 # max_concurrency=3: `progress` answers while `train_epoch` runs (it only reads counters), and `evaluate` scores
 # the last epoch's chain on the worker's device while the next epoch trains (it touches nothing of training's).
 @ray.remote(max_concurrency=3)
 class Worker:
-    def __init__(
-        self, rank: int, spec: ModelSpec, block_ids: list[int], train: TrainConfig, threads: int, device: str,
-        train_x: np.ndarray, train_y: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...],
-        server: "ray.actor.ActorHandle", states: dict[int, dict] | None, replica_state: dict | None = None,
-        run_id: str | None = None, restarts: int = 0, faults: list[Fault] | None = None,
-    ) -> None:
-        """states: the blocks' checkpointed states, replica_state: the shared-state replica's (both None for
-        a fresh start); run_id: the `run` label of the exported metrics, None to export none; restarts: how
-        many times the driver has re-created this worker (also exported as a metric); faults: injected
-        faults (tests, fault benchmarks; see faults.py)."""
+    def __init__(self, spec: WorkerSpec, train_x: np.ndarray, train_y: np.ndarray) -> None:
+        """train_x, train_y: passed apart from ``spec`` because Ray resolves object references only among a
+        call's own arguments: they arrive as zero-copy, read-only views of the object store, batches are
+        gathered from them (on a GPU the set is copied there once when it fits)."""
         # Its share of the cores: two 1-thread processes beat one 2-thread process on 2 cores.
-        torch.set_num_threads(threads)
+        torch.set_num_threads(spec.threads)
+        device = spec.device
         if device == "auto":
             device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-        self.rank, self.restarts = rank, restarts
-        self.client = RayClient(server, train.sync_mode, rank=rank)
-        # train_x arrives as a zero-copy, read-only view of the object store: batches are gathered from it
-        # (on a GPU the set is copied there once when it fits).
-        self.group = ShardGroup(spec, block_ids, train, train_x, train_y, mean, std, self.client, torch.device(device))
-        if states:
-            self.group.load_state_dicts(states)
-        if replica_state:
-            self.group.replica.load_state_dict(replica_state)
-        self.device, self.mean, self.std = device, mean, std
+        self.rank, self.restarts = spec.rank, spec.restarts
+        self.client = RayClient(spec.server, spec.train.sync_mode, rank=spec.rank)
+        self.group = ShardGroup(spec.model, spec.shard_ids, spec.train, train_x, train_y, spec.mean, spec.std,
+                                self.client, torch.device(device))
+        if spec.states:
+            self.group.load_state_dicts(spec.states)
+        if spec.replica_state:
+            self.group.replica.load_state_dict(spec.replica_state)
+        self.device, self.mean, self.std = device, spec.mean, spec.std
         self.epoch_seconds = 0.0
         self.telemetry: WorkerTelemetry | None = None
-        if run_id is not None:
-            self.telemetry = WorkerTelemetry(run_id, rank, self.group.stats, train.epochs, torch.device(device),
-                                             restarts, exchange=self.group.replica.stats)
+        if spec.run_id is not None:
+            self.telemetry = WorkerTelemetry(spec.run_id, spec.rank, self.group.stats, spec.train.epochs,
+                                             torch.device(device), spec.restarts, exchange=self.group.replica.stats)
             self.client.on_push, self.client.on_pull = self.telemetry.on_push, self.telemetry.on_pull
         self.faults = None
-        if faults:
-            self.faults = fault_hook(faults, {t: tr.block for t, tr in self.group.trainers.items()},
+        if spec.faults:
+            server = spec.server
+            self.faults = fault_hook(spec.faults, {t: tr.block for t, tr in self.group.trainers.items()},
                                      lambda: ray.get(server.identity.remote())["pid"], print)
 
-    def train_epochs(self, epochs: list[int]) -> dict:
+    def train_epochs(self, epochs: list[int]) -> WorkerReport:
         """Several epochs in a row (a restarted worker catching up from its checkpoint); the last report."""
         for epoch in epochs:
             out = self.train_epoch(epoch)
         return out
 
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int) -> WorkerReport:
         t0 = time.perf_counter()
         started = time.time()  # wall clock: the driver compares it with other workers' (epoch_boundary_seconds)
         step = 0
@@ -226,27 +289,27 @@ class Worker:
         if self.telemetry:
             self.telemetry.flush()  # the epoch's last counts, and epochs_done at the whole epoch
         self.epoch_seconds += time.perf_counter() - t0
-        return self.report() | {"blocks": stats, "epoch_started": started, "epoch_ended": time.time()}
+        return self.report(stats, started, time.time())
 
-    def report(self) -> dict:
+    def report(self, blocks: dict[int, dict], epoch_started: float | None = None,
+               epoch_ended: float | None = None) -> WorkerReport:
+        """The worker's figures with its shards' counters ``blocks`` (shard -> ShardStats.as_dict())."""
         ex = self.group.replica.stats
-        return {
-            "rank": self.rank, "pid": os.getpid(), "device": self.device, "precision": self.group.precision,
-            "peak_rss_mb": peak_rss_mb(),
-            "exchanges": ex.exchanges, "exchange_seconds": ex.seconds, "push_seconds": ex.push_seconds,
-            "pull_seconds": ex.take_seconds, "embedding_version_lag": ex.lag, "max_embedding_version_lag": ex.max_lag,
-            "max_stale_exchanges": ex.max_stale_exchanges, "polls": self.client.polls,
-            "epoch_seconds": self.epoch_seconds, "zero_copy_data": not self.group.train_x.flags.writeable,
-            "data_on_device": self.group.data.on_device,
-            "restarts": self.restarts, "server_resyncs": ex.resyncs,
-            # mini-batches between exchanges: train.sync_every, or what auto resolved to (1 while it measures)
-            "sync_every": self.group.sync_every,
-            "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if self.device.startswith("cuda") else None,
-        }
+        return WorkerReport(
+            rank=self.rank, pid=os.getpid(), device=self.device, precision=self.group.precision,
+            peak_rss_mb=peak_rss_mb(),
+            peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if self.device.startswith("cuda") else None,
+            exchanges=ex.exchanges, exchange_seconds=ex.seconds, push_seconds=ex.push_seconds,
+            pull_seconds=ex.take_seconds, embedding_version_lag=ex.lag, max_embedding_version_lag=ex.max_lag,
+            max_stale_exchanges=ex.max_stale_exchanges, polls=self.client.polls,
+            epoch_seconds=self.epoch_seconds, zero_copy_data=not self.group.train_x.flags.writeable,
+            data_on_device=self.group.data.on_device, restarts=self.restarts, server_resyncs=ex.resyncs,
+            sync_every=self.group.sync_every, blocks=blocks, epoch_started=epoch_started, epoch_ended=epoch_ended,
+        )
 
-    def progress(self) -> dict:
-        """What ``train_epoch`` returns, mid-epoch: the worker's report and its blocks' counters."""
-        return self.report() | {"blocks": {t: st.as_dict() for t, st in self.group.stats.items()}}
+    def progress(self) -> WorkerReport:
+        """What ``train_epoch`` returns, mid-epoch: the worker's figures and its shards' counters."""
+        return self.report({t: st.as_dict() for t, st in self.group.stats.items()})
 
     def state_dicts(self, epoch: int | None = None) -> dict[int, dict]:
         """The blocks' states; epoch (0-based): the one just trained, for faults injected at its gather."""

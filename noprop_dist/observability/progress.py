@@ -18,7 +18,7 @@ def duration(seconds: float) -> str:
 
 
 class ProgressDisplay:
-    """Renders one line per block from the workers' counters (``BlockStats.as_dict()``).
+    """Renders one line per block from the workers' counters (``ShardStats.as_dict()``).
 
     On a terminal the lines are redrawn in place; otherwise a block of lines is printed every
     ``interval`` seconds, so `ray job logs` and CI logs stay readable.
@@ -35,7 +35,7 @@ class ProgressDisplay:
         self.first: dict[int, tuple[float, int]] = {}  # block -> (time, total_steps) when first seen
 
     def line(self, b: dict, worker: int | None, now: float) -> str:
-        """One block's line from its ``BlockStats.as_dict()``; ETA from the steps/s seen since its first step."""
+        """One block's line from its ``ShardStats.as_dict()``; ETA from the steps/s seen since its first step."""
         t, spe, total = b["block"], b["steps_per_epoch"], self.total_epochs
         done = b["epochs_done"] * spe + b["step"]
         who = f" w{worker}" if worker is not None else ""

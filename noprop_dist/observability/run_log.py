@@ -72,7 +72,7 @@ class MetricsLog:
 
     def record(self, blocks: dict[int, dict], workers: dict[int, dict], owner: dict[int, int],
                event: str = "poll") -> bool:
-        """One line per block from ``BlockStats.as_dict()`` and its worker's report, if one is due.
+        """One line per block from ``ShardStats.as_dict()`` and its worker's report, if one is due.
 
         event "poll" lines are written every ``every_seconds``; "epoch" lines (an epoch ended) always.
         Returns whether it wrote.

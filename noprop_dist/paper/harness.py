@@ -29,17 +29,14 @@ import time
 from typing import Any, Callable
 
 from ..config import (
-    BASELINE_METHODS,
     CONFIG_DIR,
     DATASET_NAMES,
     EMBEDDINGS,
-    METHODS,
-    NOPROP_METHODS,
-    PAPER_SAMPLER,
     PRESETS,
     ConfigError,
     load_config,
 )
+from ..registry import METHODS, get_method
 from ..storage.atomic import atomic_write_json
 from ..storage.summary import SummaryError, read_summary
 from .numbers import (
@@ -105,7 +102,7 @@ def format_pct(s: dict[str, Any] | None) -> str:
 
 def config_suffix(method: str) -> str:
     """'' for NoProp-DT (the dataset configs are DT's), else '_ct', '_fm', '_backprop', ..."""
-    return "" if method == "noprop_dt" else "_" + method.removeprefix("noprop_")
+    return get_method(method).config_suffix
 
 
 def config_path(method: str, dataset: str, config_dir: str | None) -> str:
@@ -244,10 +241,10 @@ def build_row(method: str, dataset: str, embedding: str, config: str, user_overr
     return {
         "method": method, "dataset": dataset, "embedding": embedding, "config": config,
         "overrides": user_overrides, "seeds": [s["seed"] for s in seeds],
-        "inference_runs": inference_runs if method in NOPROP_METHODS else 1,
+        "inference_runs": inference_runs if get_method(method).noprop else 1,
         "test": stats(test), "train": stats(train),
         "sampler": "/".join(sorted({s["sampler"] for s in seeds if s.get("sampler")})) or None,
-        "paper_sampler": PAPER_SAMPLER.get(method), "test_paper_sampler": stats(paper_test),
+        "paper_sampler": get_method(method).paper_sampler, "test_paper_sampler": stats(paper_test),
         "epochs": sorted({s["epochs"] for s in seeds}),
         "num_workers": sorted({s["num_workers"] for s in seeds if s["num_workers"] is not None}),
         "train_seconds_mean": sum(s["train_seconds"] for s in seeds) / len(seeds),
@@ -391,6 +388,7 @@ def reproduce(args: argparse.Namespace) -> dict[str, Any]:
     """Train every seed, measure, merge the row into results.json, rewrite table.md and the Fig. 3 plot."""
     config_dir = args.config_dir
     config = args.config or config_path(args.method, args.dataset, config_dir)
+    method = get_method(args.method)
     check_user_overrides(args.overrides)
     seeds: list[dict] = []
     summaries: list[dict] = []
@@ -405,18 +403,18 @@ def reproduce(args: argparse.Namespace) -> dict[str, Any]:
             summary = read_summary(run_dir)
         except SummaryError as e:  # training exited 0 but left no readable summary
             raise HarnessError(f"seed {seed}: {e}", exit_code=1) from None
-        if args.method in BASELINE_METHODS:
+        paper_values = None
+        if not method.noprop:
             values = [summary["test_accuracy"]]  # deterministic at inference
         else:
-            paper = PAPER_SAMPLER[args.method]
+            paper = method.paper_sampler
             try:
                 values = inference_accuracies(run_dir, args.inference_runs, cfg.eval.seed)
                 paper_values = None if cfg.eval.sampler == paper else \
                     inference_accuracies(run_dir, args.inference_runs, cfg.eval.seed, sampler=paper)
             except (OSError, ValueError) as e:  # no or unreadable chain.pt, data gone since training
                 raise HarnessError(f"evaluating {run_dir}: {e}", exit_code=1) from None
-        seeds.append(seed_record(seed, run_dir, summary, values, None if args.method in BASELINE_METHODS
-                                 else paper_values))
+        seeds.append(seed_record(seed, run_dir, summary, values, paper_values))
         summaries.append(summary)
         print(f"[reproduce] seed {seed}: test accuracy {', '.join(f'{100 * v:.2f}' for v in values)} %", flush=True)
     row = build_row(args.method, args.dataset, args.embedding, config, args.overrides, args.inference_runs,
@@ -433,7 +431,7 @@ def reproduce(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m noprop_dist.reproduce", description=__doc__.splitlines()[0])
-    p.add_argument("--method", choices=METHODS, default="noprop_dt")
+    p.add_argument("--method", choices=list(METHODS), default="noprop_dt")
     p.add_argument("--dataset", choices=DATASET_NAMES, default="mnist")
     p.add_argument("--embedding", choices=EMBEDDINGS, default="one_hot")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

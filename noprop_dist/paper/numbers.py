@@ -73,6 +73,18 @@ PAPER_EPOCHS: dict[str, dict[str, float]] = {
     "noprop_ct": _CT_EPOCHS, "noprop_fm": _CT_EPOCHS, "adjoint": _CT_EPOCHS,
 }
 
+# Table 3's settings of each method beyond those every method shares (config.preset_values, --preset paper), as
+# config keys: DT's T = 10 blocks; CT / FM's eta 1, 1000 inference steps and one network over [0, 1] (uniform
+# time-shards without overlap, no BatchNorm after the image path); CT's SNR'(t) loss weight and head readout;
+# FM's velocity target.
+_CONTINUOUS_SETTINGS = {"model.eta": 1.0, "model.inference_steps": 1000, "model.shard_partition": "uniform",
+                        "model.shard_overlap": 0.0, "model.image_batch_norm": False}
+PAPER_SETTINGS: dict[str, dict[str, float | int | str | bool]] = {
+    "noprop_dt": {"model.num_blocks": 10},
+    "noprop_ct": _CONTINUOUS_SETTINGS | {"model.ct_loss_weight": "snr_prime", "model.ct_readout": "head"},
+    "noprop_fm": _CONTINUOUS_SETTINGS | {"model.fm_target": "velocity"},
+}
+
 
 def paper_test_accuracy(method: str, dataset: str, embedding: str) -> float | None:
     """Table 1's test accuracy (%) for this cell; None where the paper has no number."""

@@ -1,2 +1,3 @@
-"""What a run keeps on disk: atomic writes (:mod:`.atomic`), the run directory with its checkpoints and
-resume (:mod:`.run_dir`), and ``summary.json`` (:mod:`.summary`). No Ray, no torch distributed."""
+"""What a run keeps on disk: atomic writes (:mod:`.atomic`), the run directory and what the run may delete
+there (:mod:`.run_dir`), its lock (:mod:`.lock`), the checkpoints and resume (:mod:`.checkpoints`), and
+``summary.json`` (:mod:`.summary`). No Ray, no torch distributed."""

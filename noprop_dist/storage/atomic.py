@@ -6,6 +6,8 @@ One place for the run directory, the saved chain and the reports.
 - An appended file (one JSON object per line) is fsynced after every append. A crash mid-append leaves at
   most a torn last line; :func:`repair_torn_tail` cuts it off before the next append, and
   :func:`read_jsonl` skips lines that do not parse.
+- A file is deleted only when it is a regular file inside the run's directory (:func:`remove_own`): never
+  through a symlink, never outside it.
 """
 from __future__ import annotations
 
@@ -168,6 +170,18 @@ def read_jsonl(path: str, warn: Callable[[str], None] = print) -> list[dict]:
         warn(f"{path}: skipped {len(bad)} unreadable line{'s' if len(bad) > 1 else ''} "
              f"(first: line {bad[0]}); the rest is used")
     return rows
+
+
+def remove_own(root: str, path: str) -> bool:
+    """Delete ``path`` if it is a regular file (not a symlink) inside ``root``, symlinks resolved on both;
+    else leave it. Returns whether it was deleted."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        return False
+    os.remove(path)
+    return True
 
 
 def sha256_file(path: str) -> str:

@@ -9,7 +9,8 @@ import json
 import os
 from typing import Any, TypedDict
 
-from ..config import BASELINE_METHODS, Config
+from ..config import Config
+from ..registry import METHODS
 from .atomic import atomic_write_json
 
 SUMMARY_FILE = "summary.json"
@@ -46,7 +47,7 @@ def run_summary(cfg: Config, *, test_accuracy: float | None, train_accuracy: flo
     """The common keys of ``cfg``'s run (see :class:`RunSummary`)."""
     return RunSummary(
         method=cfg.model.method, dataset=cfg.data.name,
-        embedding="none" if cfg.model.method == "dtp" else cfg.model.embedding,
+        embedding=cfg.model.embedding if METHODS[cfg.model.method].label_embedding else "none",
         num_workers=cfg.cluster.num_workers, epochs=cfg.train.epochs, seed=cfg.train.seed,
         test_accuracy=test_accuracy, train_accuracy=train_accuracy, train_accuracy_examples=train_accuracy_examples,
         train_seconds=train_seconds, curve=list(curve), peak_memory_mb=peak_memory_mb,
@@ -82,11 +83,8 @@ def write_summary(run_dir: str | os.PathLike, summary: dict[str, Any]) -> None:
 
 def describe_model(method: str, num_shards: int | None) -> str:
     """What a run trains, for one line of output: "noprop_dt, T=10 blocks", "noprop_ct, K=2 time-shards",
-    "backprop, 10 blocks", "dtp"."""
-    if method == "noprop_dt":
-        return f"{method}, T={num_shards} blocks"
-    if method == "backprop" and num_shards:
-        return f"{method}, {num_shards} blocks"
-    if method in BASELINE_METHODS or not num_shards:
+    "backprop, 10 blocks", "dtp" (registry.Method.shards_text)."""
+    text = METHODS[method].shards_text
+    if text is None or not num_shards:
         return method
-    return f"{method}, K={num_shards} time-shard{'s' if num_shards > 1 else ''}"
+    return f"{method}, {text.format(n=num_shards, s='s' if num_shards > 1 else '')}"

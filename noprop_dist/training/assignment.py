@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-def assign_blocks(num_blocks: int, num_workers: int) -> list[list[int]]:
+def assign_shards(num_blocks: int, num_workers: int) -> list[list[int]]:
     """Blocks 1..T in contiguous, balanced groups: T=10, W=3 -> [[1,2,3,4],[5,6,7],[8,9,10]]."""
     if not 1 <= num_workers <= num_blocks:
         raise ValueError(f"num_workers must be in [1, {num_blocks}], got {num_workers}")
@@ -15,6 +15,6 @@ def assign_blocks(num_blocks: int, num_workers: int) -> list[list[int]]:
     return groups
 
 
-def replica_key(block_ids: list[int]) -> str:
+def replica_key(shard_ids: list[int]) -> str:
     """'1-5' for blocks 1..5: the checkpoint name of the replica state of the worker that trains them."""
-    return f"{block_ids[0]}-{block_ids[-1]}" if len(block_ids) > 1 else str(block_ids[0])
+    return f"{shard_ids[0]}-{shard_ids[-1]}" if len(shard_ids) > 1 else str(shard_ids[0])

@@ -8,11 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import PAPER_SAMPLER
-from ..core import ModelSpec, StageCounts, batch_parts, count_stages
-from ..core.chain import Z0_ONLY_SAMPLERS
-from ..core.variants import build_chain
+from ..core import ModelSpec, StageCounts, batch_parts, build_chain, count_stages
+from ..core.samplers import Z0_ONLY_SAMPLERS
 from ..data import ImageDataset, normalize
+from ..registry import get_method
 
 
 def assemble_chain(spec: ModelSpec, block_states: dict[int, dict], shared_state: dict) -> torch.nn.Module:
@@ -87,7 +86,7 @@ def final_jobs(chain: torch.nn.Module, paper_sampler: bool = False, train_accura
     jobs = [EvalJob("test", stages=True)]
     if train_accuracy:
         jobs.append(EvalJob("train"))
-    paper = PAPER_SAMPLER[chain.spec.method]
+    paper = get_method(chain.spec.method).paper_sampler
     if paper_sampler and paper != chain.sampler_name():
         jobs.append(EvalJob("test", sampler=paper))
     return jobs
@@ -98,7 +97,7 @@ def final_report(chain: torch.nn.Module, counts: dict[EvalJob, StageCounts]) -> 
     when not measured), "sampler", "paper_sampler", "test_accuracy_by_sampler": {name: accuracy},
     "stages": [{"block", "chain_accuracy", "own_accuracy"}]}. stage_average's stages are one mean run's: its
     last stage is mean's figure, reported at no cost."""
-    sampler, paper = chain.sampler_name(), PAPER_SAMPLER[chain.spec.method]
+    sampler, paper = chain.sampler_name(), get_method(chain.spec.method).paper_sampler
     test = counts[EvalJob("test", stages=True)]
     stages = test.table()
     by_sampler = {sampler: test.accuracy()}

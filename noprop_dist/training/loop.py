@@ -16,10 +16,11 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig
-from ..core import ModelSpec
+from ..core import ModelSpec, build_shard
 from ..core.blocks import prefers_channels_last
-from ..core.variants import build_shard, shard_loss
+from ..core.seeds import block_noise_seed, epoch_order_seed, global_rng_seed
 from ..data import normalize
+from ..registry import get_method
 from .assignment import replica_key
 from .hardware import auto_sync_every, on_host, resolve_precision
 from .shared_state import SharedReplica, SharedStateClient, SyncEveryChoice
@@ -57,9 +58,9 @@ def nonfinite(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     return found
 
 
-class BlockTrainer:
+class ShardTrainer:
     """Shard t's network (a DT block or a CT/FM time interval's network), its own AdamW and its own noise
-    generator: everything the shard owns. ``spec.method`` picks the network and the loss (core.variants)."""
+    generator: everything the shard owns. ``spec.method`` picks the network and the loss (registry.METHODS)."""
 
     def __init__(self, spec: ModelSpec, t: int, train: TrainConfig, device: torch.device) -> None:
         self.spec, self.t, self.device = spec, t, device
@@ -72,7 +73,7 @@ class BlockTrainer:
         # fused: the step takes ``found_inf`` and skips itself on the device (see ``step``).
         self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
         self.base_lr = train.lr
-        self.generator = torch.Generator(device=device).manual_seed(train.seed * 1_000 + t)
+        self.generator = torch.Generator(device=device).manual_seed(block_noise_seed(train.seed, t))
         self.precision = resolve_precision(train.precision, device)
         self.bf16 = self.precision == "bf16"
 
@@ -87,7 +88,8 @@ class BlockTrainer:
         replica.zero_grad()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            total, _ = shard_loss(self.block, replica.shared, self.spec, self.t, x, y, self.generator)
+            total, _ = get_method(self.spec.method).shard_loss(self.block, replica.shared, self.spec, self.t, x, y,
+                                                               self.generator)
         total.backward()
         found_inf = nonfinite(total, [*self.params, *replica.params.values()])
         self.optimizer.found_inf = found_inf
@@ -115,16 +117,16 @@ class BlockTrainer:
         self.generator.set_state(state["generator"])
 
 
-# BlockStats' counters of the whole run: checkpointed with each block, so that a resumed or restarted run's
+# ShardStats' counters of the whole run: checkpointed with each shard, so that a resumed or restarted run's
 # summary counts every step its weights took (the steps redone after a restart once, as the weights do).
 RUN_COUNTERS = ("total_steps", "samples", "compute_seconds", "sync_seconds")
 
 
 @dataclass
-class BlockStats:
-    """Counters of one block over the run: progress, throughput, compute vs parameter-server time."""
+class ShardStats:
+    """Counters of one shard over the run: progress, throughput, compute vs parameter-server time."""
 
-    block: int
+    shard: int
     epochs_done: int = 0
     step: int = 0  # steps done in the epoch under way (0 between epochs)
     steps_per_epoch: int = 0
@@ -137,7 +139,7 @@ class BlockStats:
     epoch_loss_sum: float = 0.0
     last_epoch_mean_loss: float = float("nan")
     nonfinite_events: int = 0
-    stopped: str = ""  # why the block stopped training (empty while it trains)
+    stopped: str = ""  # why the shard stopped training (empty while it trains)
 
     @property
     def samples_per_second(self) -> float:
@@ -165,7 +167,10 @@ class BlockStats:
         self.step = 0
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"samples_per_second": self.samples_per_second}
+        """The counters as metrics.jsonl and the progress lines read them: the shard under its shipped key
+        ``block``."""
+        d = asdict(self)
+        return {"block": d.pop("shard"), **d, "samples_per_second": self.samples_per_second}
 
 
 class TrainingData:
@@ -209,7 +214,7 @@ class TrainingData:
 
 @dataclass
 class ShardGroup:
-    """The blocks one process trains, with its replica of the shared state (``shared_server.SharedReplica``).
+    """The blocks one process trains, with its replica of the shared state (``training.shared_state.SharedReplica``).
 
     train_x: uint8 (N, C, H, W) (read-only, possibly a zero-copy view of Ray's object store), train_y: (N,).
     Every ``train.sync_every`` mini-batches the group exchanges with the parameter server; losses and
@@ -219,7 +224,7 @@ class ShardGroup:
     """
 
     spec: ModelSpec
-    block_ids: list[int]
+    shard_ids: list[int]
     train: TrainConfig
     train_x: np.ndarray
     train_y: np.ndarray
@@ -228,12 +233,12 @@ class ShardGroup:
     client: SharedStateClient
     device: torch.device = torch.device("cpu")
     log: Callable[[str], None] = print  # in a Ray worker, print reaches the driver's log
-    trainers: dict[int, BlockTrainer] = field(init=False)
-    stats: dict[int, BlockStats] = field(init=False)
+    trainers: dict[int, ShardTrainer] = field(init=False)
+    stats: dict[int, ShardStats] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.trainers = {t: BlockTrainer(self.spec, t, self.train, self.device) for t in self.block_ids}
-        self.stats = {t: BlockStats(block=t) for t in self.block_ids}
+        self.trainers = {t: ShardTrainer(self.spec, t, self.train, self.device) for t in self.shard_ids}
+        self.stats = {t: ShardStats(shard=t) for t in self.shard_ids}
         self.replica = SharedReplica(self.spec, self.train, self.client, self.device, self.log)
         self.data = TrainingData(self.train_x, self.train_y, self.mean, self.std, self.device,
                                  channels_last=any(tr.channels_last for tr in self.trainers.values()))
@@ -286,7 +291,7 @@ class ShardGroup:
     @property
     def key(self) -> str:
         """Names the group in checkpoints (its replica's optimizer state belongs to this set of blocks)."""
-        return replica_key(self.block_ids)
+        return replica_key(self.shard_ids)
 
     def state_dicts(self) -> dict[int, dict]:
         """Each block's checkpoint: its trainer's state (weights, AdamW with its possibly lowered learning
@@ -336,7 +341,7 @@ class ShardGroup:
     # --- training ------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The same sample order for every block and worker in an epoch (seeded by seed and epoch)."""
-        gen = torch.Generator().manual_seed(self.train.seed * 7_919 + epoch)
+        gen = torch.Generator().manual_seed(epoch_order_seed(self.train.seed, epoch))
         return torch.randperm(self.train_x.shape[0], generator=gen)
 
     def _settle(self, taken: list[tuple[int, torch.Tensor, torch.Tensor, int, float]], epoch: int,
@@ -368,7 +373,7 @@ class ShardGroup:
     def train_epoch(self, epoch: int, on_step: Callable[[], None] | None = None) -> dict[int, dict]:
         """Train every owned block for one epoch; returns per-block stats (dicts)."""
         # Dropout draws from the global RNG: seed it per (epoch, group) so runs and resumes repeat.
-        torch.manual_seed(self.train.seed * 1_000_003 + epoch * 1_009 + self.block_ids[0])
+        torch.manual_seed(global_rng_seed(self.train.seed, epoch, self.shard_ids[0]))
         order = self.epoch_order(epoch).to(self.data.where)
         n, bs = order.numel(), self.train.batch_size
         # BatchNorm cannot train on a batch of one: a trailing singleton batch is dropped.

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..core.chain import read_chain_file
+from ..core.chain_file import read_chain_file
 
 CHAIN_FILE = "chain.pt"
 LAST_CHAIN_FILE = "chain_last.pt"

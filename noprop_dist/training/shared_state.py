@@ -70,9 +70,6 @@ class FlatLayout:
         """Views of ``flat`` (size,) shaped like the parameters."""
         return [v.view(s) for v, s in zip(flat.split(self.numels), self.shapes, strict=True)]
 
-    def named(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        return dict(zip(self.names, self.split(flat), strict=True))
-
 
 class Snapshot(NamedTuple):
     """A state of the server, as it answers an exchange or a pull."""
@@ -324,7 +321,7 @@ class SharedReplica:
         self.layout = FlatLayout(self.shared)
         self.flat = self.layout.bind(self.shared)
         self.params = dict(self.shared.named_parameters())
-        # fused: its step takes ``found_inf`` and skips itself on the device, with no host sync (BlockTrainer).
+        # fused: its step takes ``found_inf`` and skips itself on the device, with no host sync (ShardTrainer).
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=train.lr, weight_decay=train.weight_decay,
                                            fused=True)
         self.base_lr = train.lr

@@ -11,18 +11,20 @@ from ..config import Config
 from ..core import ModelSpec, prototype_embedding
 from ..core.block_check import check_block
 from ..data import ImageDataset, normalize
+from ..registry import get_method
 
 
 def model_spec(cfg: Config, image_shape: tuple[int, int, int], num_classes: int,
                block: Callable[..., nn.Module] | None = None) -> ModelSpec:
-    """The ModelSpec a config asks for on a dataset of this shape (its chain samples with eval.sampler).
+    """The ModelSpec a config asks for on a dataset of this shape (its chain samples with eval.sampler), with as
+    many shards as the method counts (registry.Method.shards_key: T blocks, K time-shards, else one network).
     block: the factory itself, when the Python API was given one (cfg.model.block then records its path)."""
     m = cfg.model
     c, h, w = image_shape
     embed_dim = {"one_hot": num_classes, "learned": m.embedding_dim, "prototype": c * h * w}[m.embedding]
     return ModelSpec(
         image_shape=tuple(image_shape), num_classes=num_classes,
-        num_shards=m.num_blocks if m.method == "noprop_dt" else m.num_shards, embedding=m.embedding,
+        num_shards=get_method(m.method).num_shards(m) or 1, embedding=m.embedding,
         embed_dim=embed_dim, dropout=m.dropout, class_prob=m.class_prob, radial_sigma=m.radial_sigma,
         eta=m.eta, abar_max=m.abar_max, method=m.method, inference_steps=m.inference_steps,
         sampler=cfg.eval.sampler, ensemble_draws=cfg.eval.ensemble_draws,

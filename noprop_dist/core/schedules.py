@@ -1,6 +1,13 @@
-"""The learnable NoProp-CT noise schedule (Kingma et al. 2021, "Variational Diffusion Models").
+"""The noise schedules: NoProp-DT's fixed cosine schedule and NoProp-CT's learned one (NOPROP.md, "NoProp-DT",
+"NoProp-CT"), and the coefficients of Eq. 3 derived from them.
 
-Time runs from NOISE (t = 0) to CLEAN (t = 1), as everywhere in this project (NOPROP.md, "Notation"):
+Time runs from NOISE to CLEAN, as everywhere in this project (NOPROP.md, "Notation"): ``abar ~ 0`` at the start
+(z_0 is pure noise) and ``abar ~ 1`` at the end (z close to the clean label embedding);
+``q(z_t | y) = N(sqrt(abar_t) u_y, (1 - abar_t) I)`` (core.paths draws from it).
+
+NoProp-DT: abar_0 .. abar_T on the T blocks (:func:`cosine_abar`, :class:`DTSchedule`).
+
+NoProp-CT (Kingma et al. 2021, "Variational Diffusion Models"), :class:`LearnedSchedule`:
 
     gamma(t) = g0 + (g1 - g0) * (1 - gtilde(t)),   abar(t) = sigmoid(-gamma(t)),   SNR(t) = exp(-gamma(t)),
 
@@ -11,11 +18,105 @@ activations, ``g1 = g0 + MIN_GAMMA_RANGE + softplus(delta)``), whatever values a
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def cosine_abar(num_blocks: int, abar_max: float = 0.999, offset: float = 0.008) -> torch.Tensor:
+    """Cosine schedule (Nichol & Dhariwal 2021) with time reversed so that t = 0 is noise.
+
+    With noise-time ``tau = 1 - t/T``: ``abar(tau) = cos^2((tau + s)/(1 + s) * pi/2) / cos^2(s/(1 + s) * pi/2)``.
+    That gives ``abar_0 = 0`` (exactly noise) and ``abar_T = 1``, where ``SNR(T)`` is infinite, so the
+    schedule is capped at ``abar_max``: the last loss weight ``SNR(T) - SNR(T-1)`` is then finite
+    (about 964 for T = 10 with abar_max = 0.999, against 0.025 for block 1). A block's own AdamW
+    is blind to that scale; the weights matter where blocks meet: in the shared embedding's
+    gradient, where the last blocks dominate, as in the paper. Returns float64, shape (T + 1,).
+    """
+    t = torch.arange(num_blocks + 1, dtype=torch.float64)
+    tau = 1.0 - t / num_blocks
+    f = torch.cos((tau + offset) / (1 + offset) * math.pi / 2) ** 2
+    abar = (f / math.cos(offset / (1 + offset) * math.pi / 2) ** 2).clamp(0.0, abar_max)
+    if not bool((abar[1:] > abar[:-1]).all()):
+        raise ValueError(
+            f"abar_max={abar_max} makes the schedule non-increasing for T={num_blocks}: {abar.tolist()}"
+        )
+    return abar
+
+
+@dataclass(frozen=True)
+class DTSchedule:
+    """All per-step quantities of NoProp-DT, precomputed in float64 (shapes (T + 1,) or (T,))."""
+
+    abar: torch.Tensor  # (T + 1,) abar_0 .. abar_T, strictly increasing
+
+    @classmethod
+    @functools.lru_cache(maxsize=32)
+    def cosine(cls, num_blocks: int, abar_max: float = 0.999) -> "DTSchedule":
+        """The cosine schedule of T blocks, built once per (T, abar_max): every shard loss step asks for it (it is
+        never written to, so sharing it is safe)."""
+        return cls(cosine_abar(num_blocks, abar_max))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.abar.numel() - 1
+
+    @functools.cached_property
+    def abar_values(self) -> tuple[float, ...]:
+        """abar_0 .. abar_T as Python floats: a loss reads them every step without touching a tensor."""
+        return tuple(self.abar.tolist())
+
+    @functools.cached_property
+    def loss_weights(self) -> tuple[float, ...]:
+        """SNR(t) - SNR(t-1) for t = 1..T (entry t-1), as Python floats."""
+        s = self.snr
+        return tuple((s[1:] - s[:-1]).tolist())
+
+    @property
+    def snr(self) -> torch.Tensor:
+        """(T + 1,) SNR(t) = abar_t / (1 - abar_t), increasing."""
+        return self.abar / (1.0 - self.abar)
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        """(T,) alpha_{t-1} = abar_{t-1} / abar_t for t = 1..T (entry t-1)."""
+        return self.abar[:-1] / self.abar[1:]
+
+    def loss_weight(self, t: int) -> float:
+        """SNR(t) - SNR(t-1) for block t in 1..T; strictly positive because abar is increasing."""
+        return self.loss_weights[t - 1]
+
+    def posterior_coefficients(self, t: int) -> tuple[float, float, float]:
+        """(a_t, b_t, c_t) of Eq. 3 for block t in 1..T.
+
+        ``q(z_t | z_{t-1}, y) = N(a_t u_y + b_t z_{t-1}, c_t I)``; at inference u_y is replaced by the
+        block's prediction.
+        """
+        ab_t, ab_prev = float(self.abar[t]), float(self.abar[t - 1])
+        alpha_prev = ab_prev / ab_t
+        a = math.sqrt(ab_t) * (1 - alpha_prev) / (1 - ab_prev)
+        b = math.sqrt(alpha_prev) * (1 - ab_t) / (1 - ab_prev)
+        c = (1 - ab_t) * (1 - alpha_prev) / (1 - ab_prev)
+        return a, b, c
+
+
+def ct_chain_coefficients(abar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b, c) of Eq. 3 for the steps between consecutive entries of abar (N + 1,) -> each (N,): NoProp-CT's
+    :meth:`DTSchedule.posterior_coefficients` on a grid of its learned schedule.
+
+    ``q(z_{n+1} | z_n, y) = N(a_n u_y + b_n z_n, c_n I)``; float64; c clamped at 0 against rounding.
+    """
+    ab_prev, ab_next = abar[:-1].double(), abar[1:].double()
+    alpha = ab_prev / ab_next
+    a = ab_next.sqrt() * (1 - alpha) / (1 - ab_prev)
+    b = alpha.sqrt() * (1 - ab_next) / (1 - ab_prev)
+    c = ((1 - ab_next) * (1 - alpha) / (1 - ab_prev)).clamp_min(0.0)
+    return a, b, c
+
 
 # Initial endpoints: gamma(1) = g0 = -5 gives abar(1) = sigmoid(5) = 0.9933 and gamma(0) = g1 = +5 gives
 # abar(0) = sigmoid(-5) = 0.0067: close to clean and to pure noise, with finite SNR at both ends; symmetric, so
