@@ -377,7 +377,8 @@ class ClusterConfig:
     # A worker that makes no step for this long in an epoch (stopped, deadlocked, its node unreachable) is
     # killed and restarted like a dead one, and so is a parameter server that does not answer; both count
     # against the restart limits. 0: automatic, 10x the longest gap between two steps seen so far in the
-    # run and at least restart_policy.HANG_FLOOR_S (actor start and the first steps are slow).
+    # run and at least restart_policy.HANG_FLOOR_S (actor start and the first steps are slow). A process that
+    # has not answered yet (starting) gets HANG_FLOOR_S at least whatever this says.
     hang_timeout_s: float = 0.0
     # Seconds the run waits for Ray to place its workers' bundles: at the start, and after a node is lost and
     # Ray looks for room for the bundles it held (an autoscaler may be adding a node). A bundle still without a

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Sets everything up and runs the whole test suite (CPU only; starts real local Ray clusters on loopback).
+# Sets everything up and runs the whole test suite (CPU only; starts real Ray clusters on loopback).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-python3 -m pytest -q -p no:cacheprovider --durations=25 "$@"  # the slowest tests: where CI time goes
+# Two test processes (pytest-xdist), each test file whole in one of them (its module fixtures shared): in one
+# process the CPU waited on process starts, timeouts and polls for a large share of the run, which the other
+# process fills. Then the tests marked `alone`, one process. --durations: where CI time goes.
+python3 -m pytest -q -p no:cacheprovider -n 2 --dist loadfile -m "not alone" --durations=25 "$@"
+python3 -m pytest -q -p no:cacheprovider -m alone --durations=5 "$@" || [ $? -eq 5 ]  # 5: none selected

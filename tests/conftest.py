@@ -180,6 +180,22 @@ def finished_run(ray_cluster, tmp_path_factory) -> FinishedRun:
     return FinishedRun(cfg, run_training(cfg, log=lambda s: None))
 
 
+# The slowest files, slowest first (their real clusters, runs and timeouts; `--durations` in a CI log says what
+# they take now). They are collected first so that scripts/test.sh's two processes (pytest-xdist, a file whole
+# in one process) start on them and end on the short files together, instead of one waiting on the other's last
+# long file. A stale order costs minutes, never a result.
+SLOW_FIRST = ("test_supervision.py", "test_faults.py", "test_lost_node.py", "test_cli.py", "test_connect.py",
+              "test_ray.py", "test_ray_blocks.py", "test_reproduce.py", "test_ray_train.py", "test_job_submit.py",
+              "test_examples.py", "test_runs.py", "test_prometheus_e2e.py", "test_ray_continuous.py",
+              "test_methods.py", "test_plots.py", "test_export.py", "test_rundir_safety.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files of :data:`SLOW_FIRST` first, in its order; every file's tests stay together and in order."""
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads():
     torch.set_num_threads(1)

@@ -147,6 +147,17 @@ def test_a_silent_stalled_worker_is_restarted_as_hung_one_still_answering_is_lef
     assert decide(run(w(0, idle_s=9.0, answered=False), w(1)), BUDGET, LIMITS).kind == "wait"
 
 
+def test_a_starting_process_gets_the_hang_floor_whatever_the_short_timeout():
+    """Bug seen: under load a restarted worker took longer than cluster.hang_timeout_s=10 to start (an actor's
+    start, torch's import), was found hung before its first answer, restarted again, and the run failed on the
+    restart limit. Until its process answers, the timeout is HANG_FLOOR_S at least."""
+    starting = w(1, idle_s=60.0, answered=False, starting=True)
+    assert decide(run(w(0), starting), BUDGET, LIMITS).kind == "wait"
+    assert decide(run(w(0, idle_s=60.0, starting=True), w(1, idle_s=60.0, starting=True)), BUDGET, LIMITS).kind == "wait"
+    d = decide(run(w(0), w(1, idle_s=HANG_FLOOR_S + 1, answered=False, starting=True)), BUDGET, LIMITS)
+    assert [(a.rank, a.cause) for a in d.actions] == [(1, "hung")]
+
+
 def test_workers_all_stalled_and_answering_are_all_restarted():
     d = decide(run(w(0, idle_s=15.0), w(1, idle_s=11.0)), BUDGET, LIMITS)
     assert [(a.rank, a.cause) for a in d.actions] == [(0, "hung"), (1, "hung")]

@@ -105,10 +105,15 @@ SHORT = ["data.train_limit=600", "data.test_limit=200", "train.batch_size=64", "
 SHORT_STEPS = 3 * 4 * 10  # epochs x blocks x steps: the server's version when every step is applied once
 
 
+@pytest.mark.alone
 def test_stopped_worker_is_detected_as_hung_killed_and_restarted(ray_cluster, tmp_path, monkeypatch, capsys):
     """SIGSTOP (a hang, not a death): after cluster.hang_timeout_s without a step the worker is killed and
     restarted from its checkpoint, counted as a restart; the other worker, stalled waiting for its pushes
-    but still answering, is left alone."""
+    but still answering, is left alone.
+
+    Run alone (scripts/test.sh's second pass): beside another test process, its restarted worker twice in
+    three runs never answered (the run failed on the restart limit), while alone it always has; noted in
+    docs/fault_tolerance.md as a known limit."""
     s = _run(tmp_path, "run", "stop:1@2.3", monkeypatch, *SHORT, "cluster.hang_timeout_s=10")
     out = capsys.readouterr().out
     assert "worker 1 (blocks 3-4) made no step for" in out and "in epoch 2 (cluster.hang_timeout_s=10)" in out

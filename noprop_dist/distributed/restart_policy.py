@@ -92,6 +92,9 @@ class WorkerStatus:
     idle_s: float = 0.0  # seconds since its count of steps last changed (:meth:`Clocks.stepped`)
     answered: bool = True  # whether its last progress call was answered
     unplaced_s: float | None = None  # seconds its bundle has been without a node; None: it has one
+    # Its process (first, or restarted) has not answered a progress call yet: it is starting (an actor's start,
+    # torch's import, the checkpoint's load), which a short cluster.hang_timeout_s must not count as a hang.
+    starting: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,8 @@ def decide(status: RunStatus, budget: RestartBudget, limits: Limits) -> Decision
     without a node for as long, fails the run; last, hung workers are restarted. Every restart counts against
     the budget, and one that passes a limit fails the run instead.
 
-    Hangs: nothing counts as hung while the server is silent (the workers wait for it: it is the one to
+    Hangs: a worker whose process is still starting counts as hung only after HANG_FLOOR_S at least, whatever
+    cluster.hang_timeout_s says; nothing counts as hung while the server is silent (the workers wait for it: it is the one to
     restart), nor while its bundle has no node. In sync mode one hung worker soon stalls the others (they wait
     for its pushes), but those still answer progress calls: only the silent ones are restarted, or every
     worker when all are stalled and answering (a deadlock the silent ones do not explain).
@@ -244,7 +248,8 @@ def decide(status: RunStatus, budget: RestartBudget, limits: Limits) -> Decision
     if not server.answered:
         return Decision(tuple(actions), budget)
     pending = [w for w in status.workers if w.call != "done"]  # the dead ones restarted above train again
-    stalled = [w for w in pending if w.call == "running" and w.unplaced_s is None and w.idle_s > timeout]
+    stalled = [w for w in pending if w.call == "running" and w.unplaced_s is None
+               and w.idle_s > (max(timeout, HANG_FLOOR_S) if w.starting else timeout)]
     silent = [w for w in stalled if not w.answered]
     hung = silent or (stalled if len(stalled) == len(pending) else [])
     rule = (f"cluster.hang_timeout_s={limits.hang_timeout_s:g}" if limits.hang_timeout_s > 0

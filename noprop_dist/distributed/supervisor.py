@@ -130,6 +130,7 @@ class Supervisor:
         self.workers = [self._worker(w, resume, 0) for w in range(c.num_workers)]
         self.last_progress: dict[int, WorkerReport] = {}
         self.answered: dict[int, bool] = {}  # whether the worker's last progress call was answered
+        self.up: set[int] = set()  # the workers whose current process has answered a progress call
         self.clocks = Clocks(time.monotonic())
 
     def _worker(self, w: int, resume: Resume | None, restarts: int, first: bool | None = None
@@ -159,6 +160,7 @@ class Supervisor:
         resume = self.rundir.checkpoints.load_resume(self.spec.num_shards, warn=self.observers.message)
         from_epoch = resume.epochs_done if resume else 0
         self.workers[w] = self._worker(w, resume, n)
+        self.up.discard(w)
         self.clocks.started(w, time.monotonic())
         self.events.append({"kind": "worker", "cause": action.cause, "worker": w, "blocks": self.groups[w],
                             "epoch": epoch + 1, "restart": n, "resumed_from_epoch": from_epoch, "time": time.time()})
@@ -214,6 +216,7 @@ class Supervisor:
             try:
                 self.last_progress[w] = ray.get(ref, timeout=5.0)
                 self.answered[w] = True
+                self.up.add(w)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 self.answered[w] = False
 
@@ -256,7 +259,7 @@ class Supervisor:
                     idle = self.clocks.stepped(w, report.pid if report else None,
                                                report.total_steps if report else None, now)
                 workers.append(WorkerStatus(w, tuple(group), call, error, idle, self.answered.get(w, False),
-                                            unplaced.get(w)))
+                                            unplaced.get(w), starting=w not in self.up))
             status = RunStatus(epoch, tuple(workers), server, self.clocks.slowest_gap_s,
                                resources=ray.cluster_resources() if unplaced else {})
             self._carry_out(decide(status, self.budget, self.limits), epoch, pending)
@@ -318,6 +321,7 @@ class Supervisor:
         for w, h in enumerate(self.workers):
             ray.kill(h)
             self.workers[w] = self._worker(w, resume, self.budget.by_worker.get(w, 0), first=False)
+            self.up.discard(w)
             pending[w] = self.workers[w].train_epochs.remote(list(range(from_epoch, epoch + 1)))
         now = time.monotonic()
         for w in pending:
