@@ -65,6 +65,7 @@ class ShardTrainer:
     def __init__(self, spec: ModelSpec, t: int, train: TrainConfig, device: torch.device) -> None:
         self.spec, self.t, self.device = spec, t, device
         self.block = build_shard(spec, t, train.seed).to(device)
+        self.loss = get_method(spec.method).shard_loss  # resolved once here, not on every step
         # The conv weights' layout decides the layout of the activations they produce (core.blocks).
         self.channels_last = prefers_channels_last(self.block)
         if self.channels_last:
@@ -88,8 +89,7 @@ class ShardTrainer:
         replica.zero_grad()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            total, _ = get_method(self.spec.method).shard_loss(self.block, replica.shared, self.spec, self.t, x, y,
-                                                               self.generator)
+            total, _ = self.loss(self.block, replica.shared, self.spec, self.t, x, y, self.generator)
         total.backward()
         found_inf = nonfinite(total, [*self.params, *replica.params.values()])
         self.optimizer.found_inf = found_inf
