@@ -309,3 +309,24 @@ def test_the_resnet_block_learns_digits_in_process(digits):
     _, acc = evaluate_states(model_spec(cfg, digits.image_shape, digits.num_classes), digits, blocks, shared, 1000, 0)
     print(f"resnet, digits, 3 epochs: {acc:.4f}")
     assert acc > 0.6, acc
+
+
+def test_the_fig6_pool_gives_nn_maxpool2ds_values_and_gradients_in_the_layout_it_got():
+    """core.blocks.MaxPool pools a CPU NCHW batch (the chain's evaluation) through channels-last, a faster
+    kernel: the values must be nn.MaxPool2d's bit for bit, as must the gradients of a channels-last batch (the
+    training loop's, which it pools as nn.MaxPool2d does), and the layout that comes out the one that went in."""
+    from noprop_dist.core.blocks import MaxPool
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(8, 32, 28, 28, generator=g))  # ReLU's zeros: windows with ties
+    for layout in (torch.contiguous_format, torch.channels_last):
+        a = x.clone(memory_format=layout).requires_grad_()
+        b = x.clone(memory_format=layout).requires_grad_()
+        out, ref = MaxPool(2)(a), nn.MaxPool2d(2)(b)
+        assert torch.equal(out, ref) and out.is_contiguous(memory_format=layout)
+        w = torch.randn(ref.shape, generator=g)
+        (out * w).sum().backward()
+        (ref * w).sum().backward()
+        if layout == torch.channels_last:
+            assert torch.equal(a.grad, b.grad)
+    assert any(isinstance(m, MaxPool) for m in build_shard(make_spec(image_shape=(1, 28, 28)), 1, 0).modules())

@@ -118,6 +118,19 @@ class ModelSpec:
         return cls(**(_BEFORE_THE_KEY | d))
 
 
+class MaxPool(nn.MaxPool2d):
+    """nn.MaxPool2d that pools a CPU batch held as NCHW (the chain's evaluation) in channels-last layout and
+    gives it back as NCHW: PyTorch's NCHW pooling kernel on the CPU is scalar and records indices even without
+    gradients, its channels-last one is vectorised over channels. A maximum does not depend on the order its
+    inputs are read in: the values are the same bit for bit. Channels-last batches (the training loop's) and
+    other devices pool as nn.MaxPool2d does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return super().forward(x)
+
+
 class ConvEncoder(nn.Module):
     """conv3x3(32)-ReLU-maxpool2-dropout -> conv(64)-ReLU-dropout -> conv(128)-ReLU-maxpool2-dropout
     -> flatten -> FC256 -> BN (no BN with ``batch_norm=False``: the CT/FM blocks).  (B, C, H, W) -> (B, 256)."""
@@ -126,9 +139,9 @@ class ConvEncoder(nn.Module):
         super().__init__()
         c, h, w = image_shape
         self.features = nn.Sequential(
-            nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
+            nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), MaxPool(2), nn.Dropout(dropout),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Dropout(dropout),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(dropout),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), MaxPool(2), nn.Dropout(dropout),
             nn.Flatten(),
         )
         flat = 128 * (h // 2 // 2) * (w // 2 // 2)
