@@ -8,7 +8,7 @@ from conftest import make_spec
 
 from noprop_dist.config import load_config
 from noprop_dist.distributed.driver import run_training
-from noprop_dist.distributed.faults import END, ENV_VAR, parse_faults
+from noprop_dist.distributed.faults import END, ENV_VAR, EVAL, parse_faults
 from noprop_dist.distributed.restart_policy import TrainingFailed
 from noprop_dist.storage.checkpoints import CheckpointStore
 from noprop_dist.training.shared_state import SharedStateServer
@@ -74,6 +74,25 @@ def test_killed_worker_loses_and_repeats_nothing(ray_cluster, tmp_path, monkeypa
     for k, v in a.shared_state["shared"].items():
         assert torch.equal(b.shared_state["shared"][k], v), f"shared {k} differs"
     assert a.shared_state["version"] == b.shared_state["version"]
+
+
+def test_worker_killed_while_evaluating_changes_no_figure(ray_cluster, tmp_path, monkeypatch, capsys):
+    """Killed while it scores the chain of epoch 1 (beside its training of epoch 2, which it then redoes), or
+    while it scores the final chain, a worker's part is scored again on the driver: the figures of that chain
+    are the clean run's, count for count (1 worker, sync: the chains are the same)."""
+    one = ["model.num_blocks=2", "cluster.num_workers=1", "train.epochs=2", "data.train_limit=300",
+           "data.test_limit=200", "train.batch_size=64", "eval.every_epochs=1"]
+    clean = _run(tmp_path, "clean", "", monkeypatch, *one)
+    assert "lost while evaluating" not in capsys.readouterr().out
+    mid = _run(tmp_path, "mid", "kill:0@1.eval", monkeypatch, *one)
+    assert capsys.readouterr().out.count("a worker was lost while evaluating") == 1
+    assert [e["kind"] for e in mid["restarts"]] == ["worker"]
+    assert mid["curve"][0]["test_accuracy"] == clean["curve"][0]["test_accuracy"]  # the chain of epoch 1
+    final = _run(tmp_path, "final", "kill:0@2.eval", monkeypatch, *one)
+    assert capsys.readouterr().out.count("a worker was lost while evaluating") == 1 and final["restarts"] == []
+    for key in ("test_accuracy", "stages", "test_accuracy_by_sampler"):
+        assert final[key] == clean[key], f"{key}: {final[key]} != {clean[key]}"
+    assert [p["test_accuracy"] for p in final["curve"]] == [p["test_accuracy"] for p in clean["curve"]]
 
 
 def test_killed_server_restores_its_checkpoint_workers_resync_and_nan_rolls_back(clean, tmp_path, monkeypatch,
@@ -217,9 +236,10 @@ def test_sync_server_applies_a_round_once_every_worker_pushed_it_in_rank_order()
 
 
 def test_fault_plan_parsing_names_a_bad_item():
-    f = parse_faults("kill:1@2.5, nan:0:3@1.4,kill_ps:0@3.1,stop:1@2.end")
+    f = parse_faults("kill:1@2.5, nan:0:3@1.4,kill_ps:0@3.1,stop:1@2.end,kill:0@3.eval")
     assert [(x.kind, x.worker, x.block, x.epoch, x.step) for x in f] == [
-        ("kill", 1, None, 2, 5), ("nan", 0, 3, 1, 4), ("kill_ps", 0, None, 3, 1), ("stop", 1, None, 2, END)]
+        ("kill", 1, None, 2, 5), ("nan", 0, 3, 1, 4), ("kill_ps", 0, None, 3, 1), ("stop", 1, None, 2, END),
+        ("kill", 0, None, 3, EVAL)]
     with pytest.raises(ValueError, match="'nan:0@1.2'"):
         parse_faults("nan:0@1.2")
     assert parse_faults(None) == [] and parse_faults("") == []

@@ -174,6 +174,7 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
     # reported already) and the calls.
     pending: tuple[int, float, EpochFigures | None, PendingEvaluation] | None = None
     wait_for_figures = cfg.train.early_stop_patience > 0
+    done = start_epoch  # epochs trained so far
 
     def evaluation_due(done: int) -> bool:
         every = cfg.eval.every_epochs
@@ -217,7 +218,8 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
             # The driver stopped after that epoch's checkpoint, before its evaluation landed: measured now (its
             # figures were reported, or not, by the driver that stopped: not again).
             chain = assemble_chain(spec, resume.block_states, resume.shared_state)
-            pending = (start_epoch, train_seconds, None, evaluator.start(sup.workers, chain, [EvalJob(split)]))
+            evaluation = evaluator.start(sup.workers, chain, [EvalJob(split)], start_epoch)
+            pending = (start_epoch, train_seconds, None, evaluation)
             land()
         for epoch in range(start_epoch, cfg.train.passes):
             t0 = time.perf_counter()
@@ -246,7 +248,7 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
             info: EpochFigures | None = EpochFigures.of(cfg, done, train_seconds, reports, split, best)
             if evaluate_now:
                 chain = assemble_chain(spec, states, shared_state)
-                pending = (done, train_seconds, info, evaluator.start(sup.workers, chain, [EvalJob(split)]))
+                pending = (done, train_seconds, info, evaluator.start(sup.workers, chain, [EvalJob(split)], done))
                 info = None  # reported when its figures land (at once when the workers wait for them)
                 if wait_for_figures:
                     land()
@@ -273,7 +275,7 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
         report()
         trained = Trained(states, shared_state, reports, train_seconds, sup.events, best, early_stop,
                           epoch_seconds=epoch_seconds, boundary_seconds=boundaries)
-        trained.final = finish(trained, lambda chain, jobs: evaluator.score(sup.workers, chain, jobs))
+        trained.final = finish(trained, lambda chain, jobs: evaluator.score(sup.workers, chain, jobs, done))
         return trained
     finally:
         try:

@@ -43,9 +43,9 @@ class ClusterEvaluator:
         self.sizes = {s: len(y) for s, (_, y) in images.items()}
         self.images = ray.put(images)
 
-    def start(self, workers: list["ray.actor.ActorHandle"], chain: torch.nn.Module,
-              jobs: list[EvalJob]) -> PendingEvaluation:
-        """Send ``jobs`` on ``chain`` to the workers and return at once."""
+    def start(self, workers: list["ray.actor.ActorHandle"], chain: torch.nn.Module, jobs: list[EvalJob],
+              epoch: int) -> PendingEvaluation:
+        """Send ``jobs`` on ``chain`` (trained ``epoch`` epochs) to the workers and return at once."""
         per_worker: list[Tasks] = [[] for _ in workers]
         i = 0
         for job in jobs:
@@ -58,8 +58,8 @@ class ClusterEvaluator:
         pending = PendingEvaluation(chain, jobs)
         for worker, tasks in zip(workers, per_worker):
             if tasks:
-                pending.calls.append((worker.evaluate.remote(shipped, self.images, tasks, self.batch_size, self.seed),
-                                      tasks))
+                ref = worker.evaluate.remote(shipped, self.images, tasks, self.batch_size, self.seed, epoch)
+                pending.calls.append((ref, tasks))
         return pending
 
     def result(self, pending: PendingEvaluation) -> dict[EvalJob, StageCounts]:
@@ -77,7 +77,7 @@ class ClusterEvaluator:
                 totals[job] = totals[job] + c
         return totals
 
-    def score(self, workers: list["ray.actor.ActorHandle"], chain: torch.nn.Module,
-              jobs: list[EvalJob]) -> dict[EvalJob, StageCounts]:
+    def score(self, workers: list["ray.actor.ActorHandle"], chain: torch.nn.Module, jobs: list[EvalJob],
+              epoch: int) -> dict[EvalJob, StageCounts]:
         """:meth:`start` then :meth:`result`: an evaluation the caller waits for."""
-        return self.result(self.start(workers, chain, jobs))
+        return self.result(self.start(workers, chain, jobs, epoch))

@@ -5,7 +5,8 @@ is not something a run should carry) and hands each worker its part. Comma-separ
 
     kill:W@E.S       worker W kills its own process (SIGKILL) after step S of epoch E (1-based;
                      S = 0: before the epoch's first step; S = end: after the epoch ended, when the driver
-                     gathers the worker's states for the checkpoint)
+                     gathers the worker's states for the checkpoint; S = eval: when the worker is asked
+                     to score its part of the chain of epoch E, E = the last epoch: the final evaluation)
     kill_ps:W@E.S    worker W SIGKILLs the parameter server's process at that point
     stop:W@E.S       worker W stops its own process (SIGSTOP: a hang, not a death) at that point
     nan:W:B@E.S      worker W fills block B's weights with NaN at that point
@@ -25,10 +26,12 @@ from typing import Callable
 import torch
 
 ENV_VAR = "NOPROP_FAULTS"
-_ITEM = re.compile(r"^(kill|kill_ps|stop|nan):(\d+)(?::(\d+))?@(\d+)\.(\d+|end)$")
+_ITEM = re.compile(r"^(kill|kill_ps|stop|nan):(\d+)(?::(\d+))?@(\d+)\.(\d+|end|eval)$")
 _DRIVER_ITEM = re.compile(r"^kill_driver@(\d+)\.save$")
 END = -1  # the step number of ".end": after the epoch, at the gather of the worker's states
 SAVE = -2  # the step number of ".save": inside the driver's save of the epoch's checkpoint
+EVAL = -3  # the step number of ".eval": the worker scoring its part of the chain of that epoch
+_NAMED_STEPS = {"end": END, "eval": EVAL}
 DRIVER = -1  # the "worker" of a fault the driver fires itself
 
 
@@ -37,7 +40,8 @@ class Fault:
     kind: str  # kill | kill_ps | stop | nan
     worker: int
     epoch: int  # 1-based, as progress lines count
-    step: int  # 1-based step (mini-batch) within the epoch; 0: before the first; END: at the gather after it
+    step: int  # 1-based step (mini-batch) within the epoch; 0: before the first; END: at the gather after it;
+    # EVAL: scoring the chain of that epoch
     block: int | None = None
 
 
@@ -52,9 +56,10 @@ def parse_faults(text: str | None) -> list[Fault]:
         m = _ITEM.match(item)
         if m is None or (m.group(1) == "nan") != (m.group(3) is not None):
             raise ValueError(f"{ENV_VAR}: malformed item {item!r}; expected kill:W@E.S, kill_ps:W@E.S, stop:W@E.S, "
-                             "nan:W:B@E.S (S: a step number or end) or kill_driver@E.save")
+                             "nan:W:B@E.S (S: a step number, end or eval) or kill_driver@E.save")
         kind, w, b, e, s = m.groups()
-        faults.append(Fault(kind, int(w), int(e), END if s == "end" else int(s), int(b) if b else None))
+        step = _NAMED_STEPS[s] if s in _NAMED_STEPS else int(s)
+        faults.append(Fault(kind, int(w), int(e), step, int(b) if b else None))
     return faults
 
 
@@ -80,13 +85,14 @@ def fault_hook(
     log: Callable[[str], None],
 ) -> Callable[[int, int], None]:
     """A per-step callback ``(epoch 0-based, step) -> None`` that fires this worker's faults (step END: the
-    driver gathers the states after that epoch)."""
+    driver gathers the states after that epoch; EVAL: the worker scores the chain of that epoch)."""
     pending = list(faults)
 
     def hook(epoch: int, step: int) -> None:
         for f in [f for f in pending if (f.epoch, f.step) == (epoch + 1, step)]:
             pending.remove(f)
-            log(f"fault injection: {f.kind} at epoch {f.epoch} " + ("end" if f.step == END else f"step {f.step}"))
+            where = {END: "end", EVAL: "evaluation"}.get(f.step, f"step {f.step}")
+            log(f"fault injection: {f.kind} at epoch {f.epoch} {where}")
             if f.kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             elif f.kind == "stop":

@@ -16,7 +16,7 @@ from ..core.scoring import StageCounts
 from ..training import ShardGroup, peak_rss_mb
 from ..training.evaluation import EvalJob, score
 from ..training.shared_state import Round, ServerRestarted, Snapshot, SyncEveryChoice
-from .faults import END, Fault, fault_hook
+from .faults import END, EVAL, Fault, fault_hook
 from .param_server import WireSnapshot, snapshot_from_wire, to_wire
 from .telemetry import WorkerTelemetry
 
@@ -322,8 +322,11 @@ class Worker:
         return self.group.key, self.group.replica.state_dict()
 
     def evaluate(self, chain: torch.nn.Module, images: dict[str, tuple[np.ndarray, np.ndarray]],
-                 tasks: list[tuple[EvalJob, range]], batch_size: int, seed: int) -> list[StageCounts]:
-        """Score ``chain`` (this worker's own copy) on its device: ``images``: split -> (uint8 (N, C, H, W),
-        labels (N,)), ``tasks``: (job, batch range) pairs. Returns the counts of each task, in order."""
+                 tasks: list[tuple[EvalJob, range]], batch_size: int, seed: int, epoch: int) -> list[StageCounts]:
+        """Score ``chain`` (this worker's own copy, trained ``epoch`` epochs) on its device: ``images``: split ->
+        (uint8 (N, C, H, W), labels (N,)), ``tasks``: (job, batch range) pairs. Returns the counts of each task,
+        in order."""
+        if self.faults is not None:
+            self.faults(epoch - 1, EVAL)
         return [score(chain, images[job.split], job, batches, batch_size, seed, self.mean, self.std, self.device)
                 for job, batches in tasks]
