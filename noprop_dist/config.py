@@ -389,6 +389,11 @@ class ClusterConfig:
     # (anyone who reaches an unauthenticated cluster's ports can run code on it); true: go on, with a warning.
     allow_unauthenticated: bool = False
 
+    @property
+    def wants_gpus(self) -> bool:
+        """Whether the workers are meant to train on GPUs (device cuda, or auto with GPUs given to them)."""
+        return self.device != "cpu" and self.gpus_per_worker > 0
+
     def validate(self) -> None:
         """cluster.*: what Ray would refuse only after it started, refused here (see the bounds above)."""
         _in_range("cluster.num_workers", self.num_workers, 1, MAX_WORKERS)

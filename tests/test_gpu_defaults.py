@@ -1,7 +1,7 @@
 """GPU defaults that follow the device: train.precision=auto picks bf16 only where the GPU computes it natively,
 and train.sync_every=auto is 1 on a CPU and, on a GPU, derived from the measured block step time, one value
 for the whole run (docs/parameter_server.md, "Choosing train.sync_every"). The GPU paths run here on the CPU:
-the measurement is switched on by hand and torch.cuda.synchronize is counted instead of called."""
+the measurement is switched on by hand and the loop's device waits are counted instead of made."""
 from __future__ import annotations
 
 import math
@@ -125,9 +125,10 @@ def data():
     return load_dataset("digits", train_limit=640)
 
 
-def _group(data, spec, blocks, client, sync_every="auto", **train):
+def _group(data, spec, blocks, client, sync_every="auto", paced=None, **train):
     cfg = TrainConfig(seed=0, batch_size=32, sync_every=sync_every, **train)
-    return ShardGroup(spec, blocks, cfg, data.train_x, data.train_y, data.mean, data.std, client, log=lambda s: None)
+    return ShardGroup(spec, blocks, cfg, data.train_x, data.train_y, data.mean, data.std, client, log=lambda s: None,
+                      paced=paced)
 
 
 class _NoSettling(LocalClient):
@@ -157,7 +158,7 @@ def test_auto_is_exactly_sync_every_1_on_the_cpu(data, monkeypatch):
 
 
 class _Syncs:
-    """Counts torch.cuda.synchronize calls (the loop's only device waits) in place of a GPU."""
+    """Counts the loop's device waits (loop._synchronize, its only ones) in place of a GPU's."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -174,7 +175,7 @@ def _on_gpu(group: ShardGroup) -> ShardGroup:
 
 def test_a_gpu_worker_measures_its_first_batches_once_then_exchanges_every_s(data, monkeypatch):
     syncs = _Syncs()
-    monkeypatch.setattr(torch.cuda, "synchronize", syncs)
+    monkeypatch.setattr(loop, "_synchronize", syncs)
     seen = []
 
     def rule(tau, shards, device_type):
@@ -204,7 +205,7 @@ def test_a_restarted_or_resumed_worker_keeps_the_runs_value_and_cadence(data, mo
     run did: its pushes of rounds the server holds are repeats only if round k covers the same batches. It takes
     the run's value from the server (from its checkpoint after a resume), measuring nothing."""
     syncs = _Syncs()
-    monkeypatch.setattr(torch.cuda, "synchronize", syncs)
+    monkeypatch.setattr(loop, "_synchronize", syncs)
     proposals = iter([4, 2])  # the first worker's measurement, then what a re-measurement would give
     monkeypatch.setattr(loop, "auto_sync_every", lambda tau, shards, device_type: next(proposals))
     spec = make_spec("learned", num_shards=2)
@@ -270,27 +271,18 @@ class _ThreadClient(LocalClient):
             return super().settle_sync_every(proposal)
 
 
-def test_sync_workers_that_measure_differently_agree_on_one_value(data, monkeypatch):
-    """Each worker measures its own step time, but in sync mode round k is every worker's k-th exchange: with
-    its own value each, the worker exchanging more often waits at the epoch's end for rounds the other never
-    pushes. The server keeps the first proposal and every worker takes it."""
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    proposal = {"w0": 3, "w1": 5}
-    monkeypatch.setattr(loop, "auto_sync_every",
-                        lambda tau, shards, device_type: proposal[threading.current_thread().name])
-    spec = make_spec("learned", num_shards=4)
-    server = SharedStateServer(spec, 0, sources=["w0", "w1"], mode="sync")
-    lock, barrier = threading.Lock(), threading.Barrier(2)
-    groups = {f"w{w}": _on_gpu(_group(data, spec, blocks, _ThreadClient(server, f"w{w}", lock), sync_mode="sync"))
-              for w, blocks in enumerate(([1, 2], [3, 4]))}
+def _train_two_sync_workers(groups: dict[str, ShardGroup], epochs: int = 2) -> None:
+    """Two workers' groups (by source name) against one sync server, each in its own thread, the epochs aligned
+    as the driver aligns them; raises the first error (a round never completed: TimeoutError)."""
+    barrier = threading.Barrier(len(groups))
     errors: list[BaseException] = []
 
     def work(group: ShardGroup) -> None:
         try:
-            for epoch in range(2):
+            for epoch in range(epochs):
                 group.train_epoch(epoch)
                 barrier.wait(timeout=120)  # the driver starts an epoch once every worker ended the last
-        except BaseException as e:  # noqa: BLE001 - reported by the test below
+        except BaseException as e:  # noqa: BLE001 - raised below
             errors.append(e)
             barrier.abort()
 
@@ -299,14 +291,62 @@ def test_sync_workers_that_measure_differently_agree_on_one_value(data, monkeypa
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert not errors, errors
+    if errors:
+        raise errors[0]
+
+
+def _assert_one_cadence(server: SharedStateServer, groups: dict[str, ShardGroup], allowed: set[int]) -> None:
+    """Every worker took the run's one value; the same rounds from each, applied once (2 epochs of 4 shards)."""
     chosen = {g.sync_every for g in groups.values()}
-    assert len(chosen) == 1 and chosen <= {3, 5}, chosen
+    assert len(chosen) == 1 and chosen <= allowed, chosen
     every = chosen.pop()
     assert server.sync_every == (every, 0)
-    # The same rounds from both, each applied once: epoch 1 has ceil(20 / every) exchanges.
-    assert server.received == {"w0": (1, math.ceil(BATCHES / every)), "w1": (1, math.ceil(BATCHES / every))}
+    # epoch 1 has ceil(20 / every) exchanges
+    assert server.received == {name: (1, math.ceil(BATCHES / every)) for name in groups}
     assert server.version == 2 * 4 * BATCHES and not server.held
+
+
+def test_sync_workers_that_measure_differently_agree_on_one_value(data, monkeypatch):
+    """Each worker measures its own step time, but in sync mode round k is every worker's k-th exchange: with
+    its own value each, the worker exchanging more often waits at the epoch's end for rounds the other never
+    pushes. The server keeps the first proposal and every worker takes it."""
+    proposal = {"w0": 3, "w1": 5}
+    monkeypatch.setattr(loop, "auto_sync_every",
+                        lambda tau, shards, device_type: proposal[threading.current_thread().name])
+    spec = make_spec("learned", num_shards=4)
+    server = SharedStateServer(spec, 0, sources=["w0", "w1"], mode="sync")
+    lock = threading.Lock()
+    groups = {f"w{w}": _on_gpu(_group(data, spec, blocks, _ThreadClient(server, f"w{w}", lock), sync_mode="sync"))
+              for w, blocks in enumerate(([1, 2], [3, 4]))}
+    _train_two_sync_workers(groups)
+    _assert_one_cadence(server, groups, {3, 5})
+
+
+@pytest.mark.parametrize("sets,wants", [([], False), (["cluster.gpus_per_worker=0.5"], True),
+                                        (["cluster.gpus_per_worker=1", "cluster.device=cpu"], False),
+                                        (["cluster.gpus_per_worker=1", "cluster.device=cuda"], True)])
+def test_a_run_is_paced_through_the_server_when_its_workers_ask_for_gpus(sets, wants):
+    """WorkerSpec.paced (every worker of the run, whatever device it lands on) is ClusterConfig.wants_gpus."""
+    assert load_config(None, sets).cluster.wants_gpus is wants
+
+
+def test_a_cpu_worker_in_a_run_with_gpus_takes_the_runs_cadence(data, monkeypatch):
+    """A run whose workers ask for GPUs paces every worker through the server (the supervisor's WorkerSpec.paced),
+    one that landed on a CPU too: alone it would exchange every mini-batch, and in sync mode the GPU worker,
+    exchanging every 4, would wait at the epoch's end for rounds it never pushes. The GPU worker's rule is
+    faked (4); the CPU worker's is the real one (1 on a CPU): whichever proposes first, both take it."""
+    real = loop.auto_sync_every
+    monkeypatch.setattr(loop, "auto_sync_every", lambda tau, shards, device_type:
+                        4 if threading.current_thread().name == "w0" else real(tau, shards, device_type))
+    spec = make_spec("learned", num_shards=4)
+    server = SharedStateServer(spec, 0, sources=["w0", "w1"], mode="sync")
+    lock = threading.Lock()
+    gpu = _on_gpu(_group(data, spec, [1, 2], _ThreadClient(server, "w0", lock), sync_mode="sync"))
+    cpu = _group(data, spec, [3, 4], _ThreadClient(server, "w1", lock), sync_mode="sync", paced=True)
+    assert cpu.device.type == "cpu" and cpu.auto_sync
+    groups = {"w0": gpu, "w1": cpu}
+    _train_two_sync_workers(groups)
+    _assert_one_cadence(server, groups, {1, 4})
 
 
 @pytest.mark.ray

@@ -48,9 +48,7 @@ def check_baseline(cfg: Config) -> None:
 
 def local_device(cfg: Config) -> torch.device:
     """cuda when asked for (cluster.device=cuda, or auto with gpus_per_worker > 0 and a GPU here), else cpu."""
-    c = cfg.cluster
-    want = c.device == "cuda" or (c.device == "auto" and c.gpus_per_worker > 0)
-    return torch.device("cuda" if want and torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if cfg.cluster.wants_gpus and torch.cuda.is_available() else "cpu")
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:

@@ -145,7 +145,7 @@ class Supervisor:
         worker_spec = WorkerSpec(
             w, self.spec, group, self.cfg.train, worker_threads(c), c.device, self.dataset.mean, self.dataset.std,
             self.server, states, replica, run_id=self.run_label, restarts=restarts,
-            faults=[f for f in self.faults if f.worker == w] if first else None,
+            faults=[f for f in self.faults if f.worker == w] if first else None, paced=c.wants_gpus,
         )
         return Worker.options(
             num_cpus=c.cpus_per_worker, num_gpus=c.gpus_per_worker,

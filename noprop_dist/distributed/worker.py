@@ -181,6 +181,7 @@ class WorkerSpec:
     run_id: str | None = None  # the `run` label of the exported metrics; None: export none
     restarts: int = 0  # how many times the driver has re-created this worker (also exported as a metric)
     faults: list[Fault] | None = None  # injected faults (tests, fault benchmarks; see faults.py)
+    paced: bool = False  # the run's workers are meant for GPUs: ShardGroup.paced, whatever this one's device
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ class Worker:
         self.rank, self.restarts = spec.rank, spec.restarts
         self.client = RayClient(spec.server, spec.train.sync_mode, rank=spec.rank)
         self.group = ShardGroup(spec.model, spec.shard_ids, spec.train, train_x, train_y, spec.mean, spec.std,
-                                self.client, torch.device(device))
+                                self.client, torch.device(device), paced=spec.paced)
         if spec.states:
             self.group.load_state_dicts(spec.states)
         if spec.replica_state:

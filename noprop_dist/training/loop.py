@@ -233,6 +233,11 @@ class ShardGroup:
     client: SharedStateClient
     device: torch.device = torch.device("cpu")
     log: Callable[[str], None] = print  # in a Ray worker, print reaches the driver's log
+    # Whether sync_every=auto is agreed through the server (measured on GPUs): a run-wide decision, so that every
+    # worker of a run takes the same exchange cadence, a CPU worker in a run with GPU workers too (alone, its
+    # every-batch cadence would leave them waiting at the epoch's end for rounds it never pushes). None: decided
+    # by this group's device (cuda).
+    paced: bool | None = None
     trainers: dict[int, ShardTrainer] = field(init=False)
     stats: dict[int, ShardStats] = field(init=False)
 
@@ -242,9 +247,10 @@ class ShardGroup:
         self.replica = SharedReplica(self.spec, self.train, self.client, self.device, self.log)
         self.data = TrainingData(self.train_x, self.train_y, self.mean, self.std, self.device,
                                  channels_last=any(tr.channels_last for tr in self.trainers.values()))
-        # sync_every=auto measured and agreed through the server: on a GPU only (elsewhere auto is 1, and the
-        # loop makes no call and no measurement: CPU runs are exactly as with sync_every=1).
-        self.auto_sync = self.train.sync_every == "auto" and self.device.type == "cuda"
+        # sync_every=auto measured and agreed through the server: in runs with GPUs only (in CPU runs auto is 1,
+        # and the loop makes no call and no measurement: they are exactly as with sync_every=1).
+        paced = self.device.type == "cuda" if self.paced is None else self.paced
+        self.auto_sync = self.train.sync_every == "auto" and paced
         self.sync_choice: SyncEveryChoice | None = None  # (sync_every, epoch measured in), once the server has one
 
     # --- the exchange cadence --------------------------------------------------------------
@@ -398,7 +404,7 @@ class ShardGroup:
         for i, start in enumerate(starts):
             timing = measure and AUTO_WARMUP_BATCHES <= i < AUTO_MEASURED_BATCHES
             if timing:  # only here does the loop wait for the device: a few batches, once per run
-                torch.cuda.synchronize(self.device)
+                _synchronize(self.device)
                 t_batch, before = time.perf_counter(), len(taken)
             x, y = self.data.batch(order[start : start + bs])
             schedule = lr_schedule_factor(self.train, epoch + i / len(full))  # the blocks' and the shared state's
@@ -411,7 +417,7 @@ class ShardGroup:
                 loss, bad = trainer.step(x, y, self.replica)
                 taken.append((t, loss, bad, y.shape[0], time.perf_counter() - t0))
             if timing:
-                torch.cuda.synchronize(self.device)
+                _synchronize(self.device)
                 timed.append((time.perf_counter() - t_batch, len(taken) - before))
             last = i == len(starts) - 1
             if i < head or (i + 1 - head) % every == 0 or last:
@@ -435,6 +441,12 @@ class ShardGroup:
         for st in self.stats.values():
             st.end_epoch()
         return {t: st.as_dict() for t, st in self.stats.items()}
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a CPU computes as it goes: nothing to wait for)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def clone_state(state: Any) -> Any:
