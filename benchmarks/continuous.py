@@ -24,6 +24,7 @@ from common import ray_run, write_result
 from noprop_dist.config import SHARD_PARTITIONS, load_config
 from noprop_dist.core import load_chain_file
 from noprop_dist.evaluate import evaluate_run
+from noprop_dist.registry import get_method
 
 STEPS = (10, 100, 1000)
 
@@ -48,7 +49,9 @@ def accuracy(args: argparse.Namespace, tmp: str) -> dict:
                 f"model.method={method}", "model.num_shards=1", "cluster.num_workers=1",
                 f"model.embedding={embedding}", "model.inference_steps=1000", f"run.dir={run_dir}"]))
             row = {"train_seconds": s["train_seconds"], "epochs": args.epochs, "steps": {}}
-            samplers = ("eq3", "mean", "ode") if method == "noprop_ct" else (None,)
+            # The method's one-pass samplers (ensemble averages draws of them); FM has one, its Euler solve.
+            one_pass = tuple(s for s in get_method(method).samplers if s != "ensemble")
+            samplers = one_pass if len(one_pass) > 1 else (None,)
             for sampler in samplers:
                 for steps in STEPS:
                     measured = s["test_accuracy_by_sampler"].get(sampler or "mean") if steps == 1000 else None

@@ -35,6 +35,7 @@ from noprop_dist.core import evaluate_chain, evaluate_stages
 from noprop_dist.core.losses import ct_loss_weight
 from noprop_dist.core.paths import ct_marginal, denoised_estimate, randn_like, shard_bounds
 from noprop_dist.data import load_dataset, normalize
+from noprop_dist.registry import get_method
 from noprop_dist.training import evaluate_states, model_spec, train_in_process
 
 
@@ -139,13 +140,14 @@ def main() -> None:
         shared_state = server.state_dict()
         chain, acc = evaluate_states(spec, data, states, shared_state, 1000, cfg.eval.seed)
         test_u8 = torch.from_numpy(np.ascontiguousarray(data.test_x))
-        eq3 = None if spec.method == "noprop_fm" else evaluate_chain(
+        method = get_method(spec.method)
+        eq3 = None if "eq3" not in method.samplers else evaluate_chain(
             chain, test_u8, ty, 1000, cfg.eval.seed, norm, sampler="eq3")[0]
         # the chain stopped after each shard, read out by the head, and each shard's own last prediction
         _, _, stages = evaluate_stages(chain, test_u8, ty, 1000, cfg.eval.seed, norm)
         row = {"epoch": epoch + 1, "train_seconds": train_s[0], "mean_accuracy": acc, "eq3_accuracy": eq3,
                "bounds": shard_bounds(spec, chain.shared).tolist(), "stages": stages}
-        if spec.method == "noprop_fm":  # no schedule, no noise term: the chain's accuracy only
+        if not method.learned_schedule:  # FM: no schedule, no noise term: the chain's accuracy only
             row["eval_seconds"] = time.perf_counter() - t0
             rows.append(row)
             print(f"epoch {epoch + 1}: {100 * acc:.2f}%", flush=True)

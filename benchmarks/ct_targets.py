@@ -23,6 +23,7 @@ from common import ray_run, write_result
 
 from noprop_dist.config import CONFIG_DIR, load_config
 from noprop_dist.evaluate import evaluate_run
+from noprop_dist.registry import get_method
 
 CONFIGS = CONFIG_DIR
 STEPS = (10, 100, 1000)
@@ -30,8 +31,7 @@ STEPS = (10, 100, 1000)
 
 def config_file(dataset: str, method: str) -> str:
     base = "mnist" if dataset in ("digits", "mnist") else dataset
-    suffix = {"noprop_dt": "", "noprop_ct": "_ct", "noprop_fm": "_fm"}[method]
-    return os.path.join(CONFIGS, f"{base}{suffix}.yaml")
+    return os.path.join(CONFIGS, f"{base}{get_method(method).config_suffix}.yaml")
 
 
 def largest_drop(curve: list[float], after: int = 3) -> float:
@@ -63,8 +63,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for method, preset in runs:
             name = f"{method}{'_paper' if preset else ''}"
-            shards = ([f"train.epochs={args.dt_epochs}"] if method == "noprop_dt"
-                      else [f"model.num_shards={args.shards}", "model.inference_steps=1000"])
+            steps = get_method(method).takes_steps  # CT and FM: K shards and the steps of their solve
+            shards = ([f"model.num_shards={args.shards}", "model.inference_steps=1000"] if steps
+                      else [f"train.epochs={args.dt_epochs}"])
             cfg = load_config(config_file(args.dataset, method), common + shards + [f"run.dir={tmp}/{name}", *args.set],
                               preset)
             s = ray_run(cfg)
@@ -73,7 +74,7 @@ def main() -> None:
                    "train_seconds": s["train_seconds"],
                    "curve": curve, "curve_seconds": [p["train_seconds"] for p in s["curve"]],
                    "largest_drop_after_epoch_3": largest_drop(curve)}
-            if method != "noprop_dt":
+            if steps:
                 row["steps"] = {n: (s["test_accuracy"] if n == 1000 else evaluate_run(f"{tmp}/{name}", steps=n))
                                 for n in STEPS}
                 within = [n for n in STEPS if row["steps"][n] >= row["steps"][1000] - 0.002]
@@ -82,7 +83,7 @@ def main() -> None:
             print(f"{name:<16} {100 * s['test_accuracy']:.2f}% ({row['sampler']}) after {cfg.train.epochs} epochs, "
                   f"{s['train_seconds']:.0f}s training; curve " + " ".join(f"{100 * a:.1f}" for a in curve)
                   + f"; largest drop after epoch 3 {100 * row['largest_drop_after_epoch_3']:.2f} pt"
-                  + ("" if method == "noprop_dt" else "; by steps " + ", ".join(
+                  + ("" if not steps else "; by steps " + ", ".join(
                       f"{n}: {100 * a:.2f}%" for n, a in row["steps"].items())
                      + f"; {row['steps_within_0.2_points_of_1000']} steps are within 0.2 pt of 1000"), flush=True)
     print("written:", write_result(f"ct_targets_{args.dataset}", {"args": vars(args), "rows": rows}))

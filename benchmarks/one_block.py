@@ -44,13 +44,15 @@ def train_variant(name: str, config: str, overrides: list[str], epochs: int, tra
 
     from noprop_dist.config import load_config
     from noprop_dist.data import load_dataset, normalize
+    from noprop_dist.registry import get_method
     from noprop_dist.training import initial_prototypes, model_spec
     from noprop_dist.training.loop import ShardGroup
     from noprop_dist.training.shared_state import LocalClient, SharedStateServer
 
     torch.set_num_threads(1)
     cfg = load_config(config, [*overrides, f"train.epochs={epochs}"])
-    if cfg.model.method != "noprop_dt":
+    method = get_method(cfg.model.method)
+    if not method.noprop or method.time_conditioned:  # a DT block: no time input, its own block loss
         raise SystemExit(f"{config}: model.method is {cfg.model.method!r}; this proxy trains a NoProp-DT block")
     d = cfg.data
     dataset = load_dataset(d.name, d.root, d.download, train_limit or d.train_limit, d.test_limit)

@@ -43,6 +43,7 @@ from noprop_dist.paper.harness import (
     train_subprocess,
 )
 from noprop_dist.paper.plots import PlotError, plot_curves, run_label
+from noprop_dist.registry import get_method
 from noprop_dist.storage.summary import read_summary
 
 # The DT setting (NoProp-DT against DDP backprop, the default) and the CT setting (the paper's Fig. 3:
@@ -139,7 +140,7 @@ def method_config(method: str, dataset: str) -> str:
     try:
         return config_path(method, dataset, CONFIG_DIR)
     except HarnessError as e:
-        if method == "noprop_dt":
+        if get_method(method).config_suffix == "":  # the dataset's own config (NoProp-DT's): no fallback
             raise
         fallback = config_path(*(("noprop_dt", dataset) if method in DT_SETTING else (method, "mnist")),
                                CONFIG_DIR)

@@ -244,10 +244,10 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
                                 "spaces them)")
             checkpoint_now = done % cfg.run.checkpoint_every == 0 or last
             if checkpoint_now or evaluate_now:
-                states, shared_state, replicas = sup.states(epoch)
+                gathered = sup.states(epoch)
             info: EpochFigures | None = EpochFigures.of(cfg, done, train_seconds, reports, split, best)
             if evaluate_now:
-                chain = assemble_chain(spec, states, shared_state)
+                chain = assemble_chain(spec, gathered.shards, gathered.shared)
                 pending = (done, train_seconds, info, evaluator.start(sup.workers, chain, [EvalJob(split)], done))
                 info = None  # reported when its figures land (at once when the workers wait for them)
                 if wait_for_figures:
@@ -256,7 +256,8 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
                 early_stop = {"epoch": done, "best_epoch": best.epoch, "patience": cfg.train.early_stop_patience}
                 checkpoint_now = True
             if checkpoint_now:
-                rundir.checkpoints.save_epoch_in_background(done, states, shared_state, train_seconds, replicas,
+                rundir.checkpoints.save_epoch_in_background(done, gathered.shards, gathered.shared, train_seconds,
+                                                            gathered.replicas,
                                                             before_manifest=driver_save_hook(sup.faults, done))
                 display.message(f"epoch {done}/{cfg.train.passes} done in {epoch_seconds[-1]:.1f}s; "
                                 f"checkpoint being written to {rundir.checkpoints.dir}")
@@ -273,7 +274,7 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
                 break
         land()
         report()
-        trained = Trained(states, shared_state, reports, train_seconds, sup.events, best, early_stop,
+        trained = Trained(gathered.shards, gathered.shared, reports, train_seconds, sup.events, best, early_stop,
                           epoch_seconds=epoch_seconds, boundary_seconds=boundaries)
         trained.final = finish(trained, lambda chain, jobs: evaluator.score(sup.workers, chain, jobs, done))
         return trained

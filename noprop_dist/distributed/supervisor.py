@@ -82,6 +82,15 @@ def place_workers(cfg: Config, log: Callable[[str], None] | None = None) -> Plac
 
 
 @dataclass(frozen=True)
+class GatheredState:
+    """What a run holds at the end of an epoch, gathered for a checkpoint and an evaluation (all on the CPU)."""
+
+    shards: dict[int, dict]  # shard id -> its network's and optimizer's state dicts (Worker.state_dicts)
+    shared: dict  # the parameter server's state: the shared state and its version
+    replicas: dict[str, dict]  # shard-group key -> its replica's optimizer state (Worker.replica_state)
+
+
+@dataclass(frozen=True)
 class Observers:
     """Where the supervisor's news goes; it knows nothing of how progress is shown or logged."""
 
@@ -266,8 +275,8 @@ class Supervisor:
             self.observers.progress(list(self.last_progress.values()))
         return [results[w] for w in sorted(results)]
 
-    def states(self, epoch: int) -> tuple[dict[int, dict], dict, dict[str, dict]]:
-        """(block states, server state, replica states by group key) at the end of ``epoch`` (0-based).
+    def states(self, epoch: int) -> GatheredState:
+        """The shards', the server's and the replicas' states at the end of ``epoch`` (0-based).
 
         A worker that dies after its epoch ended, before its states are gathered, is restarted like one that
         died in the epoch: it redoes the epochs since the last checkpoint, then the gather is done again. A
@@ -296,8 +305,8 @@ class Supervisor:
                 except ray.exceptions.RayActorError:
                     self._redo_epoch(epoch)
                     continue
-                blocks = {t: s for part in parts.values() for t, s in part.items()}
-                return blocks, server, replicas
+                shards = {t: s for part in parts.values() for t, s in part.items()}
+                return GatheredState(shards, server, replicas)
 
     def _redo_epoch(self, epoch: int) -> None:
         """The server died after the workers finished ``epoch``: once Ray has restarted it (from the last
