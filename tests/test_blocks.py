@@ -3,6 +3,8 @@ same guarantees: gradient isolation, label-blind evaluation, the chain file, and
 whose block breaks the contract with one line."""
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import replace
 
 import pytest
@@ -312,21 +314,48 @@ def test_the_resnet_block_learns_digits_in_process(digits):
 
 
 def test_the_fig6_pool_gives_nn_maxpool2ds_values_and_gradients_in_the_layout_it_got():
-    """core.blocks.MaxPool pools a CPU NCHW batch (the chain's evaluation) through channels-last, a faster
-    kernel: the values must be nn.MaxPool2d's bit for bit, as must the gradients of a channels-last batch (the
-    training loop's, which it pools as nn.MaxPool2d does), and the layout that comes out the one that went in."""
-    from noprop_dist.core.blocks import MaxPool
+    """core.blocks.MaxPool pools a CPU NCHW batch through channels-last while the chain is evaluated, a faster
+    kernel: in and out of evaluation_pooling the values must be nn.MaxPool2d's bit for bit, as must the
+    gradients of a channels-last batch (the training loop's), and the layout that comes out the one that went
+    in."""
+    from noprop_dist.core.blocks import MaxPool, evaluation_pooling
 
     g = torch.Generator().manual_seed(0)
     x = torch.relu(torch.randn(8, 32, 28, 28, generator=g))  # ReLU's zeros: windows with ties
-    for layout in (torch.contiguous_format, torch.channels_last):
-        a = x.clone(memory_format=layout).requires_grad_()
-        b = x.clone(memory_format=layout).requires_grad_()
-        out, ref = MaxPool(2)(a), nn.MaxPool2d(2)(b)
-        assert torch.equal(out, ref) and out.is_contiguous(memory_format=layout)
-        w = torch.randn(ref.shape, generator=g)
-        (out * w).sum().backward()
-        (ref * w).sum().backward()
-        if layout == torch.channels_last:
-            assert torch.equal(a.grad, b.grad)
+    for scoped in (False, True):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            a = x.clone(memory_format=layout).requires_grad_()
+            b = x.clone(memory_format=layout).requires_grad_()
+            with evaluation_pooling() if scoped else contextlib.nullcontext():
+                out, ref = MaxPool(2)(a), nn.MaxPool2d(2)(b)
+            assert torch.equal(out, ref) and out.is_contiguous(memory_format=layout)
+            w = torch.randn(ref.shape, generator=g)
+            (out * w).sum().backward()
+            (ref * w).sum().backward()
+            if layout == torch.channels_last:
+                assert torch.equal(a.grad, b.grad)
     assert any(isinstance(m, MaxPool) for m in build_shard(make_spec(image_shape=(1, 28, 28)), 1, 0).modules())
+
+
+def test_fig6_blocks_batched_with_vmap_compute_what_they_compute_one_after_another():
+    """torch.func.vmap over stacked Fig. 6 blocks (benchmarks/gpu_check.py part 8) on the CPU: vmap cannot query
+    a channels-last layout, so the max pool must not look for one outside the chain's evaluation. Forward with
+    and without gradients, and the gradients, equal the blocks run one after another."""
+    spec = make_spec(image_shape=(1, 28, 28))
+    blocks = [build_shard(spec, k, 0).eval() for k in (1, 2)]  # eval: BatchNorm's running statistics
+    params, buffers = torch.func.stack_module_state(blocks)
+    base = copy.deepcopy(blocks[0]).to("meta")
+    g = torch.Generator().manual_seed(0)
+    z, x = torch.randn(4, spec.embed_dim, generator=g), torch.randn(4, 1, 28, 28, generator=g)
+
+    def one(p, b, z, x):
+        return torch.func.functional_call(base, (p, b), (z, x))
+
+    batched = torch.func.vmap(one, in_dims=(0, 0, None, None))
+    with torch.no_grad():
+        assert torch.allclose(batched(params, buffers, z, x), torch.stack([m(z, x) for m in blocks]), atol=1e-5)
+    batched(params, buffers, z, x).sum().backward()
+    sum(m(z, x).sum() for m in blocks).backward()
+    for name, grad in ((n, p.grad) for n, p in params.items()):
+        expected = torch.stack([dict(m.named_parameters())[name].grad for m in blocks])
+        assert torch.allclose(grad, expected, atol=1e-4), name

@@ -8,8 +8,10 @@ factory (noprop_dist.registry.BLOCKS: ``fig6``, ``resnet``) or gives its import 
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field, fields
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -118,15 +120,32 @@ class ModelSpec:
         return cls(**(_BEFORE_THE_KEY | d))
 
 
+# Set while the chain is evaluated (core.scoring.count_stages): only there does MaxPool change its kernel.
+_EVALUATION_POOLING = contextvars.ContextVar("evaluation_pooling", default=False)
+
+
+@contextlib.contextmanager
+def evaluation_pooling() -> Iterator[None]:
+    """Within it, :class:`MaxPool` pools a CPU batch held as NCHW through channels-last (the chain's evaluation,
+    core.scoring). Scoped rather than always on: torch.func.vmap cannot query a channels-last layout, and a
+    block batched with vmap (benchmarks/gpu_check.py) must pool as nn.MaxPool2d does."""
+    token = _EVALUATION_POOLING.set(True)
+    try:
+        yield
+    finally:
+        _EVALUATION_POOLING.reset(token)
+
+
 class MaxPool(nn.MaxPool2d):
-    """nn.MaxPool2d that pools a CPU batch held as NCHW (the chain's evaluation) in channels-last layout and
-    gives it back as NCHW: PyTorch's NCHW pooling kernel on the CPU is scalar and records indices even without
-    gradients, its channels-last one is vectorised over channels. A maximum does not depend on the order its
-    inputs are read in: the values are the same bit for bit. Channels-last batches (the training loop's) and
-    other devices pool as nn.MaxPool2d does."""
+    """nn.MaxPool2d that, inside :func:`evaluation_pooling`, pools a CPU NCHW batch in channels-last layout and
+    gives it back as NCHW: PyTorch's NCHW pooling kernel on the CPU is scalar, branches on every comparison and
+    records indices even without gradients, so on activations without structure it costs a third of an
+    evaluation pass; its channels-last one is vectorised over channels (benchmarks/README.md, "The chain's
+    evaluation on one core"). A maximum does not depend on the order its inputs are read in: the values are
+    the same bit for bit. Elsewhere (training, other devices, vmap) it pools as nn.MaxPool2d does."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last):
+        if _EVALUATION_POOLING.get() and x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous():
             return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
         return super().forward(x)
 

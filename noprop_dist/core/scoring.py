@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .blocks import evaluation_pooling
 from .samplers import Z0_ONLY_SAMPLERS, StageTrace
 
 
@@ -88,6 +89,7 @@ def batch_parts(num_images: int, batch_size: int, parts: int) -> list[range]:
 
 
 @torch.no_grad()
+@evaluation_pooling()  # the chain's max pools take the CPU's faster kernel (core.blocks.MaxPool)
 def count_stages(
     chain: nn.Module,
     images: torch.Tensor,
