@@ -39,7 +39,7 @@ result, so a run cut short still leaves what was done. No sleeps: processes are 
 
     bash benchmarks/gpu_check.sh                                          # on the GPU machine: all parts
     python benchmarks/gpu_check.py --out /tmp/gpu --fashion-root data/fashion_mnist   # the same, one process
-    python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpucheck_dry    # dry run: 45 s to 2 min here
+    python benchmarks/gpu_check.py --device cpu --quick --out gpucheck_dry   # dry run, tests/test_gpu_defaults.py
 
 On the CPU (``--device cpu``, ``--quick``: tiny sizes) the same code runs as a dry run; what needs CUDA (sync
 debug mode, graphs, kernel counts, GPU bf16) reports "skipped: no CUDA". Figures go to OUT/gpu_check.json
