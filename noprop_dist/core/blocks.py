@@ -139,7 +139,7 @@ def evaluation_pooling() -> Iterator[None]:
 class MaxPool(nn.MaxPool2d):
     """nn.MaxPool2d that, inside :func:`evaluation_pooling`, pools a CPU NCHW batch in channels-last layout and
     gives it back as NCHW: PyTorch's NCHW pooling kernel on the CPU is scalar, branches on every comparison and
-    records indices even without gradients, so on activations without structure it costs a third of an
+    records indices even without gradients, so on activations without structure it takes a large share of an
     evaluation pass; its channels-last one is vectorised over channels (benchmarks/README.md, "The chain's
     evaluation on one core"). A maximum does not depend on the order its inputs are read in: the values are
     the same bit for bit. Elsewhere (training, other devices, vmap) it pools as nn.MaxPool2d does."""
