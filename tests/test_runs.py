@@ -135,3 +135,23 @@ def test_an_evaluation_longer_than_an_epoch_never_holds_the_workers_and_on_epoch
     assert [p["epoch"] for p in summary["curve"]] == measured
     assert all(b < 5 for b in summary["epoch_boundary_seconds"]), summary["epoch_boundary_seconds"]
     assert "epoch 2: not evaluated, the evaluation of epoch 1 is still running" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_an_evaluation_in_flight_when_training_ends_runs_beside_the_final_one(ray_cluster, tmp_path, capsys):
+    """Two CT epochs, the chain evaluated after the first: that evaluation (200 steps on 200 images) outlasts
+    epoch 2 (64 images), so it is in flight when training ends. The final evaluation is sent to the workers
+    before it is waited for (the two then run side by side, not one after the other), and its figures still
+    land: the curve and on_epoch have epoch 1's accuracy."""
+    seen: list[dict] = []
+    summary = noprop_dist.train(
+        "quickstart", on_epoch=seen.append, log=lambda s: None,
+        **SMALL | {"model.method": "noprop_ct", "model.num_blocks": 1, "model.inference_steps": 200,
+                   "data.train_limit": 64, "data.test_limit": 200, "train.epochs": 2, "eval.every_epochs": 1,
+                   "run.dir": str(tmp_path)},
+    ).summary
+    out = capsys.readouterr().out
+    final = out.index("scoring the trained chain on the workers: 200 test images, mean stage by stage")
+    assert final < out.index("epoch 1: test accuracy of the chain as it stands"), out
+    assert [p["epoch"] for p in summary["curve"]] == [1, 2]
+    assert [i["epoch"] for i in seen] == [1, 2] and all("test_accuracy" in i for i in seen)

@@ -147,7 +147,9 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
     next epoch, and so does the checkpoint's writing: the workers wait only for their states to be gathered.
     Its figures land after that next epoch: the curve, a new best epoch's chain.pt on a validation split
     (training.selection) and ``on_epoch`` (:class:`EpochFigures`, each epoch once, in order). With
-    train.early_stop_patience the decision to go on needs the figures: the workers then wait for them.
+    train.early_stop_patience the decision to go on needs the figures: the workers then wait for them. An
+    evaluation still in flight when training ends runs beside the final one (on a validation split it lands
+    first: it may change which chain the run keeps).
 
     run_label: the `run` label of the metrics the actors export, None when they export none.
     """
@@ -272,11 +274,25 @@ def _train_on_ray(cfg: Config, spec: ModelSpec, dataset: ImageDataset, rundir: R
                 display.message(f"stopping early after epoch {done}: the validation accuracy has not risen since "
                                 f"epoch {best.epoch} (train.early_stop_patience={cfg.train.early_stop_patience})")
                 break
-        land()
-        report()
+        if split == "val":  # its figures may make its chain the best, which the final evaluation decides on
+            land()
+            report()
+
+        def score_final(chain: torch.nn.Module, jobs: list[EvalJob]) -> dict[EvalJob, StageCounts]:
+            # The final jobs go to the workers before an evaluation still in flight is waited for (one that
+            # outlasted the epochs after it: CT's 1,000 steps on a CPU), so that the two run side by side, the
+            # final one where the training ran, instead of one after the other.
+            final = evaluator.start(sup.workers, chain, jobs, done)
+            display.message("scoring the trained chain on the workers: " + "; ".join(
+                f"{evaluator.sizes[job.split]} {job.split} images, {chain.sampler_name(job.sampler)}"
+                + (" stage by stage" if job.stages else "") for job in jobs))
+            land()
+            report()
+            return evaluator.result(final)
+
         trained = Trained(gathered.shards, gathered.shared, reports, train_seconds, sup.events, best, early_stop,
                           epoch_seconds=epoch_seconds, boundary_seconds=boundaries)
-        trained.final = finish(trained, lambda chain, jobs: evaluator.score(sup.workers, chain, jobs, done))
+        trained.final = finish(trained, score_final)
         return trained
     finally:
         try:
