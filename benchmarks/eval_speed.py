@@ -93,9 +93,12 @@ def main() -> None:
                       "same_counts": same}
         print(f"{key:62s} {len(y) / seconds:5.0f} images/s {flops * len(y) / seconds / 1e9:5.0f} GFLOP/s  "
               f"accuracy {counts.accuracy():.4f}  same counts: {same}", flush=True)
-    path = write_result("eval_speed", {"dataset": cfg.data.name, "images": len(y), "blocks": trained.spec.num_shards,
-                                       "sampler": cfg.eval.sampler, "eval_batch_size": cfg.eval.batch_size,
-                                       "gflop_per_image": flops / 1e9, "cases": cases})
+    # The run directory's path is this machine's: its name only.
+    shown = vars(args) | {"run_dir": os.path.basename(os.path.normpath(args.run_dir))}
+    path = write_result("eval_speed", {"args": shown, "dataset": cfg.data.name, "images": len(y),
+                                       "blocks": trained.spec.num_shards, "sampler": cfg.eval.sampler,
+                                       "eval_batch_size": cfg.eval.batch_size, "gflop_per_image": flops / 1e9,
+                                       "cases": cases})
     print(f"wrote {path}")
     if not all(c["same_counts"] for key, c in cases.items() if key.endswith("NCHW")):
         sys.exit("the NCHW cases' counts differ: the shipped evaluation's figures would change")
