@@ -4,7 +4,11 @@ for the whole run (docs/parameter_server.md, "Choosing train.sync_every"). The G
 the measurement is switched on by hand and the loop's device waits are counted instead of made."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,7 +18,7 @@ from conftest import make_spec
 
 from noprop_dist import run
 from noprop_dist.config import ConfigError, TrainConfig, key_table, load_config
-from noprop_dist.data import load_dataset
+from noprop_dist.data import FASHION_MNIST_DEBIAN_DIR, load_dataset
 from noprop_dist.training import ShardGroup, hardware, loop
 from noprop_dist.training.hardware import (
     AUTO_EXCHANGE_INTERVAL_S,
@@ -376,14 +380,7 @@ def test_the_gpu_checks_dry_run_runs_every_part_without_an_error(tmp_path):
     gets one run of it, so an error a CPU can show must show here first (its vmap part once raised on the
     CPU). Every part must end ok with no case in error; the Fashion-MNIST part reads Debian's files where
     scripts/setup.sh installed them, and is skipped with its one line where they are not. Slow for a test
-    (about 15 s): the parts train and time small shard loops, and spawn processes."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from noprop_dist.data import FASHION_MNIST_DEBIAN_DIR
-
+    (about 15 s alone): the parts train and time small shard loops, and spawn processes."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     fashion = os.path.isdir(FASHION_MNIST_DEBIAN_DIR)
     p = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_check.py"), "--device", "cpu",
