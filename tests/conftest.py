@@ -187,7 +187,7 @@ def finished_run(ray_cluster, tmp_path_factory) -> FinishedRun:
 SLOW_FIRST = ("test_supervision.py", "test_faults.py", "test_lost_node.py", "test_cli.py", "test_connect.py",
               "test_ray.py", "test_ray_blocks.py", "test_reproduce.py", "test_ray_train.py", "test_job_submit.py",
               "test_examples.py", "test_runs.py", "test_prometheus_e2e.py", "test_ray_continuous.py",
-              "test_methods.py", "test_plots.py", "test_export.py", "test_rundir_safety.py", "test_gpu_defaults.py")
+              "test_methods.py", "test_plots.py", "test_export.py", "test_rundir_safety.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
