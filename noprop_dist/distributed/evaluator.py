@@ -76,8 +76,3 @@ class ClusterEvaluator:
             for (job, _), c in zip(tasks, counts, strict=True):
                 totals[job] = totals[job] + c
         return totals
-
-    def score(self, workers: list["ray.actor.ActorHandle"], chain: torch.nn.Module, jobs: list[EvalJob],
-              epoch: int) -> dict[EvalJob, StageCounts]:
-        """:meth:`start` then :meth:`result`: an evaluation the caller waits for."""
-        return self.result(self.start(workers, chain, jobs, epoch))
