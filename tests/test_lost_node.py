@@ -29,9 +29,13 @@ def scenarios() -> list[dict]:
     three nodes starts, and the second scenario waits out its cluster.placement_timeout_s."""
     # The GCS takes a node for dead after 5 missed health checks, one every 3 s by default: one a second here, so
     # the loss is noticed in seconds rather than in some 15 s.
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=480,
-                          env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-                               "RAY_health_check_period_ms": "1000"})
+    # Its own Ray temp dir (short: it holds sockets): ray.cluster_utils.Cluster records its head in the temp dir's
+    # ray_current_cluster, and in the default one (/tmp/ray) a test beside this one that starts a cluster of its
+    # own would find it and join it instead.
+    with tempfile.TemporaryDirectory(prefix="ln", dir="/tmp") as ray_tmp:
+        proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=480,
+                              env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": ray_tmp,
+                                   "RAY_health_check_period_ms": "1000"})
     # The driver's messages (restarts and why) reach the process's stdout, each scenario's before its result.
     outputs, results = [], []
     for part in proc.stdout.split("\nRESULT "):
