@@ -132,11 +132,12 @@ class Supervisor:
             resume.shared_state if resume else None, [f"w{w}" for w in range(c.num_workers)], cfg.train.sync_mode,
             run_id=run_label, run_dir=os.path.abspath(rundir.path),
         )
-        self.server_pid = ray.get(self.server.identity.remote())["pid"]
         if resume and any(replica_key(g) not in resume.replica_states for g in self.groups):
             observers.message("the checkpoint holds no shared-state replica for this layout of blocks on workers "
                               f"({', '.join(replica_key(g) for g in self.groups)}): their optimizers start afresh")
+        # The workers' processes start while the server's does: each imports torch, seconds of a run's start.
         self.workers = [self._worker(w, resume, 0) for w in range(c.num_workers)]
+        self.server_pid = ray.get(self.server.identity.remote())["pid"]
         self.last_progress: dict[int, WorkerReport] = {}
         self.answered: dict[int, bool] = {}  # whether the worker's last progress call was answered
         self.up: set[int] = set()  # the workers whose current process has answered a progress call
