@@ -130,12 +130,13 @@ def start_head(auth_mode: str) -> Iterator[Head]:
             tree = psutil.Process(proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             pass
-        # SIGTERM to every process of the head at once, then a short grace before the kill: `ray start --block`
-        # alone stops what it started on SIGTERM, but waits as long as its GCS does, some 30 s once Ray Train ran.
-        for p in tree:
+        # SIGKILL to every process of the head at once: nothing of a test head is kept, and on SIGTERM
+        # `ray start --block` waits as long as its GCS does to stop (seconds; some 30 s once Ray Train ran).
+        for p in [*tree, psutil.Process(proc.pid)] if proc.poll() is None else tree:
             with contextlib.suppress(psutil.NoSuchProcess):
-                p.terminate()
-        stop_process_tree(proc, tree, timeout=5)
+                p.kill()
+        proc.wait()
+        psutil.wait_procs(tree, timeout=10)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not [p for p in tree if _alive(p)], "Ray processes of the head were left running"
