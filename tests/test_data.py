@@ -7,7 +7,10 @@ import io
 import os
 import pickle
 import struct
+import subprocess
+import sys
 import tracemalloc
+import types
 
 import numpy as np
 import pytest
@@ -119,6 +122,27 @@ def test_digits_pixels_match_sklearn():
     all_bytes = {img.tobytes(): i for i, img in enumerate(expected)}
     for img in ds.test_x[:20, 0]:
         assert img.tobytes() in all_bytes
+
+
+def test_digits_are_read_without_importing_sklearn_and_equal_its_loader(tmp_path, monkeypatch):
+    """The digits come from scikit-learn's CSV file, read without its import (most of a second in every
+    process that loads them): the arrays are load_digits()'s, and where the file is not found its loader runs."""
+    from sklearn.datasets import load_digits
+
+    code = ("import sys; from noprop_dist.data import load_dataset; load_dataset('digits'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr[-2000:]
+    bunch = load_digits()
+    pixels, target = builtin._digits_arrays()
+    np.testing.assert_array_equal(pixels, bunch.data)
+    np.testing.assert_array_equal(target, bunch.target)
+    # No file in its place (a scikit-learn that moved it): its loader gives the same arrays.
+    moved = types.SimpleNamespace(submodule_search_locations=[str(tmp_path)])
+    monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: moved)
+    pixels, target = builtin._digits_arrays()
+    np.testing.assert_array_equal(pixels, bunch.data)
+    np.testing.assert_array_equal(target, bunch.target)
 
 
 def test_digits_deterministic():

@@ -13,6 +13,7 @@ unpickler that admits only numpy's array reconstruction (:func:`read_cifar_batch
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import pickle
 import struct
@@ -199,19 +200,38 @@ def _load_digits():
     ``np.random.default_rng(0)`` (one generator, classes in ascending order) and the first
     ``round(0.2 * n_c)`` go to test, the rest to train; both sides keep ascending index order.
     """
-    from sklearn.datasets import (
-        load_digits,  # local import: only this dataset needs sklearn
-    )
-
-    bunch = load_digits()
-    x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 1, 8, 8)
-    y = bunch.target.astype(np.int64)
+    pixels, target = _digits_arrays()
+    x = np.rint(pixels * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 1, 8, 8)
+    y = target.astype(np.int64)
     rng = np.random.default_rng(0)
     is_test = np.zeros(len(y), dtype=bool)
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
         is_test[idx[: int(round(0.2 * len(idx)))]] = True
     return (x[~is_test], y[~is_test]), (x[is_test], y[is_test]), 10
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (pixels (1797, 64) float64 in 0..16, labels (1797,)), the values of
+    ``sklearn.datasets.load_digits()``.
+
+    Read straight from the CSV file scikit-learn ships (each row: 64 pixels, then the label), found without
+    importing scikit-learn: its import (scipy included) costs most of a second in every process that loads digits,
+    the quickstart's driver among them. Where the file is not in its place, scikit-learn's own loader reads it.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise DatasetNotFoundError("data.name=digits: scikit-learn, which ships the digits, is not installed "
+                                   "(pip install scikit-learn)")
+    for folder in spec.submodule_search_locations or ():
+        path = os.path.join(folder, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            table = np.loadtxt(path, delimiter=",")
+            return table[:, :-1], table[:, -1]
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.data, bunch.target
 
 
 # An IDX header may claim any size; a corrupt or hostile one (a gzip bomb) is refused before it is inflated.
