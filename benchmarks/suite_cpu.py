@@ -1,4 +1,5 @@
-"""Where a command's CPU time goes, by kind of process: the test suite's parallel pass by default.
+"""Where a command's CPU time goes, by kind of process: by default the test suite, as the pytest command of
+scripts/test.sh runs it.
 
 Every process on the machine is sampled from /proc a few times a second while the command runs; each one's
 last reading of user + system time counts, less what it had used before the command started. Ray's processes
@@ -22,7 +23,7 @@ import time
 from common import write_result
 
 PARALLEL_PASS = ["python3", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist", "loadfile",
-                 "--no-loadscope-reorder", "-m", "not alone"]
+                 "--no-loadscope-reorder"]
 TICKS = os.sysconf("SC_CLK_TCK")
 
 

@@ -7,6 +7,9 @@ process, started beside the driver in a session of its own, notes the Ray proces
 descendants every second and, once the driver is gone, terminates every one it saw that is still the same
 process (pid and start time); the driver's other children are left alone. A driver that shuts its cluster down leaves it nothing to do. Run as
 ``python -m noprop_dist.distributed.reaper DRIVER_PID``.
+
+:func:`kill_ray_process` stops one Ray worker process of this machine that ``ray.kill`` left running (the
+supervisor runs it as a task on the process's node).
 """
 from __future__ import annotations
 
@@ -68,6 +71,20 @@ def _stop(seen: dict[int, float]) -> None:
             p.kill()
         except psutil.Error:
             pass
+
+
+def kill_ray_process(pid: int) -> bool:
+    """SIGKILL process ``pid`` of this machine if it is still one of Ray's workers (its title ``ray::...``: a pid
+    taken since by another process is left alone); waits up to 10 s for it to go. Returns whether it was there."""
+    try:
+        p = psutil.Process(pid)
+        if not p.name().startswith("ray::"):
+            return False
+        p.kill()  # also ends a stopped (SIGSTOP) process
+    except psutil.Error:
+        return False
+    psutil.wait_procs([p], timeout=10)
+    return True
 
 
 def watch(driver_pid: int) -> None:

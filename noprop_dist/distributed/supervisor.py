@@ -28,6 +28,7 @@ from ..storage.run_dir import RunDir
 from ..training import assign_shards, initial_prototypes, replica_key
 from .faults import faults_from_env
 from .param_server import ParameterServer
+from .reaper import kill_ray_process
 from .restart_policy import (
     Clocks,
     Decision,
@@ -42,6 +43,13 @@ from .restart_policy import (
     decide,
 )
 from .worker import Worker, WorkerReport, WorkerSpec
+
+
+# ray.kill asks the actor's process to exit and SIGKILLs it only when that request times out. A process that can
+# answer neither (seen: a SIGSTOPped worker on a loaded machine) was left stopped, holding its bundle: the worker
+# that replaced it was never placed, and the run failed on the restart limit. So the supervisor also kills a hung
+# actor's process on its node.
+_kill_on_node = ray.remote(num_cpus=0, max_retries=0)(kill_ray_process)
 
 
 def worker_bundle(cfg: Config) -> dict[str, float]:
@@ -167,6 +175,9 @@ class Supervisor:
         checkpoint, redoing the epochs since. Returns its train call."""
         w, n, what = action.rank, action.count, action.what
         ray.kill(self.workers[w])  # already gone, or hung: makes sure its bundle is free
+        if action.cause == "hung" and w in self.up:  # its last report is its current process's
+            node = placement_group_table(self.pg).get("bundles_to_node_id", {}).get(w)
+            self._kill_process(self.last_progress[w].pid, node, f"worker {w}")
         resume = self.rundir.checkpoints.load_resume(self.spec.num_shards, warn=self.observers.message)
         from_epoch = resume.epochs_done if resume else 0
         self.workers[w] = self._worker(w, resume, n)
@@ -181,6 +192,18 @@ class Supervisor:
             f"the other workers go on"
         )
         return self.workers[w].train_epochs.remote(list(range(from_epoch, epoch + 1)))
+
+    def _kill_process(self, pid: int, node_id: str | None, what: str) -> None:
+        """Make sure process ``pid`` of node ``node_id``, a hung actor that ray.kill was asked to stop, is gone
+        (:data:`_kill_on_node`); says so when that could not be done. A Ray task on the node: seconds."""
+        if not node_id:
+            return
+        ref = _kill_on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(pid)
+        try:
+            ray.get(ref, timeout=60)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+            self.observers.message(f"{what}: could not make sure its hung process (pid {pid}) is gone "
+                                   f"({type(e).__name__}); Ray's own kill is all that is left")
 
     def _unplaced(self) -> dict[int, float]:
         """The workers whose bundle has no node (theirs was lost; Ray is looking for room) -> for how long."""
@@ -211,6 +234,7 @@ class Supervisor:
             elif isinstance(action, KillServer):
                 self.observers.message(action.message)
                 ray.kill(self.server, no_restart=False)
+                self._kill_process(self.server_pid, ray.get_runtime_context().get_node_id(), "the parameter server")
                 self.clocks.server_answered(time.monotonic())  # give the new incarnation the same time to come up
             else:
                 self.events.append({"kind": "server", "restart": action.count, "restored_from_epoch":
