@@ -1,6 +1,5 @@
 """Which Ray cluster a run joins: a stale address file left by a dead `ray start` is not joined. The runs here
 start their own local clusters, which is what they test: slow, and not on the session's cluster."""
-import contextlib
 import os
 import signal
 import socket
@@ -51,51 +50,6 @@ def test_a_live_address_in_the_file_is_joined(address_file):
         address = f"127.0.0.1:{server.getsockname()[1]}"
         write_ray_address(address, None)
         assert listening(address) and existing_cluster_address() == address
-
-
-def _listeners(root: psutil.Process) -> set[tuple[str, str, int]]:
-    """(process name, address, port) of every listening socket of ``root`` and its descendants."""
-    found = set()
-    try:
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return found
-    for proc in procs:
-        try:
-            found |= {(proc.name(), c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
-                      if c.status == psutil.CONN_LISTEN}
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
-
-
-@pytest.mark.ray
-def test_a_run_without_the_loopback_variable_listens_on_loopback_only(tmp_path):
-    """Bug seen: without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 exported before Python started, Ray (imported before
-    the run set it) rewrote 127.0.0.1 to the routable address: GCS, raylet, workers and the parameter server
-    listened on every interface. The run here imports Ray first, as a user's program may, and the variable is
-    absent; every listener of its process tree, sampled while it trains, must be on loopback."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
-    code = ("import ray, noprop_dist; noprop_dist.train('quickstart', log=lambda s: None, **{"
-            f"'run.dir': {str(tmp_path / 'run')!r}, 'train.epochs': 3, 'data.train_limit': 300, "
-            "'data.test_limit': 100, 'cluster.num_workers': 2})")
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    root, seen, tree = psutil.Process(proc.pid), set(), []
-    try:
-        while proc.poll() is None:
-            seen |= _listeners(root)
-            with contextlib.suppress(psutil.NoSuchProcess):
-                tree = root.children(recursive=True) or tree
-            time.sleep(0.3)
-        output = proc.stdout.read()
-    finally:
-        stop_process_tree(proc, tree)
-    assert proc.returncode == 0, output[-2000:]
-    names = {name for name, _, _ in seen}
-    assert {"gcs_server", "raylet"} <= names and any("Worker" in n for n in names), seen  # the sampling saw the run
-    open_ = sorted((n, ip, port) for n, ip, port in seen if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1"))
-    assert not open_, f"listening beyond loopback: {open_}"
 
 
 def _start_run(run_dir) -> tuple[subprocess.Popen, psutil.Process, list[psutil.Process]]:
