@@ -65,15 +65,29 @@ def test_killed_worker_restarts_from_checkpoint_others_go_on(clean, tmp_path, mo
     assert diff <= TOLERANCE_PT, f"{diff:.2f} pt from the clean run"
 
 
-def test_killed_worker_loses_and_repeats_nothing(ray_cluster, tmp_path, monkeypatch, capsys):
-    """1 worker, sync: deterministic. Killed before its first step of epoch 2, the restarted worker redoes
-    epoch 2 from the epoch-1 checkpoint against a server that saw no push since: bit-identical weights."""
-    one = ["model.num_blocks=2", "cluster.num_workers=1", "train.epochs=3", "data.train_limit=300",
-           "train.batch_size=64"]
-    _run(tmp_path, "clean", "", monkeypatch, *one)
-    s = _run(tmp_path, "killed", "kill:0@2.0", monkeypatch, *one)
+# 1 worker, sync: deterministic, so a run with a fault can be compared with the clean one value for value.
+ONE = ["model.num_blocks=2", "cluster.num_workers=1", "train.epochs=2", "data.train_limit=300",
+       "data.test_limit=200", "train.batch_size=64", "eval.every_epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def one_clean(ray_cluster, tmp_path_factory) -> tuple[dict, str, str]:
+    """The clean 1-worker run of :data:`ONE`: (its summary, what the driver said, its run directory)."""
+    mp, lines, run_dir = pytest.MonkeyPatch(), [], tmp_path_factory.mktemp("one_clean") / "run"
+    try:
+        mp.setenv(ENV_VAR, "")
+        summary = run_training(load_config(None, [*RUN, f"run.dir={run_dir}", *ONE]), log=lines.append)
+    finally:
+        mp.undo()
+    return summary, "\n".join(lines), str(run_dir)
+
+
+def test_killed_worker_loses_and_repeats_nothing(one_clean, tmp_path, monkeypatch, capsys):
+    """Killed before its first step of epoch 2, the restarted worker redoes epoch 2 from the epoch-1 checkpoint
+    against a server that saw no push since: bit-identical weights."""
+    s = _run(tmp_path, "killed", "kill:0@2.0", monkeypatch, *ONE)
     assert "worker 0 (blocks 1-2) died in epoch 2" in capsys.readouterr().out and len(s["restarts"]) == 1
-    a, b = (CheckpointStore(str(tmp_path / name)).load_resume(2) for name in ("clean", "killed"))
+    a, b = (CheckpointStore(path).load_resume(2) for path in (one_clean[2], str(tmp_path / "killed")))
     for t in (1, 2):
         for k, v in a.block_states[t]["block"].items():
             assert torch.equal(b.block_states[t]["block"][k], v), f"block {t} {k} differs"
@@ -82,19 +96,17 @@ def test_killed_worker_loses_and_repeats_nothing(ray_cluster, tmp_path, monkeypa
     assert a.shared_state["version"] == b.shared_state["version"]
 
 
-def test_worker_killed_while_evaluating_changes_no_figure(ray_cluster, tmp_path, monkeypatch, capsys):
+def test_worker_killed_while_evaluating_changes_no_figure(one_clean, tmp_path, monkeypatch, capsys):
     """Killed while it scores the chain of epoch 1 (beside its training of epoch 2, which it then redoes), or
     while it scores the final chain, a worker's part is scored again on the driver: the figures of that chain
-    are the clean run's, count for count (1 worker, sync: the chains are the same)."""
-    one = ["model.num_blocks=2", "cluster.num_workers=1", "train.epochs=2", "data.train_limit=300",
-           "data.test_limit=200", "train.batch_size=64", "eval.every_epochs=1"]
-    clean = _run(tmp_path, "clean", "", monkeypatch, *one)
-    assert "lost while evaluating" not in capsys.readouterr().out
-    mid = _run(tmp_path, "mid", "kill:0@1.eval", monkeypatch, *one)
+    are the clean run's, count for count."""
+    clean, clean_said, _ = one_clean
+    assert "lost while evaluating" not in clean_said
+    mid = _run(tmp_path, "mid", "kill:0@1.eval", monkeypatch, *ONE)
     assert capsys.readouterr().out.count("a worker was lost while evaluating") == 1
     assert [e["kind"] for e in mid["restarts"]] == ["worker"]
     assert mid["curve"][0]["test_accuracy"] == clean["curve"][0]["test_accuracy"]  # the chain of epoch 1
-    final = _run(tmp_path, "final", "kill:0@2.eval", monkeypatch, *one)
+    final = _run(tmp_path, "final", "kill:0@2.eval", monkeypatch, *ONE)
     assert capsys.readouterr().out.count("a worker was lost while evaluating") == 1 and final["restarts"] == []
     for key in ("test_accuracy", "stages", "test_accuracy_by_sampler"):
         assert final[key] == clean[key], f"{key}: {final[key]} != {clean[key]}"
