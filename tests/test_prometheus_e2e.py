@@ -97,18 +97,19 @@ def _api(base: str, path: str, **params: str) -> object:
 
 
 def _listeners(root: psutil.Process) -> set[str]:
-    """Listening TCP addresses of a process and all its descendants (Ray's daemons and workers)."""
-    out = set()
+    """Listening TCP addresses of a process and all its descendants (Ray's daemons and workers). One read of the
+    machine's socket tables: a process's own ``net_connections`` reads them whole too, once per process."""
     try:
-        procs = [root, *root.children(recursive=True)]
+        tree = {p.pid: p for p in [root, *root.children(recursive=True)]}
     except psutil.NoSuchProcess:
-        return out
-    for p in procs:
-        try:
-            out |= {f"{p.name()}={c.laddr.ip}:{c.laddr.port}" for c in p.net_connections(kind="tcp")
-                    if c.status == psutil.CONN_LISTEN}
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
+        return set()
+    out = set()
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.pid in tree:
+            try:
+                out.add(f"{tree[c.pid].name()}={c.laddr.ip}:{c.laddr.port}")
+            except psutil.NoSuchProcess:
+                pass
     return out
 
 
@@ -160,8 +161,8 @@ def scraped(tmp_path_factory) -> Iterator[Scraped]:
         deadline = time.monotonic() + 300
         while train.poll() is None:
             assert time.monotonic() < deadline, "training did not finish in 300 s"
-            listeners |= _listeners(root)
-            time.sleep(0.3)
+            listeners |= _listeners(root)  # each of Ray's processes listens from its start to its end
+            time.sleep(1.0)
         log.seek(0)
         output = log.read()
         assert train.returncode == 0, output[-3000:]
