@@ -185,11 +185,11 @@ def finished_run(ray_cluster, tmp_path_factory) -> FinishedRun:
 # they take now). They are collected first so that scripts/test.sh's two processes (pytest-xdist, a file whole
 # in one process) start on them and end on the short files together, instead of one waiting on the other's last
 # long file (scripts/test.sh keeps xdist from reordering them). A stale order costs minutes, never a result.
-SLOW_FIRST = ("test_supervision.py", "test_connect.py", "test_ray.py", "test_cli.py", "test_lost_node.py",
-              "test_faults.py", "test_ray_blocks.py", "test_runs.py", "test_ray_train.py", "test_gpu_defaults.py",
-              "test_reproduce.py", "test_job_submit.py", "test_ray_continuous.py", "test_examples.py",
-              "test_prometheus_e2e.py", "test_export.py", "test_methods.py", "test_plots.py", "test_protocol.py",
-              "test_rundir_safety.py", "test_embeddings.py")
+SLOW_FIRST = ("test_supervision.py", "test_lost_node.py", "test_ray.py", "test_cli.py", "test_ray_blocks.py",
+              "test_faults.py", "test_connect.py", "test_runs.py", "test_examples.py", "test_reproduce.py",
+              "test_prometheus_e2e.py", "test_gpu_defaults.py", "test_ray_continuous.py", "test_job_submit.py",
+              "test_ray_train.py", "test_methods.py", "test_plots.py", "test_export.py", "test_rundir_safety.py",
+              "test_protocol.py", "test_embeddings.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
