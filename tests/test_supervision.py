@@ -2,6 +2,8 @@
 SIGKILLed mid-epoch, a block's weights turn NaN; restart limits; refusals that write nothing. The policy's
 decisions alone, without Ray: tests/test_restart_policy.py."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from noprop_dist.distributed.driver import run_training
 from noprop_dist.distributed.faults import END, ENV_VAR, EVAL, parse_faults
 from noprop_dist.distributed.reaper import kill_ray_process
 from noprop_dist.distributed.restart_policy import TrainingFailed
+from noprop_dist.distributed.supervisor import kill_on_node
 from noprop_dist.storage.checkpoints import CheckpointStore
 from noprop_dist.training.shared_state import SharedStateServer
 
@@ -176,6 +179,26 @@ def test_a_hung_ray_process_is_killed_even_stopped_and_another_process_is_spared
         for p in (stopped, other):
             p.kill()
             p.wait()
+
+
+def test_a_stopped_actor_is_killed_by_a_task_on_its_node(ray_cluster):
+    """The supervisor's kill of a hung actor, through Ray: a task on the actor's node ends its stopped process."""
+    @ray_cluster.remote(num_cpus=0)
+    class Probe:
+        def pid(self) -> int:
+            return os.getpid()
+
+    probe = Probe.remote()
+    pid = ray_cluster.get(probe.pid.remote())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert kill_on_node(pid, ray_cluster.get_runtime_context().get_node_id()) is None
+        deadline = time.monotonic() + 30
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, f"process {pid} still {psutil.Process(pid).status()}"
+            time.sleep(0.1)
+    finally:
+        ray_cluster.kill(probe)
 
 
 def test_worker_dying_at_the_end_of_an_epoch_is_restarted_like_one_dying_in_it(ray_cluster, tmp_path,

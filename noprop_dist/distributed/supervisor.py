@@ -52,6 +52,17 @@ from .worker import Worker, WorkerReport, WorkerSpec
 _kill_on_node = ray.remote(num_cpus=0, max_retries=0)(kill_ray_process)
 
 
+def kill_on_node(pid: int, node_id: str) -> str | None:
+    """SIGKILL process ``pid`` of node ``node_id`` if it is still a Ray worker's (:func:`reaper.kill_ray_process`,
+    run there as a task: seconds). Returns None once done, or why it could not be (the error's type)."""
+    ref = _kill_on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(pid)
+    try:
+        ray.get(ref, timeout=60)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
+        return type(e).__name__
+    return None
+
+
 def worker_bundle(cfg: Config) -> dict[str, float]:
     bundle = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.gpus_per_worker > 0:
@@ -195,15 +206,10 @@ class Supervisor:
 
     def _kill_process(self, pid: int, node_id: str | None, what: str) -> None:
         """Make sure process ``pid`` of node ``node_id``, a hung actor that ray.kill was asked to stop, is gone
-        (:data:`_kill_on_node`); says so when that could not be done. A Ray task on the node: seconds."""
-        if not node_id:
-            return
-        ref = _kill_on_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote(pid)
-        try:
-            ray.get(ref, timeout=60)
-        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as e:
-            self.observers.message(f"{what}: could not make sure its hung process (pid {pid}) is gone "
-                                   f"({type(e).__name__}); Ray's own kill is all that is left")
+        (:func:`kill_on_node`); says so when that could not be done."""
+        if node_id and (why := kill_on_node(pid, node_id)):
+            self.observers.message(f"{what}: could not make sure its hung process (pid {pid}) is gone ({why}); "
+                                   "Ray's own kill is all that is left")
 
     def _unplaced(self) -> dict[int, float]:
         """The workers whose bundle has no node (theirs was lost; Ray is looking for room) -> for how long."""
