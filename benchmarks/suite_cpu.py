@@ -74,7 +74,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--label", required=True, help="names the result file: suite_cpu_<label>.json")
     p.add_argument("--interval", type=float, default=0.3, help="seconds between two samples")
-    p.add_argument("command", nargs="*", help="what to run (default: scripts/test.sh's parallel pass)")
+    p.add_argument("command", nargs="*", help="what to run (default: the pytest command of scripts/test.sh)")
     args = p.parse_args()
     command = args.command or PARALLEL_PASS
     before = {pid: cpu for pid, (cpu, _) in read_all().items()}
