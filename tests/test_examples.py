@@ -30,6 +30,7 @@ def test_the_files_the_page_shows_are_the_example_files():
 
 @pytest.mark.ray
 def test_the_worked_example_runs_as_written(ray_head, tmp_path):
+    """Slow: the page's four commands as written, each a process of its own (two of them train 5 epochs)."""
     (where, script), = _blocks("run in")
     work = tmp_path / "own_data"
     shutil.copytree(ROOT / where, work)

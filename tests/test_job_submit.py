@@ -89,6 +89,7 @@ def test_job_server_requires_the_token(ray_head):
 
 
 def test_submitted_training_succeeds_and_writes_summary(ray_head, tmp_path):
+    """Slow: Ray uploads the working dir and starts a job supervisor and a driver process before the run starts."""
     # The working dir is a copy of this checkout with what must not be uploaded added: a .git directory,
     # an old run and a data file (.gitignore'd). The command is docs/deploying.md's, run from the repository root.
     src = tmp_path / "checkout"

@@ -140,6 +140,9 @@ def _start_prometheus(temp: Path) -> tuple[subprocess.Popen, str]:
 
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory) -> Iterator[Scraped]:
+    """The module's one run, scraped by Prometheus while it trains. Slow (some 25 s alone): a local cluster of its
+    own with the dashboard (service discovery), and 8 epochs of all the digits at batch 16, so that the 1 s scrapes
+    see every worker several times."""
     # Short: Ray's Unix sockets live under it and their paths must stay below ~107 bytes.
     temp = Path(tempfile.mkdtemp(prefix="npm", dir="/tmp"))
     prom, url = _start_prometheus(temp)

@@ -329,7 +329,7 @@ def test_time_to_accuracy_config_fallbacks():
 @pytest.mark.ray
 def test_harness_end_to_end_on_tiny_digits_runs(ray_head, tmp_path):
     """Two seeds x two inference runs of a tiny real NoProp-DT run, on the session's cluster; then the same command
-    again."""
+    again. Slow: the harness runs each seed's training as a process of its own, as it does for real."""
     out = tmp_path / "out"
     reproduce.merge_row(str(out), _row())  # an earlier invocation's row (MNIST): the table must keep it
     args = ["--method", "noprop_dt", "--dataset", "digits", "--embedding", "learned", "--seeds", "0", "1",

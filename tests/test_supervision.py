@@ -152,7 +152,8 @@ def test_stopped_worker_is_detected_as_hung_killed_and_restarted(ray_cluster, tm
 
     Bug seen: beside another test process, ray.kill left the stopped process running (stopped, holding its
     bundle) in two of three runs; its replacement was never placed and the run failed on the restart limit. The
-    supervisor now kills a hung worker's process on its node itself."""
+    supervisor now kills a hung worker's process on its node itself. Slow: it waits out the 10 s timeout and a
+    new worker's start."""
     s = _run(tmp_path, "run", "stop:1@2.3", monkeypatch, *SHORT, "cluster.hang_timeout_s=10")
     out = capsys.readouterr().out
     assert "worker 1 (blocks 3-4) made no step for" in out and "in epoch 2 (cluster.hang_timeout_s=10)" in out
