@@ -34,10 +34,10 @@ RUN = ["model.num_blocks=4", "cluster.num_workers=2", "train.epochs=8", "metrics
 TOLERANCE_PT = 3.0
 
 
-def _run(tmp_path, name, faults, monkeypatch, *extra):
+def _run(tmp_path, name, faults, monkeypatch, *extra, log=print):
     monkeypatch.setenv(ENV_VAR, faults)
     cfg = load_config(None, [*RUN, f"run.dir={tmp_path / name}", *extra])
-    return run_training(cfg, log=print)
+    return run_training(cfg, log=log)
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +76,12 @@ ONE = ["model.num_blocks=2", "cluster.num_workers=1", "train.epochs=2", "data.tr
 @pytest.fixture(scope="module")
 def one_clean(ray_cluster, tmp_path_factory) -> tuple[dict, str, str]:
     """The clean 1-worker run of :data:`ONE`: (its summary, what the driver said, its run directory)."""
-    mp, lines, run_dir = pytest.MonkeyPatch(), [], tmp_path_factory.mktemp("one_clean") / "run"
+    mp, lines, where = pytest.MonkeyPatch(), [], tmp_path_factory.mktemp("one_clean")
     try:
-        mp.setenv(ENV_VAR, "")
-        summary = run_training(load_config(None, [*RUN, f"run.dir={run_dir}", *ONE]), log=lines.append)
+        summary = _run(where, "run", "", mp, *ONE, log=lines.append)
     finally:
         mp.undo()
-    return summary, "\n".join(lines), str(run_dir)
+    return summary, "\n".join(lines), str(where / "run")
 
 
 def test_killed_worker_loses_and_repeats_nothing(one_clean, tmp_path, monkeypatch, capsys):
