@@ -3,6 +3,7 @@
 - :mod:`.spec`: the ModelSpec a config asks for, the initial prototypes;
 - :mod:`.assignment`: which shards each worker trains;
 - :mod:`.loop`: the shard loop (``ShardGroup``, ``ShardTrainer``, ``ShardStats``);
+- :mod:`.optimizer`: the shards' AdamW (torch's fused kernel, without torch.optim's import of torch._dynamo);
 - :mod:`.shared_state`: the parameter server's logic and its clients, without Ray;
 - :mod:`.evaluation`: the assembled chain and its evaluation;
 - :mod:`.hardware`: precision and peak memory of the process;

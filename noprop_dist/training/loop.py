@@ -23,6 +23,7 @@ from ..data import normalize
 from ..registry import get_method
 from .assignment import replica_key
 from .hardware import auto_sync_every, on_host, resolve_precision
+from .optimizer import FusedAdamW
 from .shared_state import SharedReplica, SharedStateClient, SyncEveryChoice
 
 # train.sync_every=auto on a GPU: the first mini-batches of the run exchange every batch (as on a CPU) while the
@@ -72,7 +73,7 @@ class ShardTrainer:
             self.block = self.block.to(memory_format=torch.channels_last)
         self.params = list(self.block.parameters())
         # fused: the step takes ``found_inf`` and skips itself on the device (see ``step``).
-        self.optimizer = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay, fused=True)
+        self.optimizer = FusedAdamW(self.params, lr=train.lr, weight_decay=train.weight_decay)
         self.base_lr = train.lr
         self.generator = torch.Generator(device=device).manual_seed(block_noise_seed(train.seed, t))
         self.precision = resolve_precision(train.precision, device)

@@ -38,6 +38,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..core import ModelSpec, SharedState, build_shared
 from .hardware import on_host
+from .optimizer import FusedAdamW
 
 Round = tuple[int, int]  # (epoch, exchange within the epoch, from 1): increases along a run
 NO_ROUND: Round = (-1, 0)  # below every real round: nothing received yet
@@ -322,8 +323,7 @@ class SharedReplica:
         self.flat = self.layout.bind(self.shared)
         self.params = dict(self.shared.named_parameters())
         # fused: its step takes ``found_inf`` and skips itself on the device, with no host sync (ShardTrainer).
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=train.lr, weight_decay=train.weight_decay,
-                                           fused=True)
+        self.optimizer = FusedAdamW(self.params.values(), lr=train.lr, weight_decay=train.weight_decay)
         self.base_lr = train.lr
         self.anchor = self.flat.clone()
         self.pushed: dict[Round, torch.Tensor] = {}
