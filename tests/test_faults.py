@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 
+import psutil
 import pytest
 import torch
 from conftest import run_main
@@ -51,16 +52,19 @@ def _assert_matches_an_uninterrupted_run(run_dir, args: list[str], tmp_path) -> 
 
 
 def test_driver_killed_then_rerun_resumes_and_matches_an_uninterrupted_run(ray_head, tmp_path):
-    """A crash: the driver and the local cluster it started SIGKILLed together. Its worker stops itself (SIGSTOP)
-    as epoch 3 begins, so the kill comes once epoch 2's checkpoint is listed and before anything of epoch 3 is."""
+    """A crash: the driver SIGKILLed alone (as the OOM killer picks one process), which leaves no process of the
+    local cluster it started running, and a rerun that resumes exactly. Its worker stops itself (SIGSTOP) as
+    epoch 3 begins, so the kill comes once epoch 2's checkpoint is listed and before anything of epoch 3 is.
+
+    Bug seen: a driver killed alone left its cluster's dashboard and runtime-env agents running and listening,
+    re-parented, for good. The reaper that watches the driver stops them (and the stopped worker)."""
     run_dir = tmp_path / "run"
     # Its own Ray temp dir (short: it holds sockets), so that the run starts its own cluster: a `ray start` head
     # recorded in the default one would be joined instead.
     ray_tmp = tempfile.mkdtemp(prefix="rf", dir="/tmp")
-    # Own process group: SIGKILL takes the driver and the local Ray cluster it started, as a crash would.
     p = subprocess.Popen(_cmd(run_dir), env=ENV | {ENV_VAR: "stop:0@3.0", "RAY_TMPDIR": ray_tmp},
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    killed_at = None
+    tree, killed_at = [], None
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and p.poll() is None:
@@ -74,10 +78,19 @@ def test_driver_killed_then_rerun_resumes_and_matches_an_uninterrupted_run(ray_h
                     killed_at = done
                     break
             time.sleep(0.1)
+        # Its processes now, the driver's descendants until it dies (those it leaves are re-parented then).
+        tree = psutil.Process(p.pid).children(recursive=True)
+        names = [q.name() for q in tree]
     finally:
-        os.killpg(p.pid, signal.SIGKILL)  # what of the cluster is outside the group, the reaper stops
+        p.kill()  # the driver alone, not its process group
         p.wait(timeout=30)
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        left = [q.name() for q in alive]
+        for q in alive:  # not left to the tests after this one; the assertion below reports them
+            q.kill()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert "raylet" in names, names
+    assert not left, f"left running after the driver was killed: {left}"
     assert killed_at == 2, "the run must be killed part-way, with epoch 2 checkpointed"
     assert not (run_dir / "summary.json").exists()
 

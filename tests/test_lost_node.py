@@ -80,7 +80,7 @@ def _run(cluster: Cluster, nodes: list) -> dict:
     run_dir = tempfile.mkdtemp()
     cfg = load_config(None, ["model.num_blocks=4", "cluster.num_workers=2", "train.epochs=3", "data.train_limit=600",
                              "data.test_limit=200", "train.batch_size=64", "metrics.enabled=false",
-                             "eval.every_epochs=0", "cluster.hang_timeout_s=20", "cluster.placement_timeout_s=15",
+                             "eval.every_epochs=0", "cluster.hang_timeout_s=20", "cluster.placement_timeout_s=8",
                              f"run.dir={run_dir}"])
     out: dict = {"error": None}
 
