@@ -151,8 +151,10 @@ def test_stopped_worker_is_detected_as_hung_killed_and_restarted(ray_cluster, tm
 
     Bug seen: beside another test process, ray.kill left the stopped process running (stopped, holding its
     bundle) in two of three runs; its replacement was never placed and the run failed on the restart limit. The
-    supervisor now kills a hung worker's process on its node itself. Slow: it waits out the 10 s timeout and a
-    new worker's start."""
+    supervisor now kills a hung worker's process on its node itself. Bug seen: once workers started faster, this
+    one finished epoch 1 before any progress call reached it, was taken for a process still starting (the 120 s
+    floor) and its pid for unknown, so it was never killed; a returned train call now counts as an answer.
+    Slow: it waits out the 10 s timeout and a new worker's start."""
     s = _run(tmp_path, "run", "stop:1@2.3", monkeypatch, *SHORT, "cluster.hang_timeout_s=10")
     out = capsys.readouterr().out
     assert "worker 1 (blocks 3-4) made no step for" in out and "in epoch 2 (cluster.hang_timeout_s=10)" in out

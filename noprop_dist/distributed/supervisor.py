@@ -159,7 +159,7 @@ class Supervisor:
         self.server_pid = ray.get(self.server.identity.remote())["pid"]
         self.last_progress: dict[int, WorkerReport] = {}
         self.answered: dict[int, bool] = {}  # whether the worker's last progress call was answered
-        self.up: set[int] = set()  # the workers whose current process has answered a progress call
+        self.up: set[int] = set()  # the workers whose current process has answered a progress or train call
         self.clocks = Clocks(time.monotonic())
 
     def _worker(self, w: int, resume: Resume | None, restarts: int, first: bool | None = None
@@ -280,6 +280,9 @@ class Supervisor:
                     continue
                 try:
                     results[w] = self.last_progress[w] = ray.get(ref)
+                    # Up, with its pid known: a worker can finish an epoch before any progress call reaches it,
+                    # and one that hangs in the next must not be taken for a process still starting.
+                    self.up.add(w)
                     del pending[w]
                 # Its process died; or its node did, taking the report it had stored there (object lost).
                 except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
