@@ -67,7 +67,14 @@ def kind(cmd: str) -> str:
     if cmd.startswith("["):
         return "kernel threads, and processes seen only as they exited"
     words = cmd.split()
-    return "other: " + " ".join([os.path.basename(words[0]), *words[1:2]]) if words else "other"
+    return "other: " + " ".join(_short(w) for w in words[:2]) if words else "other"
+
+
+def _short(word: str) -> str:
+    """A word of a command line without the machine's paths: a path's file name, an option's name."""
+    if word.startswith("-"):
+        return word.split("=")[0]
+    return word if word.startswith("/dev/") else os.path.basename(word)
 
 
 def main() -> None:
