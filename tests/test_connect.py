@@ -52,8 +52,8 @@ def test_a_live_address_in_the_file_is_joined(address_file):
         assert listening(address) and existing_cluster_address() == address
 
 
-def _start_run(run_dir) -> tuple[subprocess.Popen, psutil.Process, list[psutil.Process]]:
-    """A long quickstart run in a subprocess, followed until its first checkpoint: (process, it, its tree)."""
+def _start_run(run_dir) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """A long quickstart run in a subprocess, followed until its first checkpoint: (process, its tree)."""
     proc = subprocess.Popen([sys.executable, "-m", "noprop_dist.run", "--set", "train.epochs=50",
                              f"run.dir={run_dir}", "data.train_limit=300", "data.test_limit=100"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -65,7 +65,7 @@ def _start_run(run_dir) -> tuple[subprocess.Popen, psutil.Process, list[psutil.P
     assert (run_dir / "manifest.json").exists(), "the run did not get to its first checkpoint"
     tree = root.children(recursive=True) or tree
     assert any("raylet" in p.name() for p in tree), [p.name() for p in tree]
-    return proc, root, tree
+    return proc, tree
 
 
 @pytest.mark.ray
@@ -73,7 +73,7 @@ def test_a_driver_stopped_by_sigterm_ends_as_ctrl_c_does(tmp_path):
     """SIGTERM (kill, a container stopping) ends the run as Ctrl-C does: Ray shut down on the way out, exit code
     130 and how to resume, instead of Ray's abort with a C++ stack trace."""
     run_dir = tmp_path / "run"
-    proc, root, tree = _start_run(run_dir)
+    proc, tree = _start_run(run_dir)
     try:
         proc.send_signal(signal.SIGTERM)  # the driver alone, not its process group
         _, err = proc.communicate(timeout=120)

@@ -1,8 +1,10 @@
 """The shards' AdamW against torch's AdamW(fused=True): the same numbers, the same state dicts, each loading the
 other's; and a process that trains shards never imports torch._dynamo (the reason the class exists)."""
+import io
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from noprop_dist.training.optimizer import FusedAdamW
@@ -65,9 +67,8 @@ def test_the_same_steps_and_state_dicts_as_torchs_fused_adamw_and_each_loads_the
             assert torch.equal(a, b)
 
 
-def _roundtrip(state: dict):
-    import io
-
+def _roundtrip(state: dict) -> io.BytesIO:
+    """``state`` as torch.save writes it to a checkpoint file, ready for torch.load."""
     buf = io.BytesIO()
     torch.save(state, buf)
     buf.seek(0)
@@ -76,12 +77,8 @@ def _roundtrip(state: dict):
 
 def test_a_state_dict_of_other_parameters_is_refused_naming_both_counts():
     saved = FusedAdamW(_params(0), lr=1e-3, weight_decay=0.0).state_dict()
-    try:
+    with pytest.raises(ValueError, match=r"holds \[3\] parameters .* has 2"):
         FusedAdamW(_params(0)[:2], lr=1e-3, weight_decay=0.0).load_state_dict(saved)
-    except ValueError as e:
-        assert "holds [3] parameters" in str(e) and "has 2" in str(e)
-    else:
-        raise AssertionError("a state dict of 3 parameters was loaded into an optimizer of 2")
 
 
 def test_training_shards_in_a_fresh_process_does_not_import_torch_dynamo():
