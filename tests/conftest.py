@@ -73,6 +73,15 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _accepts(port: int) -> bool:
+    """Whether something listens on loopback ``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 def ray_cli(head: Head, *args: str, env: dict | None = None, cwd: Path | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess:
     """The `ray` command line run against ``head``'s environment (or ``env``), in the repository root."""
@@ -120,6 +129,12 @@ def start_head(auth_mode: str) -> Iterator[Head]:
     tree: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 90
+        # The dashboard's port first (a connect attempt costs nothing), then the job server through the CLI: each
+        # `ray job list` is a process that imports Ray, about a CPU-second, and the head takes seconds to come up.
+        while not _accepts(dash):
+            assert proc.poll() is None, (temp_dir / "ray_start.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the dashboard did not listen within 90s"
+            time.sleep(0.2)
         while ray_cli(h, "job", "list", "--address", h.address).returncode != 0:
             assert proc.poll() is None, (temp_dir / "ray_start.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the job server did not come up in 90s"

@@ -203,29 +203,23 @@ def test_a_stopped_actor_is_killed_by_a_task_on_its_node(ray_cluster):
         ray_cluster.kill(probe)
 
 
-def test_worker_dying_at_the_end_of_an_epoch_is_restarted_like_one_dying_in_it(ray_cluster, tmp_path,
-                                                                                 monkeypatch, capsys):
-    """Killed when the driver gathers its states for the checkpoint: restarted, its blocks redo the epoch
-    from the last checkpoint, the gather is done again; the run finishes with every block."""
-    s = _run(tmp_path, "run", "kill:1@2.end", monkeypatch, *SHORT)
+def test_a_worker_then_the_server_dying_at_an_epochs_end_are_each_redone_from_the_last_checkpoint(
+        ray_cluster, tmp_path, monkeypatch, capsys):
+    """Two faults at epochs' ends, in one run of 4 epochs. Worker 1 killed when the driver gathers its states for
+    the checkpoint of epoch 2: restarted, its blocks redo the epoch from the last checkpoint, the gather is done
+    again. The server killed at the end of epoch 3: it restores the previous epoch's checkpoint, so the epoch's
+    updates are gone from it and every worker redoes the epoch from that checkpoint. The run finishes with every
+    block, and the final state holds every block step once."""
+    s = _run(tmp_path, "run", "kill:1@2.end,kill_ps:0@3.end", monkeypatch, *SHORT, "train.epochs=4")
     out = capsys.readouterr().out
     assert "worker 1 (blocks 3-4) died at the end of epoch 2, before its checkpoint" in out
-    assert [(e["cause"], e["worker"], e["epoch"], e["resumed_from_epoch"]) for e in s["restarts"]] == [
-        ("died", 1, 2, 1)]
-    assert CheckpointStore(str(tmp_path / "run")).read_manifest()["epochs_done"] == 3
+    assert "parameter server died at the end of epoch 3; every worker redoes epoch 3 from its last checkpoint" in out
+    assert [(e["kind"], e["cause"], e["worker"], e["epoch"], e["resumed_from_epoch"])
+            for e in s["restarts"] if e["kind"] == "worker"] == [("worker", "died", 1, 2, 1)]
+    assert [e["kind"] for e in s["restarts"]] == ["worker", "server"]
+    assert CheckpointStore(str(tmp_path / "run")).read_manifest()["epochs_done"] == 4
     assert [b["block"] for b in s["blocks"]] == [1, 2, 3, 4]
-    assert s["shared_state_version"] == SHORT_STEPS
-
-
-def test_server_dying_at_the_end_of_an_epoch_makes_every_worker_redo_it(ray_cluster, tmp_path, monkeypatch,
-                                                                         capsys):
-    """The server restores the previous epoch's checkpoint, so the epoch's updates are gone from it: every
-    worker redoes the epoch from that checkpoint, and the final state holds every block step once."""
-    s = _run(tmp_path, "run", "kill_ps:0@2.end", monkeypatch, *SHORT)
-    out = capsys.readouterr().out
-    assert "parameter server died at the end of epoch 2; every worker redoes epoch 2 from its last checkpoint" in out
-    assert [e["kind"] for e in s["restarts"]] == ["server"]
-    assert s["shared_state_version"] == SHORT_STEPS
+    assert s["shared_state_version"] == 4 * 4 * 10  # epochs x blocks x steps: every step applied once
 
 
 def test_past_max_restarts_the_run_fails_naming_the_limit(ray_cluster, tmp_path, monkeypatch):
