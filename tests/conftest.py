@@ -73,15 +73,6 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _accepts(port: int) -> bool:
-    """Whether something listens on loopback ``port``."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 def ray_cli(head: Head, *args: str, env: dict | None = None, cwd: Path | None = None,
             timeout: float = 60) -> subprocess.CompletedProcess:
     """The `ray` command line run against ``head``'s environment (or ``env``), in the repository root."""
@@ -105,6 +96,8 @@ def start_head(auth_mode: str) -> Iterator[Head]:
     it started) and kills, by pid, whatever of its process tree is left. `ray stop` is not used: it ends every
     Ray process on the machine, other test sessions' included.
     """
+    from noprop_dist.distributed.cluster import listening
+
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE=auth_mode, PYTHONUNBUFFERED="1")
     # As docs/deploying.md says: make sure a token exists (~/.ray/auth_token; kept if there is one already).
@@ -131,7 +124,7 @@ def start_head(auth_mode: str) -> Iterator[Head]:
         deadline = time.monotonic() + 90
         # The dashboard's port first (a connect attempt costs nothing), then the job server through the CLI: each
         # `ray job list` is a process that imports Ray, about a CPU-second, and the head takes seconds to come up.
-        while not _accepts(dash):
+        while not listening(h.address.removeprefix("http://"), timeout=1):
             assert proc.poll() is None, (temp_dir / "ray_start.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "the dashboard did not listen within 90s"
             time.sleep(0.2)
