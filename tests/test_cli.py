@@ -1,8 +1,10 @@
 """The entry points as a user runs them: the default command end to end, and config errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -68,14 +70,21 @@ def test_a_config_error_of_the_command_is_one_line_exit_2(tmp_path):
 @pytest.mark.ray
 def test_a_local_cluster_without_the_gpus_asked_for_refuses_at_once(tmp_path):
     """A cluster the run starts itself has no autoscaler: GPUs it lacks will not come, so the run is refused at
-    once (well inside cluster.placement_timeout_s, which a joined cluster is given), exit 2, nothing written."""
+    once (well inside cluster.placement_timeout_s, which a joined cluster is given), exit 2, nothing written.
+    Before the cluster starts: nothing of Ray is started (its temp dir stays empty), nothing waited for."""
     run_dir = tmp_path / "run"
-    p = _run("noprop_dist.run", "--set", "cluster.gpus_per_worker=1", "cluster.placement_timeout_s=300",
-             f"run.dir={run_dir}", timeout=120)
+    ray_tmp = tempfile.mkdtemp(prefix="rg", dir="/tmp")  # short: a cluster started there would put sockets in it
+    try:
+        p = _run("noprop_dist.run", "--set", "cluster.gpus_per_worker=1", "cluster.placement_timeout_s=300",
+                 f"run.dir={run_dir}", timeout=120, env=ENV | {"RAY_TMPDIR": ray_tmp})
+        started = os.listdir(ray_tmp)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
     last = p.stderr.strip().splitlines()[-1]
     assert last == "error: cluster.gpus_per_worker: 2 workers x 1 GPU = 2 GPUs, the cluster has 0", p.stderr[-2000:]
     assert "Traceback" not in p.stderr and not run_dir.exists()
+    assert not started, f"a local cluster was started before the refusal: {started}"
 
 
 def test_run_dir_of_another_config_is_refused(tmp_path):

@@ -75,6 +75,18 @@ def existing_cluster_address() -> str | None:
     return address or None
 
 
+def local_cluster_gpus() -> float | None:
+    """The GPUs a local cluster started by this process would have, counted before it starts as Ray counts them
+    when it does (its accelerator detection, CUDA_VISIBLE_DEVICES, RAY_OVERRIDE_RESOURCES); None where Ray's
+    counting, a private API, cannot be asked (the count after the start then decides alone)."""
+    try:
+        from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+        return float(ResourceAndLabelSpec().resolve(is_head=True, node_ip_address=LOOPBACK).num_gpus)
+    except Exception:  # noqa: BLE001 - another Ray's internals: no early answer, not an error
+        return None
+
+
 def _on_loopback(address: str) -> bool:
     """Whether a Ray address (``host:port``, or ``http://host:port`` as `ray job submit` sets it) is loopback."""
     host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")

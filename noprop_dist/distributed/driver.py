@@ -39,7 +39,7 @@ from ..training.selection import (
     read_best,
     should_stop,
 )
-from .cluster import connect, disconnect, ship_block
+from .cluster import connect, disconnect, existing_cluster_address, local_cluster_gpus, ship_block
 from .evaluator import ClusterEvaluator, PendingEvaluation
 from .faults import driver_save_hook
 from .supervisor import Observers, Supervisor, place_workers
@@ -50,13 +50,13 @@ from .worker import WorkerReport, shard_counters
 CURVE_FILE = "curve.json"
 
 
-def _check_resources(cfg: Config) -> None:
-    """Refuse, before placing anything, a run that asks a local cluster (this process started it: nothing adds
-    nodes to it) for more GPUs than it has. A joined cluster may be autoscaled: :func:`place_workers` waits."""
+def _check_resources(cfg: Config, have_gpus: float | None) -> None:
+    """Refuse, before placing anything, a run that asks a local cluster (this process starts it: nothing adds
+    nodes to it) for more GPUs than it has (``have_gpus``; None: not known). A joined cluster may be autoscaled:
+    :func:`place_workers` waits."""
     c = cfg.cluster
     need_gpus = c.num_workers * c.gpus_per_worker
-    have_gpus = ray.cluster_resources().get("GPU", 0.0)
-    if need_gpus > have_gpus + 1e-9:
+    if have_gpus is not None and need_gpus > have_gpus + 1e-9:
         raise ConfigError(
             f"cluster.gpus_per_worker: {c.num_workers} workers x {c.gpus_per_worker:g} GPU = {need_gpus:g} GPUs, "
             f"the cluster has {have_gpus:g}"
@@ -317,11 +317,14 @@ def _connect_checked(cfg: Config, log: Callable[[str], None]) -> tuple[bool, Pla
     """Join or start Ray and place the workers' bundles (on a joined cluster, waiting for an autoscaler up to
     cluster.placement_timeout_s), refusing a run the cluster cannot hold before anything is written. Returns
     (whether this call started Ray, the placement group)."""
+    if not ray.is_initialized() and existing_cluster_address() is None:
+        # A local cluster is about to start: refused now, the user waits for no start and no shutdown.
+        _check_resources(cfg, local_cluster_gpus())
     started = connect(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker, dashboard=cfg.metrics.enabled,
                       allow_unauthenticated=cfg.cluster.allow_unauthenticated)
     try:
         if started:
-            _check_resources(cfg)
+            _check_resources(cfg, ray.cluster_resources().get("GPU", 0.0))
         return started, place_workers(cfg, log)
     except BaseException:
         disconnect(started)
