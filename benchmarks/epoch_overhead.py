@@ -6,7 +6,8 @@ Cases (issue targets in brackets):
 - ``dt_1x30k``: NoProp-DT, one epoch on 30,000 images [whole command <= 1.25x training];
 - ``dt_2x15k``: two epochs on 15,000 images, the chain evaluated after the first [boundaries <= 2 % of training];
 - ``ct_2x15k``, ``fm_2x15k``: the CT and FM configs, two epochs on 15,000 images [whole command <= 1.5x training];
-- ``ct_20x15k``: the CT config, twenty epochs on 15,000 images, its evaluations (1,000 steps each) beside them.
+- ``ct_20x15k``: the CT config, twenty epochs on 15,000 images, its evaluations (1,000 steps each) beside them;
+- ``quickstart``: the default command (digits, 20 short epochs, each evaluated): where the boundaries weigh most.
 
     python benchmarks/epoch_overhead.py --label after
     python benchmarks/epoch_overhead.py --label before --pythonpath /path/to/an/older/checkout
@@ -31,6 +32,7 @@ CASES = {
     "ct_2x15k": ("fashion_mnist_ct", ["data.train_limit=15000", "train.epochs=2"]),
     "fm_2x15k": ("fashion_mnist_fm", ["data.train_limit=15000", "train.epochs=2"]),
     "ct_20x15k": ("fashion_mnist_ct", ["data.train_limit=15000", "train.epochs=20"]),
+    "quickstart": ("quickstart", []),
 }
 
 

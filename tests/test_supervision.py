@@ -115,10 +115,10 @@ def test_worker_killed_while_evaluating_changes_no_figure(one_clean, tmp_path, m
     assert [p["test_accuracy"] for p in final["curve"]] == [p["test_accuracy"] for p in clean["curve"]]
 
 
-def test_killed_server_restores_its_checkpoint_workers_resync_and_nan_rolls_back(clean, tmp_path, monkeypatch,
+def test_killed_server_restores_its_checkpoint_workers_resync_and_nan_rolls_back(ray_cluster, tmp_path, monkeypatch,
                                                                                  capsys):
-    # Two faults in one run: the parameter server SIGKILLed in epoch 2, block 3's weights NaN in epoch 3.
-    s = _run(tmp_path, "run", "kill_ps:0@2.5,nan:1:3@3.3", monkeypatch)
+    # Two faults in one run of 4 epochs: the parameter server SIGKILLed in epoch 2, block 3's weights NaN in epoch 3.
+    s = _run(tmp_path, "run", "kill_ps:0@2.5,nan:1:3@3.3", monkeypatch, "train.epochs=4")
     out = capsys.readouterr().out
     events = [e for e in s["restarts"] if e["kind"] == "server"]
     assert len(events) == 1 and events[0]["restored_from_epoch"] == 1
@@ -133,10 +133,8 @@ def test_killed_server_restores_its_checkpoint_workers_resync_and_nan_rolls_back
     assert all(not b["stopped"] for b in s["blocks"])
     saved = CheckpointStore(str(tmp_path / "run")).load_resume(4)
     assert all(_finite(saved.block_states[t]["block"]) for t in range(1, 5)) and _finite(saved.shared_state["shared"])
-    diff = 100 * abs(s["test_accuracy"] - clean["test_accuracy"])
     # Block 3 loses the half epoch it rolls back; the run must still have trained well past chance.
-    print(f"clean {clean['test_accuracy']:.4f} killed-server+nan {s['test_accuracy']:.4f}: {diff:.2f} pt")
-    assert s["test_accuracy"] > 0.4
+    assert s["test_accuracy"] > 0.4, s["test_accuracy"]
 
 
 # Faults at an epoch's end and hangs: a smaller run (600 images, batch 64: 10 steps an epoch, 3 epochs).

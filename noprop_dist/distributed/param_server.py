@@ -5,7 +5,6 @@ import os
 import time
 import warnings
 
-import numpy as np
 import ray
 import torch
 
@@ -13,6 +12,7 @@ from ..core import ModelSpec
 from ..storage.checkpoints import CheckpointStore
 from ..training.shared_state import Round, SharedStateServer, Snapshot, SyncEveryChoice
 from .telemetry import ServerTelemetry
+from .wire import Wire, WireSnapshot, from_wire, to_wire
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -101,33 +101,3 @@ class ParameterServer:
 
     def state_dict(self) -> dict:
         return self.server.state_dict()
-
-
-# A flat float32 vector on the wire: bytes when small (cheaper to pickle than an array); a numpy array when
-# large (Ray passes its buffer without pickling); for a state answered to many workers, [a reference to it in
-# the object store] (put once, read there by every worker).
-Wire = bytes | np.ndarray | list
-WireSnapshot = tuple[int, Wire, Round, str]  # (version, state, holds, incarnation)
-INLINE_BYTES = 100 * 1024  # Ray's own limit for passing an object inline with a call
-
-
-def to_wire(flat: torch.Tensor, put: bool = False) -> Wire:
-    array = flat.detach().cpu().numpy()
-    if array.nbytes <= INLINE_BYTES:
-        return array.tobytes()
-    return [ray.put(array)] if put else array
-
-
-def from_wire(wire: Wire) -> torch.Tensor:
-    """The flat tensor, sharing memory with what Ray delivered (read-only: it is only ever read)."""
-    if isinstance(wire, list):
-        wire = ray.get(wire[0])
-    array = np.frombuffer(wire, dtype=np.float32) if isinstance(wire, bytes) else wire
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch warns about read-only arrays
-        return torch.from_numpy(array)
-
-
-def snapshot_from_wire(wire: WireSnapshot) -> Snapshot:
-    version, flat, holds, incarnation = wire
-    return Snapshot(version, from_wire(flat), tuple(holds), incarnation)

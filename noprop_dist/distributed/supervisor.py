@@ -42,6 +42,7 @@ from .restart_policy import (
     WorkerStatus,
     decide,
 )
+from .wire import state_from_wire
 from .worker import Worker, WorkerReport, WorkerSpec
 
 
@@ -323,7 +324,7 @@ class Supervisor:
             refs = [(h.state_dicts.remote(epoch), h.replica_state.remote()) for h in self.workers]
             for w, (blocks_ref, replica_ref) in enumerate(refs):
                 try:
-                    parts[w] = ray.get(blocks_ref)
+                    parts[w] = state_from_wire(ray.get(blocks_ref))
                     key, replica = ray.get(replica_ref)
                     replicas[key] = replica
                 except ray.exceptions.RayActorError as e:

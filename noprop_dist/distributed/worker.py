@@ -17,8 +17,8 @@ from ..training import ShardGroup, peak_rss_mb
 from ..training.evaluation import EvalJob, score
 from ..training.shared_state import Round, ServerRestarted, Snapshot, SyncEveryChoice
 from .faults import END, EVAL, Fault, fault_hook
-from .param_server import WireSnapshot, snapshot_from_wire, to_wire
 from .telemetry import WorkerTelemetry
+from .wire import WireSnapshot, snapshot_from_wire, state_to_wire, to_wire
 
 # The server's process died or cannot be reached (ActorUnavailableError is a RayActorError).
 SERVER_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError)
@@ -313,10 +313,11 @@ class Worker:
         return self.report({t: st.as_dict() for t, st in self.group.stats.items()})
 
     def state_dicts(self, epoch: int | None = None) -> dict[int, dict]:
-        """The blocks' states; epoch (0-based): the one just trained, for faults injected at its gather."""
+        """The blocks' states, their tensors as they travel (``wire.state_from_wire`` gives them back); epoch
+        (0-based): the one just trained, for faults injected at its gather."""
         if self.faults is not None and epoch is not None:
             self.faults(epoch, END)
-        return self.group.state_dicts()
+        return state_to_wire(self.group.state_dicts())
 
     def replica_state(self) -> tuple[str, dict]:
         """(the group's key, its shared-state replica's optimizer state), for checkpoints."""
