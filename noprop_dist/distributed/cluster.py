@@ -13,6 +13,7 @@ import sysconfig
 import threading
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -75,7 +76,7 @@ def existing_cluster_address() -> str | None:
     return address or None
 
 
-def local_cluster_gpus() -> float | None:
+def _local_cluster_gpus() -> float | None:
     """The GPUs a local cluster started by this process would have, counted before it starts as Ray counts them
     when it does (its accelerator detection, CUDA_VISIBLE_DEVICES, RAY_OVERRIDE_RESOURCES); None where Ray's
     counting, a private API, cannot be asked (the count after the start then decides alone)."""
@@ -152,7 +153,8 @@ def keep_on_loopback() -> None:
 
 
 def connect(num_cpus_needed: float, quiet: bool = False, dashboard: bool = True,
-            allow_unauthenticated: bool = False) -> bool:
+            allow_unauthenticated: bool = False,
+            before_local_start: Callable[[float | None], None] | None = None) -> bool:
     """Join the running cluster, else start a local one on loopback. Returns True when we started it.
 
     Token authentication is required (:func:`require_token_auth`), and the token file is made readable by
@@ -163,6 +165,8 @@ def connect(num_cpus_needed: float, quiet: bool = False, dashboard: bool = True,
     ``<temp dir>/prom_metrics_service_discovery.json`` through which Prometheus finds the nodes), and Ray
     Train, whose placement-group cleaner asks the state API (served by the dashboard) whether the train
     controller lives and, without an answer, takes it for dead and removes the workers' placement group.
+    before_local_start: called, when a local cluster is about to start, with the GPUs it would have (None: not
+    known before it starts); what it raises stops the start, so that a refusal costs no start and no shutdown.
     """
     if ray.is_initialized():
         return False
@@ -176,6 +180,8 @@ def connect(num_cpus_needed: float, quiet: bool = False, dashboard: bool = True,
         ray.init(logging_level="WARNING" if quiet else "INFO")
         require_cluster_token_auth(allow_unauthenticated)
         return False
+    if before_local_start is not None:
+        before_local_start(_local_cluster_gpus())
     keep_on_loopback()
     ray.init(
         address="local",

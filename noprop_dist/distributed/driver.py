@@ -39,7 +39,7 @@ from ..training.selection import (
     read_best,
     should_stop,
 )
-from .cluster import connect, disconnect, existing_cluster_address, local_cluster_gpus, ship_block
+from .cluster import connect, disconnect, ship_block
 from .evaluator import ClusterEvaluator, PendingEvaluation
 from .faults import driver_save_hook
 from .supervisor import Observers, Supervisor, place_workers
@@ -317,11 +317,9 @@ def _connect_checked(cfg: Config, log: Callable[[str], None]) -> tuple[bool, Pla
     """Join or start Ray and place the workers' bundles (on a joined cluster, waiting for an autoscaler up to
     cluster.placement_timeout_s), refusing a run the cluster cannot hold before anything is written. Returns
     (whether this call started Ray, the placement group)."""
-    if not ray.is_initialized() and existing_cluster_address() is None:
-        # A local cluster is about to start: refused now, the user waits for no start and no shutdown.
-        _check_resources(cfg, local_cluster_gpus())
     started = connect(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker, dashboard=cfg.metrics.enabled,
-                      allow_unauthenticated=cfg.cluster.allow_unauthenticated)
+                      allow_unauthenticated=cfg.cluster.allow_unauthenticated,
+                      before_local_start=lambda gpus: _check_resources(cfg, gpus))
     try:
         if started:
             _check_resources(cfg, ray.cluster_resources().get("GPU", 0.0))
